@@ -1,0 +1,1 @@
+"""The HyTRec network, its data and training; knows nothing of Kafka."""
