@@ -3,16 +3,24 @@ import argparse
 import importlib
 import sys
 
-# Each module defines `register(subparsers)`, adding its subcommands with a `func` default.
+# Each module defines `register(commands, benchmarks)`: `commands` takes top-level
+# subcommands (`hytrec worker`), `benchmarks` those under `hytrec benchmark`. Every parser
+# sets a `func(args) -> int` default.
 COMMAND_MODULES = (
+    "hytrec.model.cli",
+    "hytrec.index.cli",
+    "hytrec.stream.cli",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hytrec", description=__doc__)
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    benchmark = commands.add_parser("benchmark", help="measure and write JSON under "
+                                    "benchmarks/results/")
+    benchmarks = benchmark.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+        importlib.import_module(name).register(commands, benchmarks)
     return parser
 
 

@@ -1,0 +1,5 @@
+"""`hytrec` subcommands of the stream package."""
+
+
+def register(commands, benchmarks) -> None:
+    """Add this package's subcommands to `hytrec` and `hytrec benchmark`."""
