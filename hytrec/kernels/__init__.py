@@ -13,7 +13,7 @@ from hytrec.kernels.reference import naive_tadn
 from hytrec.kernels.step import run_mask, step_tadn
 
 
-class Backend(str, enum.Enum):
+class Backend(enum.StrEnum):
     TORCH = "torch"
 
 

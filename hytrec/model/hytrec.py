@@ -1,0 +1,692 @@
+"""HyTRec: a hybrid of temporal-aware linear attention and softmax attention for very long
+user behaviour sequences, in one file.
+
+Follows "HyTRec: A Hybrid Temporal-Aware Attention Architecture for Long Behavior Sequential
+Recommendation" (the TADN long branch, the short softmax branch, gated / mixture-of-experts
+fusion) and Gated DeltaNet (Yang et al., 2024) for the decayed delta rule.
+
+The sequence of a user's events splits into a long-term branch over the whole history and a
+short-term branch over the last K events:
+
+    e_i   = item[i] + category[i] + behaviour[i] + gap_bucket(t_i - t_{i-1})
+    long  = N pre-norm blocks over e: TADN mixers, every r-th a windowed softmax attention
+    short = causal softmax attention over the last K events, each tagged with its recency
+            rank and bucketed age (t_query - t_i); the read-out is the newest position
+    user  = LayerNorm(fuse(long_t, short_t)),     score(item) = user . item_vector
+
+TADN (Temporal-Aware Delta Network), per head with state S [K, V]:
+
+    tau_t = exp(-(t_t - t_{t-1}) / T)                         the event's freshness
+    g_t   = alpha * sigmoid(W_g [h_t ; h_t - mean_{i<=t} h_i] + b) * tau_t
+            + (1 - alpha) * g_static
+    S_t   = exp(-(t_t - t_{t-1}) / T_h) (I - g_t beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+    o_t   = S_t^T q_t
+
+How this maps to the paper. The paper's tau = exp(-(t_now - t_t) / T) is measured against
+the query time, which moves with every new event and would force the whole history to be
+recomputed. Here (1) the erase gate uses the event's own freshness (the gap since the user's
+previous event), known when the event is applied, and (2) a whole-state decay per step with
+a learnable period T_h per head, applied in log space (log_decay = -dt / T_h), whose factors
+telescope: an event i seen at query time t_now has been scaled by
+prod_{s>i} exp(-(t_s - t_{s-1}) / T_h) = exp(-(t_now - t_i) / T_h), the paper's
+tau(t_now - t_i) exactly. `state_decay=False` gives the paper's literal update (decay only
+through the erase gate); `erase_tau=False` removes tau from the gate (ablations).
+
+Both forms of every module share their arithmetic: `forward` runs whole sequences in
+parallel (training, `kernels.tadn_parallel`), `step` applies micro-batches of events to a
+pooled per-user `StreamState` (serving, `kernels.tadn_step`). `tests/model/test_parity.py`
+proves they agree.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from hytrec.kernels import run_mask, tadn_parallel, tadn_step
+from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
+
+CHECKPOINT_FORMAT = "hytrec-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class HyTRecConfig:
+    """Everything that fixes the network's shape and arithmetic; saved with each checkpoint."""
+
+    num_items: int = 1000  # embedding rows, including the padding row 0
+    num_categories: int = 100  # including the unknown row 0
+    d_model: int = 64
+    # long-term branch
+    long_layers: int = 4
+    softmax_every: int = 4  # every r-th long layer is softmax: 4 -> 3 TADN : 1 softmax; 0 = none
+    long_heads: int = 2
+    long_window: int | None = 32  # keys a long softmax layer sees; None = all (offline only)
+    # short-term branch
+    use_short: bool = True
+    short_window: int = 20  # K, the last events the short branch attends over
+    short_layers: int = 1
+    short_heads: int = 2
+    # temporal parts of TADN
+    time_unit_s: float = 3600.0  # gaps are measured in this unit (1 h) for the decays
+    erase_tau: bool = True  # tau_t in the erase gate
+    erase_period: float = 24.0  # T, in time units
+    state_decay: bool = True  # whole-state decay exp(-dt / T_h)
+    state_decay_period: float = 168.0  # initial T_h, in time units
+    learn_periods: bool = True
+    gate_alpha: float = 0.5  # initial alpha (learned)
+    gate_static: float = 0.1  # initial g_static (learned)
+    time_buckets: int = 40  # log2-spaced buckets of gaps in seconds
+    # fusion and scoring
+    fusion: str = "gate"  # "gate" or "moe"
+    moe_experts: int = 4
+    moe_heads: int = 2
+    tie_item_embeddings: bool = True
+    ffn_mult: int = 4
+    dropout: float = 0.1
+    chunk_size: int = 64
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"HyTRecConfig: {message}")
+
+        need(self.num_items >= 2,
+             f"num_items must be >= 2 (row 0 is padding), got {self.num_items}")
+        need(self.num_categories >= 1, "num_categories must be >= 1")
+        need(self.d_model % self.long_heads == 0, "d_model must be divisible by long_heads")
+        need(self.d_model % self.short_heads == 0, "d_model must be divisible by short_heads")
+        need(self.long_layers >= 1, "long_layers must be >= 1")
+        need(self.softmax_every >= 0, "softmax_every must be >= 0")
+        need(self.long_window is None or self.long_window >= 1, "long_window must be >= 1 or None")
+        need(self.short_window >= 1, "short_window must be >= 1")
+        need(self.fusion in ("gate", "moe"), f"fusion must be 'gate' or 'moe', got {self.fusion!r}")
+        need(self.fusion != "moe" or 2 * self.d_model % self.moe_heads == 0
+             and self.d_model % self.moe_heads == 0, "d_model must be divisible by moe_heads")
+        need(self.time_buckets >= 3, "time_buckets must be >= 3")
+
+    def is_softmax_layer(self, layer: int) -> bool:
+        return self.softmax_every > 0 and (layer + 1) % self.softmax_every == 0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> HyTRecConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"HyTRecConfig: unknown fields {unknown}")
+        return cls(**values)
+
+
+@dataclass
+class EventBatch:
+    """Right-padded event sequences. item/category/behavior/ts: [B, T] int64; lengths: [B]."""
+
+    item: torch.Tensor
+    category: torch.Tensor
+    behavior: torch.Tensor
+    ts: torch.Tensor  # unix seconds (int64 keeps second precision; fp32 would not)
+    lengths: torch.Tensor
+
+    def to(self, device: torch.device | str) -> EventBatch:
+        return EventBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return run_mask(self.lengths, self.item.shape[1])  # [B, T]
+
+
+# ---------------------------------------------------------------------------- time features
+
+
+def gap_bucket(gap_s: torch.Tensor, has_prev: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Bucket 0 = no previous event; else 1 + floor(log2(1 + gap seconds)), capped."""
+    gap = gap_s.clamp(min=0).to(torch.float64)
+    bucket = 1 + torch.floor(torch.log2(1.0 + gap)).long().clamp(max=buckets - 2)
+    return torch.where(has_prev, bucket, torch.zeros_like(bucket))
+
+
+def sequence_gaps(ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gap in seconds since each event's predecessor in the same row, and whether it has one."""
+    gap = torch.zeros_like(ts)
+    gap[:, 1:] = ts[:, 1:] - ts[:, :-1]
+    has_prev = torch.ones_like(ts, dtype=torch.bool)
+    has_prev[:, 0] = False
+    return gap, has_prev
+
+
+# ---------------------------------------------------------------------------- stream state
+
+
+@dataclass
+class StreamState:
+    """Pooled per-user serving state; every tensor's first dimension is the slot.
+
+    tadn[l]:     [P, H, dk, dv] fp32  delta-rule state of each TADN layer
+    mean_sum[l]: [P, d]         fp32  running sum of the layer's inputs (for h - mean h)
+    kv[l]:       [P, 2, W, d]   fp32  keys and values of the last W events, softmax layers
+    window:      [P, K, 5]      int64 item, category, behaviour, gap bucket, ts of the last K
+    count:       [P]            int64 events applied
+    last_ts:     [P]            int64 time of the newest applied event
+    """
+
+    tadn: list[torch.Tensor]
+    mean_sum: list[torch.Tensor]
+    kv: list[torch.Tensor]
+    window: torch.Tensor
+    count: torch.Tensor
+    last_ts: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.tadn, *self.mean_sum, *self.kv, self.window, self.count, self.last_ts]
+
+    @property
+    def num_slots(self) -> int:
+        return self.count.shape[0]
+
+    def bytes_by_part(self) -> dict[str, int]:
+        """Bytes one user's slot takes, per part of the state."""
+        def size(ts):
+            return sum(t[0].numel() * t.element_size() for t in ts)
+
+        return {"tadn_states": size(self.tadn), "tadn_running_sums": size(self.mean_sum),
+                "softmax_kv_windows": size(self.kv), "short_window": size([self.window]),
+                "counters": size([self.count, self.last_ts])}
+
+    def bytes_per_user(self) -> int:
+        return sum(self.bytes_by_part().values())
+
+    def reset(self, slots: torch.Tensor) -> None:
+        for t in self.tensors():
+            t[slots] = 0
+
+    def read(self, slots: torch.Tensor) -> list[torch.Tensor]:
+        """Copies of the given slots' tensors (e.g. to evict users to host memory)."""
+        return [t[slots].clone() for t in self.tensors()]
+
+    def write(self, slots: torch.Tensor, values: list[torch.Tensor]) -> None:
+        for t, v in zip(self.tensors(), values, strict=True):
+            t[slots] = v.to(t.device)
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: HyTRecConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.ffn_mult * cfg.d_model)
+        self.down = nn.Linear(cfg.ffn_mult * cfg.d_model, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x))))
+
+
+def _inverse_softplus(x: float) -> float:
+    return x + math.log(-math.expm1(-x))
+
+
+class TemporalDeltaMixer(nn.Module):
+    """The TADN token mixer: projections and gates around `kernels.tadn_*`."""
+
+    def __init__(self, cfg: HyTRecConfig):
+        super().__init__()
+        d, H = cfg.d_model, cfg.long_heads
+        self.cfg, self.heads, self.head_dim = cfg, H, d // H
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.beta_proj = nn.Linear(d, H)
+        self.gate_proj = nn.Linear(2 * d, H)  # W_g [h ; h - mean h] + b
+        self.alpha_logit = nn.Parameter(torch.full((H,), _logit(cfg.gate_alpha)))
+        self.static_logit = nn.Parameter(torch.full((H,), _logit(cfg.gate_static)))
+        periods = torch.tensor([cfg.erase_period, cfg.state_decay_period]).repeat(H, 1)  # [H, 2]
+        raw = periods.apply_(_inverse_softplus)
+        if cfg.learn_periods:
+            self.period_raw = nn.Parameter(raw)
+        else:
+            self.register_buffer("period_raw", raw)
+        self.out_norm = nn.RMSNorm(self.head_dim)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def _inputs(self, x: torch.Tensor, running_mean: torch.Tensor, dt: torch.Tensor):
+        """Kernel inputs from x [B, T, d], the causal mean of x, and gaps dt [B, T] (units)."""
+        B, T, _ = x.shape
+        H, dh = self.heads, self.head_dim
+        q = F.normalize(self.q_proj(x).view(B, T, H, dh), dim=-1)  # [B, T, H, dh]
+        k = F.normalize(self.k_proj(x).view(B, T, H, dh), dim=-1)
+        v = self.v_proj(x).view(B, T, H, dh)
+        beta = torch.sigmoid(self.beta_proj(x))  # [B, T, H]
+        period = F.softplus(self.period_raw)  # [H, 2]: erase T, state T_h
+        dt = dt[..., None]  # [B, T, 1]
+        tau = torch.exp(-dt / period[:, 0]) if self.cfg.erase_tau else torch.ones_like(beta)
+        alpha = torch.sigmoid(self.alpha_logit)
+        learned = torch.sigmoid(self.gate_proj(torch.cat([x, x - running_mean], dim=-1)))
+        erase = alpha * learned * tau + (1 - alpha) * torch.sigmoid(self.static_logit)
+        log_decay = -dt / period[:, 1] if self.cfg.state_decay else torch.zeros_like(beta)
+        return q, k, v, beta, erase, log_decay
+
+    def _output(self, o: torch.Tensor) -> torch.Tensor:
+        B, T = o.shape[:2]
+        return self.o_proj(self.out_norm(o).reshape(B, T, -1))
+
+    def forward(self, x: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        count = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)
+        running_mean = x.cumsum(1) / count[:, None]
+        o, _ = tadn_parallel(*self._inputs(x, running_mean, dt), chunk_size=self.cfg.chunk_size)
+        return self._output(o)
+
+    def step(self, x, dt, lengths, slots, count, tadn_pool, mean_pool) -> torch.Tensor:
+        """x [U, M, d] new events (padded), count [U] events applied before them."""
+        real = run_mask(lengths, x.shape[1])[..., None].to(x.dtype)  # [U, M, 1]
+        sums = mean_pool[slots][:, None] + (x * real).cumsum(1)  # [U, M, d]
+        seen = count[:, None] + torch.arange(1, x.shape[1] + 1, device=x.device)  # [U, M]
+        running_mean = sums / seen[..., None].to(x.dtype)
+        o = tadn_step(tadn_pool, slots, lengths, *self._inputs(x, running_mean, dt))
+        mean_pool[slots] = sums[torch.arange(len(slots)), lengths - 1]
+        return self._output(o)
+
+
+class WindowAttention(nn.Module):
+    """Causal multi-head softmax attention over the last `window` positions (None = all)."""
+
+    def __init__(self, d_model: int, heads: int, window: int | None, dropout: float):
+        super().__init__()
+        self.heads, self.window, self.dropout = heads, window, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.o_proj = nn.Linear(d_model, d_model)
+
+    def _attend(self, q, k, v, allowed) -> torch.Tensor:
+        """q [B, Tq, d], k/v [B, Tk, d], allowed [B or 1, Tq, Tk] -> [B, Tq, d]."""
+        B, Tq, d = q.shape
+        H = self.heads
+
+        def split(x):
+            return x.view(B, -1, H, d // H).transpose(1, 2)  # [B, H, T, dh]
+
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v),
+                                             attn_mask=allowed[:, None], dropout_p=p)
+        return self.o_proj(out.transpose(1, 2).reshape(B, Tq, d))
+
+    def causal_mask(self, T: int, device) -> torch.Tensor:
+        i = torch.arange(T, device=device)
+        allowed = i[None, :] <= i[:, None]
+        if self.window is not None:
+            allowed &= i[None, :] > i[:, None] - self.window
+        return allowed[None]  # [1, T, T]
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d]; key_mask [B, T] marks real (non-pad) keys, if any."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        allowed = self.causal_mask(x.shape[1], x.device)
+        if key_mask is not None:
+            # a pad query may see no key at all: let it see itself, so it is not NaN
+            allowed = (allowed & key_mask[:, None, :]) | torch.eye(
+                x.shape[1], dtype=torch.bool, device=x.device)
+        return self._attend(q, k, v, allowed)
+
+    def step(self, x, lengths, slots, count, kv_pool) -> torch.Tensor:
+        """x [U, M, d] new events; kv_pool [P, 2, W, d] holds the keys and values of each
+        user's last W events, oldest first (slot i is event count - W + i)."""
+        W, M = self.window, x.shape[1]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        cached = kv_pool[slots]  # [U, 2, W, d]
+        keys = torch.cat([cached[:, 0], k], dim=1)  # [U, W + M, d]
+        values = torch.cat([cached[:, 1], v], dim=1)
+        j = torch.arange(M, device=x.device)[None, :, None]  # new event j ...
+        i = torch.arange(W, device=x.device)[None, None, :]  # ... may see cached slot i
+        old_ok = (i > j) & (i >= W - count[:, None, None])  # [U, M, W]
+        new_ok = self.causal_mask(M, x.device).expand(len(slots), -1, -1)  # [U, M, M]
+        out = self._attend(q, keys, values, torch.cat([old_ok, new_ok], dim=-1))
+        kv_pool[slots] = torch.stack([shift_window(cached[:, 0], k, lengths),
+                                      shift_window(cached[:, 1], v, lengths)], dim=1)
+        return out
+
+
+def shift_window(window: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Append each row's first lengths[u] entries of `new` [U, M, ...] to `window`
+    [U, W, ...] (oldest first) and keep the last W."""
+    W = window.shape[1]
+    combined = torch.cat([window, new], dim=1)  # [U, W + M, ...]
+    index = lengths[:, None] + torch.arange(W, device=window.device)[None, :]  # [U, W]
+    index = index.view(*index.shape, *([1] * (combined.dim() - 2))).expand(
+        -1, -1, *combined.shape[2:])
+    return combined.gather(1, index)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(LN x), then x + FFN(LN x)."""
+
+    def __init__(self, cfg: HyTRecConfig, mixer: nn.Module):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.mixer, self.ffn = mixer, FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, **mixer_args) -> torch.Tensor:
+        x = x + self.dropout(self.mixer(self.norm1(x), **mixer_args))
+        return x + self.ffn(self.norm2(x))
+
+    def step(self, x: torch.Tensor, **mixer_args) -> torch.Tensor:
+        x = x + self.dropout(self.mixer.step(self.norm1(x), **mixer_args))
+        return x + self.ffn(self.norm2(x))
+
+
+class Fusion(nn.Module):
+    """Fuse the long and short read-outs: a learned gate, or a multi-head mixture of experts
+    (each head routes [long ; short] over E linear experts)."""
+
+    def __init__(self, cfg: HyTRecConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.kind = cfg.fusion
+        if cfg.fusion == "gate":
+            self.gate = nn.Linear(2 * d, d)
+        else:
+            self.heads, self.experts = cfg.moe_heads, cfg.moe_experts
+            self.router = nn.Linear(2 * d, cfg.moe_heads * cfg.moe_experts)
+            self.expert_weight = nn.Parameter(
+                torch.randn(cfg.moe_heads, cfg.moe_experts, 2 * d, d // cfg.moe_heads)
+                / math.sqrt(2 * d))
+            self.out = nn.Linear(d, d)
+
+    def forward(self, long: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([long, short], dim=-1)  # [..., 2d]
+        if self.kind == "gate":
+            g = torch.sigmoid(self.gate(both))
+            return g * long + (1 - g) * short
+        lead = both.shape[:-1]
+        route = self.router(both).view(*lead, self.heads, self.experts).softmax(-1)
+        # [..., H, E, d/H]: every expert of every head applied to [long ; short]
+        expert_out = torch.einsum("...i,heio->...heo", both, self.expert_weight)
+        mixed = (route[..., None] * expert_out).sum(-2)  # [..., H, d/H]
+        return self.out(mixed.reshape(*lead, -1))
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+class HyTRec(nn.Module):
+    def __init__(self, cfg: HyTRecConfig, items: Vocabulary | None = None,
+                 categories: Vocabulary | None = None):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.items, self.categories = items, categories
+        if items is not None and len(items) != cfg.num_items:
+            raise ValueError(f"item vocabulary has {len(items)} entries, config says "
+                             f"num_items={cfg.num_items}")
+        if categories is not None and len(categories) != cfg.num_categories:
+            raise ValueError(f"category vocabulary has {len(categories)} entries, config says "
+                             f"num_categories={cfg.num_categories}")
+        self.item_emb = nn.Embedding(cfg.num_items, d, padding_idx=0)
+        self.category_emb = nn.Embedding(cfg.num_categories, d, padding_idx=0)
+        self.behavior_emb = nn.Embedding(NUM_BEHAVIORS, d, padding_idx=0)
+        self.gap_emb = nn.Embedding(cfg.time_buckets, d)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.long_blocks = nn.ModuleList(
+            Block(cfg, WindowAttention(d, cfg.long_heads, cfg.long_window, cfg.dropout)
+                  if cfg.is_softmax_layer(i) else TemporalDeltaMixer(cfg))
+            for i in range(cfg.long_layers))
+        self.long_norm = nn.LayerNorm(d)
+        if cfg.use_short:
+            self.age_emb = nn.Embedding(cfg.time_buckets, d)  # bucketed t_query - t_i
+            self.recency_emb = nn.Embedding(cfg.short_window, d)  # 0 = newest
+            self.short_blocks = nn.ModuleList(
+                Block(cfg, WindowAttention(d, cfg.short_heads, None, cfg.dropout))
+                for _ in range(cfg.short_layers))
+            self.short_norm = nn.LayerNorm(d)
+            self.fusion = Fusion(cfg)
+        self.user_norm = nn.LayerNorm(d)
+        if not cfg.tie_item_embeddings:
+            self.item_out = nn.Embedding(cfg.num_items, d, padding_idx=0)
+        # item -> category index, filled from training data; the index's category filter uses it
+        self.register_buffer("item_category", torch.zeros(cfg.num_items, dtype=torch.long))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    # ------------------------------------------------------------------ shared pieces
+
+    def embed(self, item, category, behavior, gap_s, has_prev) -> torch.Tensor:
+        """Event embeddings [..., d] from ids and the gap since the previous event."""
+        bucket = gap_bucket(gap_s, has_prev, self.cfg.time_buckets)
+        return (self.item_emb(item) + self.category_emb(category)
+                + self.behavior_emb(behavior) + self.gap_emb(bucket))
+
+    def _gap_units(self, gap_s: torch.Tensor, has_prev: torch.Tensor) -> torch.Tensor:
+        gap = gap_s.clamp(min=0).to(torch.float64) / self.cfg.time_unit_s
+        return torch.where(has_prev, gap, torch.zeros_like(gap)).float()
+
+    def _short_readout(self, window: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """window [N, K, 5] (item, category, behaviour, gap bucket, ts; oldest first, newest
+        at K-1) with valid [N, K] -> short-term read-out [N, d] of the newest event."""
+        K = self.cfg.short_window
+        item, category, behavior, bucket, ts = window.unbind(-1)
+        query_ts = ts[:, -1:]  # the newest event is the query time
+        age = gap_bucket(query_ts - ts, valid, self.cfg.time_buckets)
+        recency = torch.arange(K - 1, -1, -1, device=window.device)
+        x = (self.item_emb(item) + self.category_emb(category) + self.behavior_emb(behavior)
+             + self.gap_emb(bucket) + self.age_emb(age) + self.recency_emb(recency))
+        x = self.dropout(x)
+        for block in self.short_blocks:
+            x = block(x, key_mask=valid)
+        return self.short_norm(x[:, -1])
+
+    def _fuse(self, long: torch.Tensor, short: torch.Tensor | None) -> torch.Tensor:
+        return self.user_norm(long if short is None else self.fusion(long, short))
+
+    # ------------------------------------------------------------------ training form
+
+    def forward(self, batch: EventBatch) -> torch.Tensor:
+        """User vectors after every event: [B, T, d] (garbage at padded positions)."""
+        B, T = batch.item.shape
+        gap_s, has_prev = sequence_gaps(batch.ts)
+        x = self.dropout(self.embed(batch.item, batch.category, batch.behavior, gap_s, has_prev))
+        dt = self._gap_units(gap_s, has_prev)
+        for block in self.long_blocks:
+            args = {"dt": dt} if isinstance(block.mixer, TemporalDeltaMixer) else {}
+            x = block(x, **args)
+        long = self.long_norm(x)  # [B, T, d]
+        if not self.cfg.use_short:
+            return self._fuse(long, None)
+        # every position's short window: events t-K+1 .. t, oldest first
+        K = self.cfg.short_window
+        bucket = gap_bucket(gap_s, has_prev, self.cfg.time_buckets)
+        raw = torch.stack([batch.item, batch.category, batch.behavior, bucket, batch.ts], -1)
+        index = (torch.arange(T, device=raw.device)[:, None] - (K - 1)
+                 + torch.arange(K, device=raw.device)[None])  # [T, K]
+        valid = (index >= 0)[None].expand(B, -1, -1)  # [B, T, K]
+        windows = raw[:, index.clamp(min=0)] * valid[..., None]  # [B, T, K, 5]
+        short = self._short_readout(windows.view(B * T, K, 5), valid.reshape(B * T, K))
+        return self._fuse(long, short.view(B, T, -1))
+
+    # ------------------------------------------------------------------ serving form
+
+    def new_state(self, num_slots: int, device: torch.device | str = "cpu") -> StreamState:
+        cfg, d = self.cfg, self.cfg.d_model
+        dh = d // cfg.long_heads
+        if any(cfg.is_softmax_layer(i) for i in range(cfg.long_layers)) and cfg.long_window is None:
+            raise ValueError("streaming needs a bounded long_window for the long softmax layers")
+        tadn = [b for b in self.long_blocks if isinstance(b.mixer, TemporalDeltaMixer)]
+        softmax = [b for b in self.long_blocks if isinstance(b.mixer, WindowAttention)]
+
+        def zeros(*shape, dtype=torch.float32):
+            return torch.zeros(num_slots, *shape, dtype=dtype, device=device)
+
+        return StreamState(
+            tadn=[zeros(cfg.long_heads, dh, dh) for _ in tadn],
+            mean_sum=[zeros(d) for _ in tadn],
+            kv=[zeros(2, cfg.long_window, d) for _ in softmax],
+            window=zeros(cfg.short_window if cfg.use_short else 0, 5, dtype=torch.long),
+            count=zeros(dtype=torch.long),
+            last_ts=zeros(dtype=torch.long),
+        )
+
+    def state_bytes_per_user(self) -> int:
+        return self.new_state(1, "meta").bytes_per_user()
+
+    @torch.no_grad()
+    def step(self, state: StreamState, slots: torch.Tensor, batch: EventBatch) -> torch.Tensor:
+        """Apply each user's run of new events (batch rows, right-padded, in time order) to
+        its slot of `state` in place; return the user vectors after each run [U, d]."""
+        if self.training:
+            raise RuntimeError("HyTRec.step serves a trained model: call model.eval() first")
+        U, M = batch.item.shape
+        lengths, count = batch.lengths, state.count[slots]
+        # gaps: within the run, and from the user's last applied event for the first one
+        gap_s, has_prev = sequence_gaps(batch.ts)
+        gap_s[:, 0] = batch.ts[:, 0] - state.last_ts[slots]
+        has_prev[:, 0] = count > 0
+        x = self.embed(batch.item, batch.category, batch.behavior, gap_s, has_prev)
+        dt = self._gap_units(gap_s, has_prev)
+        tadn_i = softmax_i = 0
+        for block in self.long_blocks:
+            if isinstance(block.mixer, TemporalDeltaMixer):
+                x = block.step(x, dt=dt, lengths=lengths, slots=slots, count=count,
+                               tadn_pool=state.tadn[tadn_i], mean_pool=state.mean_sum[tadn_i])
+                tadn_i += 1
+            else:
+                x = block.step(x, lengths=lengths, slots=slots, count=count,
+                               kv_pool=state.kv[softmax_i])
+                softmax_i += 1
+        last = lengths - 1
+        rows = torch.arange(U, device=x.device)
+        long = self.long_norm(x[rows, last])  # [U, d]
+        short = None
+        if self.cfg.use_short:
+            bucket = gap_bucket(gap_s, has_prev, self.cfg.time_buckets)
+            raw = torch.stack([batch.item, batch.category, batch.behavior, bucket, batch.ts], -1)
+            window = shift_window(state.window[slots], raw, lengths)  # [U, K, 5]
+            state.window[slots] = window
+            K = self.cfg.short_window
+            valid = torch.arange(K, device=x.device)[None] >= K - (count + lengths)[:, None]
+            short = self._short_readout(window, valid)
+        state.count[slots] = count + lengths
+        state.last_ts[slots] = batch.ts[rows, last]
+        return self._fuse(long, short)
+
+    # ------------------------------------------------------------------ scoring
+
+    def item_table(self) -> torch.Tensor:
+        """[num_items, d] output item vectors (row 0 is padding)."""
+        return self.item_emb.weight if self.cfg.tie_item_embeddings else self.item_out.weight
+
+    def score(self, user: torch.Tensor) -> torch.Tensor:
+        """Dot products of user vectors [..., d] with every item: [..., num_items]; the
+        padding item scores -inf."""
+        logits = user @ self.item_table().T
+        logits[..., 0] = float("-inf")
+        return logits
+
+    @torch.no_grad()
+    def user_vector(self, batch: EventBatch) -> torch.Tensor:
+        """The vector the index is queried with, after each row's last real event: [B, d]."""
+        u = self(batch)
+        return u[torch.arange(u.shape[0], device=u.device), batch.lengths - 1]
+
+    def item_vectors(self) -> np.ndarray:
+        """float32 [num_items - 1, d]: rows for vocabulary indices 1..num_items-1."""
+        return self.item_table()[1:].detach().float().cpu().numpy()
+
+    def item_categories(self) -> np.ndarray:
+        """int64 [num_items - 1]: category index of items 1..num_items-1 (0 = unknown)."""
+        return self.item_category[1:].cpu().numpy()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def version(self) -> str:
+        """Content hash of the weights: equal weights, equal version."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:12]
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Write `model.safetensors` and `checkpoint.json` (format, config, vocabularies)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = {n: t.detach().cpu().contiguous() for n, t in self.state_dict().items()}
+        save_file(weights, directory / "model.safetensors")
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "model": "hytrec",
+            "version": self.version,
+            "config": asdict(self.cfg),
+            "items": self.items.to_json() if self.items is not None else None,
+            "categories": self.categories.to_json() if self.categories is not None else None,
+            "extra": extra or {},
+        }
+        (directory / "checkpoint.json").write_text(json.dumps(meta))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> HyTRec:
+        """Load a checkpoint written by `save`; refuse a mismatched one with a clear message."""
+        directory = Path(directory)
+        meta_path, weights_path = directory / "checkpoint.json", directory / "model.safetensors"
+        for path in (meta_path, weights_path):
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing (not a HyTRec checkpoint directory?)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{meta_path}: not valid JSON ({err})") from err
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("model") != "hytrec":
+            raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} model "
+                                  f"{meta.get('model')!r}, expected {CHECKPOINT_FORMAT!r} hytrec")
+        if meta.get("format_version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"{meta_path}: format_version {meta.get('format_version')}, "
+                                  f"this code reads version {CHECKPOINT_VERSION}")
+        try:
+            cfg = HyTRecConfig.from_dict(meta["config"])
+            items = Vocabulary(meta["items"]) if meta.get("items") is not None else None
+            categories = (Vocabulary(meta["categories"])
+                          if meta.get("categories") is not None else None)
+            model = cls(cfg, items, categories)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{meta_path}: {err}") from err
+        weights = load_file(weights_path, device=str(map_location))
+        expected = model.state_dict()
+        missing, unexpected = expected.keys() - weights, weights.keys() - expected
+        if missing or unexpected:
+            raise CheckpointError(f"{weights_path}: weights do not fit the config: missing "
+                                  f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        for name, tensor in expected.items():
+            if weights[name].shape != tensor.shape:
+                raise CheckpointError(f"{weights_path}: {name} has shape "
+                                      f"{tuple(weights[name].shape)}, config needs "
+                                      f"{tuple(tensor.shape)}")
+        model.load_state_dict(weights)
+        if meta.get("version") not in (None, model.version):
+            raise CheckpointError(f"{weights_path}: weights hash to {model.version}, checkpoint"
+                                  f".json says {meta['version']} (corrupt or mixed files)")
+        model.checkpoint_extra = meta.get("extra", {})
+        return model.to(map_location).eval()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded, with the file and the reason."""

@@ -1,0 +1,177 @@
+"""The HyTRec network: shapes, causality, time features, state size, checkpoints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hytrec.model.events import Vocabulary
+from hytrec.model.hytrec import (
+    CheckpointError,
+    HyTRec,
+    HyTRecConfig,
+    gap_bucket,
+    shift_window,
+)
+from hytrec.model.parity import pad_batch, random_user
+
+
+def small_model(**overrides) -> HyTRec:
+    torch.manual_seed(0)
+    return HyTRec(HyTRecConfig(num_items=200, num_categories=12, **overrides))
+
+
+def batch_of(model, lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return pad_batch([random_user(n, model.cfg, generator) for n in lengths])
+
+
+def test_forward_shapes_and_scores():
+    model = small_model().eval()
+    batch = batch_of(model, [5, 12])
+    u = model(batch)
+    assert u.shape == (2, 12, model.cfg.d_model)
+    scores = model.score(model.user_vector(batch))
+    assert scores.shape == (2, 200) and torch.isneginf(scores[:, 0]).all()
+    assert torch.isfinite(scores[:, 1:]).all()
+
+
+def test_training_gradients_reach_every_parameter():
+    model = small_model(fusion="moe", tie_item_embeddings=False).train()
+    batch = batch_of(model, [30, 17])
+    logits = model.score(model(batch))
+    target = torch.randint(1, 200, batch.item.shape)
+    loss = torch.nn.functional.cross_entropy(logits[batch.mask], target[batch.mask])
+    loss.backward()
+    without_grad = [n for n, p in model.named_parameters() if p.grad is None
+                    or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    assert without_grad == []
+
+
+def test_user_vectors_are_causal():
+    model = small_model().eval()
+    batch = batch_of(model, [40])
+    before = model(batch)
+    batch.item[0, 30:] = 1  # rewrite the future
+    batch.ts[0, 30:] += 10_000
+    after = model(batch)
+    torch.testing.assert_close(after[0, :30], before[0, :30], rtol=0, atol=1e-6)
+    assert (after[0, 30:] - before[0, 30:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("decay", [True, False], ids=["decay", "no-decay"])
+def test_continuous_gaps_matter_only_through_the_decays(decay):
+    """Gaps of 1000 s and 1010 s fall into the same bucket (log2 buckets): only the TADN
+    decays (erase-gate tau, state decay) can tell them apart."""
+    model = small_model(state_decay=decay, erase_tau=decay, use_short=False,
+                        softmax_every=0).eval()
+    vectors = []
+    for gap in (1000, 1010):
+        batch = batch_of(model, [20], seed=3)
+        batch.ts = 1_500_000_000 + gap * torch.arange(20)[None]
+        vectors.append(model.user_vector(batch))
+    assert gap_bucket(torch.tensor([1000]), torch.tensor([True]), 40) == gap_bucket(
+        torch.tensor([1010]), torch.tensor([True]), 40)
+    changed = (vectors[0] - vectors[1]).abs().max().item() > 1e-6
+    assert changed == decay
+
+
+def test_state_size_is_documented_and_within_budget():
+    model = HyTRec(HyTRecConfig())
+    parts = model.new_state(1, "meta").bytes_by_part()
+    assert model.state_bytes_per_user() == sum(parts.values()) <= 64 * 1024
+    cfg = model.cfg
+    dh = cfg.d_model // cfg.long_heads
+    assert parts["tadn_states"] == 3 * cfg.long_heads * dh * dh * 4  # 3 TADN layers, fp32
+    assert parts["softmax_kv_windows"] == 2 * cfg.long_window * cfg.d_model * 4
+    assert max(parts, key=parts.get) == "tadn_states"
+
+
+def test_streaming_requires_eval_mode_and_bounded_window():
+    model = small_model()
+    with pytest.raises(RuntimeError, match="eval"):
+        model.step(model.new_state(1), torch.tensor([0]), batch_of(model, [1]))
+    with pytest.raises(ValueError, match="bounded long_window"):
+        small_model(long_window=None).new_state(1)
+
+
+@pytest.mark.parametrize("bad", [dict(d_model=63), dict(fusion="sum"), dict(num_items=1),
+                                 dict(long_window=0), dict(short_window=0)])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="HyTRecConfig"):
+        HyTRecConfig(**bad)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    items = Vocabulary(str(i) for i in range(199))
+    categories = Vocabulary(f"c{i}" for i in range(11))
+    torch.manual_seed(0)
+    model = HyTRec(HyTRecConfig(num_items=200, num_categories=12), items, categories).eval()
+    model.item_category[1:] = torch.randint(1, 12, (199,))
+    model.save(tmp_path / "ckpt", extra={"dataset": "unit"})
+    loaded = HyTRec.load(tmp_path / "ckpt")
+    assert loaded.version == model.version and loaded.cfg == model.cfg
+    assert loaded.items == items and loaded.categories == categories
+    assert loaded.checkpoint_extra == {"dataset": "unit"}
+    batch = batch_of(model, [9])
+    torch.testing.assert_close(loaded.user_vector(batch), model.user_vector(batch))
+    assert (loaded.item_categories() == model.item_categories()).all()
+    assert loaded.item_vectors().shape == (199, 64)
+
+
+def test_checkpoint_refuses_mismatches(tmp_path):
+    model = small_model()
+    path = model.save(tmp_path / "ckpt")
+    meta = json.loads((path / "checkpoint.json").read_text())
+
+    def write(**changes):
+        (path / "checkpoint.json").write_text(json.dumps({**meta, **changes}))
+
+    write(format_version=99)
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        HyTRec.load(path)
+    write(config={**meta["config"], "d_model": 32})
+    with pytest.raises(CheckpointError, match="shape"):
+        HyTRec.load(path)
+    write(config={**meta["config"], "colour": "blue"})
+    with pytest.raises(CheckpointError, match="unknown fields"):
+        HyTRec.load(path)
+    write(version="000000000000")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        HyTRec.load(path)
+    write(items=["a", "b"])
+    with pytest.raises(CheckpointError, match="vocabulary has 3 entries"):
+        HyTRec.load(path)
+    (path / "checkpoint.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        HyTRec.load(path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        HyTRec.load(path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=-10, max_value=10**9), min_size=1, max_size=20),
+       st.integers(min_value=3, max_value=64))
+def test_gap_bucket_is_monotone_and_in_range(gaps, buckets):
+    gaps_t = torch.tensor(sorted(gaps))
+    out = gap_bucket(gaps_t, torch.ones_like(gaps_t, dtype=torch.bool), buckets)
+    assert out.min() >= 1 and out.max() <= buckets - 1
+    assert torch.all(out.diff() >= 0)
+    assert torch.all(gap_bucket(gaps_t, torch.zeros_like(gaps_t, dtype=torch.bool), buckets) == 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 9), st.data())
+def test_shift_window_keeps_the_newest_entries(W, M, data):
+    lengths = data.draw(st.lists(st.integers(1, M), min_size=1, max_size=4))
+    U = len(lengths)
+    window = torch.arange(U * W).view(U, W)
+    new = 1000 + torch.arange(U * M).view(U, M)
+    out = shift_window(window, new, torch.tensor(lengths))
+    for u, n in enumerate(lengths):
+        expected = torch.cat([window[u], new[u, :n]])[-W:]
+        assert torch.equal(out[u], expected)
