@@ -5,6 +5,11 @@ import os
 import random
 from pathlib import Path
 
+# Without a GPU, Triton kernels run in its interpreter; it is chosen when they are defined,
+# so before anything imports hytrec.kernels.
+if not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
 import torch

@@ -1,0 +1,128 @@
+"""Per-user serving state: a slab of fixed-size slots on the device, an index user -> slot,
+and eviction of the least recently used users to host memory when the slab is full.
+
+Each slot holds the model's `StreamState` for one user (TADN matrices, the long softmax
+layers' key/value window, the short-term window, event count, last event time) plus the
+last source offset applied to it, so a replayed event can be recognised and skipped.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hytrec.model.hytrec import HyTRec, StreamState
+
+log = logging.getLogger(__name__)
+
+NO_OFFSET = -1
+
+
+@dataclass
+class EvictedUser:
+    """A user's slot contents copied to host memory."""
+
+    tensors: list[torch.Tensor]
+    applied_offset: int
+
+
+class UserStateStore:
+    """Slots for at most `num_slots` users on `device`; colder users wait in host memory.
+
+    The byte budget is `num_slots * bytes_per_user` on the device (see `device_bytes`);
+    evicted users cost the same per user in host memory.
+    """
+
+    def __init__(self, model: HyTRec, num_slots: int, device: torch.device | str = "cpu"):
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.state: StreamState = model.new_state(num_slots, device)
+        self.applied_offset = torch.full((num_slots,), NO_OFFSET, dtype=torch.long)
+        self.slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self.free = list(range(num_slots - 1, -1, -1))
+        self.evicted: dict[str, EvictedUser] = {}
+        self.evictions = 0
+
+    @property
+    def num_slots(self) -> int:
+        return self.state.num_slots
+
+    @property
+    def bytes_per_user(self) -> int:
+        return self.state.bytes_per_user() + self.applied_offset.element_size()
+
+    @property
+    def device_bytes(self) -> int:
+        return self.num_slots * self.bytes_per_user
+
+    def __contains__(self, user: str) -> bool:
+        return user in self.slot_of or user in self.evicted
+
+    def __len__(self) -> int:
+        """Users known to the store, on the device or evicted."""
+        return len(self.slot_of) + len(self.evicted)
+
+    def offset_of(self, user: str) -> int:
+        """The last source offset applied to `user`'s state, or NO_OFFSET."""
+        if user in self.slot_of:
+            return int(self.applied_offset[self.slot_of[user]])
+        if user in self.evicted:
+            return self.evicted[user].applied_offset
+        return NO_OFFSET
+
+    def newest_ts(self, user: str) -> int | None:
+        """Time of the newest event applied to `user`, or None if none was."""
+        if user in self.slot_of:
+            slot = self.slot_of[user]
+            count, last_ts = self.state.count[slot], self.state.last_ts[slot]
+        elif user in self.evicted:
+            *_, count, last_ts = self.evicted[user].tensors  # StreamState.tensors() order
+        else:
+            return None
+        return int(last_ts) if int(count) > 0 else None
+
+    def acquire(self, users: Sequence[str]) -> torch.Tensor:
+        """Slots for `users` (distinct), loading evicted ones back and allocating new ones
+        (zero state); evicts least recently used users that are not in `users`."""
+        if len(users) > self.num_slots:
+            raise ValueError(f"a batch of {len(users)} users exceeds the {self.num_slots} slots")
+        wanted = set(users)
+        slots = []
+        for user in users:
+            slot = self.slot_of.get(user)
+            if slot is None:
+                slot = self._allocate(wanted)
+                restored = self.evicted.pop(user, None)
+                index = torch.tensor([slot])
+                if restored is None:
+                    self.state.reset(index)
+                    self.applied_offset[slot] = NO_OFFSET
+                else:
+                    self.state.write(index, [t[None] for t in restored.tensors])
+                    self.applied_offset[slot] = restored.applied_offset
+                self.slot_of[user] = slot
+            self.slot_of.move_to_end(user)
+            slots.append(slot)
+        return torch.tensor(slots, dtype=torch.long)
+
+    def _allocate(self, protected: set[str]) -> int:
+        if self.free:
+            return self.free.pop()
+        for victim in self.slot_of:  # least recently used first
+            if victim not in protected:
+                break
+        else:  # pragma: no cover - acquire() checks the batch fits
+            raise RuntimeError("no slot can be evicted")
+        slot = self.slot_of.pop(victim)
+        index = torch.tensor([slot])
+        self.evicted[victim] = EvictedUser(
+            tensors=[t[0].to("cpu") for t in self.state.read(index)],
+            applied_offset=int(self.applied_offset[slot]))
+        self.evictions += 1
+        return slot
+
+    def mark_applied(self, slots: torch.Tensor, offsets: Sequence[int]) -> None:
+        self.applied_offset[slots] = torch.as_tensor(list(offsets), dtype=torch.long)
