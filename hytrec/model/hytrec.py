@@ -326,6 +326,8 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, d]; key_mask [B, T] marks real (non-pad) keys, if any."""
+        if self.window is not None and key_mask is None and x.shape[1] > 2 * self.window:
+            return self.forward_blocked(x)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         allowed = self.causal_mask(x.shape[1], x.device)
         if key_mask is not None:
@@ -333,6 +335,27 @@ class WindowAttention(nn.Module):
             allowed = (allowed & key_mask[:, None, :]) | torch.eye(
                 x.shape[1], dtype=torch.bool, device=x.device)
         return self._attend(q, k, v, allowed)
+
+    def forward_blocked(self, x: torch.Tensor) -> torch.Tensor:
+        """The windowed causal attention in O(T W) instead of O(T^2): each block of W
+        queries sees only its own block and the previous one."""
+        B, T, d = x.shape
+        W = self.window
+        N = -(-T // W)
+        q, k, v = self.qkv(F.pad(x, (0, 0, 0, N * W - T))).chunk(3, dim=-1)  # [B, N*W, d]
+
+        def with_previous_block(t):
+            blocks = t.view(B, N, W, d)
+            previous = F.pad(blocks, (0, 0, 0, 0, 1, 0))[:, :-1]  # zeros before block 0
+            return torch.cat([previous, blocks], dim=2).view(B * N, 2 * W, d)
+
+        i = torch.arange(W, device=x.device)[:, None]  # query at N*W + i ...
+        j = torch.arange(2 * W, device=x.device)[None, :]  # ... key at (n-1)*W + j
+        allowed = ((j <= W + i) & (j > i)).expand(N, W, 2 * W).clone()  # [N, W, 2W]
+        allowed[0, :, :W] = False  # block 0 has no previous block
+        out = self._attend(q.reshape(B * N, W, d), with_previous_block(k),
+                           with_previous_block(v), allowed.repeat(B, 1, 1))
+        return out.view(B, N * W, d)[:, :T]
 
     def step(self, x, lengths, slots, count, kv_pool) -> torch.Tensor:
         """x [U, M, d] new events; kv_pool [P, 2, W, d] holds the keys and values of each

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hytrec.model.events import Vocabulary
 from hytrec.model.hytrec import (
     CheckpointError,
+    WindowAttention,
     HyTRec,
     HyTRecConfig,
     gap_bucket,
@@ -175,3 +176,13 @@ def test_shift_window_keeps_the_newest_entries(W, M, data):
     for u, n in enumerate(lengths):
         expected = torch.cat([window[u], new[u, :n]])[-W:]
         assert torch.equal(out[u], expected)
+
+
+@pytest.mark.parametrize("T,window", [(11, 5), (23, 5), (64, 8), (65, 32)])
+def test_blocked_window_attention_equals_the_masked_form(T, window):
+    torch.manual_seed(T)
+    attention = WindowAttention(16, 2, window, dropout=0.0).eval()
+    x = torch.randn(3, T, 16)
+    q, k, v = attention.qkv(x).chunk(3, dim=-1)
+    masked = attention._attend(q, k, v, attention.causal_mask(T, x.device))
+    torch.testing.assert_close(attention.forward_blocked(x), masked, rtol=1e-5, atol=1e-6)
