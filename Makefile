@@ -21,6 +21,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check hytrec tests
+	$(VENV)/bin/ruff format --check hytrec tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

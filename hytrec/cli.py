@@ -1,4 +1,5 @@
 """The `hytrec` command line: one entry point, subcommands registered by each package."""
+
 import argparse
 import importlib
 import sys
@@ -10,14 +11,16 @@ COMMAND_MODULES = (
     "hytrec.model.cli",
     "hytrec.index.cli",
     "hytrec.stream.cli",
+    "hytrec.model.train_cli",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hytrec", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    benchmark = commands.add_parser("benchmark", help="measure and write JSON under "
-                                    "benchmarks/results/")
+    benchmark = commands.add_parser(
+        "benchmark", help="measure and write JSON under benchmarks/results/"
+    )
     benchmarks = benchmark.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(commands, benchmarks)

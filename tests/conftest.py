@@ -1,4 +1,5 @@
 """Shared fixtures: seeded RNGs, the real data folder, NaN-filled torch.empty."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-SHARED_DATA = Path(os.environ.get("HYTREC_SHARED_DATA",
-                                  Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get(
+        "HYTREC_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    )
+)
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
 """The architecture's one-way dependencies: stream -> index, model -> kernels; no cycles."""
+
 from __future__ import annotations
 
 import ast
@@ -40,10 +41,19 @@ def test_package_imports_only_what_the_architecture_allows(package):
 
 
 def test_check_parity_command_prints_the_figures():
-    out = subprocess.run([sys.executable, "-m", "hytrec.cli", "check", "parity"],
-                         capture_output=True, text=True, check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "hytrec.cli", "check", "parity"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     report = json.loads(out.stdout)
-    for key in ("chunked_vs_reference_max_abs", "step_vs_reference_max_abs",
-                "stream_vs_parallel_max_abs", "state_bytes_per_user"):
+    for key in (
+        "chunked_vs_reference_max_abs",
+        "step_vs_reference_max_abs",
+        "stream_vs_parallel_max_abs",
+        "state_bytes_per_user",
+    ):
         assert key in report
     assert report["stream_vs_parallel_max_abs"] <= 1e-4

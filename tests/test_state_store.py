@@ -1,4 +1,5 @@
 """The user-state store: slots, eviction to host memory and back, applied offsets."""
+
 from __future__ import annotations
 
 import random
@@ -22,7 +23,7 @@ def run_stream(model, store, users, arrivals, batch_size):
     applied = {u: 0 for u in users}
     last_vectors = {}
     for start in range(0, len(arrivals), batch_size):
-        chunk = arrivals[start:start + batch_size]
+        chunk = arrivals[start : start + batch_size]
         names = sorted(set(chunk))
         runs = [users[n].run(applied[n], applied[n] + chunk.count(n)) for n in names]
         slots = store.acquire(names)

@@ -5,6 +5,7 @@ implementation directly.
 `Backend.AUTO` takes Triton for CUDA tensors when Triton imports, else PyTorch. Triton on CPU
 tensors needs TRITON_INTERPRET=1 set before this package is imported, and `backend="triton"`.
 """
+
 from __future__ import annotations
 
 import enum
@@ -38,24 +39,50 @@ def _pick(table: dict, backend: Backend | str, what: str, device: torch.device):
         if device.type == "cuda" and Backend.TRITON in table:
             return table[Backend.TRITON]
         if device.type == "cuda":
-            warnings.warn(f"{what}: Triton is not installed, using the PyTorch form on CUDA "
-                          "(install the `gpu` extra)", stacklevel=3)
+            warnings.warn(
+                f"{what}: Triton is not installed, using the PyTorch form on CUDA "
+                "(install the `gpu` extra)",
+                stacklevel=3,
+            )
         return table[Backend.TORCH]
     if backend not in table:
-        raise ValueError(f"no {what} implementation for backend {backend.value!r}; "
-                         f"available: {[b.value for b in table]}")
+        raise ValueError(
+            f"no {what} implementation for backend {backend.value!r}; "
+            f"available: {[b.value for b in table]}"
+        )
     return table[backend]
 
 
-def tadn_parallel(q, k, v, beta, erase, log_decay, initial_state=None, *, chunk_size: int = 64,
-                  backend: Backend | str = Backend.AUTO) -> tuple[torch.Tensor, torch.Tensor]:
+def tadn_parallel(
+    q,
+    k,
+    v,
+    beta,
+    erase,
+    log_decay,
+    initial_state=None,
+    *,
+    chunk_size: int = 64,
+    backend: Backend | str = Backend.AUTO,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole sequences at once; see `chunked.chunk_tadn` for shapes."""
     impl = _pick(_PARALLEL, backend, "parallel TADN", v.device)
     return impl(q, k, v, beta, erase, log_decay, initial_state, chunk_size=chunk_size)
 
 
-def tadn_step(state_pool, slots, lengths, q, k, v, beta, erase, log_decay, *,
-              backend: Backend | str = Backend.AUTO) -> torch.Tensor:
+def tadn_step(
+    state_pool,
+    slots,
+    lengths,
+    q,
+    k,
+    v,
+    beta,
+    erase,
+    log_decay,
+    *,
+    backend: Backend | str = Backend.AUTO,
+) -> torch.Tensor:
     """Runs of events of many users applied to pooled states; see `step.step_tadn`."""
     impl = _pick(_STEP, backend, "streaming TADN step", v.device)
     return impl(state_pool, slots, lengths, q, k, v, beta, erase, log_decay)
@@ -65,5 +92,13 @@ def available_backends() -> dict[str, list[str]]:
     return {"parallel": [b.value for b in _PARALLEL], "step": [b.value for b in _STEP]}
 
 
-__all__ = ["Backend", "available_backends", "chunk_tadn", "naive_tadn", "run_mask", "step_tadn", "tadn_parallel",
-           "tadn_step"]
+__all__ = [
+    "Backend",
+    "available_backends",
+    "chunk_tadn",
+    "naive_tadn",
+    "run_mask",
+    "step_tadn",
+    "tadn_parallel",
+    "tadn_step",
+]

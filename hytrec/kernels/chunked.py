@@ -16,6 +16,7 @@ every chunk at once. Then, with D_ti = gamma_t / gamma_i for i <= t,
 Only the last two lines run chunk after chunk. Everything is differentiable by autograd.
 Decay ratios are formed as exp(g_t - g_i) on the causal triangle only, so they never overflow.
 """
+
 from __future__ import annotations
 
 import torch
@@ -71,22 +72,26 @@ def chunk_tadn(
     A = (erase_strength[..., None] * kk * decay_ratio).masked_fill(~strict, 0.0)
     I_plus_A = A + torch.eye(C, dtype=dtype, device=k.device)
     u_from_values = torch.linalg.solve_triangular(
-        I_plus_A, beta[..., None] * v, upper=False, unitriangular=True)  # [B, H, N, C, V]
+        I_plus_A, beta[..., None] * v, upper=False, unitriangular=True
+    )  # [B, H, N, C, V]
     u_from_state = torch.linalg.solve_triangular(
-        I_plus_A, (erase_strength * g.exp())[..., None] * k, upper=False,
-        unitriangular=True)  # [B, H, N, C, K]; u = u_from_values - u_from_state @ S_0
+        I_plus_A, (erase_strength * g.exp())[..., None] * k, upper=False, unitriangular=True
+    )  # [B, H, N, C, K]; u = u_from_values - u_from_state @ S_0
     qk = (q @ k.transpose(-1, -2)) * decay_ratio  # [B, H, N, C, C]
     gamma = g.exp()[..., None]  # [B, H, N, C, 1]
     decay_to_end = (g[..., -1:] - g).exp()[..., None]  # [B, H, N, C, 1] gamma_C / gamma_i
 
-    state = (q.new_zeros(B, H, K, V) if initial_state is None
-             else initial_state.to(dtype))  # [B, H, K, V]
+    state = (
+        q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
+    )  # [B, H, K, V]
     outputs = []
     for n in range(N):
         u = u_from_values[:, :, n] - u_from_state[:, :, n] @ state  # [B, H, C, V]
         outputs.append(gamma[:, :, n] * (q[:, :, n] @ state) + qk[:, :, n] @ u)
-        state = (g[:, :, n, -1].exp()[..., None, None] * state
-                 + (k[:, :, n] * decay_to_end[:, :, n]).transpose(-1, -2) @ u)
+        state = (
+            g[:, :, n, -1].exp()[..., None, None] * state
+            + (k[:, :, n] * decay_to_end[:, :, n]).transpose(-1, -2) @ u
+        )
     o = torch.stack(outputs, dim=2)  # [B, H, N, C, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
     return o.to(out_dtype), state

@@ -10,6 +10,7 @@ the delta rule's erase strength (the temporal gate g_t of HyTRec), `beta_t` in [
 write strength. With `erase == 1` this is exactly the gated delta rule (Yang et al., 2024).
 The kernels know nothing of users or items: the model computes these inputs.
 """
+
 from __future__ import annotations
 
 import torch

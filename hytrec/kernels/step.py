@@ -4,6 +4,7 @@ A micro-batch holds, for U users, runs of 1..M events each (right-padded to M). 
 state lives in one slot of a pool; the step gathers the slots, applies every run in order,
 writes the states back in place and returns the read-out of every event.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,7 +45,8 @@ def step_tadn(
         raise TypeError(f"step_tadn: the state pool must be fp32 or fp64, got {state_pool.dtype}")
     real = run_mask(lengths, k.shape[1])[..., None].to(beta.dtype)  # [U, M, 1]
     # Padded positions become identity steps: nothing written, erased or decayed.
-    o, final = naive_tadn(q, k, v, beta * real, erase * real, log_decay * real,
-                          initial_state=state_pool[slots])
+    o, final = naive_tadn(
+        q, k, v, beta * real, erase * real, log_decay * real, initial_state=state_pool[slots]
+    )
     state_pool[slots] = final.to(state_pool.dtype)
     return o * real[..., None].to(o.dtype)

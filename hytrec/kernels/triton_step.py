@@ -5,6 +5,7 @@ state back once. Same contract as `step.step_tadn`.
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests do that where
 no GPU is present).
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,9 +14,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _step_kernel(pool, slots, lengths, q, k, v, beta, erase, log_decay, o,
-                 M, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                 BK: tl.constexpr, BV: tl.constexpr):
+def _step_kernel(
+    pool,
+    slots,
+    lengths,
+    q,
+    k,
+    v,
+    beta,
+    erase,
+    log_decay,
+    o,
+    M,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
     user = tl.program_id(0)
     head = tl.program_id(1)
     slot = tl.load(slots + user).to(tl.int64)
@@ -53,7 +69,22 @@ def triton_step_tadn(state_pool, slots, lengths, q, k, v, beta, erase, log_decay
     q, k, v, beta, erase, log_decay = (x.contiguous() for x in (q, k, v, beta, erase, log_decay))
     o = torch.zeros(U, M, H, V, dtype=v.dtype, device=v.device)
     if U:
-        _step_kernel[(U, H)](state_pool, slots.contiguous(), lengths.to(torch.int32).contiguous(),
-                             q, k, v, beta, erase, log_decay, o, M, H, K, V,
-                             triton.next_power_of_2(K), triton.next_power_of_2(V))
+        _step_kernel[(U, H)](
+            state_pool,
+            slots.contiguous(),
+            lengths.to(torch.int32).contiguous(),
+            q,
+            k,
+            v,
+            beta,
+            erase,
+            log_decay,
+            o,
+            M,
+            H,
+            K,
+            V,
+            triton.next_power_of_2(K),
+            triton.next_power_of_2(V),
+        )
     return o

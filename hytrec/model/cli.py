@@ -1,4 +1,5 @@
 """`hytrec` subcommands of the model package."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,12 +9,15 @@ import json
 def register(commands, benchmarks) -> None:
     """Add this package's subcommands to `hytrec` and `hytrec benchmark`."""
     check = commands.add_parser("check", help="correctness figures").add_subparsers(
-        dest="check", required=True, metavar="CHECK")
+        dest="check", required=True, metavar="CHECK"
+    )
     parity = check.add_parser(
-        "parity", help="kernel and train/serve parity figures as JSON",
+        "parity",
+        help="kernel and train/serve parity figures as JSON",
         description="Max abs differences of chunked vs reference TADN (outputs and gradients), "
-                    "pooled step vs reference, and streaming vs parallel user vectors of the "
-                    "whole model (default config, fp32), plus the per-user state size.")
+        "pooled step vs reference, and streaming vs parallel user vectors of the "
+        "whole model (default config, fp32), plus the per-user state size.",
+    )
     parity.add_argument("--seed", type=int, default=0)
     parity.add_argument("--output", help="also write the JSON to this file")
     parity.set_defaults(func=_check_parity)

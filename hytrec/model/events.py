@@ -4,6 +4,7 @@ One behaviour event is (user, item, category, behavior, ts). Loaders map raw ids
 contiguous indices through a `Vocabulary` (index 0 is reserved for padding/unknown)
 and raw behaviour names to the nine funnel stages of the HyTRec paper.
 """
+
 from __future__ import annotations
 
 import enum
@@ -38,9 +39,7 @@ class Behavior(enum.IntEnum):
         key = name.strip().lower().replace("-", "_").replace(" ", "_")
         if key in BEHAVIOR_ALIASES:
             return BEHAVIOR_ALIASES[key]
-        raise ValueError(
-            f"unknown behaviour {name!r}; expected one of {sorted(BEHAVIOR_ALIASES)}"
-        )
+        raise ValueError(f"unknown behaviour {name!r}; expected one of {sorted(BEHAVIOR_ALIASES)}")
 
 
 # Real logs use subsets of the funnel: Taobao's pv/fav/cart/buy, ratings as clicks.
@@ -135,8 +134,9 @@ class EventLog:
         n = len(self.user)
         for name in ("item", "category", "behavior", "ts"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"EventLog column {name!r} has {len(getattr(self, name))} rows, "
-                                 f"expected {n}")
+                raise ValueError(
+                    f"EventLog column {name!r} has {len(getattr(self, name))} rows, expected {n}"
+                )
 
     def __len__(self) -> int:
         return len(self.user)
@@ -151,15 +151,26 @@ class EventLog:
         return [(int(self.user[s]), int(s), int(e)) for s, e in zip(starts, stops, strict=True)]
 
     def vocab_json(self) -> str:
-        return json.dumps({"items": self.items.to_json(), "categories": self.categories.to_json(),
-                           "users": self.users.to_json()})
+        return json.dumps(
+            {
+                "items": self.items.to_json(),
+                "categories": self.categories.to_json(),
+                "users": self.users.to_json(),
+            }
+        )
 
     def save(self, path: Path) -> None:
         """Write the columns (npz) and vocabularies (JSON) next to each other."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path.with_suffix(".npz"), user=self.user, item=self.item,
-                 category=self.category, behavior=self.behavior, ts=self.ts)
+        np.savez(
+            path.with_suffix(".npz"),
+            user=self.user,
+            item=self.item,
+            category=self.category,
+            behavior=self.behavior,
+            ts=self.ts,
+        )
         path.with_suffix(".vocab.json").write_text(self.vocab_json())
 
     @classmethod
@@ -167,7 +178,13 @@ class EventLog:
         path = Path(path)
         cols = np.load(path.with_suffix(".npz"))
         vocab = json.loads(path.with_suffix(".vocab.json").read_text())
-        return cls(user=cols["user"], item=cols["item"], category=cols["category"],
-                   behavior=cols["behavior"], ts=cols["ts"],
-                   users=Vocabulary(vocab["users"]), items=Vocabulary(vocab["items"]),
-                   categories=Vocabulary(vocab["categories"]))
+        return cls(
+            user=cols["user"],
+            item=cols["item"],
+            category=cols["category"],
+            behavior=cols["behavior"],
+            ts=cols["ts"],
+            users=Vocabulary(vocab["users"]),
+            items=Vocabulary(vocab["items"]),
+            categories=Vocabulary(vocab["categories"]),
+        )

@@ -37,6 +37,7 @@ parallel (training, `kernels.tadn_parallel`), `step` applies micro-batches of ev
 pooled per-user `StreamState` (serving, `kernels.tadn_step`). `tests/model/test_parity.py`
 proves they agree.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -99,8 +100,9 @@ class HyTRecConfig:
             if not ok:
                 raise ValueError(f"HyTRecConfig: {message}")
 
-        need(self.num_items >= 2,
-             f"num_items must be >= 2 (row 0 is padding), got {self.num_items}")
+        need(
+            self.num_items >= 2, f"num_items must be >= 2 (row 0 is padding), got {self.num_items}"
+        )
         need(self.num_categories >= 1, "num_categories must be >= 1")
         need(self.d_model % self.long_heads == 0, "d_model must be divisible by long_heads")
         need(self.d_model % self.short_heads == 0, "d_model must be divisible by short_heads")
@@ -109,8 +111,12 @@ class HyTRecConfig:
         need(self.long_window is None or self.long_window >= 1, "long_window must be >= 1 or None")
         need(self.short_window >= 1, "short_window must be >= 1")
         need(self.fusion in ("gate", "moe"), f"fusion must be 'gate' or 'moe', got {self.fusion!r}")
-        need(self.fusion != "moe" or 2 * self.d_model % self.moe_heads == 0
-             and self.d_model % self.moe_heads == 0, "d_model must be divisible by moe_heads")
+        need(
+            self.fusion != "moe"
+            or 2 * self.d_model % self.moe_heads == 0
+            and self.d_model % self.moe_heads == 0,
+            "d_model must be divisible by moe_heads",
+        )
         need(self.time_buckets >= 3, "time_buckets must be >= 3")
 
     def is_softmax_layer(self, layer: int) -> bool:
@@ -193,12 +199,17 @@ class StreamState:
 
     def bytes_by_part(self) -> dict[str, int]:
         """Bytes one user's slot takes, per part of the state."""
+
         def size(ts):
             return sum(t[0].numel() * t.element_size() for t in ts)
 
-        return {"tadn_states": size(self.tadn), "tadn_running_sums": size(self.mean_sum),
-                "softmax_kv_windows": size(self.kv), "short_window": size([self.window]),
-                "counters": size([self.count, self.last_ts])}
+        return {
+            "tadn_states": size(self.tadn),
+            "tadn_running_sums": size(self.mean_sum),
+            "softmax_kv_windows": size(self.kv),
+            "short_window": size([self.window]),
+            "counters": size([self.count, self.last_ts]),
+        }
 
     def bytes_per_user(self) -> int:
         return sum(self.bytes_by_part().values())
@@ -313,8 +324,9 @@ class WindowAttention(nn.Module):
             return x.view(B, -1, H, d // H).transpose(1, 2)  # [B, H, T, dh]
 
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(split(q), split(k), split(v),
-                                             attn_mask=allowed[:, None], dropout_p=p)
+        out = F.scaled_dot_product_attention(
+            split(q), split(k), split(v), attn_mask=allowed[:, None], dropout_p=p
+        )
         return self.o_proj(out.transpose(1, 2).reshape(B, Tq, d))
 
     def causal_mask(self, T: int, device) -> torch.Tensor:
@@ -333,7 +345,8 @@ class WindowAttention(nn.Module):
         if key_mask is not None:
             # a pad query may see no key at all: let it see itself, so it is not NaN
             allowed = (allowed & key_mask[:, None, :]) | torch.eye(
-                x.shape[1], dtype=torch.bool, device=x.device)
+                x.shape[1], dtype=torch.bool, device=x.device
+            )
         return self._attend(q, k, v, allowed)
 
     def forward_blocked(self, x: torch.Tensor) -> torch.Tensor:
@@ -353,8 +366,12 @@ class WindowAttention(nn.Module):
         j = torch.arange(2 * W, device=x.device)[None, :]  # ... key at (n-1)*W + j
         allowed = ((j <= W + i) & (j > i)).expand(N, W, 2 * W).clone()  # [N, W, 2W]
         allowed[0, :, :W] = False  # block 0 has no previous block
-        out = self._attend(q.reshape(B * N, W, d), with_previous_block(k),
-                           with_previous_block(v), allowed.repeat(B, 1, 1))
+        out = self._attend(
+            q.reshape(B * N, W, d),
+            with_previous_block(k),
+            with_previous_block(v),
+            allowed.repeat(B, 1, 1),
+        )
         return out.view(B, N * W, d)[:, :T]
 
     def step(self, x, lengths, slots, count, kv_pool) -> torch.Tensor:
@@ -370,8 +387,9 @@ class WindowAttention(nn.Module):
         old_ok = (i > j) & (i >= W - count[:, None, None])  # [U, M, W]
         new_ok = self.causal_mask(M, x.device).expand(len(slots), -1, -1)  # [U, M, M]
         out = self._attend(q, keys, values, torch.cat([old_ok, new_ok], dim=-1))
-        kv_pool[slots] = torch.stack([shift_window(cached[:, 0], k, lengths),
-                                      shift_window(cached[:, 1], v, lengths)], dim=1)
+        kv_pool[slots] = torch.stack(
+            [shift_window(cached[:, 0], k, lengths), shift_window(cached[:, 1], v, lengths)], dim=1
+        )
         return out
 
 
@@ -382,7 +400,8 @@ def shift_window(window: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor)
     combined = torch.cat([window, new], dim=1)  # [U, W + M, ...]
     index = lengths[:, None] + torch.arange(W, device=window.device)[None, :]  # [U, W]
     index = index.view(*index.shape, *([1] * (combined.dim() - 2))).expand(
-        -1, -1, *combined.shape[2:])
+        -1, -1, *combined.shape[2:]
+    )
     return combined.gather(1, index)
 
 
@@ -419,7 +438,8 @@ class Fusion(nn.Module):
             self.router = nn.Linear(2 * d, cfg.moe_heads * cfg.moe_experts)
             self.expert_weight = nn.Parameter(
                 torch.randn(cfg.moe_heads, cfg.moe_experts, 2 * d, d // cfg.moe_heads)
-                / math.sqrt(2 * d))
+                / math.sqrt(2 * d)
+            )
             self.out = nn.Linear(d, d)
 
     def forward(self, long: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
@@ -443,34 +463,47 @@ def _logit(p: float) -> float:
 
 
 class HyTRec(nn.Module):
-    def __init__(self, cfg: HyTRecConfig, items: Vocabulary | None = None,
-                 categories: Vocabulary | None = None):
+    def __init__(
+        self,
+        cfg: HyTRecConfig,
+        items: Vocabulary | None = None,
+        categories: Vocabulary | None = None,
+    ):
         super().__init__()
         d = cfg.d_model
         self.cfg = cfg
         self.items, self.categories = items, categories
         if items is not None and len(items) != cfg.num_items:
-            raise ValueError(f"item vocabulary has {len(items)} entries, config says "
-                             f"num_items={cfg.num_items}")
+            raise ValueError(
+                f"item vocabulary has {len(items)} entries, config says num_items={cfg.num_items}"
+            )
         if categories is not None and len(categories) != cfg.num_categories:
-            raise ValueError(f"category vocabulary has {len(categories)} entries, config says "
-                             f"num_categories={cfg.num_categories}")
+            raise ValueError(
+                f"category vocabulary has {len(categories)} entries, config says "
+                f"num_categories={cfg.num_categories}"
+            )
         self.item_emb = nn.Embedding(cfg.num_items, d, padding_idx=0)
         self.category_emb = nn.Embedding(cfg.num_categories, d, padding_idx=0)
         self.behavior_emb = nn.Embedding(NUM_BEHAVIORS, d, padding_idx=0)
         self.gap_emb = nn.Embedding(cfg.time_buckets, d)
         self.dropout = nn.Dropout(cfg.dropout)
         self.long_blocks = nn.ModuleList(
-            Block(cfg, WindowAttention(d, cfg.long_heads, cfg.long_window, cfg.dropout)
-                  if cfg.is_softmax_layer(i) else TemporalDeltaMixer(cfg))
-            for i in range(cfg.long_layers))
+            Block(
+                cfg,
+                WindowAttention(d, cfg.long_heads, cfg.long_window, cfg.dropout)
+                if cfg.is_softmax_layer(i)
+                else TemporalDeltaMixer(cfg),
+            )
+            for i in range(cfg.long_layers)
+        )
         self.long_norm = nn.LayerNorm(d)
         if cfg.use_short:
             self.age_emb = nn.Embedding(cfg.time_buckets, d)  # bucketed t_query - t_i
             self.recency_emb = nn.Embedding(cfg.short_window, d)  # 0 = newest
             self.short_blocks = nn.ModuleList(
                 Block(cfg, WindowAttention(d, cfg.short_heads, None, cfg.dropout))
-                for _ in range(cfg.short_layers))
+                for _ in range(cfg.short_layers)
+            )
             self.short_norm = nn.LayerNorm(d)
             self.fusion = Fusion(cfg)
         self.user_norm = nn.LayerNorm(d)
@@ -494,8 +527,12 @@ class HyTRec(nn.Module):
     def embed(self, item, category, behavior, gap_s, has_prev) -> torch.Tensor:
         """Event embeddings [..., d] from ids and the gap since the previous event."""
         bucket = gap_bucket(gap_s, has_prev, self.cfg.time_buckets)
-        return (self.item_emb(item) + self.category_emb(category)
-                + self.behavior_emb(behavior) + self.gap_emb(bucket))
+        return (
+            self.item_emb(item)
+            + self.category_emb(category)
+            + self.behavior_emb(behavior)
+            + self.gap_emb(bucket)
+        )
 
     def _gap_units(self, gap_s: torch.Tensor, has_prev: torch.Tensor) -> torch.Tensor:
         gap = gap_s.clamp(min=0).to(torch.float64) / self.cfg.time_unit_s
@@ -509,8 +546,14 @@ class HyTRec(nn.Module):
         query_ts = ts[:, -1:]  # the newest event is the query time
         age = gap_bucket(query_ts - ts, valid, self.cfg.time_buckets)
         recency = torch.arange(K - 1, -1, -1, device=window.device)
-        x = (self.item_emb(item) + self.category_emb(category) + self.behavior_emb(behavior)
-             + self.gap_emb(bucket) + self.age_emb(age) + self.recency_emb(recency))
+        x = (
+            self.item_emb(item)
+            + self.category_emb(category)
+            + self.behavior_emb(behavior)
+            + self.gap_emb(bucket)
+            + self.age_emb(age)
+            + self.recency_emb(recency)
+        )
         x = self.dropout(x)
         for block in self.short_blocks:
             x = block(x, key_mask=valid)
@@ -537,8 +580,11 @@ class HyTRec(nn.Module):
         K = self.cfg.short_window
         bucket = gap_bucket(gap_s, has_prev, self.cfg.time_buckets)
         raw = torch.stack([batch.item, batch.category, batch.behavior, bucket, batch.ts], -1)
-        index = (torch.arange(T, device=raw.device)[:, None] - (K - 1)
-                 + torch.arange(K, device=raw.device)[None])  # [T, K]
+        index = (
+            torch.arange(T, device=raw.device)[:, None]
+            - (K - 1)
+            + torch.arange(K, device=raw.device)[None]
+        )  # [T, K]
         valid = (index >= 0)[None].expand(B, -1, -1)  # [B, T, K]
         windows = raw[:, index.clamp(min=0)] * valid[..., None]  # [B, T, K, 5]
         short = self._short_readout(windows.view(B * T, K, 5), valid.reshape(B * T, K))
@@ -586,12 +632,20 @@ class HyTRec(nn.Module):
         tadn_i = softmax_i = 0
         for block in self.long_blocks:
             if isinstance(block.mixer, TemporalDeltaMixer):
-                x = block.step(x, dt=dt, lengths=lengths, slots=slots, count=count,
-                               tadn_pool=state.tadn[tadn_i], mean_pool=state.mean_sum[tadn_i])
+                x = block.step(
+                    x,
+                    dt=dt,
+                    lengths=lengths,
+                    slots=slots,
+                    count=count,
+                    tadn_pool=state.tadn[tadn_i],
+                    mean_pool=state.mean_sum[tadn_i],
+                )
                 tadn_i += 1
             else:
-                x = block.step(x, lengths=lengths, slots=slots, count=count,
-                               kv_pool=state.kv[softmax_i])
+                x = block.step(
+                    x, lengths=lengths, slots=slots, count=count, kv_pool=state.kv[softmax_i]
+                )
                 softmax_i += 1
         last = lengths - 1
         rows = torch.arange(U, device=x.device)
@@ -679,16 +733,21 @@ class HyTRec(nn.Module):
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{meta_path}: not valid JSON ({err})") from err
         if meta.get("format") != CHECKPOINT_FORMAT or meta.get("model") != "hytrec":
-            raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} model "
-                                  f"{meta.get('model')!r}, expected {CHECKPOINT_FORMAT!r} hytrec")
+            raise CheckpointError(
+                f"{meta_path}: format {meta.get('format')!r} model "
+                f"{meta.get('model')!r}, expected {CHECKPOINT_FORMAT!r} hytrec"
+            )
         if meta.get("format_version") != CHECKPOINT_VERSION:
-            raise CheckpointError(f"{meta_path}: format_version {meta.get('format_version')}, "
-                                  f"this code reads version {CHECKPOINT_VERSION}")
+            raise CheckpointError(
+                f"{meta_path}: format_version {meta.get('format_version')}, "
+                f"this code reads version {CHECKPOINT_VERSION}"
+            )
         try:
             cfg = HyTRecConfig.from_dict(meta["config"])
             items = Vocabulary(meta["items"]) if meta.get("items") is not None else None
-            categories = (Vocabulary(meta["categories"])
-                          if meta.get("categories") is not None else None)
+            categories = (
+                Vocabulary(meta["categories"]) if meta.get("categories") is not None else None
+            )
             model = cls(cfg, items, categories)
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{meta_path}: {err}") from err
@@ -696,17 +755,23 @@ class HyTRec(nn.Module):
         expected = model.state_dict()
         missing, unexpected = expected.keys() - weights, weights.keys() - expected
         if missing or unexpected:
-            raise CheckpointError(f"{weights_path}: weights do not fit the config: missing "
-                                  f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+            raise CheckpointError(
+                f"{weights_path}: weights do not fit the config: missing "
+                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
         for name, tensor in expected.items():
             if weights[name].shape != tensor.shape:
-                raise CheckpointError(f"{weights_path}: {name} has shape "
-                                      f"{tuple(weights[name].shape)}, config needs "
-                                      f"{tuple(tensor.shape)}")
+                raise CheckpointError(
+                    f"{weights_path}: {name} has shape "
+                    f"{tuple(weights[name].shape)}, config needs "
+                    f"{tuple(tensor.shape)}"
+                )
         model.load_state_dict(weights)
         if meta.get("version") not in (None, model.version):
-            raise CheckpointError(f"{weights_path}: weights hash to {model.version}, checkpoint"
-                                  f".json says {meta['version']} (corrupt or mixed files)")
+            raise CheckpointError(
+                f"{weights_path}: weights hash to {model.version}, checkpoint"
+                f".json says {meta['version']} (corrupt or mixed files)"
+            )
         model.checkpoint_extra = meta.get("extra", {})
         return model.to(map_location).eval()
 

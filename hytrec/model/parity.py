@@ -2,6 +2,7 @@
 
 `hytrec check parity` prints them as JSON; the tests assert the same functions' bounds.
 """
+
 from __future__ import annotations
 
 import random
@@ -28,18 +29,27 @@ class UserEvents:
         return len(self.item)
 
     def run(self, start: int, stop: int) -> UserEvents:
-        return UserEvents(self.item[start:stop], self.category[start:stop],
-                          self.behavior[start:stop], self.ts[start:stop])
+        return UserEvents(
+            self.item[start:stop],
+            self.category[start:stop],
+            self.behavior[start:stop],
+            self.ts[start:stop],
+        )
 
 
 def random_user(length: int, cfg: HyTRecConfig, generator: torch.Generator) -> UserEvents:
     """Random ids and timestamps whose gaps span a second to about two weeks (log-uniform)."""
+
     def ints(low, high):
         return torch.randint(low, high, (length,), generator=generator)
 
     gaps = torch.exp(torch.rand(length, generator=generator) * 14.0).long()
-    return UserEvents(item=ints(1, cfg.num_items), category=ints(1, cfg.num_categories),
-                      behavior=ints(1, NUM_BEHAVIORS), ts=1_500_000_000 + gaps.cumsum(0))
+    return UserEvents(
+        item=ints(1, cfg.num_items),
+        category=ints(1, cfg.num_categories),
+        behavior=ints(1, NUM_BEHAVIORS),
+        ts=1_500_000_000 + gaps.cumsum(0),
+    )
 
 
 def pad_batch(runs: list[UserEvents]) -> EventBatch:
@@ -49,21 +59,26 @@ def pad_batch(runs: list[UserEvents]) -> EventBatch:
     def column(name):
         return torch.stack([F.pad(getattr(r, name), (0, M - len(r))) for r in runs])
 
-    return EventBatch(item=column("item"), category=column("category"),
-                      behavior=column("behavior"), ts=column("ts"),
-                      lengths=torch.tensor([len(r) for r in runs]))
+    return EventBatch(
+        item=column("item"),
+        category=column("category"),
+        behavior=column("behavior"),
+        ts=column("ts"),
+        lengths=torch.tensor([len(r) for r in runs]),
+    )
 
 
 @torch.no_grad()
 def parallel_user_vectors(model: HyTRec, users: list[UserEvents]) -> list[torch.Tensor]:
     """The training form: user vectors after every event of each user, [T_u, d] each."""
     u = model(pad_batch(users))
-    return [u[i, :len(user)] for i, user in enumerate(users)]
+    return [u[i, : len(user)] for i, user in enumerate(users)]
 
 
 @torch.no_grad()
-def streamed_user_vectors(model: HyTRec, users: list[UserEvents], max_batch: int,
-                          seed: int = 0) -> list[dict[int, torch.Tensor]]:
+def streamed_user_vectors(
+    model: HyTRec, users: list[UserEvents], max_batch: int, seed: int = 0
+) -> list[dict[int, torch.Tensor]]:
     """The serving form: all users' events interleaved at random and applied in micro-batches
     of up to `max_batch` events (max_batch=1: one event at a time). Returns, per user, the
     user vector after each run, keyed by the index of the run's last event."""
@@ -77,7 +92,7 @@ def streamed_user_vectors(model: HyTRec, users: list[UserEvents], max_batch: int
     pos = 0
     while pos < len(arrival):
         size = rng.randint(1, max_batch)
-        chunk, pos = arrival[pos:pos + size], pos + size
+        chunk, pos = arrival[pos : pos + size], pos + size
         batch_users = sorted(set(chunk))
         runs = [users[u].run(applied[u], applied[u] + chunk.count(u)) for u in batch_users]
         vectors = model.step(state, slot_of[batch_users], pad_batch(runs))
@@ -87,30 +102,40 @@ def streamed_user_vectors(model: HyTRec, users: list[UserEvents], max_batch: int
     return out
 
 
-def stream_vs_parallel_max_abs(model: HyTRec, users: list[UserEvents], max_batch: int,
-                               seed: int = 0) -> float:
+def stream_vs_parallel_max_abs(
+    model: HyTRec, users: list[UserEvents], max_batch: int, seed: int = 0
+) -> float:
     parallel = parallel_user_vectors(model, users)
     streamed = streamed_user_vectors(model, users, max_batch, seed)
-    return max((vector - parallel[u][t]).abs().max().item()
-               for u in range(len(users)) for t, vector in streamed[u].items())
+    return max(
+        (vector - parallel[u][t]).abs().max().item()
+        for u in range(len(users))
+        for t, vector in streamed[u].items()
+    )
 
 
-def kernel_inputs(B: int, T: int, H: int, K: int, V: int, generator: torch.Generator,
-                  dtype=torch.float32) -> dict[str, torch.Tensor]:
+def kernel_inputs(
+    B: int, T: int, H: int, K: int, V: int, generator: torch.Generator, dtype=torch.float32
+) -> dict[str, torch.Tensor]:
     def randn(*shape):
         return torch.randn(*shape, generator=generator)
 
     def rand(*shape):
         return torch.rand(*shape, generator=generator)
 
-    x = dict(q=randn(B, T, H, K), k=F.normalize(randn(B, T, H, K), dim=-1), v=randn(B, T, H, V),
-             beta=rand(B, T, H), erase=rand(B, T, H), log_decay=-rand(B, T, H) * 0.3,
-             initial_state=randn(B, H, K, V))
+    x = dict(
+        q=randn(B, T, H, K),
+        k=F.normalize(randn(B, T, H, K), dim=-1),
+        v=randn(B, T, H, V),
+        beta=rand(B, T, H),
+        erase=rand(B, T, H),
+        log_decay=-rand(B, T, H) * 0.3,
+        initial_state=randn(B, H, K, V),
+    )
     return {n: t.to(dtype) for n, t in x.items()}
 
 
-def chunked_vs_reference(lengths=(1, 63, 257), chunk_sizes=(16, 64), seed=0
-                         ) -> tuple[float, float]:
+def chunked_vs_reference(lengths=(1, 63, 257), chunk_sizes=(16, 64), seed=0) -> tuple[float, float]:
     """fp32 chunked form against the fp64 reference: outputs, final states, all gradients.
     Returns (max abs error, max abs error / max(1, |reference|) over each compared tensor)."""
     generator = torch.Generator().manual_seed(seed)
@@ -149,10 +174,14 @@ def step_vs_reference_max_abs(num_users=16, max_len=50, seed=0) -> float:
     o2 = tadn_step(pool, slots, lengths.clamp(max=7), **more)
     for u in range(num_users):
         n = int(lengths[u].clamp(max=7))
-        ref_o2_u, ref_s2_u = naive_tadn(**{k: v[u:u + 1, :n] for k, v in more.items()},
-                                        initial_state=ref_s[u:u + 1])
-        worst = max(worst, (o2[u, :n] - ref_o2_u[0]).abs().max().item(),
-                    (pool[slots[u]] - ref_s2_u[0]).abs().max().item())
+        ref_o2_u, ref_s2_u = naive_tadn(
+            **{k: v[u : u + 1, :n] for k, v in more.items()}, initial_state=ref_s[u : u + 1]
+        )
+        worst = max(
+            worst,
+            (o2[u, :n] - ref_o2_u[0]).abs().max().item(),
+            (pool[slots[u]] - ref_s2_u[0]).abs().max().item(),
+        )
     return worst
 
 

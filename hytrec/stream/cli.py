@@ -1,5 +1,198 @@
-"""`hytrec` subcommands of the stream package."""
+"""`hytrec` subcommands of the stream package: broker, worker, replay, tail."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+DEFAULT_BOOTSTRAP = os.environ.get("HYTREC_BOOTSTRAP", "127.0.0.1:9092")
+
+
+def _add_topic_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--behaviors-partitions", type=int, default=4)
+    parser.add_argument("--recommendations-partitions", type=int, default=4)
+    parser.add_argument("--dlq-partitions", type=int, default=1)
+
+
+def _topics(args):
+    from hytrec.stream.broker import TopicConfig
+
+    return TopicConfig(
+        behaviors_partitions=args.behaviors_partitions,
+        recommendations_partitions=args.recommendations_partitions,
+        dlq_partitions=args.dlq_partitions,
+    )
 
 
 def register(commands, benchmarks) -> None:
     """Add this package's subcommands to `hytrec` and `hytrec benchmark`."""
+    broker = commands.add_parser(
+        "broker",
+        help="run the embedded Kafka-protocol broker (Tansu) with the topics",
+        description="Start Tansu on loopback (in-memory storage), create the topics, print "
+        "the bootstrap address and run until interrupted.",
+    )
+    broker.add_argument("--port", type=int, default=0, help="0: a free port")
+    broker.add_argument("--host", default="127.0.0.1")
+    _add_topic_args(broker)
+    broker.set_defaults(func=_broker)
+
+    worker = commands.add_parser(
+        "worker",
+        help="run the Faust worker: behaviors in, recommendations out",
+        description="Consume `behaviors`, micro-batch, apply to user state, publish "
+        "`recommendations`; bad input goes to `behaviors-dlq`.",
+    )
+    source = worker.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="HyTRec checkpoint directory")
+    source.add_argument("--engine", help="an engine factory MODULE:CALLABLE instead")
+    worker.add_argument("--index", help="saved item index directory (default: built exact)")
+    worker.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    worker.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
+    worker.add_argument("--group", default="hytrec-worker", help="consumer group / app id")
+    worker.add_argument("--batch-size", type=int, default=512, help="B: events per batch")
+    worker.add_argument(
+        "--batch-wait-ms", type=float, default=50.0, help="W: longest wait for a batch to fill"
+    )
+    worker.add_argument("--max-message-bytes", type=int, default=64 * 1024)
+    worker.add_argument(
+        "--embedded-broker",
+        action="store_true",
+        default=os.environ.get("HYTREC_EMBEDDED_BROKER", "0") == "1",
+        help="short fetch wait and session timeout for the embedded broker (never on real Kafka)",
+    )
+    worker.add_argument("--web-port", type=int, help="Faust web server port (default: off)")
+    worker.add_argument("--data-dir", default=".cache/hytrec/faust")
+    worker.add_argument("--log-every", type=int, default=100, help="log a line per N batches")
+    worker.add_argument("--loglevel", default="info")
+    _add_topic_args(worker)
+    worker.set_defaults(func=_worker)
+
+    replay = commands.add_parser(
+        "replay",
+        help="publish a logged event file to `behaviors` in time order",
+        description="Keyed by user id, in global time order, as fast as possible or at "
+        "--speed times real time.",
+    )
+    replay.add_argument("source", help="dataset name (taobao, ml100k, ...) or file path")
+    replay.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
+    replay.add_argument("--topic", default="behaviors")
+    replay.add_argument("--speed", type=float, help="X times real time (default: max speed)")
+    replay.add_argument("--limit", type=int, help="publish at most N events")
+    replay.add_argument("--no-progress", action="store_true")
+    replay.set_defaults(func=_replay)
+
+    tail = commands.add_parser("tail", help="print recommendations as they arrive")
+    tail.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
+    tail.add_argument("--topic", default="recommendations")
+    tail.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    tail.add_argument("--max", type=int, help="stop after N messages")
+    tail.add_argument(
+        "--timeout", type=float, default=30.0, help="stop after S seconds without a message"
+    )
+    tail.add_argument(
+        "--latest", action="store_true", help="only new messages (default: from the beginning)"
+    )
+    tail.set_defaults(func=_tail)
+
+
+def _logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def _broker(args) -> int:
+    from hytrec.stream.broker import EmbeddedBroker
+
+    _logging()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with EmbeddedBroker(port=args.port, host=args.host, topics=_topics(args)) as broker:
+        print(
+            f"broker ready at {broker.bootstrap} (pid {broker.pid}); topics "
+            f"{broker.topics.partitions()}",
+            flush=True,
+        )
+        print(
+            f"  hytrec worker --bootstrap {broker.bootstrap} --embedded-broker --checkpoint DIR",
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            if broker.process.poll() is not None:
+                print(f"broker exited with {broker.process.returncode}", file=sys.stderr)
+                return 1
+    return 0
+
+
+def _worker(args) -> int:
+    from hytrec.stream.app import WorkerConfig, engine_factory_from, run_worker
+    from hytrec.stream.batcher import BatchConfig
+
+    config = WorkerConfig(
+        bootstrap=args.bootstrap,
+        app_id=args.group,
+        topics=_topics(args),
+        batch=BatchConfig(max_items=args.batch_size, max_wait_ms=args.batch_wait_ms),
+        max_message_bytes=args.max_message_bytes,
+        embedded_broker=args.embedded_broker,
+        log_every_batches=args.log_every,
+        web_port=args.web_port,
+        data_dir=args.data_dir,
+    )
+    factory = engine_factory_from(args.checkpoint, args.index, args.device, args.engine)
+    return run_worker(config, factory, loglevel=args.loglevel)
+
+
+def _replay(args) -> int:
+    from hytrec.stream.replay import ReplayConfig, replay
+
+    _logging()
+    report = replay(
+        args.source,
+        args.bootstrap,
+        ReplayConfig(
+            topic=args.topic, speed=args.speed, limit=args.limit, progress=not args.no_progress
+        ),
+    )
+    print(
+        json.dumps(
+            {
+                "events": report.events,
+                "seconds": round(report.seconds, 3),
+                "events_per_s": round(report.rate, 1),
+            }
+        )
+    )
+    return 0
+
+
+def _tail(args) -> int:
+    from hytrec.stream.schemas import Recommendation
+    from hytrec.stream.tail import describe, read_topic
+
+    records = read_topic(
+        args.bootstrap,
+        args.topic,
+        from_beginning=not args.latest,
+        max_messages=args.max,
+        idle_timeout_s=args.timeout,
+    )
+    try:
+        for record in records:
+            if args.topic != "recommendations":  # e.g. the DLQ: print as it is
+                print(record.value.decode(errors="replace"), flush=True)
+            elif args.json:
+                print(Recommendation.from_json(record.value).to_json().decode(), flush=True)
+            else:
+                print(describe(Recommendation.from_json(record.value)), flush=True)
+    except KeyboardInterrupt:
+        pass
+    return 0

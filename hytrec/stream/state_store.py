@@ -5,6 +5,7 @@ Each slot holds the model's `StreamState` for one user (TADN matrices, the long 
 layers' key/value window, the short-term window, event count, last event time) plus the
 last source offset applied to it, so a replayed event can be recognised and skipped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -120,7 +121,8 @@ class UserStateStore:
         index = torch.tensor([slot])
         self.evicted[victim] = EvictedUser(
             tensors=[t[0].to("cpu") for t in self.state.read(index)],
-            applied_offset=int(self.applied_offset[slot]))
+            applied_offset=int(self.applied_offset[slot]),
+        )
         self.evictions += 1
         return slot
 

@@ -1,4 +1,5 @@
 """Every fast TADN form against the per-step reference: outputs and gradients."""
+
 from __future__ import annotations
 
 import pytest
@@ -118,8 +119,10 @@ def test_step_matches_reference_for_random_interleavings(seed):
     g = torch.Generator().manual_seed(seed)
     num_users, H, K, V = 7, 2, 8, 6
     lengths = torch.randint(1, 40, (num_users,), generator=g)
-    per_user = [make_inputs(1, int(n), H, K, V, torch.float64, seed=seed * 100 + u)
-                for u, n in enumerate(lengths)]
+    per_user = [
+        make_inputs(1, int(n), H, K, V, torch.float64, seed=seed * 100 + u)
+        for u, n in enumerate(lengths)
+    ]
     order = torch.cat([torch.full((int(n),), u) for u, n in enumerate(lengths)])
     order = order[torch.randperm(len(order), generator=g)]  # global arrival order
 
@@ -133,7 +136,7 @@ def test_step_matches_reference_for_random_interleavings(seed):
     names = ("q", "k", "v", "beta", "erase", "log_decay")
     while pos < len(order):
         size = int(torch.randint(1, 25, (1,), generator=g))
-        batch = order[pos:pos + size].tolist()
+        batch = order[pos : pos + size].tolist()
         pos += size
         users = sorted(set(batch))
         runs = [batch.count(u) for u in users]
@@ -142,7 +145,7 @@ def test_step_matches_reference_for_random_interleavings(seed):
         for n in names:
             rows = []
             for u, m in zip(users, runs, strict=True):
-                x = per_user[u][n][0, cursor[u]:cursor[u] + m]
+                x = per_user[u][n][0, cursor[u] : cursor[u] + m]
                 rows.append(F.pad(x, (0, 0) * (x.dim() - 1) + (0, M - m)))
             padded[n] = torch.stack(rows)
         o = tadn_step(pool, slot_of[users], torch.tensor(runs), **padded)

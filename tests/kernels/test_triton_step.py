@@ -3,6 +3,7 @@
 On a GPU machine it runs on CUDA; elsewhere in Triton's interpreter (TRITON_INTERPRET=1, set
 by conftest), fp32 at small sizes.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,8 +14,9 @@ import torch
 from hytrec.model.parity import kernel_inputs
 
 if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed (it comes with the dev and gpu extras)",
-                allow_module_level=True)
+    pytest.skip(
+        "triton is not installed (it comes with the dev and gpu extras)", allow_module_level=True
+    )
 
 from hytrec.kernels import Backend, tadn_step  # noqa: E402
 
@@ -48,8 +50,13 @@ def test_triton_step_refuses_duplicate_slots():
     x = {n: t.to(DEVICE) for n, t in x.items()}
     pool = torch.zeros(4, 1, 4, 4, device=DEVICE)
     with pytest.raises(ValueError, match="distinct"):
-        tadn_step(pool, torch.tensor([1, 1], device=DEVICE), torch.tensor([3, 3], device=DEVICE),
-                  **x, backend=Backend.TRITON)
+        tadn_step(
+            pool,
+            torch.tensor([1, 1], device=DEVICE),
+            torch.tensor([3, 3], device=DEVICE),
+            **x,
+            backend=Backend.TRITON,
+        )
 
 
 def test_auto_backend_uses_torch_on_cpu_tensors():

@@ -1,4 +1,5 @@
 """The HyTRec network: shapes, causality, time features, state size, checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ from hypothesis import strategies as st
 from hytrec.model.events import Vocabulary
 from hytrec.model.hytrec import (
     CheckpointError,
-    WindowAttention,
     HyTRec,
     HyTRecConfig,
+    WindowAttention,
     gap_bucket,
     shift_window,
 )
@@ -47,8 +48,11 @@ def test_training_gradients_reach_every_parameter():
     target = torch.randint(1, 200, batch.item.shape)
     loss = torch.nn.functional.cross_entropy(logits[batch.mask], target[batch.mask])
     loss.backward()
-    without_grad = [n for n, p in model.named_parameters() if p.grad is None
-                    or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    without_grad = [
+        n
+        for n, p in model.named_parameters()
+        if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0
+    ]
     assert without_grad == []
 
 
@@ -67,15 +71,15 @@ def test_user_vectors_are_causal():
 def test_continuous_gaps_matter_only_through_the_decays(decay):
     """Gaps of 1000 s and 1010 s fall into the same bucket (log2 buckets): only the TADN
     decays (erase-gate tau, state decay) can tell them apart."""
-    model = small_model(state_decay=decay, erase_tau=decay, use_short=False,
-                        softmax_every=0).eval()
+    model = small_model(state_decay=decay, erase_tau=decay, use_short=False, softmax_every=0).eval()
     vectors = []
     for gap in (1000, 1010):
         batch = batch_of(model, [20], seed=3)
         batch.ts = 1_500_000_000 + gap * torch.arange(20)[None]
         vectors.append(model.user_vector(batch))
     assert gap_bucket(torch.tensor([1000]), torch.tensor([True]), 40) == gap_bucket(
-        torch.tensor([1010]), torch.tensor([True]), 40)
+        torch.tensor([1010]), torch.tensor([True]), 40
+    )
     changed = (vectors[0] - vectors[1]).abs().max().item() > 1e-6
     assert changed == decay
 
@@ -99,8 +103,16 @@ def test_streaming_requires_eval_mode_and_bounded_window():
         small_model(long_window=None).new_state(1)
 
 
-@pytest.mark.parametrize("bad", [dict(d_model=63), dict(fusion="sum"), dict(num_items=1),
-                                 dict(long_window=0), dict(short_window=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(d_model=63),
+        dict(fusion="sum"),
+        dict(num_items=1),
+        dict(long_window=0),
+        dict(short_window=0),
+    ],
+)
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="HyTRecConfig"):
         HyTRecConfig(**bad)
@@ -155,8 +167,10 @@ def test_checkpoint_refuses_mismatches(tmp_path):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(min_value=-10, max_value=10**9), min_size=1, max_size=20),
-       st.integers(min_value=3, max_value=64))
+@given(
+    st.lists(st.integers(min_value=-10, max_value=10**9), min_size=1, max_size=20),
+    st.integers(min_value=3, max_value=64),
+)
 def test_gap_bucket_is_monotone_and_in_range(gaps, buckets):
     gaps_t = torch.tensor(sorted(gaps))
     out = gap_bucket(gaps_t, torch.ones_like(gaps_t, dtype=torch.bool), buckets)

@@ -1,4 +1,5 @@
 """Train/serve parity: the streaming step reproduces the parallel form's user vectors."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,0 +1,420 @@
+"""Full-ranking evaluation of next-item recommenders: the split, the metrics, the reports.
+
+Protocol. For each evaluated user the model reads the user's events before the target
+(the last `max_len` of them when the model has a bounded context) and scores every item
+of the catalogue; the target's 0-based rank r is the number of other items that score at
+least as high (ties count against the model, so a constant scorer earns nothing):
+
+    HR@K   = 1[r < K]
+    NDCG@K = 1[r < K] / log2(r + 2)        (one relevant item, so IDCG = 1)
+    MRR    = 1 / (r + 1)
+    AUC    = 1 - r / (C - 1)               C = candidates ranked (the target included)
+
+averaged over users. Candidates are all items (index 0, padding, never counts). With
+`filter_history=True` the items of the user's input history are removed from the
+candidates first, as the S3-Rec code base and the papers built on it (CoSeRec, ICLRec,
+FMLP-Rec's full-sort mode) do: their trainers set those items' scores to 0 before the top-k
+(`rating_pred[train_matrix > 0] = 0`); here they are removed outright, and a target that
+repeats a history item counts as a miss, as it (nearly) does there. Repeat consumption is
+the main signal in e-commerce click logs such as Taobao, so unfiltered ranking is the
+default and the filtered one is reported beside it where papers use it.
+
+Splits (`EvalSplit`): per user a contiguous, time-ordered run of the log; training reads
+only events before `train_stop`; validation and test each predict one target event from
+the events before it. `leave_one_out` builds the usual one: last event test,
+second-to-last validation, the rest training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hytrec.model.events import EventLog
+from hytrec.model.hytrec import EventBatch
+
+# ---------------------------------------------------------------------------- the split
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """Which events of an `EventLog` train, validate and test, one row per user.
+
+    start[r]        first log index of the user's run
+    train_stop[r]   training reads events start .. train_stop-1 (inputs and targets)
+    valid_target[r] log index of the validation target (input: start .. target-1), or -1
+    test_target[r]  log index of the test target, or -1
+    All arrays are int64 of the same length.
+    """
+
+    start: np.ndarray
+    train_stop: np.ndarray
+    valid_target: np.ndarray
+    test_target: np.ndarray
+    name: str = "leave-one-out"
+
+    def targets(self, which: str) -> tuple[np.ndarray, np.ndarray]:
+        """(start, target) of the rows evaluated on `which` ("valid" or "test")."""
+        target = {"valid": self.valid_target, "test": self.test_target}[which]
+        rows = target >= 0
+        return self.start[rows], target[rows]
+
+
+def leave_one_out(log: EventLog, min_events: int = 3) -> EvalSplit:
+    """Last event of each user is the test target, the one before it the validation target,
+    the rest trains. Users with fewer than `min_events` events only train (never scored)."""
+    slices = np.array([(s, e) for _, s, e in log.user_slices()], dtype=np.int64).reshape(-1, 2)
+    start, stop = slices[:, 0], slices[:, 1]
+    scored = stop - start >= min_events
+    return EvalSplit(
+        start=start,
+        train_stop=np.where(scored, stop - 2, stop),
+        valid_target=np.where(scored, stop - 2, -1),
+        test_target=np.where(scored, stop - 1, -1),
+    )
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def hit_rate(ranks: np.ndarray, k: int) -> float:
+    """Share of targets ranked in the top k (ranks are 0-based)."""
+    return float(np.mean(ranks < k)) if len(ranks) else float("nan")
+
+
+def ndcg(ranks: np.ndarray, k: int) -> float:
+    """Mean 1/log2(rank + 2) over targets in the top k, 0 for the others."""
+    if not len(ranks):
+        return float("nan")
+    return float(np.mean(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)))
+
+
+def mrr(ranks: np.ndarray) -> float:
+    return float(np.mean(1.0 / (ranks + 1.0))) if len(ranks) else float("nan")
+
+
+def auc(ranks: np.ndarray, candidates: np.ndarray) -> float:
+    """Mean share of the other candidates ranked below the target: 1 - r / (C - 1)."""
+    if not len(ranks):
+        return float("nan")
+    return float(np.mean(1.0 - ranks / np.maximum(candidates - 1, 1)))
+
+
+def ranking_metrics(
+    ranks: np.ndarray, candidates: np.ndarray, ks: Sequence[int] = (10, 50, 500)
+) -> dict[str, float]:
+    """HR@k, NDCG@k for each k, MRR and AUC of 0-based target ranks, plus the user count."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out = {"users": int(len(ranks))}
+    for k in ks:
+        out[f"HR@{k}"] = hit_rate(ranks, k)
+    for k in ks:
+        out[f"NDCG@{k}"] = ndcg(ranks, k)
+    out["MRR"] = mrr(ranks)
+    out["AUC"] = auc(ranks, np.asarray(candidates, dtype=np.float64))
+    return out
+
+
+def target_ranks(
+    scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based rank of each target and the number of candidates.
+
+    scores [B, N] over all items (column 0 = padding, never a candidate); target [B];
+    exclude [B, N] bool marks items removed from the candidates (the target too, if set:
+    it then ranks last). rank = #{other candidates with score >= the target's}.
+    """
+    scores = scores.clone()
+    scores[:, 0] = float("-inf")
+    candidate = torch.ones_like(scores, dtype=torch.bool)
+    candidate[:, 0] = False
+    if exclude is not None:
+        candidate &= ~exclude
+    rows = torch.arange(len(target), device=scores.device)
+    own = scores[rows, target]
+    n = candidate.sum(1)
+    ahead = ((scores >= own[:, None]) & candidate).sum(1) - candidate[rows, target].long()
+    # an excluded target is not among the candidates: it ranks behind all of them
+    rank = torch.where(candidate[rows, target], ahead, n)
+    return rank, n + (~candidate[rows, target]).long()
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+def history_batch(
+    log: EventLog, start: np.ndarray, stop: np.ndarray, max_len: int | None = None
+) -> EventBatch:
+    """Right-padded events log[start:stop] per row, keeping the last `max_len` of each."""
+    if max_len is not None:
+        start = np.maximum(start, stop - max_len)
+    lengths = stop - start
+    T = int(lengths.max())
+    offsets = np.arange(T)[None, :]
+    index = start[:, None] + offsets  # [B, T]
+    real = offsets < lengths[:, None]
+    index = np.where(real, index, 0)
+
+    def column(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.where(real, values[index], 0).astype(np.int64))
+
+    return EventBatch(
+        item=column(log.item),
+        category=column(log.category),
+        behavior=column(log.behavior),
+        ts=column(log.ts),
+        lengths=torch.from_numpy(lengths.astype(np.int64)),
+    )
+
+
+def context_length(model: torch.nn.Module, max_len: int | None) -> int | None:
+    """The input length a model reads: its own bound (SASRec's positions) capped by max_len."""
+    own = getattr(model, "max_len", None)
+    if own is None:
+        return max_len
+    return own if max_len is None else min(own, max_len)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: tuple[int, ...] = (5, 10, 20, 50, 500)  # 5 and 20: what the S3-Rec papers report
+    filter_history: bool = False  # remove the input history's items from the candidates
+    # cohorts by the number of events before the target: (low, high) inclusive, None = open
+    cohorts: tuple[tuple[int, int | None], ...] = ((1, 20), (21, 100), (101, 500), (501, None))
+    cold_start_max: int = 5  # users with at most this many events before the target
+    batch_size: int = 256
+    max_len: int | None = None  # input events read per user; None = all the model can read
+    max_users: int | None = None  # evaluate a fixed seeded sample of users (fast validation)
+    seed: int = 0
+
+
+def cohort_name(low: int, high: int | None) -> str:
+    return f"{low}+" if high is None else f"{low}-{high}"
+
+
+@torch.no_grad()
+def rank_targets(
+    model: torch.nn.Module,
+    log: EventLog,
+    split: EvalSplit,
+    which: str,
+    cfg: EvalConfig = EvalConfig(),
+    device: str = "cpu",
+) -> dict[str, np.ndarray]:
+    """Ranks of every `which` target under both protocols, and each user's history length.
+
+    Returns int64 arrays of one entry per evaluated user: "rank", "candidates" (all items),
+    "rank_filtered", "candidates_filtered" (history removed), "history" (events before the
+    target in the log, not only those the model read).
+    """
+    starts, targets = split.targets(which)
+    if cfg.max_users is not None and len(starts) > cfg.max_users:
+        keep = np.sort(
+            np.random.default_rng(cfg.seed).choice(len(starts), cfg.max_users, replace=False)
+        )
+        starts, targets = starts[keep], targets[keep]
+    # batch users of similar history length together so that little is padding
+    order = np.argsort(targets - starts, kind="stable")
+    starts, targets = starts[order], targets[order]
+    was_training = model.training
+    model.eval()
+    context = context_length(model, cfg.max_len)
+    out = {k: [] for k in ("rank", "candidates", "rank_filtered", "candidates_filtered")}
+    num_items = model.item_table().shape[0]
+    for b in range(0, len(starts), cfg.batch_size):
+        s, t = starts[b : b + cfg.batch_size], targets[b : b + cfg.batch_size]
+        batch = history_batch(log, s, t, context).to(device)
+        u = model(batch)[torch.arange(len(s), device=device), batch.lengths - 1]  # [B, d]
+        scores = model.score(u)  # [B, N]
+        target = torch.from_numpy(log.item[t]).to(device)
+        seen = torch.zeros(len(s), num_items, dtype=torch.bool, device=device)
+        for row, (a, z) in enumerate(zip(s, t, strict=True)):
+            seen[row, torch.from_numpy(log.item[a:z]).to(device)] = True  # whole history
+        for suffix, exclude in (("", None), ("_filtered", seen)):
+            rank, n = target_ranks(scores, target, exclude)
+            out["rank" + suffix].append(rank.cpu().numpy())
+            out["candidates" + suffix].append(n.cpu().numpy())
+    model.train(was_training)
+    result = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
+    result["history"] = (targets - starts).astype(np.int64)
+    unsort = np.argsort(order)  # back to the split's user order
+    return {k: v[unsort] for k, v in result.items()}
+
+
+def summarize(ranked: dict[str, np.ndarray], cfg: EvalConfig = EvalConfig()) -> dict:
+    """Metrics overall and per cohort, for the protocol `cfg.filter_history` selects."""
+    suffix = "_filtered" if cfg.filter_history else ""
+    rank, cand, hist = ranked["rank" + suffix], ranked["candidates" + suffix], ranked["history"]
+    report = {"overall": ranking_metrics(rank, cand, cfg.ks), "cohorts": {}}
+    groups = [
+        (
+            cohort_name(lo, hi),
+            (hist >= lo) & (hist <= (hi if hi is not None else np.iinfo(np.int64).max)),
+        )
+        for lo, hi in cfg.cohorts
+    ]
+    groups.append((f"cold-start (<={cfg.cold_start_max})", hist <= cfg.cold_start_max))
+    for name, rows in groups:
+        report["cohorts"][name] = ranking_metrics(rank[rows], cand[rows], cfg.ks)
+    return report
+
+
+def evaluate(
+    model: torch.nn.Module,
+    log: EventLog,
+    split: EvalSplit,
+    which: str = "test",
+    cfg: EvalConfig = EvalConfig(),
+    device: str = "cpu",
+) -> dict:
+    """Full-ranking metrics of `model` on the `which` targets: {"protocol", "overall",
+    "cohorts", and "overall_history_filtered" or "overall_unfiltered" for the other one}."""
+    ranked = rank_targets(model, log, split, which, cfg, device)
+    report = {"protocol": protocol(split, which, cfg), **summarize(ranked, cfg)}
+    other = EvalConfig(**{**asdict(cfg), "filter_history": not cfg.filter_history})
+    key = "overall_unfiltered" if cfg.filter_history else "overall_history_filtered"
+    report[key] = summarize(ranked, other)["overall"]
+    return report
+
+
+def protocol(split: EvalSplit, which: str, cfg: EvalConfig) -> dict:
+    return {
+        "split": split.name,
+        "targets": which,
+        "ranking": "full (all items)",
+        "history_items": "removed from candidates" if cfg.filter_history else "kept",
+        "ties": "count against the model",
+        "max_input_events": cfg.max_len,
+        "users_sampled": cfg.max_users,
+        "cohorts_by": "events before the target",
+    }
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+@dataclass
+class ModelReport:
+    """One row of a comparison: a model's name and its `evaluate` report, plus extras."""
+
+    name: str
+    report: dict
+    extra: dict = field(default_factory=dict)
+
+
+def markdown_table(
+    rows: list[ModelReport],
+    metrics: Sequence[str] = (
+        "HR@10",
+        "NDCG@10",
+        "HR@50",
+        "NDCG@50",
+        "HR@500",
+        "NDCG@500",
+        "MRR",
+        "AUC",
+    ),
+    cohort_metric: str = "NDCG@10",
+) -> str:
+    """Overall metrics per model, then `cohort_metric` per cohort (user counts in the head)."""
+    lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for row in rows:
+        o = row.report["overall"]
+        lines.append(f"| {row.name} | " + " | ".join(f"{o[m]:.4f}" for m in metrics) + " |")
+    if rows:
+        cohorts = list(rows[0].report["cohorts"])
+        counts = [rows[0].report["cohorts"][c]["users"] for c in cohorts]
+        lines += [
+            "",
+            f"{cohort_metric} by history length (events before the target):",
+            "",
+            "| model | "
+            + " | ".join(f"{c} (n={n})" for c, n in zip(cohorts, counts, strict=True))
+            + " |",
+            "|---" * (len(cohorts) + 1) + "|",
+        ]
+        for row in rows:
+            cells = [row.report["cohorts"][c][cohort_metric] for c in cohorts]
+            lines.append(
+                f"| {row.name} | "
+                + " | ".join("-" if math.isnan(v) else f"{v:.4f}" for v in cells)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(
+    rows: list[ModelReport], path: Path, title: str, metrics: Sequence[str] = ("HR@10", "NDCG@10")
+) -> Path:
+    """Bars: overall `metrics` per model (left), NDCG@10 per history cohort (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = [r.name for r in rows]
+    x = np.arange(len(rows))
+    width = 0.8 / len(metrics)
+    for i, m in enumerate(metrics):
+        left.bar(x + i * width, [r.report["overall"][m] for r in rows], width, label=m)
+    left.set_xticks(x + width * (len(metrics) - 1) / 2, names, rotation=30, ha="right")
+    left.set_title("overall")
+    left.legend()
+    cohorts = list(rows[0].report["cohorts"]) if rows else []
+    cx = np.arange(len(cohorts))
+    cw = 0.8 / max(len(rows), 1)
+    for i, r in enumerate(rows):
+        values = [np.nan_to_num(r.report["cohorts"][c]["NDCG@10"]) for c in cohorts]
+        right.bar(cx + i * cw, values, cw, label=r.name)
+    right.set_xticks(
+        cx + cw * (len(rows) - 1) / 2,
+        [f"{c}\n(n={rows[0].report['cohorts'][c]['users']})" for c in cohorts],
+    )
+    right.set_title("NDCG@10 by events before the target")
+    right.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_reports(rows: list[ModelReport], stem: Path, title: str, header: dict) -> list[Path]:
+    """`stem`.json (header + every model's report), `stem`.md and `stem`.png."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**header, "models": {r.name: {**r.extra, **r.report} for r in rows}}
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    md = [
+        f"# {title}",
+        "",
+        f"Command: `{header.get('command', '')}`",
+        "",
+        f"Protocol: {json.dumps(header.get('protocol', {}))}",
+        "",
+        markdown_table(rows),
+    ]
+    md_path = stem.with_suffix(".md")
+    md_path.write_text("\n".join(md))
+    return [json_path, md_path, plot(rows, stem.with_suffix(".png"), title)]
+
+
+def _jsonable(value):
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")

@@ -1,0 +1,290 @@
+"""Training: next-item prediction at every position, AdamW, validation-based early stopping.
+
+Each user's training events (those before `EvalSplit.train_stop`) give one sequence; the
+last `max_len + 1` of them are kept, the first `max_len` are the input and every position t
+predicts the item of event t + 1:
+
+    u_t  = model(events_0..t)                                      [B, T, d]
+    full softmax:     loss = -log softmax(u_t . E)[i_{t+1}]        over all items
+    sampled softmax:  loss = -log softmax([u_t . e_{i_{t+1}}, u_t . e_{n_1}, ...])
+                      with N negatives n_j drawn uniformly for the whole batch (a
+                      negative equal to the target is masked out)
+
+After every epoch the model ranks the validation targets (full ranking, `evaluate.py`)
+and the best NDCG@10 so far is kept and saved; training stops after `patience` epochs
+without improvement. Everything random (initialisation, dropout, batch order, negatives)
+follows `seed`, so two runs on the same data and device give the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hytrec.model.evaluate import (
+    EvalConfig,
+    EvalSplit,
+    context_length,
+    history_batch,
+    rank_targets,
+    summarize,
+)
+from hytrec.model.events import EventLog
+from hytrec.model.hytrec import HyTRec, HyTRecConfig
+from hytrec.model.sasrec import SASRec, SASRecConfig
+
+ModelConfig = HyTRecConfig | SASRecConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01  # AdamW, on weight matrices and embeddings only
+    epochs: int = 20
+    batch_size: int = 128
+    max_len: int = 50  # train on the last max_len events (+1 target) of each user
+    negatives: int = 0  # 0 = full softmax over all items; N > 0 = sampled softmax
+    patience: int = 3  # epochs without a better validation NDCG@10 before stopping
+    grad_clip: float = 1.0
+    valid_users: int | None = 4000  # validate on a fixed sample of users (None = all)
+    filter_history: bool = False  # validation protocol, as in `EvalConfig`
+    time_budget_s: float | None = None  # stop training after this long (breaks determinism)
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the best model (by validation NDCG@10), in eval mode
+    best_epoch: int
+    valid: dict  # validation metrics of the best model
+    history: list[dict] = field(default_factory=list)  # per epoch: loss, valid NDCG@10, time
+    train_seconds: float = 0.0
+    checkpoint: Path | None = None
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def most_frequent_category(log: EventLog) -> np.ndarray:
+    """int64 [num_items]: each item's most frequent category in the log (0 if never seen)."""
+    out = np.zeros(len(log.items), dtype=np.int64)
+    if not len(log):
+        return out
+    pairs, counts = np.unique(np.stack([log.item, log.category], 1), axis=0, return_counts=True)
+    # sort by (item, count): the last row of each item holds its most frequent category
+    order = np.lexsort((counts, pairs[:, 0]))
+    pairs = pairs[order]
+    last = np.r_[pairs[1:, 0] != pairs[:-1, 0], True]
+    out[pairs[last, 0]] = pairs[last, 1]
+    return out
+
+
+def build_model(model_config: ModelConfig, log: EventLog) -> nn.Module:
+    """A fresh model sized to the log's vocabularies (the config's sizes are replaced)."""
+    if isinstance(model_config, SASRecConfig):
+        return SASRec(replace(model_config, num_items=len(log.items)), log.items)
+    cfg = replace(model_config, num_items=len(log.items), num_categories=len(log.categories))
+    model = HyTRec(cfg, log.items, log.categories)
+    model.item_category.copy_(torch.from_numpy(most_frequent_category(log)))
+    return model
+
+
+def load_model(directory: str | Path, map_location: str = "cpu") -> nn.Module:
+    """Load a HyTRec or SASRec checkpoint, whichever `checkpoint.json` names."""
+    meta = json.loads((Path(directory) / "checkpoint.json").read_text())
+    cls = SASRec if meta.get("model") == "sasrec" else HyTRec
+    return cls.load(directory, map_location=map_location)
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+def training_rows(split: EvalSplit, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, stop) of each user's training window: the last max_len + 1 training events,
+    for users with at least two (one input, one target)."""
+    stop = split.train_stop
+    start = np.maximum(split.start, stop - (max_len + 1))
+    keep = stop - start >= 2
+    return start[keep], stop[keep]
+
+
+def epoch_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Row indices per batch: shuffled, then sorted by length within pools of 32 batches so
+    that a batch pads little, then the batches shuffled again."""
+    order = rng.permutation(len(lengths))
+    pool = 32 * batch_size
+    batches = []
+    for p in range(0, len(order), pool):
+        chunk = order[p : p + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def next_item_loss(
+    model: nn.Module,
+    u: torch.Tensor,
+    target: torch.Tensor,
+    negatives: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Mean cross-entropy of the next item. u [P, d] user vectors, target [P] item ids."""
+    table = model.item_table()  # [N, d]
+    if negatives == 0:
+        logits = u @ table.T  # [P, N]
+        logits[:, 0] = float("-inf")  # padding is never an answer
+        return F.cross_entropy(logits, target)
+    neg = torch.randint(1, table.shape[0], (negatives,), generator=generator).to(u.device)
+    pos_logit = (u * table[target]).sum(-1, keepdim=True)  # [P, 1]
+    neg_logit = u @ table[neg].T  # [P, S]
+    neg_logit = neg_logit.masked_fill(neg[None, :] == target[:, None], float("-inf"))
+    logits = torch.cat([pos_logit, neg_logit], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(target))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings (dim >= 2); not biases, norms, gates, periods."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def train(
+    model_config: ModelConfig,
+    log: EventLog,
+    split: EvalSplit,
+    train_config: TrainConfig,
+    out_dir: str | Path | None = None,
+    dataset: str = "",
+    progress: bool = True,
+) -> TrainResult:
+    """Train a model on `split`'s training events; keep the best epoch by validation
+    NDCG@10 and, if `out_dir` is given, save it there with `model.save`."""
+    tc = train_config
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    generator = torch.Generator().manual_seed(tc.seed)
+    device = torch.device(tc.device)
+    model = build_model(model_config, log).to(device)
+    context = context_length(model, tc.max_len)
+    starts, stops = training_rows(split, context)
+    if not len(starts):
+        raise ValueError("no user has two training events: nothing to train on")
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
+    # validation reads what the test will read: all of the history the model can take
+    eval_cfg = EvalConfig(max_users=tc.valid_users, filter_history=tc.filter_history, seed=tc.seed)
+    best = {"ndcg": -math.inf, "epoch": -1, "state": None, "valid": {}}
+    history: list[dict] = []
+    began, waited = time.perf_counter(), 0
+    out_of_time = False
+    for epoch in range(1, tc.epochs + 1):
+        model.train()
+        batches = epoch_batches(stops - starts, tc.batch_size, rng)
+        total, count = 0.0, 0
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch}/{tc.epochs}",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+            mininterval=2.0,
+        )
+        for rows in bar:
+            batch = history_batch(log, starts[rows], stops[rows]).to(device)
+            T = batch.item.shape[1]
+            # inputs: events 0..T-2 of each window; target of position t: item of event t+1
+            inputs = type(batch)(
+                batch.item[:, :-1],
+                batch.category[:, :-1],
+                batch.behavior[:, :-1],
+                batch.ts[:, :-1],
+                batch.lengths - 1,
+            )
+            target = batch.item[:, 1:]  # [B, T-1]
+            real = torch.arange(T - 1, device=device)[None] < inputs.lengths[:, None]
+            u = model(inputs)[real]  # [P, d], real positions only
+            loss = next_item_loss(model, u, target[real], tc.negatives, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            total, count = total + loss.item() * len(u), count + len(u)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+            if tc.time_budget_s is not None and time.perf_counter() - began > tc.time_budget_s:
+                out_of_time = True
+                break
+        bar.close()
+        valid = summarize(rank_targets(model, log, split, "valid", eval_cfg, tc.device), eval_cfg)[
+            "overall"
+        ]
+        ndcg10 = valid["NDCG@10"] if valid["users"] else -math.inf
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": total / max(count, 1),
+                "valid_NDCG@10": ndcg10,
+                "valid_HR@10": valid["HR@10"],
+                "seconds": round(time.perf_counter() - began, 2),
+            }
+        )
+        if progress:
+            tqdm.write(
+                f"epoch {epoch}: loss {total / max(count, 1):.4f} valid NDCG@10 "
+                f"{ndcg10:.4f} HR@10 {valid['HR@10']:.4f}"
+            )
+        if ndcg10 > best["ndcg"] or best["state"] is None:
+            best = {
+                "ndcg": ndcg10,
+                "epoch": epoch,
+                "valid": valid,
+                "state": copy.deepcopy(model.state_dict()),
+            }
+            waited = 0
+        else:
+            waited += 1
+        if waited >= tc.patience or out_of_time:
+            break
+    seconds = time.perf_counter() - began
+    model.load_state_dict(best["state"])
+    model.eval()
+    result = TrainResult(
+        model=model,
+        best_epoch=best["epoch"],
+        valid=best["valid"],
+        history=history,
+        train_seconds=seconds,
+    )
+    if out_dir is not None:
+        result.checkpoint = model.save(
+            out_dir,
+            extra={
+                "dataset": dataset,
+                "protocol": {
+                    "split": split.name,
+                    "valid_users": tc.valid_users,
+                    "filter_history": tc.filter_history,
+                },
+                "metrics": {"valid": best["valid"]},
+                "train_config": asdict(tc),
+                "best_epoch": best["epoch"],
+                "history": history,
+            },
+        )
+    return result

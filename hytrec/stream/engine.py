@@ -1,0 +1,203 @@
+"""The recommendation engine behind the stream: a micro-batch of validated events in,
+one recommendation per user whose state changed out.
+
+For each batch: group events by user (each user's events stay in arrival order), drop
+replays (offset at or below the user's applied offset), reject what the model cannot apply
+(unknown item, event older than the user's newest), apply every user's run in one
+`HyTRec.step` over the slot store, search the item index once for all changed users, and
+build their recommendations. Knows nothing of Kafka: the Faust worker feeds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hytrec.index import IndexConfig, ItemIndex, build_from_checkpoint
+from hytrec.model.events import Behavior
+from hytrec.model.hytrec import EventBatch, HyTRec
+from hytrec.stream.schemas import BehaviorEvent, EngineResult, Recommendation
+from hytrec.stream.state_store import UserStateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    top_k: int = 20
+    state_budget_bytes: int = 256 * 2**20  # device memory for user state slots
+    exclude_recent: int = 0  # leave out the user's last N items from its recommendations
+    device: str = "auto"  # "auto": CUDA when present, else CPU
+
+
+@dataclass
+class EngineStats:
+    events_applied: int = 0
+    recommendations: int = 0
+    skipped_duplicates: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    step_seconds: float = 0.0
+    search_seconds: float = 0.0
+    batches: int = 0
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class RecommendationEngine:
+    def __init__(self, model: HyTRec, index: ItemIndex, config: EngineConfig = EngineConfig()):
+        if model.items is None:
+            raise ValueError("the model has no item vocabulary: load a trained checkpoint")
+        self.device = pick_device(config.device)
+        self.model = model.to(self.device).eval()
+        self.index = index
+        self.config = config
+        self.model_version = model.version
+        num_slots = max(1, config.state_budget_bytes // model.state_bytes_per_user())
+        self.store = UserStateStore(self.model, num_slots, self.device)
+        self.stats = EngineStats()
+        log.info(
+            "engine: model %s on %s, %d user slots (%.1f MiB, %d B per user), index %s",
+            self.model_version,
+            self.device,
+            num_slots,
+            self.store.device_bytes / 2**20,
+            self.store.bytes_per_user,
+            index,
+        )
+
+    # ------------------------------------------------------------------ one micro-batch
+
+    def process(self, events: Sequence[BehaviorEvent]) -> EngineResult:
+        runs, rejected, skipped = self._admit(events)
+        self.stats.skipped_duplicates += skipped
+        for _, reason, _ in rejected:
+            self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+        if not runs:
+            return EngineResult(recommendations=[], rejected=rejected, skipped_duplicates=skipped)
+
+        users = list(runs)
+        recommendations = []
+        for start in range(0, len(users), self.store.num_slots):  # a batch never exceeds slots
+            chunk = users[start : start + self.store.num_slots]
+            chunk_runs = [runs[u] for u in chunk]
+            slots, vectors = self._apply(chunk, chunk_runs)
+            recommendations += self._recommend(chunk, chunk_runs, slots, vectors)
+        return EngineResult(
+            recommendations=recommendations, rejected=rejected, skipped_duplicates=skipped
+        )
+
+    def _admit(self, events):
+        """Group events into per-user runs; sort out replays and events the model refuses."""
+        runs: dict[str, list[tuple[BehaviorEvent, int, int, int]]] = {}
+        rejected: list[tuple[BehaviorEvent, str, str]] = []
+        skipped = 0
+        items, categories = self.model.items, self.model.categories
+        for event in events:
+            user = event.user_id
+            run = runs.get(user)
+            last_offset = run[-1][0].offset if run else self.store.offset_of(user)
+            if event.offset <= last_offset:
+                skipped += 1  # at-least-once delivery replayed it: applied already
+                continue
+            item = items.get(event.item_id)
+            if item == 0:
+                rejected.append(
+                    (
+                        event,
+                        "unknown_item",
+                        f"item_id {event.item_id!r} is not in model {self.model_version}",
+                    )
+                )
+                continue
+            last_ts = run[-1][0].ts if run else self.store.newest_ts(user)
+            if last_ts is not None and event.ts < last_ts:
+                rejected.append(
+                    (
+                        event,
+                        "out_of_order",
+                        f"ts {event.ts} is older than user {user!r}'s newest event ({last_ts})",
+                    )
+                )
+                continue
+            category = categories.get(event.category_id) if categories is not None else 0
+            runs.setdefault(user, []).append(
+                (event, item, category, int(Behavior.parse(event.behavior)))
+            )
+        return runs, rejected, skipped
+
+    def _apply(self, users: list[str], runs: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model step for all users' runs: their slots [U] and user vectors [U, d]."""
+        started = time.perf_counter()
+        M = max(len(r) for r in runs)
+        columns = np.zeros((4, len(runs), M), dtype=np.int64)  # item, category, behaviour, ts
+        for u, run in enumerate(runs):
+            columns[:, u, : len(run)] = np.array([(i, c, b, e.ts) for e, i, c, b in run]).T
+        lengths = torch.tensor([len(r) for r in runs])
+        batch = EventBatch(*torch.from_numpy(columns), lengths=lengths).to(self.device)
+        slots = self.store.acquire(users)
+        vectors = self.model.step(self.store.state, slots.to(self.device), batch)
+        self.store.mark_applied(slots, [run[-1][0].offset for run in runs])
+        self.stats.events_applied += int(lengths.sum())
+        self.stats.step_seconds += time.perf_counter() - started
+        self.stats.batches += 1
+        return slots, vectors
+
+    def _recommend(self, users, runs, slots, vectors) -> list[Recommendation]:
+        started = time.perf_counter()
+        exclude = None
+        if self.config.exclude_recent:
+            window = self.store.state.window[slots.to(self.device)]  # [U, K, 5]
+            exclude = [
+                sorted(set(w[-self.config.exclude_recent :, 0].tolist()) - {0}) for w in window
+            ]
+        found = self.index.search(vectors.float().cpu().numpy(), self.config.top_k, exclude=exclude)
+        self.stats.search_seconds += time.perf_counter() - started
+        produced_at = time.time()
+        items = self.model.items
+        out = []
+        for user, run, row_ids, row_scores in zip(
+            users, runs, found.ids, found.scores, strict=True
+        ):
+            newest = run[-1][0]
+            keep = row_ids > 0
+            out.append(
+                Recommendation(
+                    user_id=user,
+                    items=[items.raw(int(i)) for i in row_ids[keep]],
+                    scores=[float(s) for s in row_scores[keep]],
+                    model_version=self.model_version,
+                    source_partition=newest.partition,
+                    source_offset=newest.offset,
+                    event_ts=newest.ts,
+                    received_at=newest.received_at,
+                    produced_at=produced_at,
+                )
+            )
+        self.stats.recommendations += len(out)
+        return out
+
+
+def build_engine(
+    checkpoint_dir: str | Path,
+    index_dir: str | Path | None = None,
+    device: str = "auto",
+    config: EngineConfig | None = None,
+) -> RecommendationEngine:
+    """Load a checkpoint and its item index (built now, exact, when no index_dir is given)."""
+    config = config or EngineConfig(device=device)
+    model = HyTRec.load(checkpoint_dir)
+    if index_dir is None:
+        index = build_from_checkpoint(checkpoint_dir, IndexConfig())
+    else:
+        index = ItemIndex.load(index_dir, expect_model_version=model.version)
+    return RecommendationEngine(model, index, config)

@@ -1,0 +1,145 @@
+"""Full-ranking metrics against hand-computed cases; the leave-one-out split; reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hytrec.model.evaluate import (
+    EvalConfig,
+    ModelReport,
+    auc,
+    evaluate,
+    history_batch,
+    hit_rate,
+    leave_one_out,
+    mrr,
+    ndcg,
+    ranking_metrics,
+    target_ranks,
+    write_reports,
+)
+from hytrec.model.events import EventLog, Vocabulary
+
+RANKS = np.array([0, 1, 9, 10, 49])  # 0-based ranks of five users' targets
+
+
+def test_hit_rate_by_hand():
+    assert hit_rate(RANKS, 10) == pytest.approx(3 / 5)
+    assert hit_rate(RANKS, 1) == pytest.approx(1 / 5)
+    assert hit_rate(RANKS, 50) == pytest.approx(1.0)
+
+
+def test_ndcg_by_hand():
+    # rank 0 -> 1/log2(2) = 1, rank 1 -> 1/log2(3), rank 9 -> 1/log2(11); ranks 10, 49 miss
+    expected = (1.0 + 1 / math.log2(3) + 1 / math.log2(11)) / 5
+    assert ndcg(RANKS, 10) == pytest.approx(expected)
+    assert ndcg(RANKS, 1) == pytest.approx(1 / 5)
+    assert ndcg(np.array([3]), 10) == pytest.approx(1 / math.log2(5))
+
+
+def test_mrr_and_auc_by_hand():
+    assert mrr(RANKS) == pytest.approx((1 + 1 / 2 + 1 / 10 + 1 / 11 + 1 / 50) / 5)
+    # 101 candidates: the target beats 100 - r of the other 100
+    assert auc(RANKS, np.full(5, 101)) == pytest.approx(np.mean(1 - RANKS / 100))
+    assert auc(np.array([0]), np.array([2])) == 1.0 and auc(np.array([1]), np.array([2])) == 0.0
+
+
+def test_ranking_metrics_keys_and_empty_cohort():
+    m = ranking_metrics(RANKS, np.full(5, 101), ks=(10, 50))
+    assert list(m) == ["users", "HR@10", "HR@50", "NDCG@10", "NDCG@50", "MRR", "AUC"]
+    assert m["users"] == 5
+    assert math.isnan(ranking_metrics(np.zeros(0), np.zeros(0))["HR@10"])
+
+
+def test_target_ranks_ties_padding_and_filtering():
+    # item 0 is padding; the target (item 1) ties item 3 and trails item 2
+    scores = torch.tensor([[99.0, 0.5, 0.9, 0.5, 0.1]])
+    target = torch.tensor([1])
+    rank, n = target_ranks(scores, target)
+    assert rank.item() == 2 and n.item() == 4  # ties count against the model; pad excluded
+    exclude = torch.tensor([[False, False, True, False, False]])
+    rank, n = target_ranks(scores, target, exclude)
+    assert rank.item() == 1 and n.item() == 3
+    exclude_target = torch.tensor([[False, True, False, False, False]])
+    rank, n = target_ranks(scores, target, exclude_target)
+    assert rank.item() == 3 and n.item() == 4  # an excluded target ranks last
+
+
+def tiny_log(lengths=(5, 2, 4)) -> EventLog:
+    user = np.repeat(np.arange(1, len(lengths) + 1), lengths)
+    item = np.arange(1, len(user) + 1) % 7 + 1
+    n = len(user)
+    return EventLog(
+        user=user,
+        item=item,
+        category=np.ones(n, np.int64),
+        behavior=np.ones(n, np.int64),
+        ts=np.arange(n, dtype=np.int64),
+        users=Vocabulary(str(u) for u in range(1, len(lengths) + 1)),
+        items=Vocabulary(str(i) for i in range(1, 9)),
+        categories=Vocabulary("c"),
+    )
+
+
+def test_leave_one_out_holds_out_the_last_two_events():
+    split = leave_one_out(tiny_log())
+    assert split.start.tolist() == [0, 5, 7]
+    assert split.test_target.tolist() == [4, -1, 10]  # user 2 has too few events: train only
+    assert split.valid_target.tolist() == [3, -1, 9]
+    assert split.train_stop.tolist() == [3, 7, 9]
+    start, target = split.targets("test")
+    assert start.tolist() == [0, 7] and target.tolist() == [4, 10]
+
+
+def test_history_batch_keeps_the_last_events_and_excludes_the_target():
+    log = tiny_log()
+    batch = history_batch(log, np.array([0, 7]), np.array([4, 10]), max_len=2)
+    assert batch.lengths.tolist() == [2, 2]
+    assert batch.item.tolist() == [log.item[2:4].tolist(), log.item[8:10].tolist()]
+    full = history_batch(log, np.array([0, 7]), np.array([4, 10]))
+    assert full.lengths.tolist() == [4, 3] and full.item[1, 3].item() == 0  # right-padded
+
+
+class _Oracle(torch.nn.Module):
+    """Knows the answer: the target item of each test row scores highest."""
+
+    def __init__(self, log: EventLog, answer: dict[int, int]):
+        super().__init__()
+        self.n, self.answer, self.log = len(log.items), answer, log
+        self.table = torch.nn.Parameter(torch.eye(len(log.items)))
+
+    def forward(self, batch):
+        # one-hot of the answer for the row whose last input event is known
+        last = batch.item[torch.arange(len(batch.lengths)), batch.lengths - 1]
+        u = torch.stack([self.table[self.answer[int(i)]] for i in last])
+        return u[:, None].expand(-1, batch.item.shape[1], -1)
+
+    def item_table(self):
+        return self.table
+
+    def score(self, u):
+        s = u @ self.table.T
+        s[..., 0] = float("-inf")
+        return s
+
+
+def test_evaluate_an_oracle_and_write_reports(tmp_path):
+    log = tiny_log((6, 6))
+    split = leave_one_out(log)
+    _, targets = split.targets("test")
+    answer = {int(log.item[t - 1]): int(log.item[t]) for t in targets}
+    report = evaluate(_Oracle(log, answer), log, split, "test", EvalConfig())
+    assert report["overall"]["MRR"] == 1.0 and report["overall"]["AUC"] == 1.0
+    assert report["cohorts"]["1-20"]["users"] == 2
+    assert report["protocol"]["history_items"] == "kept"
+    paths = write_reports(
+        [ModelReport("oracle", report)], tmp_path / "r", "oracle", {"command": "test"}
+    )
+    assert [p.suffix for p in paths] == [".json", ".md", ".png"]
+    assert json.loads(paths[0].read_text())["models"]["oracle"]["overall"]["MRR"] == 1.0
+    assert "| oracle |" in paths[1].read_text()

@@ -1,0 +1,186 @@
+"""Shared pieces of the stream tests: a small test engine and a worker subprocess.
+
+`LastItemsEngine` stands in for the model engine in plumbing tests: it recommends a user's
+last items, rejects the item id "unknown-item", skips replays by offset like the real engine,
+and logs every applied event to the file named by $HYTREC_TEST_ENGINE_LOG, so a test can
+check that every event was applied exactly once by a worker running in another process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from hytrec.stream.schemas import BehaviorEvent, EngineResult, Recommendation
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+class LastItemsEngine:
+    model_version = "last-items-1"
+
+    def __init__(self, log_path: str | None = None, top: int = 3):
+        self.top = top
+        self.history: dict[str, list[str]] = {}
+        self.applied: dict[str, int] = {}  # user -> last applied offset
+        self.log = open(log_path, "a") if log_path else None  # noqa: SIM115
+
+    def process(self, events: Sequence[BehaviorEvent]) -> EngineResult:
+        newest: dict[str, BehaviorEvent] = {}
+        rejected, skipped = [], 0
+        for event in events:
+            if event.offset <= self.applied.get(event.user_id, -1):
+                skipped += 1
+                continue
+            if event.item_id == "unknown-item":
+                rejected.append((event, "unknown_item", f"item {event.item_id!r} unknown"))
+                continue
+            self.applied[event.user_id] = event.offset
+            self.history.setdefault(event.user_id, []).append(event.item_id)
+            newest[event.user_id] = event
+            if self.log:
+                self.log.write(
+                    f"{event.partition} {event.offset} {event.user_id} {event.item_id} {event.ts}\n"
+                )
+        if self.log:
+            self.log.flush()
+        now = time.time()
+        recs = [
+            Recommendation(
+                user_id=user,
+                items=self.history[user][-self.top :][::-1],
+                scores=[1.0 / (i + 1) for i in range(len(self.history[user][-self.top :]))],
+                model_version=self.model_version,
+                source_partition=e.partition,
+                source_offset=e.offset,
+                event_ts=e.ts,
+                received_at=e.received_at,
+                produced_at=now,
+            )
+            for user, e in newest.items()
+        ]
+        return EngineResult(recommendations=recs, rejected=rejected, skipped_duplicates=skipped)
+
+
+def make_engine() -> LastItemsEngine:
+    """The worker's `--engine test_stream_support:make_engine`."""
+    return LastItemsEngine(os.environ.get("HYTREC_TEST_ENGINE_LOG"))
+
+
+def start_worker(
+    bootstrap: str,
+    tmp_path: Path,
+    *,
+    group: str = "test-worker",
+    engine: str = "test_stream_support:make_engine",
+    batch_size: int = 64,
+    batch_wait_ms: float = 20.0,
+) -> subprocess.Popen:
+    """`hytrec worker` with the test engine in a subprocess; its log in tmp_path/worker.log."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]),
+        "HYTREC_TEST_ENGINE_LOG": str(tmp_path / "applied.txt"),
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hytrec.cli",
+            "worker",
+            "--engine",
+            engine,
+            "--bootstrap",
+            bootstrap,
+            "--embedded-broker",
+            "--group",
+            group,
+            "--batch-size",
+            str(batch_size),
+            "--batch-wait-ms",
+            str(batch_wait_ms),
+            "--data-dir",
+            str(tmp_path / "faust"),
+            "--log-every",
+            "1",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=open(tmp_path / "worker.log", "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop_worker(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def applied_events(tmp_path: Path) -> list[tuple[int, int, str, str, int]]:
+    """(partition, offset, user, item, ts) of every event the test engine applied."""
+    path = tmp_path / "applied.txt"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        partition, offset, user, item, ts = line.split()
+        rows.append((int(partition), int(offset), user, item, int(ts)))
+    return rows
+
+
+def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.05):
+    """Poll `condition()` until it returns something truthy; fail naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def test_last_items_engine_skips_replays_and_rejects_unknown_items():
+    def event(offset, item):
+        return BehaviorEvent(
+            user_id="u",
+            item_id=item,
+            category_id="c",
+            behavior="pv",
+            ts=100 + offset,
+            partition=0,
+            offset=offset,
+            received_at=0.0,
+        )
+
+    engine = LastItemsEngine()
+    first = engine.process([event(0, "a"), event(1, "b"), event(2, "unknown-item")])
+    assert [r.items for r in first.recommendations] == [["b", "a"]]
+    assert [reason for _, reason, _ in first.rejected] == ["unknown_item"]
+    again = engine.process([event(1, "b"), event(3, "c")])
+    assert again.skipped_duplicates == 1
+    assert again.recommendations[0].items == ["c", "b", "a"]
+
+
+class FailingEngine(LastItemsEngine):
+    """Fails on the item "boom", as a bug in the engine would."""
+
+    def process(self, events: Sequence[BehaviorEvent]) -> EngineResult:
+        if any(e.item_id == "boom" for e in events):
+            raise RuntimeError("engine bug")
+        return super().process(events)
+
+
+def make_failing_engine() -> FailingEngine:
+    return FailingEngine(os.environ.get("HYTREC_TEST_ENGINE_LOG"))
