@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+# The main job: train (or reuse) a model, replay a log through the embedded broker and a worker.
+demo: setup
+	$(PY) -m hytrec.cli demo
+
 lint: setup
 	$(VENV)/bin/ruff check hytrec tests
 	$(VENV)/bin/ruff format --check hytrec tests

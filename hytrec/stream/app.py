@@ -358,10 +358,11 @@ def load_factory(spec: str) -> Callable[[], Engine]:
 def engine_factory_from(
     checkpoint: str | None,
     index: str | None = None,
-    device: str = "auto",
     engine: str | None = None,
+    engine_config: Any = None,
 ) -> Callable[[], Engine]:
-    """An engine factory: a MODULE:CALLABLE, or the model engine of a checkpoint."""
+    """An engine factory: a MODULE:CALLABLE, or the model engine of a checkpoint
+    (`engine_config`: an `EngineConfig`, default when None)."""
     if engine:
         return load_factory(engine)
     if not checkpoint:
@@ -370,7 +371,7 @@ def engine_factory_from(
     def build() -> Engine:
         from hytrec.stream.engine import build_engine  # torch and FAISS load only here
 
-        return build_engine(checkpoint, index_dir=index, device=device)
+        return build_engine(checkpoint, index_dir=index, config=engine_config)
 
     return build
 
@@ -392,8 +393,8 @@ _app: StreamApp | None = None
 
 def __getattr__(name: str) -> Any:
     """`app`, built on first access from the environment, for `faust -A hytrec.stream.app`:
-    HYTREC_CHECKPOINT, HYTREC_INDEX, HYTREC_DEVICE or HYTREC_ENGINE (MODULE:CALLABLE), and
-    the variables of `WorkerConfig.from_env`."""
+    HYTREC_CHECKPOINT, HYTREC_INDEX, HYTREC_ENGINE (MODULE:CALLABLE), the variables of
+    `_engine_config_from_env` and those of `WorkerConfig.from_env`."""
     global _app
     if name != "app":
         raise AttributeError(name)
@@ -404,8 +405,21 @@ def __getattr__(name: str) -> Any:
             engine_factory_from(
                 env.get("HYTREC_CHECKPOINT"),
                 env.get("HYTREC_INDEX"),
-                env.get("HYTREC_DEVICE", "auto"),
                 env.get("HYTREC_ENGINE"),
+                _engine_config_from_env(env),
             ),
         )
     return _app
+
+
+def _engine_config_from_env(env: Mapping[str, str]):
+    """HYTREC_DEVICE, HYTREC_TOP_K, HYTREC_STATE_BUDGET_MIB; unset ones keep their defaults."""
+    from hytrec.stream.engine import EngineConfig
+
+    d = EngineConfig()
+    return EngineConfig(
+        top_k=int(env.get("HYTREC_TOP_K", d.top_k)),
+        state_budget_bytes=int(float(env.get("HYTREC_STATE_BUDGET_MIB", 0)) * 2**20)
+        or d.state_budget_bytes,
+        device=env.get("HYTREC_DEVICE", d.device),
+    )

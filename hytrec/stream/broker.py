@@ -134,7 +134,7 @@ def _check_free(host: str, port: int) -> None:
             raise RuntimeError(f"port {port} on {host} is taken: {exc}") from None
 
 
-def _die_with_parent(parent_pid: int):
+def die_with_parent(parent_pid: int):
     """preexec_fn: ask the kernel to SIGKILL the child when the parent dies (Linux only)."""
 
     def preexec() -> None:
@@ -225,7 +225,7 @@ class EmbeddedBroker:
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent(os.getpid()),
+                preexec_fn=die_with_parent(os.getpid()),
             )
         finally:
             if output is not subprocess.DEVNULL:

@@ -53,6 +53,16 @@ def register(commands, benchmarks) -> None:
     source.add_argument("--engine", help="an engine factory MODULE:CALLABLE instead")
     worker.add_argument("--index", help="saved item index directory (default: built exact)")
     worker.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    worker.add_argument("--top-k", type=int, default=20, help="items per recommendation")
+    worker.add_argument(
+        "--state-budget-mib",
+        type=float,
+        default=256.0,
+        help="device memory for user states; colder users move to host memory",
+    )
+    worker.add_argument(
+        "--exclude-recent", type=int, default=0, help="leave out the user's last N items"
+    )
     worker.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
     worker.add_argument("--group", default="hytrec-worker", help="consumer group / app id")
     worker.add_argument("--batch-size", type=int, default=512, help="B: events per batch")
@@ -86,6 +96,23 @@ def register(commands, benchmarks) -> None:
     replay.add_argument("--limit", type=int, help="publish at most N events")
     replay.add_argument("--no-progress", action="store_true")
     replay.set_defaults(func=_replay)
+
+    demo = commands.add_parser(
+        "demo",
+        help="the main job end to end: train, index, broker, worker, replay, summary",
+        description="Train (or reuse) a HyTRec on the earlier part of a log, replay the log "
+        "through the embedded broker and a worker, and score the held-out part.",
+    )
+    demo.add_argument("--dataset", default="taobao", help="dataset name, file, or 'synthetic'")
+    demo.add_argument("--heldout-fraction", type=float, default=0.2)
+    demo.add_argument("--train-seconds", type=float, default=120.0)
+    demo.add_argument("--heldout-seconds", type=float, default=30.0)
+    demo.add_argument("--top-k", type=int, default=20)
+    demo.add_argument("--batch-size", type=int, default=256)
+    demo.add_argument("--batch-wait-ms", type=float, default=20.0)
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--output", default="runs/demo", help="summary.json, demo.png, logs")
+    demo.set_defaults(func=_demo)
 
     tail = commands.add_parser("tail", help="print recommendations as they arrive")
     tail.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
@@ -135,6 +162,7 @@ def _broker(args) -> int:
 def _worker(args) -> int:
     from hytrec.stream.app import WorkerConfig, engine_factory_from, run_worker
     from hytrec.stream.batcher import BatchConfig
+    from hytrec.stream.engine import EngineConfig
 
     config = WorkerConfig(
         bootstrap=args.bootstrap,
@@ -147,8 +175,37 @@ def _worker(args) -> int:
         web_port=args.web_port,
         data_dir=args.data_dir,
     )
-    factory = engine_factory_from(args.checkpoint, args.index, args.device, args.engine)
+    engine_config = EngineConfig(
+        top_k=args.top_k,
+        state_budget_bytes=int(args.state_budget_mib * 2**20),
+        exclude_recent=args.exclude_recent,
+        device=args.device,
+    )
+    factory = engine_factory_from(args.checkpoint, args.index, args.engine, engine_config)
     return run_worker(config, factory, loglevel=args.loglevel)
+
+
+def _demo(args) -> int:
+    from pathlib import Path
+
+    from hytrec.stream.demo import DemoConfig, run_demo
+
+    _logging("warning")
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # the producer's event-loop chatter
+    run_demo(
+        DemoConfig(
+            dataset=args.dataset,
+            heldout_fraction=args.heldout_fraction,
+            train_seconds=args.train_seconds,
+            heldout_seconds=args.heldout_seconds,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            batch_wait_ms=args.batch_wait_ms,
+            device=args.device,
+            output=Path(args.output),
+        )
+    )
+    return 0
 
 
 def _replay(args) -> int:

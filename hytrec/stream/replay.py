@@ -8,15 +8,17 @@ flight but the embedded broker does not support it, so it is off.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from kafka import KafkaProducer
+from kafka.producer.future import RecordMetadata
 from tqdm import tqdm
 
 from hytrec.model.events import Behavior, EventLog
@@ -68,9 +70,11 @@ def publish_events(
     bootstrap: str,
     config: ReplayConfig = ReplayConfig(),
     total: int | None = None,
+    on_delivery: Callable[[int, RecordMetadata], None] | None = None,
 ) -> ReplayReport:
     """Publish event payloads (dicts with at least user_id and ts) in the given order, keyed
-    by user id; block until the broker confirmed all of them."""
+    by user id; block until the broker confirmed all of them. `on_delivery(i, metadata)`
+    learns where the i-th event landed (partition, offset, producer timestamp in ms)."""
     producer = KafkaProducer(
         bootstrap_servers=bootstrap,
         client_id="hytrec-replay",
@@ -97,9 +101,11 @@ def publish_events(
                 if ahead > 0:
                     producer.flush()  # what is due now should not wait in the buffer
                     time.sleep(ahead)
-            producer.send(
+            future = producer.send(
                 config.topic, key=str(event["user_id"]).encode(), value=encode_behavior(event)
             ).add_errback(errors.append)
+            if on_delivery is not None:
+                future.add_callback(functools.partial(on_delivery, sent))
             sent += 1
             if sent % 1024 == 0:
                 bar.update(1024)

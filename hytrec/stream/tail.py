@@ -6,6 +6,7 @@ it commits nothing and never rebalances a group that the workers use.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -24,9 +25,10 @@ def read_topic(
     max_messages: int | None = None,
     idle_timeout_s: float = 10.0,
     deadline_s: float | None = None,
+    stop: threading.Event | None = None,
 ) -> Iterator[ConsumerRecord]:
     """Records of `topic` in per-partition order; stops after `max_messages`, after
-    `idle_timeout_s` without a new record, or `deadline_s` after the start."""
+    `idle_timeout_s` without a new record, `deadline_s` after the start, or once `stop` is set."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         client_id="hytrec-tail",
@@ -46,6 +48,8 @@ def read_topic(
         while max_messages is None or count < max_messages:
             now = time.monotonic()
             if now - last_record > idle_timeout_s or (deadline_s and now - started > deadline_s):
+                return
+            if stop is not None and stop.is_set():
                 return
             for records in consumer.poll(timeout_ms=100).values():
                 for record in records:

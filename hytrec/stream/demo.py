@@ -1,0 +1,516 @@
+"""The main job end to end, `hytrec demo` / `make demo`: train, index, stream, measure.
+
+1. Load the Taobao sample from the shared data folder (else synthetic events) and cut it in
+   time: the earlier part trains the model, the last `heldout_fraction` is held out.
+2. Train a small HyTRec on the earlier part, or reuse the cached checkpoint of the same data
+   and configuration; build and save the exact FAISS index of its items.
+3. Start the embedded broker and a worker process, and wait until a probe event comes back
+   as a recommendation (so start-up time is not counted as latency).
+4. Replay the earlier part at full speed (the users' long-term state builds up through the
+   stream, which measures throughput), then the held-out part paced over about
+   `heldout_seconds` (which measures event-to-recommendation latency without a backlog).
+5. Score every held-out event against the recommendation its user had just before it,
+   beside two baselines on the same events; print a summary, write JSON and a plot; stop
+   the worker and the broker.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from hytrec.index import IndexConfig, build_from_checkpoint
+from hytrec.model.data import TAOBAO_WINDOW, cache_dir, load_named, select
+from hytrec.model.evaluate import leave_one_out
+from hytrec.model.events import EventLog
+from hytrec.model.hytrec import CheckpointError, HyTRec, HyTRecConfig
+from hytrec.model.synthetic import SyntheticConfig, generate
+from hytrec.model.train import TrainConfig, train
+from hytrec.stream.broker import EmbeddedBroker, die_with_parent
+from hytrec.stream.replay import ReplayConfig, log_events, publish_events
+from hytrec.stream.schemas import Recommendation
+from hytrec.stream.tail import read_topic
+
+log = logging.getLogger(__name__)
+PROBE_USER = "demo-probe"  # the readiness probe's user; left out of every figure
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    dataset: str = "taobao"  # a dataset name or file; "synthetic", or a missing one, generates
+    heldout_fraction: float = 0.2  # the last part of the log's time span, replayed and scored
+    model: HyTRecConfig = HyTRecConfig(d_model=64, dropout=0.2)  # sizes come from the data
+    train: TrainConfig = TrainConfig(epochs=40, patience=3, valid_users=None, negatives=1024)
+    train_seconds: float = 120.0  # training stops after this long (first run only: cached)
+    top_k: int = 20
+    heldout_seconds: float = 30.0  # the held-out replay is paced to take about this long
+    batch_size: int = 256  # worker micro-batch: B events ...
+    batch_wait_ms: float = 20.0  # ... or W ms
+    device: str = "auto"  # training and worker; auto: CUDA when present
+    worker_timeout_s: float = 300.0  # longest wait for the worker to answer everything
+    sample_users: int = 3
+    output: Path = Path("runs/demo")
+
+
+@dataclass
+class Sent:
+    """Where each replayed event landed: filled by the producer's delivery callbacks."""
+
+    partition: np.ndarray
+    offset: np.ndarray
+    sent_ms: np.ndarray  # the producer's record timestamp
+
+    @classmethod
+    def empty(cls, n: int) -> Sent:
+        return cls(np.full(n, -1), np.full(n, -1), np.zeros(n, dtype=np.int64))
+
+    def record(self, i: int, metadata) -> None:
+        self.partition[i], self.offset[i], self.sent_ms[i] = (
+            metadata.partition,
+            metadata.offset,
+            metadata.timestamp,
+        )
+
+
+@dataclass
+class Collector:
+    """Reads `recommendations` in a thread: (record timestamp ms, recommendation) pairs."""
+
+    bootstrap: str
+    received: list[tuple[int, Recommendation]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="demo-collector", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for record in read_topic(
+            self.bootstrap, "recommendations", idle_timeout_s=float("inf"), stop=self.stop
+        ):
+            self.received.append((record.timestamp, Recommendation.from_json(record.value)))
+
+    def latest_offsets(self) -> dict[str, int]:
+        """user -> source offset of the newest event answered so far."""
+        latest: dict[str, int] = {}
+        for _, rec in list(self.received):
+            latest[rec.user_id] = max(latest.get(rec.user_id, -1), rec.source_offset)
+        return latest
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+# ---------------------------------------------------------------------------- data and model
+
+
+def load_events(dataset: str) -> tuple[EventLog, str]:
+    """(events, description): the named data, or synthetic events when it is absent."""
+    if dataset != "synthetic":
+        try:
+            events = load_named(dataset)
+        except FileNotFoundError as err:
+            print(f"{err}; using synthetic events instead", flush=True)
+        else:
+            if dataset == "taobao":  # the sample has a few rows outside the dataset's 9 days
+                start, end = TAOBAO_WINDOW
+                events = select(events, (events.ts >= start) & (events.ts < end))
+            return events, dataset
+    return generate(SyntheticConfig(users=200, min_events=100, max_events=300)), "synthetic"
+
+
+def time_cut(events: EventLog, heldout_fraction: float) -> int:
+    """The time from which events are held out: the last fraction of the time span."""
+    first, last = int(events.ts.min()), int(events.ts.max())
+    return int(last - heldout_fraction * (last - first))
+
+
+def trained_checkpoint(
+    events: EventLog, history: EventLog, config: DemoConfig, device: str
+) -> tuple[Path, bool]:
+    """(checkpoint directory, reused): train on `history`, or reuse the cached result of the
+    same data and configuration."""
+    model_config = replace(
+        config.model, num_items=len(events.items), num_categories=len(events.categories)
+    )
+    train_config = replace(
+        config.train,
+        time_budget_s=config.train_seconds,
+        device=device,
+        negatives=config.train.negatives if len(events.items) > 4 * config.train.negatives else 0,
+    )
+    identity = json.dumps(
+        {
+            "events": [len(history), int(history.ts.sum()), int(history.item.sum())],
+            "items": len(events.items),
+            "model": asdict(model_config),
+            "train": asdict(replace(train_config, device="")),
+        },
+        sort_keys=True,
+    )
+    directory = cache_dir() / "demo" / hashlib.sha256(identity.encode()).hexdigest()[:16]
+    try:
+        HyTRec.load(directory)
+        return directory, True
+    except CheckpointError:
+        pass
+    print(
+        f"training HyTRec on {len(history):,} events for up to {config.train_seconds:.0f} s "
+        f"on {device} (cached for the next run in {directory})",
+        flush=True,
+    )
+    # `select` keeps the whole log's vocabulary, so held-out events of new items apply too
+    result = train(model_config, history, leave_one_out(history), train_config, directory, "demo")
+    print(
+        f"trained {len(result.history)} epochs in {result.train_seconds:.0f} s; "
+        f"validation NDCG@10 {result.valid.get('NDCG@10', float('nan')):.4f}",
+        flush=True,
+    )
+    return directory, False
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def start_worker(
+    checkpoint: Path, index: Path, bootstrap: str, config: DemoConfig, run_dir: Path
+) -> subprocess.Popen:
+    """`hytrec worker` in a process that dies with this one; its log in run_dir/worker.log."""
+    command = [
+        sys.executable,
+        "-m",
+        "hytrec.cli",
+        "worker",
+        f"--checkpoint={checkpoint}",
+        f"--index={index}",
+        f"--bootstrap={bootstrap}",
+        "--embedded-broker",
+        f"--group=hytrec-demo-{os.getpid()}",
+        f"--device={config.device}",
+        f"--top-k={config.top_k}",
+        f"--batch-size={config.batch_size}",
+        f"--batch-wait-ms={config.batch_wait_ms}",
+        f"--data-dir={run_dir / 'faust'}",
+    ]
+    return subprocess.Popen(
+        command,
+        stdout=open(run_dir / "worker.log", "wb"),  # noqa: SIM115 - the child owns it
+        stderr=subprocess.STDOUT,
+        preexec_fn=die_with_parent(os.getpid()),
+    )
+
+
+def stop_worker(worker: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    if worker.poll() is None:
+        worker.terminate()
+        try:
+            worker.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def wait_until_answered(
+    collector: Collector,
+    last_offset: dict[str, int],
+    worker: subprocess.Popen,
+    timeout_s: float,
+    what: str,
+) -> None:
+    """Until each user's newest answered offset reaches `last_offset[user]`."""
+    deadline = time.monotonic() + timeout_s
+    with tqdm(total=len(last_offset), desc=what, unit="user", leave=False) as bar:
+        while True:
+            latest = collector.latest_offsets()
+            done = sum(latest.get(u, -1) >= o for u, o in last_offset.items())
+            bar.update(done - bar.n)
+            if done == len(last_offset):
+                return
+            if worker.poll() is not None:
+                raise RuntimeError(f"the worker exited with {worker.returncode}; see its log")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{what}: {len(last_offset) - done} of {len(last_offset)} users unanswered "
+                    f"after {timeout_s:.0f} s"
+                )
+            time.sleep(0.1)
+
+
+def replay(payloads: list[dict], bootstrap: str, speed: float | None, desc: str) -> Sent:
+    sent = Sent.empty(len(payloads))
+    publish_events(payloads, bootstrap, ReplayConfig(speed=speed), len(payloads), sent.record)
+    if (sent.offset < 0).any():
+        raise RuntimeError(f"{desc}: {(sent.offset < 0).sum()} events have no delivery report")
+    return sent
+
+
+def last_offsets(payloads: list[dict], sent: Sent) -> dict[str, int]:
+    return {p["user_id"]: int(sent.offset[i]) for i, p in enumerate(payloads)}
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def latency_ms(received, payloads: list[dict], sent: Sent) -> np.ndarray:
+    """Producer send of an event -> the worker's send of the recommendation answering it."""
+    sent_at = {
+        (int(sent.partition[i]), int(sent.offset[i])): int(sent.sent_ms[i])
+        for i in range(len(payloads))
+    }
+    out = [
+        ms - sent_at[(rec.source_partition, rec.source_offset)]
+        for ms, rec in received
+        if (rec.source_partition, rec.source_offset) in sent_at
+    ]
+    return np.asarray(out, dtype=np.float64)
+
+
+def hit_rates(
+    received, history: list[dict], heldout: list[dict], sent: Sent, top_k: int
+) -> dict[str, float | int]:
+    """Each held-out event whose user had a recommendation before it counts once: a hit when
+    its item is in that recommendation; the baselines are scored on the same events."""
+    recs_by_user: dict[str, list[tuple[int, list[str]]]] = {}
+    for _, rec in sorted(received, key=lambda pair: pair[1].source_offset):
+        recs_by_user.setdefault(rec.user_id, []).append((rec.source_offset, rec.items))
+    popular = {item for item, _ in Counter(p["item_id"] for p in history).most_common(top_k)}
+    seen: dict[str, list[str]] = {}  # user -> items in time order, for the recency baseline
+    for p in history:
+        seen.setdefault(p["user_id"], []).append(p["item_id"])
+    scored = hits = popular_hits = recent_hits = new_scored = new_hits = 0
+    for i, p in enumerate(heldout):
+        user, item = p["user_id"], p["item_id"]
+        mine = recs_by_user.get(user, [])
+        before = bisect.bisect_left(mine, (int(sent.offset[i]),)) - 1
+        past = seen.setdefault(user, [])
+        if before >= 0:
+            recommended = mine[before][1][:top_k]
+            recent = list(dict.fromkeys(reversed(past)))[:top_k]
+            scored += 1
+            hits += item in recommended
+            popular_hits += item in popular
+            recent_hits += item in recent
+            if item not in past:
+                new_scored += 1
+                new_hits += item in recommended
+        past.append(item)
+    rate = lambda n, d: n / d if d else float("nan")  # noqa: E731
+    return {
+        "scored_events": scored,
+        f"hytrec_hit@{top_k}": rate(hits, scored),
+        f"popularity_hit@{top_k}": rate(popular_hits, scored),
+        f"recent_items_hit@{top_k}": rate(recent_hits, scored),
+        "new_item_events": new_scored,
+        f"hytrec_hit@{top_k}_new_items": rate(new_hits, new_scored),
+    }
+
+
+def sample_users(received, events: list[dict], count: int, shown: int = 5) -> list[dict]:
+    """The most active users: their last events and their final recommendation."""
+    final = {rec.user_id: rec for _, rec in received}
+    by_user: dict[str, list[dict]] = {}
+    for p in events:
+        by_user.setdefault(p["user_id"], []).append(p)
+    busiest = sorted(by_user, key=lambda u: -len(by_user[u]))[:count]
+    samples = []
+    for user in busiest:
+        rec = final.get(user)
+        seen = {p["item_id"] for p in by_user[user]}
+        samples.append(
+            {
+                "user_id": user,
+                "events": len(by_user[user]),
+                "recent": [
+                    f"{_time(p['ts'])} {p['behavior']:<12} item {p['item_id']} "
+                    f"(category {p['category_id']})"
+                    for p in by_user[user][-shown:]
+                ],
+                "recommended": [
+                    f"{item} ({score:.2f}){' seen' if item in seen else ''}"
+                    for item, score in zip(rec.items[:10], rec.scores[:10], strict=True)
+                ]
+                if rec
+                else [],
+            }
+        )
+    return samples
+
+
+def _time(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%m-%d %H:%M")
+
+
+def plot(summary: dict, latencies: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    if len(latencies):
+        left.hist(latencies, bins=50, color="tab:blue")
+        for q, style in ((50, "--"), (99, ":")):
+            value = np.percentile(latencies, q)
+            left.axvline(value, color="black", linestyle=style, label=f"p{q} {value:.0f} ms")
+        left.legend()
+    left.set_xlabel("event -> recommendation (ms)")
+    left.set_ylabel("recommendations")
+    left.set_title(f"latency, held-out replay at {summary['heldout_rate_eps']:.0f} events/s")
+    k = summary["top_k"]
+    names = ["hytrec", "popularity", "recent_items"]
+    rates = [summary["quality"][f"{n}_hit@{k}"] for n in names]
+    right.bar(names, rates, color=["tab:orange", "tab:gray", "tab:green"])
+    right.set_ylabel(f"hit@{k} of the next event")
+    right.set_title(f"{summary['quality']['scored_events']:,} held-out events")
+    fig.suptitle(f"hytrec demo on {summary['dataset']} ({summary['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_demo(config: DemoConfig = DemoConfig()) -> dict:
+    """Run the whole job; return the summary (also written to config.output)."""
+    run_dir = config.output
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    events, dataset = load_events(config.dataset)
+    cut = time_cut(events, config.heldout_fraction)
+    history_log = select(events, events.ts < cut)
+    heldout_log = select(events, events.ts >= cut)
+    print(
+        f"{dataset}: {len(events):,} events of {len(events.users):,} users, "
+        f"{len(events.items):,} items; {len(history_log):,} before {_time(cut)} train and "
+        f"warm the stream, {len(heldout_log):,} after it are held out",
+        flush=True,
+    )
+    checkpoint, reused = trained_checkpoint(events, history_log, config, device)
+    if reused:
+        print(f"reusing the trained checkpoint {checkpoint}", flush=True)
+    index_dir = run_dir / "index"
+    build_from_checkpoint(checkpoint, IndexConfig(kind="flat")).save(index_dir)
+    history, heldout = list(log_events(history_log)), list(log_events(heldout_log))
+    span = max(heldout[-1]["ts"] - heldout[0]["ts"], 1)
+    speed = span / config.heldout_seconds
+
+    with EmbeddedBroker(log_file=run_dir / "broker.log") as broker:
+        worker = start_worker(checkpoint, index_dir, broker.bootstrap, config, run_dir)
+        collector = Collector(broker.bootstrap)
+        try:
+            print(f"broker at {broker.bootstrap}; worker pid {worker.pid} starting", flush=True)
+            probe = [dict(heldout[0], user_id=PROBE_USER)]
+            probe_sent = replay(probe, broker.bootstrap, None, "probe")
+            wait_until_answered(
+                collector,
+                last_offsets(probe, probe_sent),
+                worker,
+                config.worker_timeout_s,
+                "worker start",
+            )
+            started = time.time()
+            history_sent = replay(history, broker.bootstrap, None, "history")
+            wait_until_answered(
+                collector,
+                last_offsets(history, history_sent),
+                worker,
+                config.worker_timeout_s,
+                "history answered",
+            )
+            history_s = time.time() - started
+            print(f"replaying held-out events at {speed:.0f}x real time", flush=True)
+            before = len(collector.received)
+            started = time.time()
+            heldout_sent = replay(heldout, broker.bootstrap, speed, "held-out")
+            wait_until_answered(
+                collector,
+                last_offsets(heldout, heldout_sent),
+                worker,
+                config.worker_timeout_s,
+                "held-out answered",
+            )
+            heldout_s = time.time() - started
+        finally:
+            collector.close()
+            stop_worker(worker)
+    received = [(ms, rec) for ms, rec in collector.received if rec.user_id != PROBE_USER]
+    heldout_received = [(ms, rec) for ms, rec in collector.received[before:]]
+    latencies = latency_ms(heldout_received, heldout, heldout_sent)
+    summary = {
+        "dataset": dataset,
+        "device": device,
+        "checkpoint": str(checkpoint),
+        "checkpoint_reused": reused,
+        "top_k": config.top_k,
+        "batch": {"max_events": config.batch_size, "max_wait_ms": config.batch_wait_ms},
+        "events_in": len(history) + len(heldout),
+        "recommendations_out": len(received),
+        "users": len({p["user_id"] for p in history + heldout}),
+        "history_events": len(history),
+        "history_seconds": round(history_s, 2),
+        "history_rate_eps": len(history) / history_s,
+        "heldout_events": len(heldout),
+        "heldout_seconds": round(heldout_s, 2),
+        "heldout_rate_eps": len(heldout) / heldout_s,
+        "latency_ms": {
+            "p50": float(np.percentile(latencies, 50)),
+            "p99": float(np.percentile(latencies, 99)),
+            "max": float(latencies.max()),
+            "recommendations": len(latencies),
+        },
+        "quality": hit_rates(received, history, heldout, heldout_sent, config.top_k),
+        "sample_users": sample_users(received, history + heldout, config.sample_users),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(summary, latencies, run_dir / "demo.png")
+    print_summary(summary, run_dir)
+    return summary
+
+
+def print_summary(s: dict, run_dir: Path) -> None:
+    k, q, lat = s["top_k"], s["quality"], s["latency_ms"]
+    lines = [
+        "",
+        f"== hytrec demo: {s['dataset']} on {s['device']} ==",
+        f"events in            {s['events_in']:,} ({s['users']:,} users)",
+        f"recommendations out  {s['recommendations_out']:,}",
+        f"full-speed replay    {s['history_events']:,} events in {s['history_seconds']:.1f} s "
+        f"= {s['history_rate_eps']:,.0f} events/s end to end",
+        f"paced replay         {s['heldout_events']:,} events at {s['heldout_rate_eps']:,.0f} "
+        f"events/s: latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms",
+        f"next-event hit@{k}    HyTRec {q[f'hytrec_hit@{k}']:.3f} | popularity "
+        f"{q[f'popularity_hit@{k}']:.3f} | user's recent items {q[f'recent_items_hit@{k}']:.3f} "
+        f"({q['scored_events']:,} held-out events)",
+        f"  items new to the user: HyTRec {q[f'hytrec_hit@{k}_new_items']:.3f} "
+        f"({q['new_item_events']:,} events)",
+    ]
+    for user in s["sample_users"]:
+        lines.append(f"user {user['user_id']} ({user['events']} events), latest:")
+        lines += [f"    {line}" for line in user["recent"]]
+        lines.append(f"  recommended: {', '.join(user['recommended'])}")
+    lines.append(f"summary: {run_dir / 'summary.json'}, plot: {run_dir / 'demo.png'}")
+    print("\n".join(lines), flush=True)
