@@ -184,3 +184,30 @@ class FailingEngine(LastItemsEngine):
 
 def make_failing_engine() -> FailingEngine:
     return FailingEngine(os.environ.get("HYTREC_TEST_ENGINE_LOG"))
+
+
+def make_recording_model_engine():
+    """The model engine of $HYTREC_TEST_CHECKPOINT that also writes every user's latest
+    vector to $HYTREC_TEST_VECTORS (JSON) after each batch, for pipeline parity tests."""
+    import json
+
+    from hytrec.stream.engine import EngineConfig, RecommendationEngine, build_engine
+
+    class RecordingEngine(RecommendationEngine):
+        vectors: dict[str, list[float]] = {}
+
+        def _apply(self, users, runs):
+            slots, vectors = super()._apply(users, runs)
+            self.vectors.update(zip(users, vectors.tolist(), strict=True))
+            return slots, vectors
+
+        def process(self, events):
+            result = super().process(events)
+            path = Path(os.environ["HYTREC_TEST_VECTORS"])
+            path.with_suffix(".tmp").write_text(json.dumps(self.vectors))
+            path.with_suffix(".tmp").replace(path)  # readers never see half a file
+            return result
+
+    engine = build_engine(os.environ["HYTREC_TEST_CHECKPOINT"], config=EngineConfig(device="cpu"))
+    engine.__class__ = RecordingEngine
+    return engine
