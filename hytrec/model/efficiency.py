@@ -1,0 +1,422 @@
+"""`hytrec benchmark efficiency`: what one new event costs as a user's history grows.
+
+HyTRec serves from a fixed-size per-user state: a new event is one `HyTRec.step`, whatever
+the history length L. A softmax model (SASRec) keeps no such state and must recompute the
+user vector over all L+1 events for every new event. For each L this measures, side by
+side in one process:
+
+    hytrec_step_us       one event stepped into a state that has absorbed L events
+    sasrec_recompute_us  SASRec's forward over the L+1 events (what it pays per event)
+    hytrec_recompute_us  HyTRec's parallel forward over the L+1 events (no state kept)
+    *_train_tokens_per_s forward+backward of the next-item loss over L events, batch 1
+
+Every figure is the median of repeated `time.perf_counter` timings after a warm-up call.
+A measurement stops repeating once it has used `budget_s` (a full forward over 12k events
+takes about a second on a CPU core), so the long lengths may have fewer repeats; the JSON's
+`timed_calls` records, per figure, how many calls were timed, their min and max, and the
+1-minute load average, so a figure taken while other processes shared the CPU shows as
+such. On a small shared machine `--threads 1` gives far steadier figures than several
+threads, which all stall when one of them is descheduled. A measurement that fails (e.g.
+out of memory) is null, with the reason under `notes`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from hytrec.model.benchmark import git_commit
+from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
+from hytrec.model.parity import UserEvents, pad_batch, random_user
+from hytrec.model.sasrec import SASRec, SASRecConfig
+from hytrec.model.train import next_item_loss
+
+MEASURES = (
+    "hytrec_step_us",
+    "sasrec_recompute_us",
+    "hytrec_recompute_us",
+    "hytrec_train_tokens_per_s",
+    "sasrec_train_tokens_per_s",
+)
+
+
+@dataclass(frozen=True)
+class EfficiencyConfig:
+    """One run; written into the JSON with the command that reproduces it."""
+
+    lengths: tuple[int, ...] = (100, 500, 1000, 2000, 5000, 10000, 12000)
+    d_model: int = 64  # both models; HyTRec's other fields are its defaults
+    sasrec_layers: int = 2  # the accuracy benchmark's SASRec
+    sasrec_heads: int = 2
+    build_chunk: int = 512  # events per `step` call while building the state up to L
+    step_repeats: int = 50  # single-event steps timed per length
+    recompute_repeats: int = 7  # full forwards timed per length and model
+    train_iters: int = 3  # forward+backward iterations timed per length and model
+    train_batch: int = 1
+    budget_s: float = 15.0  # stop repeating a measurement after this much time (>= 1 timing)
+    # Dropout off in both models for the training figures: with dropout > 0 PyTorch's CPU
+    # scaled-dot-product attention leaves its fused kernel for the math one, which
+    # materialises the T x T matrix; that would measure a fallback, not SASRec.
+    train_dropout: float = 0.0
+    threads: int | None = None  # torch threads; None = PyTorch's default
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.lengths or min(self.lengths) < 2:
+            raise ValueError("EfficiencyConfig: lengths must be >= 2")
+        if min(self.build_chunk, self.step_repeats, self.recompute_repeats) < 1:
+            raise ValueError("EfficiencyConfig: chunk and repeats must be >= 1")
+        if min(self.train_iters, self.train_batch) < 1:
+            raise ValueError("EfficiencyConfig: train_iters and train_batch must be >= 1")
+
+    def hytrec(self) -> HyTRecConfig:
+        return HyTRecConfig(d_model=self.d_model)
+
+    def sasrec(self) -> SASRecConfig:
+        # positions must cover the longest recompute (L + 1 events)
+        return SASRecConfig(
+            num_items=self.hytrec().num_items,
+            d_model=self.d_model,
+            layers=self.sasrec_layers,
+            heads=self.sasrec_heads,
+            max_len=max(self.lengths) + 1,
+        )
+
+    def command(self, output: str | Path | None = None) -> str:
+        """The CLI command that runs exactly this config."""
+        parts = [
+            "hytrec benchmark efficiency",
+            f"--lengths {','.join(map(str, self.lengths))}",
+            f"--d-model {self.d_model}",
+            f"--sasrec-layers {self.sasrec_layers} --sasrec-heads {self.sasrec_heads}",
+            f"--build-chunk {self.build_chunk}",
+            f"--step-repeats {self.step_repeats}",
+            f"--recompute-repeats {self.recompute_repeats}",
+            f"--train-iters {self.train_iters} --train-batch {self.train_batch}",
+            f"--budget-s {self.budget_s}",
+            f"--train-dropout {self.train_dropout}",
+            f"--seed {self.seed}",
+        ]
+        if self.threads is not None:
+            parts.append(f"--threads {self.threads}")
+        if output is not None:
+            parts.append(f"--output {output}")
+        return " ".join(parts)
+
+
+QUICK = EfficiencyConfig(
+    lengths=(8, 32),
+    d_model=16,
+    build_chunk=8,
+    step_repeats=3,
+    recompute_repeats=2,
+    train_iters=2,
+    budget_s=1.0,
+)
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def time_calls(
+    fn: Callable[[], object],
+    repeats: int,
+    budget_s: float,
+    setup: Callable[[], object] | None = None,
+) -> list[float]:
+    """Wall seconds of up to `repeats` calls of `fn` after one untimed warm-up call
+    (first-call allocations and lazy init are not what we measure); `setup`, if any, runs
+    untimed before every call. Stops early once `budget_s` is spent, after at least one
+    timed call."""
+    times: list[float] = []
+    began = None
+    while len(times) < repeats:
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - t0
+        if began is None:  # the warm-up call
+            began = time.perf_counter()
+            continue
+        times.append(elapsed)
+        if time.perf_counter() - began > budget_s:
+            break
+    return times
+
+
+def cpu_info() -> dict[str, str]:
+    """The first processor's /proc/cpuinfo fields (empty off Linux)."""
+    info = Path("/proc/cpuinfo")
+    fields: dict[str, str] = {}
+    if info.exists():
+        for line in info.read_text().split("\n\n", 1)[0].splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def device_name() -> str:
+    """e.g. 'cpu: AMD EPYC (family 25 model 17), 2 threads'; a VM may hide the exact model."""
+    info = cpu_info()
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        cpu += f" (family {info['cpu family']} model {info['model']})"
+    threads = torch.get_num_threads()
+    return f"cpu: {cpu}, {threads} thread{'s' if threads != 1 else ''}"
+
+
+# ---------------------------------------------------------------------------- measurements
+
+
+def _batch(user: UserEvents, start: int, stop: int, rows: int = 1) -> EventBatch:
+    return pad_batch([user.run(start, stop)] * rows)
+
+
+def _build_state(model: HyTRec, state, slot, user: UserEvents, start: int, stop: int, chunk: int):
+    """Step events start..stop-1 into the slot, `chunk` per call: the state a server holds."""
+    for a in range(start, stop, chunk):
+        model.step(state, slot, _batch(user, a, min(a + chunk, stop)))
+
+
+def _train_tokens_per_s(model, user: UserEvents, L: int, cfg: EfficiencyConfig) -> tuple:
+    """Forward+backward of the dense next-item loss (every position predicts the next item,
+    full softmax over the items, as `train` does with negatives=0) over L events."""
+    inputs = _batch(user, 0, L, cfg.train_batch)
+    target = _batch(user, 1, L + 1, cfg.train_batch).item.reshape(-1)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+
+    def one_iteration():
+        model.zero_grad(set_to_none=True)
+        u = model(inputs).reshape(-1, model.cfg.d_model)
+        next_item_loss(model, u, target, 0, generator).backward()
+
+    try:
+        times = time_calls(one_iteration, cfg.train_iters, cfg.budget_s)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    return [cfg.train_batch * L / t for t in times]
+
+
+def run_efficiency(
+    cfg: EfficiencyConfig, output: str | Path | None = None, progress: bool = True
+) -> dict:
+    """Measure every length; write `output`.json and `output`.png when given."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    lengths = sorted(set(cfg.lengths))
+    load_before = os.getloadavg()[0]  # other work on a shared machine skews timings
+    torch.manual_seed(cfg.seed)
+    hytrec = HyTRec(cfg.hytrec()).eval()
+    torch.manual_seed(cfg.seed)
+    sasrec = SASRec(cfg.sasrec()).eval()
+    # the training figures use the same weights with dropout off (see EfficiencyConfig)
+    torch.manual_seed(cfg.seed)
+    hytrec_train = HyTRec(replace(cfg.hytrec(), dropout=cfg.train_dropout))
+    torch.manual_seed(cfg.seed)
+    sasrec_train = SASRec(replace(cfg.sasrec(), dropout=cfg.train_dropout))
+    # one user, one history: length L uses its first L events, event L is the new one
+    user = random_user(max(lengths) + 1, cfg.hytrec(), torch.Generator().manual_seed(cfg.seed))
+
+    state = hytrec.new_state(2)
+    slot = torch.tensor([0])
+    built = 0
+    rows, notes, repeats = [], [], []
+    bar = tqdm(total=len(lengths) * len(MEASURES), unit="meas", disable=not progress)
+
+    def measure(L: int, name: str, fn: Callable, *args) -> float | None:
+        """The median of fn(*args)'s values (one per timed call); its spread goes under
+        `timed_calls`; a failure becomes null with its reason under `notes`."""
+        bar.set_description(f"L={L} {name}")
+        try:
+            values = fn(*args)
+        except (RuntimeError, MemoryError) as error:  # e.g. out of memory at long L
+            notes.append(
+                {"length": L, "measure": name, "reason": f"{type(error).__name__}: {error}"}
+            )
+            values = []
+        bar.update()
+        spread = {"min": round(min(values), 2), "max": round(max(values), 2)} if values else {}
+        load = round(os.getloadavg()[0], 2)  # > threads: others shared the CPU meanwhile
+        repeats.append(
+            {"length": L, "measure": name, "timed_calls": len(values), **spread, "load_1m": load}
+        )
+        return round(statistics.median(values), 2) if values else None
+
+    def per_event_us(fn: Callable, calls: int, setup: Callable | None = None) -> list[float]:
+        return [t * 1e6 for t in time_calls(fn, calls, cfg.budget_s, setup)]
+
+    for L in lengths:
+        # (a) the stream: extend the held state from `built` to L events, then time the
+        # (L+1)-th event; every timed call starts from the same saved state
+        _build_state(hytrec, state, slot, user, built, L, cfg.build_chunk)
+        built = L
+        saved = state.read(slot)
+        new_event = _batch(user, L, L + 1)
+
+        def restore(saved=saved):  # untimed: every timed step sees exactly L events
+            state.write(slot, saved)
+
+        history = _batch(user, 0, L + 1)
+        row: dict = {"length": L}
+        row["hytrec_step_us"] = measure(
+            L,
+            "hytrec_step_us",
+            per_event_us,
+            partial(hytrec.step, state, slot, new_event),
+            cfg.step_repeats,
+            restore,
+        )
+        state.write(slot, saved)  # back to exactly L events for the next length
+        # (b), (c) no state: the whole history again for the new event
+        with torch.no_grad():
+            for name, model in (("sasrec_recompute_us", sasrec), ("hytrec_recompute_us", hytrec)):
+                row[name] = measure(
+                    L,
+                    name,
+                    per_event_us,
+                    partial(model.user_vector, history),
+                    cfg.recompute_repeats,
+                )
+        for name, model in (
+            ("hytrec_train_tokens_per_s", hytrec_train),
+            ("sasrec_train_tokens_per_s", sasrec_train),
+        ):
+            row[name] = measure(L, name, _train_tokens_per_s, model, user, L, cfg)
+        rows.append(row)
+    bar.close()
+
+    report = {
+        "benchmark": "efficiency",
+        "device": device_name(),
+        "command": cfg.command(output),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": len(os.sched_getaffinity(0)),
+            "cpu_flags_avx512f": "avx512f" in cpu_info().get("flags", "").split(),
+            "threads": torch.get_num_threads(),
+            "load_average_1m": {"start": load_before, "end": os.getloadavg()[0]},
+        },
+        "config": asdict(cfg),
+        "hytrec_config": asdict(cfg.hytrec()),
+        "sasrec_config": asdict(cfg.sasrec()),
+        "state_bytes_per_user": hytrec.state_bytes_per_user(),
+        "method": {
+            "hytrec_step_us": "median us of one HyTRec.step of a single event for one user "
+            "whose state holds L events (built by stepping them, "
+            f"{cfg.build_chunk} per call); fp32, eval, no_grad",
+            "sasrec_recompute_us": "median us of SASRec.user_vector over the L+1 events",
+            "hytrec_recompute_us": "median us of HyTRec.user_vector (parallel, chunked "
+            "TADN) over the L+1 events; it runs the whole forward, short branch at every "
+            "position included",
+            "train_tokens_per_s": f"batch {cfg.train_batch} x L tokens / median seconds of "
+            "forward + backward of the full-softmax next-item loss (no optimizer step)",
+        },
+        **derived(rows),
+        "rows": rows,
+        "timed_calls": repeats,
+        "notes": notes,
+    }
+    text = format_table(rows)
+    print(text, flush=True)
+    if output is not None:
+        stem = Path(output)
+        stem = stem.with_suffix("") if stem.suffix in (".json", ".png") else stem
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_name(stem.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
+        plot(report, stem.with_name(stem.name + ".png"))
+    return report
+
+
+def derived(rows: list[dict]) -> dict:
+    """Headline ratios: step vs SASRec recompute at the longest length, and how flat the
+    step cost is across lengths (max / min; 1.0 = independent of the history)."""
+    last = rows[-1]
+    steps = [r["hytrec_step_us"] for r in rows if r["hytrec_step_us"]]
+    speedup = (
+        last["sasrec_recompute_us"] / last["hytrec_step_us"]
+        if last["sasrec_recompute_us"] and last["hytrec_step_us"]
+        else None
+    )
+    recompute = (
+        last["hytrec_recompute_us"] / last["hytrec_step_us"]
+        if last["hytrec_recompute_us"] and last["hytrec_step_us"]
+        else None
+    )
+    return {
+        "max_length": last["length"],
+        "step_speedup_vs_sasrec_at_max_length": round(speedup, 1) if speedup else None,
+        "step_speedup_vs_hytrec_recompute_at_max_length": round(recompute, 1)
+        if recompute
+        else None,
+        "hytrec_step_flatness_max_over_min": round(max(steps) / min(steps), 3) if steps else None,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    heads = ("L", "step us", "SASRec recompute us", "HyTRec recompute us", "HyTRec train tok/s")
+    heads += ("SASRec train tok/s",)
+
+    def cell(v):
+        return "null" if v is None else f"{v:,.1f}"
+
+    lines = [" | ".join(heads), " | ".join("---" for _ in heads)]
+    for r in rows:
+        lines.append(" | ".join([str(r["length"]), *(cell(r[m]) for m in MEASURES)]))
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Left: per-event cost vs L (log-log); right: training tokens/s vs L."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+
+    def series(key):
+        pts = [(r["length"], r[key]) for r in rows if r[key]]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, label, style in (
+        ("hytrec_step_us", "HyTRec step (streaming state)", "o-"),
+        ("hytrec_recompute_us", "HyTRec recompute over L+1", "s--"),
+        ("sasrec_recompute_us", "SASRec recompute over L+1", "^-"),
+    ):
+        left.plot(*series(key), style, label=label)
+    left.set(xscale="log", yscale="log", xlabel="history length L (events)")
+    left.set(ylabel="cost of one new event (us)", title="per-event cost")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    for key, label, style in (
+        ("hytrec_train_tokens_per_s", "HyTRec (chunked TADN)", "o-"),
+        ("sasrec_train_tokens_per_s", "SASRec (SDPA)", "^-"),
+    ):
+        right.plot(*series(key), style, label=label)
+    right.set(xscale="log", yscale="log", xlabel="sequence length L (events)")
+    right.set(ylabel="tokens / s (forward + backward)", title="training throughput")
+    right.grid(True, which="both", alpha=0.3)
+    right.legend(fontsize=8)
+    fig.suptitle(f"{report['device']}, d_model {report['config']['d_model']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

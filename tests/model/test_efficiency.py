@@ -1,0 +1,85 @@
+"""`hytrec benchmark efficiency` at tiny sizes: rows, JSON and PNG come out, numbers are
+finite and positive. No timing assertions (shared CI machines)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from hytrec.cli import main
+from hytrec.model.efficiency import (
+    MEASURES,
+    QUICK,
+    EfficiencyConfig,
+    run_efficiency,
+    time_calls,
+)
+
+
+def test_run_efficiency_writes_rows_json_and_png(tmp_path):
+    cfg = EfficiencyConfig(
+        lengths=(32, 8),  # unsorted on purpose: rows come out by length
+        d_model=16,
+        build_chunk=5,  # not a divisor of the lengths: the state is built over ragged chunks
+        step_repeats=3,
+        recompute_repeats=2,
+        train_iters=2,
+        budget_s=1.0,
+    )
+    report = run_efficiency(cfg, tmp_path / "eff", progress=False)
+
+    assert [r["length"] for r in report["rows"]] == [8, 32]
+    for row in report["rows"]:
+        for key in MEASURES:
+            assert math.isfinite(row[key]) and row[key] > 0, (row["length"], key)
+    assert report["notes"] == []
+    for timing in report["timed_calls"]:
+        assert timing["timed_calls"] >= 1 and 0 < timing["min"] <= timing["max"]
+
+    written = json.loads((tmp_path / "eff.json").read_text())
+    assert written["rows"] == report["rows"]
+    for key in ("device", "command", "date", "git_commit", "torch", "config"):
+        assert key in written
+    assert written["device"].startswith("cpu: ")
+    assert written["config"]["lengths"] == [32, 8]
+    assert written["max_length"] == 32
+    assert written["step_speedup_vs_sasrec_at_max_length"] > 0
+    assert written["hytrec_step_flatness_max_over_min"] >= 1.0
+    assert written["sasrec_config"]["max_len"] >= 33  # covers the L+1 recompute
+    assert "--lengths 32,8" in written["command"]
+
+    png = (tmp_path / "eff.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
+def test_command_line_runs_the_benchmark(tmp_path, capsys):
+    stem = tmp_path / "cli"
+    assert (
+        main(
+            [
+                "benchmark",
+                "efficiency",
+                "--quick",
+                "--lengths",
+                "8",
+                "--no-progress",
+                "--output",
+                str(stem),
+            ]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "cli.json").read_text())
+    assert [r["length"] for r in report["rows"]] == [8]
+    assert report["config"]["d_model"] == QUICK.d_model
+    assert (tmp_path / "cli.png").exists()
+    assert "step us" in capsys.readouterr().out
+
+
+def test_time_calls_runs_setup_before_every_call_and_respects_repeats():
+    calls = []
+    times = time_calls(
+        lambda: calls.append("fn"), repeats=3, budget_s=60.0, setup=lambda: calls.append("setup")
+    )
+    assert len(times) == 3 and min(times) >= 0
+    assert calls == ["setup", "fn"] * 4  # one warm-up call, then three timed
