@@ -80,6 +80,7 @@ def start_worker(
     engine: str = "test_stream_support:make_engine",
     batch_size: int = 64,
     batch_wait_ms: float = 20.0,
+    extra_args: Sequence[str] = (),
 ) -> subprocess.Popen:
     """`hytrec worker` with the test engine in a subprocess; its log in tmp_path/worker.log."""
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,7 @@ def start_worker(
             str(tmp_path / "faust"),
             "--log-every",
             "1",
+            *extra_args,
         ],
         env=env,
         cwd=REPO,

@@ -10,14 +10,33 @@ or when its oldest event has waited W ms (a timer task). A flush
    (the engine is synchronous and may hold the GPU for a while);
 3. publishes the recommendations (key = user id) and every dead letter (parse errors and
    the engine's rejects) together and waits until the broker confirmed them all;
-4. only then acknowledges the batch's messages, so Faust commits an offset only past events
-   whose effect is published. A crash anywhere before 4 replays them (at-least-once); the
-   engine skips what it already applied (issue 5).
+4. keeps the batch's messages for the next checkpoint, which writes a snapshot of every
+   user whose state changed since the last one to the compacted `user-state` topic
+   (co-partitioned with `behaviors`, key = user id; see `snapshots.py`), waits until the
+   broker confirmed them, and only then acknowledges the messages. Faust therefore commits
+   an offset only past events whose effect is published *and* saved in a snapshot.
+
+Checkpoints run every `snapshot_interval_s` (0: after every batch), and at once when a
+rebalance starts. Per batch would write the same busy users again and again (42 KB each
+with the default model; a batch of 256 events touches ~200 users, so ~1 GB per 100k
+events); per interval writes each changed user once per interval, and the only price is
+that a crash replays up to one interval more of events, which the engine then skips or
+re-applies on the restored state. Engines without `export_states` (test engines) are
+acknowledged right after the publish, as before.
+
+Restoring. When partitions are assigned, the worker (before it processes any event of the
+new assignment: the agent waits, and so does Faust's resume) drops the users of partitions
+it lost, and reads the `user-state` partitions it holds up to a sentinel it appends itself
+(Tansu misreports end offsets): for each user the snapshot with the highest applied offset
+replaces the store's state when it is ahead of it. Partitions it kept are read only from
+where it stopped last time (usually its own snapshots, which are not ahead). The engine
+then skips every replayed event at or below a user's applied offset: effectively-once on
+state, at-least-once on recommendations (a replayed event may be answered again).
 
 Faust's own batching (`stream.take`) lost acknowledged-but-unprocessed events during
 rebalances here (see ARCHITECTURE.md), hence per-event iteration and explicit acks. On a
-revocation Faust waits until every consumed message is acknowledged, which the timer's
-flush does within W ms.
+revocation Faust waits until every consumed message is acknowledged: the timer sees the
+rebalance (`app.rebalancing`) and flushes and checkpoints at once.
 
 Run it as `hytrec worker ...` or the Faust way, configured by environment variables
 (see `WorkerConfig.from_env`): `faust -A hytrec.stream.app worker -l info`.
@@ -26,6 +45,7 @@ Run it as `hytrec worker ...` or the Faust way, configured by environment variab
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import os
@@ -41,6 +61,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from hytrec.stream.batcher import BatchConfig, MicroBatcher
 from hytrec.stream.broker import TopicConfig, ensure_topics
+from hytrec.stream.metrics import CONTENT_TYPE, StreamMetrics
 from hytrec.stream.schemas import (
     BehaviorEvent,
     Engine,
@@ -50,6 +71,7 @@ from hytrec.stream.schemas import (
     encode_behavior,
     parse_behavior,
 )
+from hytrec.stream.snapshots import decode_snapshot, encode_snapshot, read_snapshots
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +90,17 @@ class WorkerConfig:
     fetch_max_wait_ms: int = 50
     session_timeout_s: float = 6.0
     log_every_batches: int = 100
-    web_port: int | None = None  # Faust's web server (metrics later); None: off
+    snapshot_interval_s: float = 2.0  # checkpoint changed user states this often; 0: each batch
+    restore_timeout_s: float = 120.0  # reading the user-state partitions on an assignment
+    web_port: int | None = None  # Faust's web server, serves /metrics; None: off
     data_dir: str = ".cache/hytrec/faust"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WorkerConfig:
         """HYTREC_BOOTSTRAP, HYTREC_GROUP, HYTREC_BATCH_SIZE, HYTREC_BATCH_WAIT_MS,
         HYTREC_BEHAVIORS_PARTITIONS, HYTREC_RECOMMENDATIONS_PARTITIONS, HYTREC_EMBEDDED_BROKER
-        (1/0), HYTREC_WEB_PORT, HYTREC_DATA_DIR; unset ones keep their defaults."""
+        (1/0), HYTREC_WEB_PORT, HYTREC_DATA_DIR, HYTREC_SNAPSHOT_INTERVAL_S; unset ones keep
+        their defaults."""
         d = cls()
         web_port = env.get("HYTREC_WEB_PORT")
         return cls(
@@ -98,6 +123,7 @@ class WorkerConfig:
             embedded_broker=env.get("HYTREC_EMBEDDED_BROKER", "0") not in ("", "0", "false"),
             web_port=int(web_port) if web_port else None,
             data_dir=env.get("HYTREC_DATA_DIR", d.data_dir),
+            snapshot_interval_s=float(env.get("HYTREC_SNAPSHOT_INTERVAL_S", d.snapshot_interval_s)),
         )
 
 
@@ -112,6 +138,13 @@ class WorkerStats:
     batches: int = 0
     engine_seconds: float = 0.0
     publish_seconds: float = 0.0
+    checkpoints: int = 0
+    snapshots_written: int = 0
+    snapshot_bytes: int = 0
+    checkpoint_seconds: float = 0.0
+    users_restored: int = 0
+    users_dropped: int = 0
+    restore_seconds: float = 0.0
 
 
 @dataclass(slots=True)
@@ -130,11 +163,27 @@ class BatchingWorker:
         self.engine_factory = engine_factory
         self.engine: Engine | None = None
         self.stats = WorkerStats()
+        self.metrics = StreamMetrics(self)  # Prometheus, served at /metrics with --web-port
         self.batcher: MicroBatcher[_Pending] = MicroBatcher(config.batch)
         self._ready = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="hytrec-engine")
         self._stream: Any = None
+        # delivery (issue 5): messages processed but not yet covered by a checkpoint, users
+        # changed since the last one, each known user's behaviours partition, the
+        # behaviours partitions held and where their user-state partitions were read up to
+        self._unacked: list[_Pending] = []
+        self._dirty: set[str] = set()
+        self._partition_of: dict[str, int] = {}
+        self._assignment: set[int] = set()
+        self._state_position: dict[int, int] = {}
+        self._restoring: asyncio.Future | None = None
+        self._last_checkpoint = time.monotonic()
+
+    @property
+    def snapshots(self) -> bool:
+        """Whether the engine's user states are checkpointed (model engines are)."""
+        return self.engine is not None and hasattr(self.engine, "export_states")
 
     async def start_engine(self) -> None:
         """Create missing topics (both ways of starting a worker pass here), build the engine."""
@@ -146,9 +195,10 @@ class BatchingWorker:
         )
         self.engine = await loop.run_in_executor(self._executor, self.engine_factory)
         log.info(
-            "engine ready: model %s (%.1f s)",
+            "engine ready: model %s (%.1f s)%s",
             self.engine.model_version,
             time.perf_counter() - started,
+            "" if self.snapshots else "; its states are not checkpointed",
         )
         self._ready.set()
 
@@ -156,6 +206,8 @@ class BatchingWorker:
         self._stream = stream.noack()
         async for event in self._stream.events():
             await self._ready.wait()
+            if event.message.partition not in self._assignment:
+                await self._wait_restored(event.message.partition)
             if self.batcher.add(self._admit(event), time.monotonic()):
                 await self.flush()
 
@@ -192,39 +244,187 @@ class BatchingWorker:
             )
 
     async def run_timer(self) -> None:
-        """Flush a batch whose oldest event has waited max_wait_ms."""
+        """Flush a batch whose oldest event has waited max_wait_ms; checkpoint when due, and
+        at once when a rebalance starts (Faust waits for every consumed message's ack)."""
         idle = self.config.batch.max_wait_ms / 1000.0 or 0.01
         while True:
             left = self.batcher.time_left(time.monotonic())
             await asyncio.sleep(idle if left is None else max(left, 0.0))
-            if self.batcher.due(time.monotonic()):
-                await self.flush()
+            rebalancing = bool(getattr(self.app, "rebalancing", False))
+            if (
+                self.batcher.due(time.monotonic())
+                or (self._unacked and self._checkpoint_due())
+                or (rebalancing and (len(self.batcher) or self._unacked))
+            ):
+                await self.flush(checkpoint=rebalancing)
 
-    async def flush(self) -> None:
+    def _checkpoint_due(self) -> bool:
+        if not self.snapshots:
+            return True
+        interval = self.config.snapshot_interval_s
+        return interval <= 0 or time.monotonic() - self._last_checkpoint >= interval
+
+    async def flush(self, checkpoint: bool = False) -> None:
+        """Process the waiting batch; checkpoint when due (or when `checkpoint`)."""
         async with self._flush_lock:
-            pending = self.batcher.take()
-            if not pending:
+            await self._flush_locked(checkpoint)
+
+    async def _flush_locked(self, checkpoint: bool) -> None:
+        pending = self.batcher.take()
+        try:
+            if pending:
+                await self._run_batch(pending)
+            if self._unacked and (checkpoint or self._checkpoint_due()):
+                await self._checkpoint()
+        except Exception as exc:
+            # nothing unacknowledged is acknowledged: stop, and a restarted worker (or the
+            # partitions' next owner) restores the last snapshots and consumes again from
+            # the committed offsets
+            log.exception(
+                "batch of %d events or checkpoint failed; stopping the worker", len(pending)
+            )
+            await self.app.crash(exc)
+            raise
+
+    async def _run_batch(self, pending: list[_Pending]) -> None:
+        events = [p.parsed for p in pending if p.parsed is not None]
+        started = time.perf_counter()
+        if events:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.engine.process, events
+            )
+        else:
+            result = EngineResult(recommendations=[], rejected=[], skipped_duplicates=0)
+        engine_done = time.perf_counter()
+        await self._publish(pending, result)
+        self._unacked.extend(pending)
+        for rec in result.recommendations:  # one per user whose state changed
+            self._dirty.add(rec.user_id)
+            self._partition_of[rec.user_id] = rec.source_partition
+        self._count(result, engine_done - started, time.perf_counter() - engine_done, len(pending))
+
+    async def _checkpoint(self) -> None:
+        """Snapshot the changed users, wait for the broker, then acknowledge everything
+        processed so far (only now may Faust commit past these offsets)."""
+        started = time.perf_counter()
+        if self.snapshots and self._dirty:
+            dirty = {u: self._partition_of[u] for u in self._dirty}
+            records = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._encode_states, dirty
+            )
+            producer, topic = self.app.producer, self.config.topics.user_state
+            deliveries = [
+                await producer.send(topic, user.encode(), value, partition, None, None)
+                for user, partition, value in records
+            ]
+            await asyncio.gather(*deliveries)
+            self._dirty.clear()
+            self.stats.snapshots_written += len(records)
+            self.stats.snapshot_bytes += sum(len(value) for _, _, value in records)
+        unacked, self._unacked = self._unacked, []
+        for p in unacked:
+            await self._stream.ack(p.event)
+        self._last_checkpoint = time.monotonic()
+        self.stats.checkpoints += 1
+        self.stats.checkpoint_seconds += time.perf_counter() - started
+
+    def _encode_states(self, partition_of: dict[str, int]) -> list[tuple[str, int, bytes]]:
+        """(user, partition, snapshot bytes) per user; runs on the engine's thread."""
+        return [
+            (snap.user_id, snap.partition, encode_snapshot(snap))
+            for snap in self.engine.export_states(partition_of)
+        ]
+
+    # ------------------------------------------------------------------ rebalances
+
+    async def on_partitions_assigned(self, assigned: set) -> None:
+        """Faust's signal: start restoring the new assignment's states (the agent and
+        Faust's resume wait for it; see `wait_restored`)."""
+        partitions = {tp.partition for tp in assigned if tp.topic == self.config.topics.behaviors}
+        previous = self._restoring
+        self._restoring = asyncio.ensure_future(self._reassign(partitions, previous))
+
+    async def _wait_restored(self, partition: int) -> None:
+        """No event of a newly assigned partition before that partition's user states."""
+        deadline = time.monotonic() + 5.0
+        while partition not in self._assignment:
+            if self._restoring is not None and not self._restoring.done():
+                await self._restoring
+            elif time.monotonic() > deadline:
+                log.warning("an event of partition %d, which was never assigned", partition)
                 return
-            events = [p.parsed for p in pending if p.parsed is not None]
-            started = time.perf_counter()
-            try:
-                if events:
-                    result = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, self.engine.process, events
-                    )
-                else:
-                    result = EngineResult(recommendations=[], rejected=[], skipped_duplicates=0)
-                engine_done = time.perf_counter()
-                await self._publish(pending, result)
-            except Exception as exc:
-                # nothing of this batch is acknowledged: stop, and a restarted worker (or
-                # the partitions' next owner) consumes it again from the committed offsets
-                log.exception("batch of %d events failed; stopping the worker", len(pending))
-                await self.app.crash(exc)
-                raise
-            for p in pending:  # only now may Faust commit past these offsets
-                await self._stream.ack(p.event)
-            self._count(result, engine_done - started, time.perf_counter() - engine_done)
+            else:
+                await asyncio.sleep(0.01)
+
+    async def wait_restored(self) -> None:
+        """Faust's on_rebalance_complete signal, awaited before it resumes the partitions:
+        wait for a restore in progress. Not before the engine exists: Faust starts the task
+        that builds it only after this first rebalance (the agent waits then)."""
+        if self._ready.is_set() and self._restoring is not None:
+            await self._restoring
+
+    async def _reassign(self, partitions: set[int], previous: asyncio.Future | None) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        await self._ready.wait()
+        try:
+            async with self._flush_lock:
+                await self._flush_locked(checkpoint=True)  # usually done on revocation
+                lost = self._assignment - partitions
+                self._assignment = set()  # events wait until the states are back
+                if self.snapshots:
+                    await self._restore(partitions, lost)
+                self._assignment = set(partitions)
+        except Exception as exc:
+            log.exception("restoring user states failed; stopping the worker")
+            await self.app.crash(exc)
+            raise
+
+    async def _restore(self, partitions: set[int], lost: set[int]) -> None:
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        gone = [u for u, p in self._partition_of.items() if p in lost]
+        for user in gone:
+            del self._partition_of[user]
+            self._dirty.discard(user)
+        for p in lost:
+            self._state_position.pop(p, None)
+        dropped = await loop.run_in_executor(self._executor, self.engine.drop_users, gone)
+        latest, ends = await loop.run_in_executor(
+            None,
+            functools.partial(
+                read_snapshots,
+                self.config.bootstrap,
+                self.config.topics.user_state,
+                sorted(partitions),
+                dict(self._state_position),
+                self.config.restore_timeout_s,
+            ),
+        )
+        restored = await loop.run_in_executor(self._executor, self._import_states, latest)
+        self._state_position.update(ends)
+        self.stats.users_restored += restored
+        self.stats.users_dropped += dropped
+        self.stats.restore_seconds += time.perf_counter() - started
+        log.info(
+            "assignment %s: restored %d of %d users from %s, dropped %d (%.2f s)",
+            sorted(partitions),
+            restored,
+            len(latest),
+            self.config.topics.user_state,
+            dropped,
+            time.perf_counter() - started,
+        )
+
+    def _import_states(self, latest: dict) -> int:
+        """Runs on the engine's thread: decode the snapshots ahead of the store, import."""
+        offset_of = getattr(getattr(self.engine, "store", None), "offset_of", None)
+        snapshots = []
+        for header, value in latest.values():
+            self._partition_of.setdefault(header.user_id, header.partition)
+            if offset_of is None or header.applied_offset > offset_of(header.user_id):
+                snapshots.append(decode_snapshot(value))
+        return self.engine.import_states(snapshots) if snapshots else 0
 
     async def _publish(self, pending: list[_Pending], result: EngineResult) -> None:
         topics, producer = self.config.topics, self.app.producer
@@ -254,7 +454,10 @@ class BatchingWorker:
             deliveries.append(await producer.send(topics.dlq, None, letter, None, None, None))
         await asyncio.gather(*deliveries)  # every record confirmed by the broker
 
-    def _count(self, result: EngineResult, engine_s: float, publish_s: float) -> None:
+    def _count(
+        self, result: EngineResult, engine_s: float, publish_s: float, batch_size: int | None = None
+    ) -> None:
+        self.metrics.observe_batch(result, batch_size, engine_s, publish_s, self.engine)
         stats = self.stats
         stats.batches += 1
         stats.recommendations_out += len(result.recommendations)
@@ -344,6 +547,22 @@ def create_app(config: WorkerConfig, engine_factory: Callable[[], Engine]) -> St
     app.agent(behaviors, name="hytrec.behaviors", concurrency=1)(behaviors_agent)
     app.task(worker.start_engine)
     app.task(worker.run_timer)
+    if config.web_port is not None:
+
+        @app.page("/metrics")
+        async def metrics(view, request):
+            """Prometheus text exposition of `worker.metrics` (hytrec/stream/metrics.py)."""
+            body = worker.metrics.exposition()
+            return view.bytes(body, headers={"Content-Type": CONTENT_TYPE})
+
+    @app.on_partitions_assigned.connect
+    async def on_partitions_assigned(sender, assigned, **kwargs):
+        await worker.on_partitions_assigned(assigned)
+
+    @app.on_rebalance_complete.connect
+    async def on_rebalance_complete(sender, **kwargs):
+        await worker.wait_restored()
+
     return app
 
 

@@ -40,6 +40,9 @@ class TopicConfig:
     behaviors: str = "behaviors"
     recommendations: str = "recommendations"
     dlq: str = "behaviors-dlq"
+    # snapshots of user state, keyed by user, compacted; always co-partitioned with
+    # `behaviors` (same partition count) so that a partition's owner finds its users there
+    user_state: str = "user-state"
     behaviors_partitions: int = 4
     recommendations_partitions: int = 4
     dlq_partitions: int = 1
@@ -52,13 +55,19 @@ class TopicConfig:
             self.dlq: self.dlq_partitions,
         }
 
+    def state_partitions(self) -> dict[str, int]:
+        """The user-state topic: as many partitions as `behaviors`."""
+        return {self.user_state: self.behaviors_partitions}
+
 
 def ensure_topics(
     bootstrap: str, config: TopicConfig = TopicConfig(), timeout_s: float = 30.0
 ) -> dict[str, int]:
-    """Create the topics that are missing; check that existing ones have the configured
-    partition counts (raise ValueError otherwise). Returns topic -> partition count."""
-    wanted = config.partitions()
+    """Create the topics that are missing (the user-state topic compacted); check that
+    existing ones have the configured partition counts (raise ValueError otherwise).
+    Returns topic -> partition count of the three data topics."""
+    wanted = {**config.partitions(), **config.state_partitions()}
+    compacted = {"cleanup.policy": "compact"}
     admin = KafkaAdminClient(
         bootstrap_servers=bootstrap,
         client_id="hytrec-topics",
@@ -67,7 +76,12 @@ def ensure_topics(
     try:
         existing = set(admin.list_topics())
         missing = [
-            NewTopic(name, partitions, config.replication_factor)
+            NewTopic(
+                name,
+                partitions,
+                config.replication_factor,
+                topic_configs=compacted if name == config.user_state else {},
+            )
             for name, partitions in wanted.items()
             if name not in existing
         ]
@@ -86,7 +100,7 @@ def ensure_topics(
             "topics exist with other partition counts (actual, wanted): "
             f"{wrong}; delete them or change the configuration"
         )
-    return actual
+    return {name: actual[name] for name in config.partitions()}
 
 
 def _partition_counts(

@@ -1,4 +1,4 @@
-"""`hytrec` subcommands of the stream package: broker, worker, replay, tail."""
+"""`hytrec` subcommands of the stream package: broker, worker, replay, tail, status."""
 
 from __future__ import annotations
 
@@ -79,6 +79,13 @@ def register(commands, benchmarks) -> None:
     worker.add_argument("--web-port", type=int, help="Faust web server port (default: off)")
     worker.add_argument("--data-dir", default=".cache/hytrec/faust")
     worker.add_argument("--log-every", type=int, default=100, help="log a line per N batches")
+    worker.add_argument(
+        "--snapshot-interval",
+        type=float,
+        default=float(os.environ.get("HYTREC_SNAPSHOT_INTERVAL_S", 2.0)),
+        help="seconds between checkpoints of changed user states to `user-state` (0: each "
+        "batch; default $HYTREC_SNAPSHOT_INTERVAL_S or 2)",
+    )
     worker.add_argument("--loglevel", default="info")
     _add_topic_args(worker)
     worker.set_defaults(func=_worker)
@@ -127,6 +134,33 @@ def register(commands, benchmarks) -> None:
     )
     tail.set_defaults(func=_tail)
 
+    status = commands.add_parser(
+        "status",
+        help="a running worker's metrics, readably (from its /metrics)",
+        description="Scrape a worker's Prometheus /metrics (served with `hytrec worker "
+        "--web-port PORT`) and print events in, rates, recommendations out, dead letters by "
+        "reason, latency percentiles, state slots and consumer lag.",
+    )
+    status.add_argument(
+        "--url", default="http://127.0.0.1:6066/metrics", help="the worker's /metrics URL"
+    )
+    status.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        help="seconds between two scrapes for rates (0: one scrape, no rates)",
+    )
+    status.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    status.set_defaults(func=_status)
+
+    from hytrec.stream.stream_benchmark import add_parser as add_stream_benchmark
+
+    add_stream_benchmark(benchmarks)
+
+    from hytrec.stream.chaos import add_parser as add_chaos_benchmark
+
+    add_chaos_benchmark(benchmarks)
+
 
 def _logging(level: str = "info") -> None:
     logging.basicConfig(
@@ -174,6 +208,7 @@ def _worker(args) -> int:
         log_every_batches=args.log_every,
         web_port=args.web_port,
         data_dir=args.data_dir,
+        snapshot_interval_s=args.snapshot_interval,
     )
     engine_config = EngineConfig(
         top_k=args.top_k,
@@ -228,6 +263,19 @@ def _replay(args) -> int:
             }
         )
     )
+    return 0
+
+
+def _status(args) -> int:
+    from urllib.error import URLError
+
+    from hytrec.stream.metrics import status
+
+    try:
+        print(status(args.url, interval_s=args.interval, as_json=args.json), flush=True)
+    except (URLError, OSError) as exc:
+        print(f"cannot read {args.url}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

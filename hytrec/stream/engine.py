@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from hytrec.index import IndexConfig, ItemIndex, build_from_checkpoint
 from hytrec.model.events import Behavior
 from hytrec.model.hytrec import EventBatch, HyTRec
 from hytrec.stream.schemas import BehaviorEvent, EngineResult, Recommendation
+from hytrec.stream.snapshots import UserSnapshot
 from hytrec.stream.state_store import UserStateStore
 
 log = logging.getLogger(__name__)
@@ -78,20 +79,25 @@ class RecommendationEngine:
     # ------------------------------------------------------------------ one micro-batch
 
     def process(self, events: Sequence[BehaviorEvent]) -> EngineResult:
-        runs, rejected, skipped = self._admit(events)
-        self.stats.skipped_duplicates += skipped
-        for _, reason, _ in rejected:
-            self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
-        if not runs:
-            return EngineResult(recommendations=[], rejected=rejected, skipped_duplicates=skipped)
+        # inference mode: no autograd bookkeeping at all (cheaper than no_grad for the many
+        # small tensor operations of a step); in-place updates of the store are allowed
+        with torch.inference_mode():
+            runs, rejected, skipped = self._admit(events)
+            self.stats.skipped_duplicates += skipped
+            for _, reason, _ in rejected:
+                self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+            if not runs:
+                return EngineResult(
+                    recommendations=[], rejected=rejected, skipped_duplicates=skipped
+                )
 
-        users = list(runs)
-        recommendations = []
-        for start in range(0, len(users), self.store.num_slots):  # a batch never exceeds slots
-            chunk = users[start : start + self.store.num_slots]
-            chunk_runs = [runs[u] for u in chunk]
-            slots, vectors = self._apply(chunk, chunk_runs)
-            recommendations += self._recommend(chunk, chunk_runs, slots, vectors)
+            users = list(runs)
+            recommendations = []
+            for start in range(0, len(users), self.store.num_slots):  # never exceeds slots
+                chunk = users[start : start + self.store.num_slots]
+                chunk_runs = [runs[u] for u in chunk]
+                slots, vectors = self._apply(chunk, chunk_runs)
+                recommendations += self._recommend(chunk, chunk_runs, slots, vectors)
         return EngineResult(
             recommendations=recommendations, rejected=rejected, skipped_duplicates=skipped
         )
@@ -102,10 +108,12 @@ class RecommendationEngine:
         rejected: list[tuple[BehaviorEvent, str, str]] = []
         skipped = 0
         items, categories = self.model.items, self.model.categories
+        codes: dict[str, int] = {}  # raw behaviour name -> Behavior, parsed once per batch
+        store = self.store
         for event in events:
             user = event.user_id
             run = runs.get(user)
-            last_offset = run[-1][0].offset if run else self.store.offset_of(user)
+            last_offset = run[-1][0].offset if run else store.offset_of(user)
             if event.offset <= last_offset:
                 skipped += 1  # at-least-once delivery replayed it: applied already
                 continue
@@ -119,7 +127,7 @@ class RecommendationEngine:
                     )
                 )
                 continue
-            last_ts = run[-1][0].ts if run else self.store.newest_ts(user)
+            last_ts = run[-1][0].ts if run else store.newest_ts(user)
             if last_ts is not None and event.ts < last_ts:
                 rejected.append(
                     (
@@ -130,19 +138,25 @@ class RecommendationEngine:
                 )
                 continue
             category = categories.get(event.category_id) if categories is not None else 0
-            runs.setdefault(user, []).append(
-                (event, item, category, int(Behavior.parse(event.behavior)))
-            )
+            behavior = codes.get(event.behavior)
+            if behavior is None:
+                behavior = codes[event.behavior] = int(Behavior.parse(event.behavior))
+            if run is None:
+                runs[user] = [(event, item, category, behavior)]
+            else:
+                run.append((event, item, category, behavior))
         return runs, rejected, skipped
 
     def _apply(self, users: list[str], runs: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
         """One model step for all users' runs: their slots [U] and user vectors [U, d]."""
         started = time.perf_counter()
-        M = max(len(r) for r in runs)
-        columns = np.zeros((4, len(runs), M), dtype=np.int64)  # item, category, behaviour, ts
-        for u, run in enumerate(runs):
-            columns[:, u, : len(run)] = np.array([(i, c, b, e.ts) for e, i, c, b in run]).T
-        lengths = torch.tensor([len(r) for r in runs])
+        sizes = [len(r) for r in runs]
+        columns = np.zeros((4, len(runs), max(sizes)), dtype=np.int64)  # item, cat., beh., ts
+        flat = np.array([(i, c, b, e.ts) for run in runs for e, i, c, b in run], dtype=np.int64)
+        rows = np.repeat(np.arange(len(runs)), sizes)
+        starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
+        columns[:, rows, np.arange(len(flat)) - starts] = flat.T
+        lengths = torch.tensor(sizes)
         batch = EventBatch(*torch.from_numpy(columns), lengths=lengths).to(self.device)
         slots = self.store.acquire(users)
         vectors = self.model.step(self.store.state, slots.to(self.device), batch)
@@ -163,18 +177,17 @@ class RecommendationEngine:
         found = self.index.search(vectors.float().cpu().numpy(), self.config.top_k, exclude=exclude)
         self.stats.search_seconds += time.perf_counter() - started
         produced_at = time.time()
-        items = self.model.items
+        raw = self.model.items.raw
         out = []
         for user, run, row_ids, row_scores in zip(
-            users, runs, found.ids, found.scores, strict=True
+            users, runs, found.ids.tolist(), found.scores.tolist(), strict=True
         ):
             newest = run[-1][0]
-            keep = row_ids > 0
             out.append(
                 Recommendation(
                     user_id=user,
-                    items=[items.raw(int(i)) for i in row_ids[keep]],
-                    scores=[float(s) for s in row_scores[keep]],
+                    items=[raw(i) for i in row_ids if i > 0],
+                    scores=[s for i, s in zip(row_ids, row_scores, strict=True) if i > 0],
                     model_version=self.model_version,
                     source_partition=newest.partition,
                     source_offset=newest.offset,
@@ -185,6 +198,51 @@ class RecommendationEngine:
             )
         self.stats.recommendations += len(out)
         return out
+
+    # ------------------------------------------------------------------ snapshots (issue 5)
+
+    def export_states(self, partition_of: Mapping[str, int]) -> list[UserSnapshot]:
+        """Snapshots of these users' states (user -> its behaviours partition); users the
+        store does not know are left out."""
+        now = time.time()
+        with torch.no_grad():
+            states = self.store.export_users(list(partition_of))
+        return [
+            UserSnapshot(
+                user_id=user,
+                applied_offset=kept.applied_offset,
+                partition=partition_of[user],
+                model_version=self.model_version,
+                tensors=kept.tensors,
+                written_at=now,
+            )
+            for user, kept in states.items()
+        ]
+
+    def import_states(self, snapshots: Sequence[UserSnapshot]) -> int:
+        """Restore users from snapshots that are ahead of what the store holds (a higher
+        applied offset); snapshots of another model version are refused (logged). How
+        many users were restored."""
+        restored = refused = 0
+        with torch.no_grad():
+            for snap in snapshots:
+                if snap.model_version != self.model_version:
+                    refused += 1
+                    continue
+                if snap.applied_offset > self.store.offset_of(snap.user_id):
+                    self.store.import_user(snap.user_id, snap.tensors, snap.applied_offset)
+                    restored += 1
+        if refused:
+            log.warning(
+                "refused %d snapshots of another model version than %s",
+                refused,
+                self.model_version,
+            )
+        return restored
+
+    def drop_users(self, users: Sequence[str]) -> int:
+        """Forget these users' states (their partitions moved away); how many were known."""
+        return self.store.forget(users)
 
 
 def build_engine(

@@ -128,3 +128,51 @@ class UserStateStore:
 
     def mark_applied(self, slots: torch.Tensor, offsets: Sequence[int]) -> None:
         self.applied_offset[slots] = torch.as_tensor(list(offsets), dtype=torch.long)
+
+    # ------------------------------------------------------------------ snapshots (issue 5)
+
+    def export_users(self, users: Sequence[str]) -> dict[str, EvictedUser]:
+        """Host copies of these users' states and applied offsets (unknown users are left
+        out); the store is left as it is (no slot moves, no LRU change). One gather per
+        state tensor for all users on the device."""
+        out: dict[str, EvictedUser] = {}
+        on_device = [u for u in users if u in self.slot_of]
+        if on_device:
+            index = torch.tensor([self.slot_of[u] for u in on_device])
+            parts = [t.to("cpu") for t in self.state.read(index.to(self.state.count.device))]
+            offsets = self.applied_offset[index].tolist()
+            for row, user in enumerate(on_device):  # rows of fresh copies: views suffice
+                out[user] = EvictedUser([t[row] for t in parts], int(offsets[row]))
+        for user in users:
+            kept = self.evicted.get(user)
+            if kept is not None:
+                out[user] = EvictedUser([t.clone() for t in kept.tensors], kept.applied_offset)
+        return out
+
+    def import_user(self, user: str, tensors: Sequence[torch.Tensor], applied_offset: int) -> None:
+        """Replace `user`'s state (e.g. restored from a snapshot): written into its slot when
+        it has one, else kept in host memory until `acquire` loads it."""
+        shapes = [tuple(t.shape[1:]) for t in self.state.tensors()]
+        if [tuple(t.shape) for t in tensors] != shapes:
+            raise ValueError(f"state of user {user!r} does not fit this model's state layout")
+        if user in self.slot_of:
+            slot = self.slot_of[user]
+            self.state.write(torch.tensor([slot]), [t[None] for t in tensors])
+            self.applied_offset[slot] = applied_offset
+        else:
+            self.evicted[user] = EvictedUser(
+                tensors=[t.to("cpu").clone() for t in tensors], applied_offset=applied_offset
+            )
+
+    def forget(self, users: Sequence[str]) -> int:
+        """Drop these users' states (their partitions moved to another worker); how many
+        were known."""
+        dropped = 0
+        for user in users:
+            slot = self.slot_of.pop(user, None)
+            if slot is not None:
+                self.free.append(slot)
+                dropped += 1
+            elif self.evicted.pop(user, None) is not None:
+                dropped += 1
+        return dropped

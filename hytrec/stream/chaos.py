@@ -1,0 +1,622 @@
+"""`hytrec benchmark chaos`: effectively-once user state under kill -9 and rebalances.
+
+One trial: an embedded broker (Tansu), real Taobao events (synthetic ones when the data is
+absent) published in paced chunks, and a consumer group of `hytrec worker` processes running
+the model engine (an untrained HyTRec with seeded weights over the data's vocabulary; the
+weights do not matter for delivery). While the events flow, workers are killed with SIGKILL
+at seeded random moments and restarted, a worker is added and one is stopped. At the end
+every user's latest snapshot in `user-state` must equal the offline replay of exactly that
+user's events:
+
+- `lost`: events a user's final state misses (its event count is short of the user's
+  events; a user without any snapshot loses all of them);
+- `double_applied`: events counted twice in a final state (the count is over);
+- `state_mismatches`: users whose final state tensors differ from the offline replay's
+  (float tensors beyond rtol = atol = `tolerance`, integer ones at all);
+- `vector_mismatches`: runs of events that some worker applied (killed ones included) whose
+  user vector differs from the offline vector after the same events: a run applied on a
+  wrong state (one missing events or holding some twice) shows here even when a later
+  restore discarded it;
+- `reapplied`: events applied again after a crash because the snapshot covering them was
+  not yet written (their first application died with the worker): the work a crash costs.
+
+The engine of each worker process logs every run it applies (user, offset before, last
+offset, count, vector) to its own file: `make_recording_engine` below.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+RESULT_PATH = Path("benchmarks/results/chaos-cpu.json")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    dataset: str = "taobao"
+    users: int = 40  # the first N users of the log (the Taobao sample is sorted by user)
+    max_events: int | None = None  # cap on events (the earliest in time)
+    workers: int = 2
+    kills: int = 5
+    chaos_seconds: float = 45.0  # events are published over this span, kills happen in it
+    chunks: int = 40  # the events go out in this many paced chunks
+    seed: int = 0
+    d_model: int = 32
+    batch_size: int = 64
+    batch_wait_ms: float = 20.0
+    snapshot_interval_s: float = 0.5
+    partitions: int = 4
+    tolerance: float = 1e-4
+    settle_timeout_s: float = 90.0  # after the chaos, for every user's final snapshot
+    output: Path = Path("runs/chaos")
+
+
+@dataclass
+class ChaosReport:
+    seed: int
+    users: int
+    events: int
+    kills: int
+    workers_added: int
+    workers_removed: int
+    incarnations: int
+    worker_failures: int  # exits other than 0 or SIGTERM (stopped) and SIGKILL (killed)
+    users_restored: int  # restores from snapshots, summed over all assignments
+    lost: int
+    double_applied: int
+    state_mismatches: int
+    vector_mismatches: int
+    runs_logged: int
+    reapplied: int
+    max_state_diff: float
+    max_vector_diff: float
+    seconds: float
+    timeline: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.lost
+            or self.double_applied
+            or self.state_mismatches
+            or self.vector_mismatches
+            or self.worker_failures
+        )
+
+
+# ---------------------------------------------------------------------------- the engine
+
+
+def make_recording_engine():
+    """The worker's `--engine hytrec.stream.chaos:make_recording_engine`: the model engine
+    of $HYTREC_CHAOS_CHECKPOINT that appends every applied run to $HYTREC_CHAOS_LOG as a
+    JSON line {u, base, last, n, v}."""
+    import torch
+
+    from hytrec.stream.engine import EngineConfig, RecommendationEngine, build_engine
+
+    torch.set_num_threads(1)  # several workers share two cores
+
+    class RecordingEngine(RecommendationEngine):
+        def _apply(self, users, runs):
+            bases = [self.store.offset_of(u) for u in users]
+            slots, vectors = super()._apply(users, runs)
+            for user, run, base, vector in zip(users, runs, bases, vectors.tolist(), strict=True):
+                self._chaos_lines.append(
+                    json.dumps(
+                        {
+                            "u": user,
+                            "base": base,
+                            "last": run[-1][0].offset,
+                            "n": len(run),
+                            "v": vector,
+                        }
+                    )
+                )
+            return slots, vectors
+
+        def process(self, events):
+            result = super().process(events)
+            if self._chaos_lines:
+                self._chaos_log.write("\n".join(self._chaos_lines) + "\n")
+                self._chaos_log.flush()
+                self._chaos_lines.clear()
+            return result
+
+    engine = build_engine(
+        os.environ["HYTREC_CHAOS_CHECKPOINT"], config=EngineConfig(device="cpu", top_k=10)
+    )
+    engine.__class__ = RecordingEngine
+    engine._chaos_lines = []
+    engine._chaos_log = open(os.environ["HYTREC_CHAOS_LOG"], "a")  # noqa: SIM115
+    return engine
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+class _Workers:
+    """Worker subprocesses of one group; each start is a new incarnation with its own log."""
+
+    def __init__(self, bootstrap: str, config: ChaosConfig, checkpoint: Path, directory: Path):
+        self.bootstrap, self.config = bootstrap, config
+        self.checkpoint, self.directory = checkpoint, directory
+        self.running: dict[int, subprocess.Popen] = {}  # slot -> process
+        self.incarnations = 0
+        self.runs_log: dict[int, Path] = {}
+        self.all: list[subprocess.Popen] = []
+
+    def start(self, slot: int) -> subprocess.Popen:
+        n = self.incarnations
+        self.incarnations += 1
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+            "HYTREC_CHAOS_CHECKPOINT": str(self.checkpoint),
+            "HYTREC_CHAOS_LOG": str(self.directory / f"runs-{n}.jsonl"),
+            "OMP_NUM_THREADS": "1",
+        }
+        c = self.config
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hytrec.cli",
+                "worker",
+                "--engine",
+                "hytrec.stream.chaos:make_recording_engine",
+                "--bootstrap",
+                self.bootstrap,
+                "--embedded-broker",
+                "--group",
+                "chaos",
+                "--batch-size",
+                str(c.batch_size),
+                "--batch-wait-ms",
+                str(c.batch_wait_ms),
+                "--snapshot-interval",
+                str(c.snapshot_interval_s),
+                "--behaviors-partitions",
+                str(c.partitions),
+                "--recommendations-partitions",
+                str(c.partitions),
+                "--data-dir",
+                str(self.directory / f"faust-{n}"),
+                "--log-every",
+                "50",
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=open(self.directory / f"worker-{n}.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        self.running[slot] = process
+        self.runs_log[slot] = self.directory / f"runs-{n}.jsonl"
+        self.all.append(process)
+        return process
+
+    def busy(self, slot: int) -> bool:
+        """Whether the slot's current worker has applied events."""
+        path = self.runs_log.get(slot)
+        return path is not None and path.exists() and path.stat().st_size > 0
+
+    def kill(self, slot: int) -> int:
+        process = self.running.pop(slot)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        return process.pid
+
+    def stop(self, slot: int, timeout_s: float = 30.0) -> None:
+        process = self.running.pop(slot)
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def stop_all(self) -> None:
+        for slot in list(self.running):
+            self.stop(slot)
+
+
+def _schedule(config: ChaosConfig, rng: random.Random) -> list[tuple[float, str]]:
+    """(time, action) pairs in the chaos span: kills spread over it (one per slice, at a
+    random moment of the slice), a worker added a third of the way, one removed at 60 %."""
+    span = config.chaos_seconds
+    actions = [(span * 0.3, "add"), (span * 0.6, "remove")]
+    width = span * 0.9 / config.kills
+    for k in range(config.kills):
+        actions.append((span * 0.05 + width * k + rng.uniform(0.1, 0.9) * width, "kill"))
+    return sorted(actions)
+
+
+# ---------------------------------------------------------------------------- a trial
+
+
+def _model(events, config: ChaosConfig, directory: Path) -> Path:
+    import torch
+
+    from hytrec.model.hytrec import HyTRec, HyTRecConfig
+
+    torch.manual_seed(config.seed)
+    cfg = HyTRecConfig(
+        num_items=len(events.items),
+        num_categories=len(events.categories),
+        d_model=config.d_model,
+        dropout=0,
+    )
+    return HyTRec(cfg, events.items, events.categories).save(directory / "checkpoint")
+
+
+def _events(config: ChaosConfig):
+    from hytrec.model.data import load_dataset, select
+    from hytrec.model.synthetic import SyntheticConfig, generate
+
+    try:
+        if config.dataset == "synthetic":
+            raise FileNotFoundError(config.dataset)
+        events = load_dataset(config.dataset, on_bad_row="skip", progress=False)
+    except FileNotFoundError:
+        log.warning("dataset %s not found: synthetic events", config.dataset)
+        events = generate(SyntheticConfig(seed=config.seed))
+    return select(events, events.user <= config.users)
+
+
+def run_trial(config: ChaosConfig) -> ChaosReport:
+    from hytrec.stream.broker import EmbeddedBroker, TopicConfig
+    from hytrec.stream.replay import ReplayConfig, log_events, publish_events
+
+    started = time.monotonic()
+    rng = random.Random(config.seed)
+    directory = config.output / f"seed-{config.seed}"
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("runs-*.jsonl"):
+        old.unlink()
+    events = _events(config)
+    checkpoint = _model(events, config, directory)
+    payloads = list(log_events(events))
+    if config.max_events:
+        payloads = payloads[: config.max_events]
+    timeline: list[str] = []
+
+    def note(what: str) -> None:
+        timeline.append(f"{time.monotonic() - started:7.1f} s  {what}")
+        log.info(what)
+
+    topics = TopicConfig(
+        behaviors_partitions=config.partitions, recommendations_partitions=config.partitions
+    )
+    positions: dict[int, tuple[int, int]] = {}
+    with EmbeddedBroker(topics=topics, log_file=directory / "broker.log") as broker:
+        workers = _Workers(broker.bootstrap, config, checkpoint, directory)
+        kills = added = removed = 0
+        try:
+            for slot in range(config.workers):
+                workers.start(slot)
+            note(f"{config.workers} workers started")
+            chunks = np.array_split(np.arange(len(payloads)), config.chunks)
+            actions = _schedule(config, rng)
+            chaos_start = time.monotonic()
+            next_slot = config.workers
+            restarts: list[tuple[float, int]] = []
+
+            def tick(now: float) -> None:
+                nonlocal kills, added, removed, next_slot
+                for due, slot in sorted(restarts):
+                    if due <= now:
+                        restarts.remove((due, slot))
+                        workers.start(slot)
+                        note(f"worker slot {slot} restarted")
+                if not actions or chaos_start + actions[0][0] > now:
+                    return
+                due, action = actions.pop(0)
+                if action == "kill":
+                    # a worker that is consuming (it applied events), so that the kill
+                    # lands amid batches, checkpoints and rebalances, not during a start
+                    busy = [s for s in sorted(workers.running) if workers.busy(s)]
+                    if not busy:
+                        actions.insert(0, (due + 0.5, action))
+                        return
+                    slot = rng.choice(busy)
+                    pid = workers.kill(slot)
+                    kills += 1
+                    note(f"kill -9 worker slot {slot} (pid {pid})")
+                    restarts.append((now + rng.uniform(0.5, 3.0), slot))
+                elif action == "add":
+                    workers.start(next_slot)
+                    note(f"worker slot {next_slot} added")
+                    next_slot += 1
+                    added += 1
+                elif action == "remove" and len(workers.running) > 1:
+                    busy = [s for s in sorted(workers.running) if workers.busy(s)]
+                    slot = (busy or sorted(workers.running))[0]
+                    workers.stop(slot)
+                    note(f"worker slot {slot} stopped (SIGTERM)")
+                    removed += 1
+
+            for c, chunk in enumerate(chunks):
+                publish_events(
+                    [payloads[i] for i in chunk],
+                    broker.bootstrap,
+                    ReplayConfig(progress=False),
+                    on_delivery=lambda i, meta, chunk=chunk: positions.__setitem__(
+                        int(chunk[i]), (meta.partition, meta.offset)
+                    ),
+                )
+                chunk_end = chaos_start + config.chaos_seconds * (c + 1) / config.chunks
+                while time.monotonic() < chunk_end:
+                    tick(time.monotonic())
+                    time.sleep(0.02)
+            deadline = time.monotonic() + config.settle_timeout_s
+            while (actions or restarts) and time.monotonic() < deadline:
+                tick(time.monotonic())  # kills that were postponed, restarts
+                time.sleep(0.02)
+            note(f"all {len(payloads)} events published; waiting for the final snapshots")
+            last_offset = {}
+            for i, p in enumerate(payloads):
+                last_offset[p["user_id"]] = positions[i][1]
+            latest = _wait_final(broker.bootstrap, topics, last_offset, config.settle_timeout_s)
+            note("every user's final snapshot is written")
+        finally:
+            workers.stop_all()
+        failures = 0
+        for process in workers.all:
+            # -SIGTERM: stopped while still starting, before Faust handles the signal
+            if process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
+                failures += 1
+                note(f"worker pid {process.pid} exited with {process.returncode}")
+    report = _check(config, checkpoint, payloads, positions, latest, directory)
+    report.kills, report.workers_added, report.workers_removed = kills, added, removed
+    report.incarnations, report.worker_failures = workers.incarnations, failures
+    report.users_restored = sum(
+        int(m)
+        for path in directory.glob("worker-*.log")
+        for m in re.findall(rb"restored (\d+) of", path.read_bytes())
+    )
+    report.seconds = round(time.monotonic() - started, 1)
+    report.timeline = timeline
+    return report
+
+
+def _wait_final(bootstrap, topics, last_offset: dict[str, int], timeout_s: float) -> dict:
+    """Latest snapshot per user, once every user's covers its last event."""
+    from hytrec.stream.snapshots import read_snapshots
+
+    deadline = time.monotonic() + timeout_s
+    latest: dict = {}
+    start: dict[int, int] = {}
+    while True:
+        found, ends = read_snapshots(
+            bootstrap, topics.user_state, list(range(topics.behaviors_partitions)), start
+        )
+        for user, (header, value) in found.items():
+            if user not in latest or header.applied_offset >= latest[user][0].applied_offset:
+                latest[user] = (header, value)
+        start = ends
+        behind = [
+            u
+            for u, last in last_offset.items()
+            if u not in latest or latest[u][0].applied_offset < last
+        ]
+        if not behind:
+            return latest
+        if time.monotonic() > deadline:
+            log.warning("%d users never got a final snapshot", len(behind))
+            return latest
+        time.sleep(1.0)
+
+
+# ---------------------------------------------------------------------------- the check
+
+
+def _offline(model, payloads: list[dict], offsets: list[int]):
+    """Per user: its final state tensors after one-event-at-a-time streaming from zero, and
+    the user vector after each of its events (by offset)."""
+    import torch
+
+    from hytrec.model.events import Behavior
+    from hytrec.model.hytrec import EventBatch
+
+    by_user: dict[str, list[tuple[dict, int]]] = defaultdict(list)
+    for p, offset in zip(payloads, offsets, strict=True):
+        by_user[p["user_id"]].append((p, offset))
+    users = sorted(by_user)
+    state = model.new_state(len(users))
+    vectors: dict[tuple[str, int], np.ndarray] = {}
+    longest = max(len(v) for v in by_user.values())
+    with torch.inference_mode():
+        for t in range(longest):
+            active = [i for i, u in enumerate(users) if len(by_user[users[i]]) > t]
+            rows = [by_user[users[i]][t] for i in active]
+            columns = [
+                [model.items.get(p["item_id"]) for p, _ in rows],
+                [model.categories.get(p["category_id"]) for p, _ in rows],
+                [int(Behavior.parse(p["behavior"])) for p, _ in rows],
+                [p["ts"] for p, _ in rows],
+            ]
+            batch = EventBatch(
+                *(torch.tensor(c)[:, None] for c in columns),
+                lengths=torch.ones(len(rows), dtype=torch.long),
+            )
+            out = model.step(state, torch.tensor(active), batch)
+            for j, i in enumerate(active):
+                vectors[(users[i], rows[j][1])] = out[j].numpy()
+    finals = {u: [t[i].clone() for t in state.tensors()] for i, u in enumerate(users)}
+    counts = {u: len(v) for u, v in by_user.items()}
+    return finals, vectors, counts
+
+
+def _runs(directory: Path) -> list[dict]:
+    runs = []
+    for path in sorted(directory.glob("runs-*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                runs.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a killed worker
+                continue
+    return runs
+
+
+def _check(config, checkpoint, payloads, positions, latest, directory) -> ChaosReport:
+    import torch
+
+    from hytrec.model.hytrec import HyTRec
+    from hytrec.stream.snapshots import decode_snapshot
+
+    model = HyTRec.load(checkpoint).eval()
+    offsets = [positions[i][1] for i in range(len(payloads))]
+    finals, vectors, counts = _offline(model, payloads, offsets)
+    tol = config.tolerance
+    lost = double = mismatches = 0
+    worst_state = 0.0
+    for user, expected in finals.items():
+        if user not in latest:
+            lost += counts[user]
+            mismatches += 1
+            continue
+        got = decode_snapshot(latest[user][1]).tensors
+        count = int(got[-2])  # StreamState.tensors(): ..., count, last_ts
+        lost += max(0, counts[user] - count)
+        double += max(0, count - counts[user])
+        same = True
+        for a, b in zip(got, expected, strict=True):
+            if a.is_floating_point():
+                diff = float((a - b).abs().max()) if a.numel() else 0.0
+                worst_state = max(worst_state, diff)
+                same &= torch.allclose(a, b, rtol=tol, atol=tol)
+            else:
+                same &= torch.equal(a, b)
+        mismatches += not same
+    runs = _runs(directory)
+    vector_bad, worst_vector = 0, 0.0
+    for run in runs:
+        want = vectors.get((run["u"], run["last"]))
+        if want is None:
+            vector_bad += 1
+            continue
+        diff = float(np.abs(np.asarray(run["v"]) - want).max())
+        worst_vector = max(worst_vector, diff)
+        vector_bad += not np.allclose(run["v"], want, rtol=tol, atol=tol)
+    applied = sum(run["n"] for run in runs)
+    return ChaosReport(
+        seed=config.seed,
+        users=len(finals),
+        events=len(payloads),
+        kills=0,
+        workers_added=0,
+        workers_removed=0,
+        incarnations=0,
+        worker_failures=0,
+        users_restored=0,
+        lost=lost,
+        double_applied=double,
+        state_mismatches=mismatches,
+        vector_mismatches=vector_bad,
+        runs_logged=len(runs),
+        reapplied=applied - len(payloads),
+        max_state_diff=worst_state,
+        max_vector_diff=worst_vector,
+        seconds=0.0,
+    )
+
+
+# ---------------------------------------------------------------------------- command
+
+
+def run_benchmark(config: ChaosConfig, trials: int) -> dict:
+    reports = []
+    for t in range(trials):
+        c = ChaosConfig(**{**asdict(config), "seed": config.seed + t})
+        report = run_trial(c)
+        print(
+            f"trial {t}: seed {c.seed}, {report.events} events, {report.users} users, "
+            f"{report.kills} kills, +{report.workers_added}/-{report.workers_removed} "
+            f"workers: lost {report.lost}, double {report.double_applied}, state mismatches "
+            f"{report.state_mismatches}, vector mismatches {report.vector_mismatches}, "
+            f"reapplied {report.reapplied} ({report.seconds} s)",
+            flush=True,
+        )
+        reports.append(report)
+    return {
+        "trials": len(reports),
+        "events": sum(r.events for r in reports),
+        "lost": sum(r.lost for r in reports),
+        "double_applied": sum(r.double_applied for r in reports),
+        "state_mismatches": sum(r.state_mismatches for r in reports),
+        "vector_mismatches": sum(r.vector_mismatches for r in reports),
+        "worker_failures": sum(r.worker_failures for r in reports),
+        "kills": sum(r.kills for r in reports),
+        "reapplied": sum(r.reapplied for r in reports),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "per_trial": [asdict(r) for r in reports],
+    }
+
+
+def add_parser(benchmarks) -> None:
+    d = ChaosConfig()
+    parser = benchmarks.add_parser(
+        "chaos",
+        help="kill -9 and rebalance workers mid-stream; check every user's final state",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--dataset", default=d.dataset)
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--users", type=int, default=200, help="the first N users' events")
+    parser.add_argument("--max-events", type=int)
+    parser.add_argument("--workers", type=int, default=d.workers)
+    parser.add_argument("--kills", type=int, default=8, help="kill -9 per trial")
+    parser.add_argument("--chaos-seconds", type=float, default=90.0)
+    parser.add_argument("--chunks", type=int, default=90)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--snapshot-interval", type=float, default=d.snapshot_interval_s)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--output", default=str(d.output), help="logs, checkpoints")
+    parser.add_argument("--result", default=str(RESULT_PATH))
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+    config = ChaosConfig(
+        dataset=args.dataset,
+        users=args.users,
+        max_events=args.max_events,
+        workers=args.workers,
+        kills=args.kills,
+        chaos_seconds=args.chaos_seconds,
+        chunks=args.chunks,
+        seed=args.seed,
+        snapshot_interval_s=args.snapshot_interval,
+        batch_size=args.batch_size,
+        output=Path(args.output),
+    )
+    started = time.time()
+    result = run_benchmark(config, args.trials)
+    result["command"] = " ".join(["hytrec benchmark chaos", *sys.argv[3:]])
+    result["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result["seconds"] = round(time.time() - started, 1)
+    result["machine"] = f"{os.cpu_count()} CPU cores, no GPU"
+    path = Path(args.result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    checks = ("lost", "double_applied", "state_mismatches", "vector_mismatches", "worker_failures")
+    print(json.dumps({k: result[k] for k in ("trials", "events", *checks)}))
+    return 1 if any(result[k] for k in checks) else 0

@@ -1,0 +1,395 @@
+"""`hytrec benchmark stream`: the streaming pipeline's throughput and latency, side by side
+with what a bare consumer reads from the same broker.
+
+One run, one embedded broker (Tansu), one `hytrec worker` process:
+
+1. `events` events of the Taobao sample (synthetic ones when the data is absent), in time
+   order, are published to `behaviors` before anything reads them.
+2. raw: a bare aiokafka consumer (no group, every partition assigned, from the beginning)
+   reads those events; `raw_consume_events_per_s` = events / (first fetch -> last record).
+3. engine: the worker starts with a fresh consumer group and works through the same events
+   at full speed; `engine_events_per_s` = events / (first event consumed -> the
+   recommendation answering every user's last event). `ratio` = engine / raw.
+4. latency: `paced_events` further events are published at a fixed `rate` events/s (their
+   times are rewritten to one second apart, after the preloaded ones, so that the replay's
+   `speed` is the input rate); latency is the producer's send of an event -> the worker's
+   send of the recommendation answering it (p50, p99).
+
+The model is a checkpoint (`--checkpoint`) or, by default, an untrained HyTRec with seeded
+weights over the data's vocabulary: the cost of a step does not depend on the weights, so
+the figures hold for a trained model of the same configuration (the JSON says which).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+RESULT_PATH = Path("benchmarks/results/stream-cpu.json")
+
+
+@dataclass(frozen=True)
+class StreamBenchConfig:
+    dataset: str = "taobao"  # a dataset name or file; "synthetic" or a missing one generates
+    events: int = 50_000  # preloaded: read by the bare consumer, then by the worker
+    paced_events: int = 10_000  # published at `rate` after the full-speed phase
+    rate: float = 1000.0  # events/s of the paced phase
+    checkpoint: str | None = None  # None: an untrained, seeded HyTRec over the vocabulary
+    d_model: int = 64  # of the untrained model (the demo's size)
+    seed: int = 0
+    top_k: int = 20
+    batch_size: int = 256  # the worker's micro-batch: B events ...
+    batch_wait_ms: float = 20.0  # ... or W ms
+    device: str = "cpu"
+    worker_timeout_s: float = 600.0
+    output: Path = Path("runs/stream-benchmark")  # checkpoint, index, logs
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def _model_checkpoint(events, config: StreamBenchConfig, directory: Path) -> tuple[Path, str]:
+    """(checkpoint directory, description): the given checkpoint, or an untrained one."""
+    if config.checkpoint:
+        return Path(config.checkpoint), f"checkpoint {config.checkpoint}"
+    import torch
+
+    from hytrec.model.hytrec import HyTRec
+    from hytrec.stream.demo import DemoConfig
+
+    torch.manual_seed(config.seed)
+    model_config = replace(
+        DemoConfig().model,
+        d_model=config.d_model,
+        dropout=0.0,
+        num_items=len(events.items),
+        num_categories=len(events.categories),
+    )
+    model = HyTRec(model_config, events.items, events.categories)
+    model.save(directory)
+    return directory, f"untrained HyTRec, seeded weights (torch.manual_seed({config.seed}))"
+
+
+async def _raw_consume(bootstrap: str, topic: str, count: int, timeout_s: float) -> dict:
+    """A bare aiokafka consumer reading `count` records of `topic` from the beginning."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        client_id="hytrec-bench-raw",
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,  # Tansu answers a long poll only after half of it
+    )
+    await consumer.start()
+    try:
+        found = consumer.partitions_for_topic(topic)
+        if not found:
+            raise RuntimeError(f"topic {topic!r} has no partitions")
+        partitions = [TopicPartition(topic, p) for p in sorted(found)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        got, nbytes = 0, 0
+        deadline = time.monotonic() + timeout_s
+        first = time.perf_counter()  # the first fetch (and the offset reset) counts too
+        with tqdm(total=count, desc="raw consume", unit="ev", leave=False) as bar:
+            while got < count:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"raw consumer read {got} of {count} events")
+                batches = await consumer.getmany(timeout_ms=200)
+                for records in batches.values():
+                    got += len(records)
+                    nbytes += sum(len(r.value) for r in records)
+                    bar.update(len(records))
+                last = time.perf_counter()
+    finally:
+        await consumer.stop()
+    seconds = last - first
+    return {"events": got, "seconds": seconds, "events_per_s": got / seconds, "bytes": nbytes}
+
+
+def raw_consume(bootstrap: str, count: int, topic: str = "behaviors", timeout_s=120.0) -> dict:
+    return asyncio.run(_raw_consume(bootstrap, topic, count, timeout_s))
+
+
+def _paced_payloads(payloads: list[dict], after_ts: int) -> list[dict]:
+    """The events with times one second apart, after `after_ts`: replayed at speed X, they
+    go out at exactly X events/s, and every one is newer than its user's earlier events."""
+    return [dict(p, ts=after_ts + 1 + i) for i, p in enumerate(payloads)]
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def _machine() -> dict:
+    import os
+    import platform
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpus": len(os.sched_getaffinity(0)),
+        # a shared machine: the other processes' load changes every figure here
+        "load_average_1m": os.getloadavg()[0],
+    }
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run_benchmark(
+    config: StreamBenchConfig = StreamBenchConfig(),
+    result_path: Path | None = RESULT_PATH,
+    command: str | None = None,
+) -> dict:
+    """Run the three phases; return the result (also written to `result_path` when given,
+    with a latency histogram beside it)."""
+    # the demo's pieces (and torch, FAISS) load only here: `hytrec --help` stays quick
+    from hytrec.index import IndexConfig, build_from_checkpoint
+    from hytrec.stream.broker import EmbeddedBroker
+    from hytrec.stream.demo import (
+        Collector,
+        DemoConfig,
+        last_offsets,
+        latency_ms,
+        load_events,
+        replay,
+        start_worker,
+        stop_worker,
+        wait_until_answered,
+    )
+    from hytrec.stream.replay import log_events
+
+    run_dir = config.output
+    run_dir.mkdir(parents=True, exist_ok=True)
+    machine_before = _machine()
+    events, dataset = load_events(config.dataset)
+    payloads = list(log_events(events))
+    needed = config.events + config.paced_events
+    if len(payloads) < needed:
+        raise ValueError(f"{dataset} has {len(payloads):,} events, the run needs {needed:,}")
+    preload = payloads[: config.events]
+    paced = _paced_payloads(payloads[config.events : needed], max(p["ts"] for p in preload))
+    checkpoint, model_note = _model_checkpoint(events, config, run_dir / "checkpoint")
+    index_dir = run_dir / "index"
+    build_from_checkpoint(checkpoint, IndexConfig(kind="flat")).save(index_dir)
+    worker_config = DemoConfig(
+        top_k=config.top_k,
+        batch_size=config.batch_size,
+        batch_wait_ms=config.batch_wait_ms,
+        device=config.device,
+    )
+    print(
+        f"{dataset}: {config.events:,} preloaded events of "
+        f"{len({p['user_id'] for p in preload}):,} users, then {config.paced_events:,} at "
+        f"{config.rate:,.0f} events/s; model: {model_note}",
+        flush=True,
+    )
+
+    with EmbeddedBroker(log_file=run_dir / "broker.log") as broker:
+        preload_sent = replay(preload, broker.bootstrap, None, "preload")
+        raw = raw_consume(broker.bootstrap, config.events, timeout_s=config.worker_timeout_s)
+        print(f"raw consumer: {raw['events_per_s']:,.0f} events/s", flush=True)
+
+        collector = Collector(broker.bootstrap)
+        worker = start_worker(checkpoint, index_dir, broker.bootstrap, worker_config, run_dir)
+        try:
+            wait_until_answered(
+                collector,
+                last_offsets(preload, preload_sent),
+                worker,
+                config.worker_timeout_s,
+                "engine (preloaded events)",
+            )
+            answered = list(collector.received)
+            # first event consumed: the earliest receive time among the answers (each answers
+            # its user's newest event in a batch, so this is within one batch of the first)
+            started = min(rec.received_at for _, rec in answered)
+            finished = max(ms for ms, _ in answered) / 1000.0
+            engine_s = finished - started
+            engine_rate = config.events / engine_s
+            print(f"engine: {engine_rate:,.0f} events/s", flush=True)
+
+            before = len(collector.received)
+            paced_started = time.time()
+            paced_sent = replay(paced, broker.bootstrap, config.rate, "paced")
+            paced_publish_s = time.time() - paced_started
+            wait_until_answered(
+                collector,
+                last_offsets(paced, paced_sent),
+                worker,
+                config.worker_timeout_s,
+                "latency (paced events)",
+            )
+        finally:
+            collector.close()
+            stop_worker(worker)
+    latencies = latency_ms(collector.received[before:], paced, paced_sent)
+    result = {
+        "benchmark": "stream",
+        "device": config.device,
+        "command": command or "hytrec benchmark stream",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        "git_commit": _git_commit(),
+        "machine": {**machine_before, "load_average_1m_after": _machine()["load_average_1m"]},
+        "config": {
+            **{k: v for k, v in asdict(config).items() if k != "output"},
+            "dataset": dataset,
+            "model": model_note,
+            "users_preloaded": len({p["user_id"] for p in preload}),
+            "paced_ts": "rewritten to 1 s apart after the preloaded events (fixed input rate)",
+            "broker": "embedded Tansu (in-memory), 4 behaviors partitions",
+        },
+        "raw_consume_events_per_s": raw["events_per_s"],
+        "raw_consume_seconds": raw["seconds"],
+        "engine_events_per_s": engine_rate,
+        "engine_seconds": engine_s,
+        "engine_recommendations": len(answered),
+        "ratio": engine_rate / raw["events_per_s"],
+        "paced_input_events_per_s": len(paced) / paced_publish_s,
+        "latency_ms_p50": float(np.percentile(latencies, 50)),
+        "latency_ms_p99": float(np.percentile(latencies, 99)),
+        "latency_ms_max": float(latencies.max()),
+        "latency_recommendations": len(latencies),
+    }
+    print_result(result)
+    if result_path is not None:
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        result_path.write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, latencies, result_path.with_suffix(".png"))
+        print(f"wrote {result_path} and {result_path.with_suffix('.png')}", flush=True)
+    return result
+
+
+def print_result(r: dict) -> None:
+    c = r["config"]
+    print(
+        "\n".join(
+            [
+                "",
+                f"== hytrec benchmark stream: {c['dataset']} on {r['device']} ==",
+                f"raw consumer      {r['raw_consume_events_per_s']:>10,.0f} events/s "
+                f"({c['events']:,} events in {r['raw_consume_seconds']:.2f} s)",
+                f"engine            {r['engine_events_per_s']:>10,.0f} events/s "
+                f"({c['events']:,} events in {r['engine_seconds']:.2f} s, "
+                f"{r['engine_recommendations']:,} recommendations)",
+                f"ratio             {r['ratio']:>10.3f}",
+                f"latency at {r['paced_input_events_per_s']:,.0f} events/s: "
+                f"p50 {r['latency_ms_p50']:.0f} ms, p99 {r['latency_ms_p99']:.0f} ms "
+                f"({r['latency_recommendations']:,} recommendations)",
+            ]
+        ),
+        flush=True,
+    )
+
+
+def plot(result: dict, latencies: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = ["raw consumer", "engine"]
+    rates = [result["raw_consume_events_per_s"], result["engine_events_per_s"]]
+    bars = left.bar(names, rates, color=["tab:gray", "tab:orange"])
+    left.bar_label(bars, labels=[f"{r:,.0f}" for r in rates])
+    left.set_yscale("log")
+    left.set_ylabel("events/s (log)")
+    events, ratio = result["config"]["events"], result["ratio"]
+    left.set_title(f"full speed, {events:,} events (ratio {ratio:.2f})")
+    if len(latencies):
+        right.hist(latencies, bins=50, color="tab:blue")
+        for q, style in ((50, "--"), (99, ":")):
+            value = np.percentile(latencies, q)
+            right.axvline(value, color="black", linestyle=style, label=f"p{q} {value:.0f} ms")
+        right.legend()
+    right.set_xlabel("event -> recommendation (ms)")
+    right.set_ylabel("recommendations")
+    right.set_title(f"latency at {result['paced_input_events_per_s']:,.0f} events/s")
+    fig.suptitle(f"hytrec stream benchmark ({result['device']}, {result['machine']['cpus']} cpus)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def add_parser(benchmarks) -> None:
+    d = StreamBenchConfig()
+    parser = benchmarks.add_parser(
+        "stream",
+        help="stream engine throughput vs a bare consumer, and latency at a fixed rate",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--dataset", default=d.dataset)
+    parser.add_argument("--events", type=int, default=d.events, help="preloaded events")
+    parser.add_argument("--paced-events", type=int, default=d.paced_events)
+    parser.add_argument("--rate", type=float, default=d.rate, help="paced input, events/s")
+    parser.add_argument("--checkpoint", help="HyTRec checkpoint (default: untrained, seeded)")
+    parser.add_argument("--d-model", type=int, default=d.d_model)
+    parser.add_argument("--top-k", type=int, default=d.top_k)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms)
+    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--output", default=str(d.output), help="checkpoint, index, logs")
+    parser.add_argument("--result", default=str(RESULT_PATH), help="the JSON (PNG beside it)")
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    config = StreamBenchConfig(
+        dataset=args.dataset,
+        events=args.events,
+        paced_events=args.paced_events,
+        rate=args.rate,
+        checkpoint=args.checkpoint,
+        d_model=args.d_model,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        device=args.device,
+        output=Path(args.output),
+    )
+    command = "hytrec " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = run_benchmark(config, Path(args.result), command)
+    return 0 if all(math.isfinite(result[k]) for k in ("engine_events_per_s", "ratio")) else 1
