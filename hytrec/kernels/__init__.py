@@ -2,7 +2,8 @@
 step (streaming) forms, each selected by a `Backend`. Callers never import an
 implementation directly.
 
-`Backend.AUTO` takes Triton for CUDA tensors when Triton imports, else PyTorch. Triton on CPU
+`Backend.AUTO` takes Triton for CUDA tensors when Triton imports, else PyTorch; the Triton
+chunked (training) kernel is taken only when asked for until it has run on a GPU. Triton on CPU
 tensors needs TRITON_INTERPRET=1 set before this package is imported, and `backend="triton"`.
 """
 
@@ -28,17 +29,21 @@ class Backend(enum.StrEnum):
 _PARALLEL = {Backend.TORCH: chunk_tadn}
 _STEP = {Backend.TORCH: step_tadn}
 if importlib.util.find_spec("triton") is not None:
+    from hytrec.kernels.triton_chunked import triton_chunk_tadn
     from hytrec.kernels.triton_step import triton_step_tadn
 
+    _PARALLEL[Backend.TRITON] = triton_chunk_tadn
     _STEP[Backend.TRITON] = triton_step_tadn
 
 
-def _pick(table: dict, backend: Backend | str, what: str, device: torch.device):
+def _pick(
+    table: dict, backend: Backend | str, what: str, device: torch.device, auto_triton: bool = True
+):
     backend = Backend(backend)
     if backend is Backend.AUTO:
-        if device.type == "cuda" and Backend.TRITON in table:
+        if device.type == "cuda" and Backend.TRITON in table and auto_triton:
             return table[Backend.TRITON]
-        if device.type == "cuda":
+        if device.type == "cuda" and Backend.TRITON not in table:
             warnings.warn(
                 f"{what}: Triton is not installed, using the PyTorch form on CUDA "
                 "(install the `gpu` extra)",
@@ -66,7 +71,9 @@ def tadn_parallel(
     backend: Backend | str = Backend.AUTO,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole sequences at once; see `chunked.chunk_tadn` for shapes."""
-    impl = _pick(_PARALLEL, backend, "parallel TADN", v.device)
+    # AUTO keeps the PyTorch form on CUDA until the Triton chunked kernel has run and been
+    # timed on a GPU (so far only its interpreter tests have): ask for backend="triton"
+    impl = _pick(_PARALLEL, backend, "parallel TADN", v.device, auto_triton=False)
     return impl(q, k, v, beta, erase, log_decay, initial_state, chunk_size=chunk_size)
 
 
