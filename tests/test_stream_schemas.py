@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from hytrec.model.events import BEHAVIOR_ALIASES
 from hytrec.stream.schemas import (
+    MAX_ID_CHARS,
     REASONS,
     InvalidMessage,
     Recommendation,
@@ -58,6 +59,12 @@ def test_integer_ids_are_normalised_to_strings():
     assert (event.user_id, event.item_id, event.category_id) == ("1", "2", "3")
 
 
+def test_ids_up_to_the_length_limit_are_accepted():
+    user = "u" * MAX_ID_CHARS
+    payload = {"user_id": user, "item_id": "i", "category_id": "", "behavior": "pv", "ts": 1}
+    assert parse(encode_behavior(payload), user.encode()).user_id == user
+
+
 @st.composite
 def invalid_messages(draw):
     """(value, key, limits, expected reason) made by one mutation of a valid event."""
@@ -79,6 +86,7 @@ def invalid_messages(draw):
                 "oversized",
                 "empty_user",
                 "empty_value",
+                "too_long",
                 "extras",
             ]
         )
@@ -128,6 +136,10 @@ def invalid_messages(draw):
         return encode_behavior(payload), None, {}, "empty_field"
     if kind == "empty_value":
         return draw(st.sampled_from([None, b""])), key, {}, "empty_value"
+    if kind == "too_long":
+        name = draw(st.sampled_from(["user_id", "item_id", "category_id"]))
+        payload[name] = "x" * draw(st.integers(MAX_ID_CHARS + 1, 5000))
+        return encode_behavior(payload), None, {"max_bytes": 10_000}, "too_long"
     payload["extras"] = draw(st.sampled_from([[], 1, "x"]))
     return encode_behavior(payload), key, {}, "wrong_type"
 

@@ -12,12 +12,14 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 from hytrec.stream.schemas import BehaviorEvent, EngineResult, Recommendation
 
 TESTS = Path(__file__).resolve().parent
+TS = 1511544000  # event times of the hand-made events: late November 2017, like Taobao
 REPO = TESTS.parent
 
 
@@ -66,6 +68,10 @@ class LastItemsEngine:
         ]
         return EngineResult(recommendations=recs, rejected=rejected, skipped_duplicates=skipped)
 
+    def reset_offsets(self, users: Sequence[str]) -> int:
+        """Keep the histories, forget the applied offsets (the worker found a new log)."""
+        return sum(self.applied.pop(user, None) is not None for user in users)
+
 
 def make_engine() -> LastItemsEngine:
     """The worker's `--engine test_stream_support:make_engine`."""
@@ -77,12 +83,13 @@ def start_worker(
     tmp_path: Path,
     *,
     group: str = "test-worker",
-    engine: str = "test_stream_support:make_engine",
+    engine: str | None = "test_stream_support:make_engine",
     batch_size: int = 64,
     batch_wait_ms: float = 20.0,
     extra_args: Sequence[str] = (),
 ) -> subprocess.Popen:
-    """`hytrec worker` with the test engine in a subprocess; its log in tmp_path/worker.log."""
+    """`hytrec worker` with the test engine (None: no --engine, give the model in
+    `extra_args`) in a subprocess; its log in tmp_path/worker.log."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
@@ -95,8 +102,7 @@ def start_worker(
             "-m",
             "hytrec.cli",
             "worker",
-            "--engine",
-            engine,
+            *(["--engine", engine] if engine else []),
             "--bootstrap",
             bootstrap,
             "--embedded-broker",
@@ -139,6 +145,31 @@ def applied_events(tmp_path: Path) -> list[tuple[int, int, str, str, int]]:
         partition, offset, user, item, ts = line.split()
         rows.append((int(partition), int(offset), user, item, int(ts)))
     return rows
+
+
+def behavior_payload(user: str, i: int, **change) -> dict:
+    """The i-th hand-made behaviour event of a test (item `item-i` at TS + i), changed."""
+    return {
+        "user_id": user,
+        "item_id": f"item-{i}",
+        "category_id": "c",
+        "behavior": "pv",
+        "ts": TS + i,
+        **change,
+    }
+
+
+def check_applied_once_in_order(applied, sent_by_user):
+    """Every event applied once (no position twice), each user's in the order sent."""
+    positions = Counter((partition, offset) for partition, offset, *_ in applied)
+    assert max(positions.values()) == 1, "an event was applied twice"
+    by_user = defaultdict(list)
+    for _, offset, user, item, ts in applied:
+        by_user[user].append((offset, item, ts))
+    for user, sent in sent_by_user.items():
+        got = by_user[user]
+        assert [o for o, *_ in got] == sorted(o for o, *_ in got)
+        assert [(item, ts) for _, item, ts in got] == sent, f"user {user}"
 
 
 def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.05):

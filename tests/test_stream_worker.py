@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 import pytest
 from kafka import KafkaProducer
-from test_stream_support import applied_events, start_worker, stop_worker, wait_for
+from test_stream_support import (
+    TS,
+    applied_events,
+    behavior_payload,
+    check_applied_once_in_order,
+    start_worker,
+    stop_worker,
+    wait_for,
+)
 
 from hytrec.model.data import load_dataset
 from hytrec.stream.broker import EmbeddedBroker
@@ -19,7 +27,6 @@ from hytrec.stream.schemas import Recommendation, encode_behavior, original_byte
 from hytrec.stream.tail import read_topic
 
 pytestmark = pytest.mark.integration
-TS = 1511544000
 
 
 @pytest.fixture(scope="module")
@@ -66,18 +73,6 @@ def wait_answered(bootstrap: str, sent_by_user: dict, timeout_s: float):
     return wait_for(answered, timeout_s, "a recommendation answering every user's newest event")
 
 
-def check_applied_once_in_order(applied, sent_by_user):
-    positions = Counter((partition, offset) for partition, offset, *_ in applied)
-    assert max(positions.values()) == 1, "an event was applied twice"
-    by_user = defaultdict(list)
-    for _, offset, user, item, ts in applied:
-        by_user[user].append((offset, item, ts))
-    for user, sent in sent_by_user.items():
-        got = by_user[user]
-        assert [o for o, *_ in got] == sorted(o for o, *_ in got)
-        assert [(item, ts) for _, item, ts in got] == sent, f"user {user}"
-
-
 def test_real_taobao_replay_recommends_for_every_user(pipeline, shared_data):
     bootstrap, tmp = pipeline
     log = load_dataset(
@@ -102,36 +97,32 @@ def test_real_taobao_replay_recommends_for_every_user(pipeline, shared_data):
 def test_malformed_messages_go_to_the_dlq_and_neighbours_are_processed(pipeline):
     bootstrap, tmp = pipeline
 
-    def event(user, i, **change):
-        return {
-            "user_id": user,
-            "item_id": f"item-{i}",
-            "category_id": "c",
-            "behavior": "pv",
-            "ts": TS + i,
-            **change,
-        }
-
     bad = {  # reason -> (key, value)
         "invalid_json": (b"bad-u0", b'{"user_id": "bad-u0", "item_id": '),
         "not_object": (b"bad-u0", b"[1, 2]"),
-        "wrong_type": (b"bad-u1", encode_behavior(event("bad-u1", 0, ts="yesterday"))),
-        "unknown_field": (b"bad-u1", encode_behavior(event("bad-u1", 0, price=3))),
+        "wrong_type": (b"bad-u1", encode_behavior(behavior_payload("bad-u1", 0, ts="yesterday"))),
+        "unknown_field": (b"bad-u1", encode_behavior(behavior_payload("bad-u1", 0, price=3))),
         "missing_field": (
             b"bad-u2",
             b'{"item_id": "x", "category_id": "c", "behavior": "pv", "ts": 1}',
         ),
-        "empty_field": (b"", encode_behavior(event("", 0))),
-        "key_mismatch": (b"bad-u3", encode_behavior(event("bad-u2", 0))),
-        "unknown_behavior": (b"bad-u3", encode_behavior(event("bad-u3", 0, behavior="sneeze"))),
-        "negative_ts": (b"bad-u0", encode_behavior(event("bad-u0", 0, ts=-5))),
-        "future_ts": (b"bad-u1", encode_behavior(event("bad-u1", 0, ts=2**40))),
+        "empty_field": (b"", encode_behavior(behavior_payload("", 0))),
+        "key_mismatch": (b"bad-u3", encode_behavior(behavior_payload("bad-u2", 0))),
+        "unknown_behavior": (
+            b"bad-u3",
+            encode_behavior(behavior_payload("bad-u3", 0, behavior="sneeze")),
+        ),
+        "negative_ts": (b"bad-u0", encode_behavior(behavior_payload("bad-u0", 0, ts=-5))),
+        "future_ts": (b"bad-u1", encode_behavior(behavior_payload("bad-u1", 0, ts=2**40))),
         "oversized": (
             b"bad-u2",
-            encode_behavior(event("bad-u2", 0, extras={"blob": "x" * 70_000})),
+            encode_behavior(behavior_payload("bad-u2", 0, extras={"blob": "x" * 70_000})),
         ),
         "empty_value": (b"bad-u3", None),
-        "unknown_item": (b"bad-u0", encode_behavior(event("bad-u0", 0, item_id="unknown-item"))),
+        "unknown_item": (
+            b"bad-u0",
+            encode_behavior(behavior_payload("bad-u0", 0, item_id="unknown-item")),
+        ),
     }
     producer = KafkaProducer(
         bootstrap_servers=bootstrap,
@@ -143,7 +134,7 @@ def test_malformed_messages_go_to_the_dlq_and_neighbours_are_processed(pipeline)
     bad_items = list(bad.items())
     for i in range(400):
         user = f"bad-u{i % 4}"
-        valid = event(user, i + 1)
+        valid = behavior_payload(user, i + 1)
         producer.send("behaviors", key=user.encode(), value=encode_behavior(valid))
         sent_by_user[user].append((valid["item_id"], valid["ts"]))
         if i % 30 == 0 and bad_items:

@@ -38,6 +38,12 @@ rebalances here (see ARCHITECTURE.md), hence per-event iteration and explicit ac
 revocation Faust waits until every consumed message is acknowledged: the timer sees the
 rebalance (`app.rebalancing`) and flushes and checkpoints at once.
 
+Hot swap (`models_dir`, see `hotswap.py`). A task looks at the models directory every
+`models_poll_s`; a newer checkpoint is loaded and its index built in a thread of its own,
+then `swap_engine` takes the flush lock, runs and checkpoints the old engine's waiting batch
+and swaps the engine reference: a batch runs wholly on one engine, and no search is in
+flight (searches run inside batches). User states are reset (logged with their count).
+
 Run it as `hytrec worker ...` or the Faust way, configured by environment variables
 (see `WorkerConfig.from_env`): `faust -A hytrec.stream.app worker -l info`.
 """
@@ -50,10 +56,12 @@ import importlib
 import logging
 import os
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -61,6 +69,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from hytrec.stream.batcher import BatchConfig, MicroBatcher
 from hytrec.stream.broker import TopicConfig, ensure_topics
+from hytrec.stream.hotswap import LoadedEngine, ModelWatcher, checkpoint_loader
 from hytrec.stream.metrics import CONTENT_TYPE, StreamMetrics
 from hytrec.stream.schemas import (
     BehaviorEvent,
@@ -72,6 +81,7 @@ from hytrec.stream.schemas import (
     parse_behavior,
 )
 from hytrec.stream.snapshots import decode_snapshot, encode_snapshot, read_snapshots
+from hytrec.stream.tail import record_at
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +104,15 @@ class WorkerConfig:
     restore_timeout_s: float = 120.0  # reading the user-state partitions on an assignment
     web_port: int | None = None  # Faust's web server, serves /metrics; None: off
     data_dir: str = ".cache/hytrec/faust"
+    models_dir: str | None = None  # hot swap: serve the newest checkpoint here (hotswap.py)
+    models_poll_s: float = 10.0  # how often the models directory is looked at
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WorkerConfig:
         """HYTREC_BOOTSTRAP, HYTREC_GROUP, HYTREC_BATCH_SIZE, HYTREC_BATCH_WAIT_MS,
         HYTREC_BEHAVIORS_PARTITIONS, HYTREC_RECOMMENDATIONS_PARTITIONS, HYTREC_EMBEDDED_BROKER
-        (1/0), HYTREC_WEB_PORT, HYTREC_DATA_DIR, HYTREC_SNAPSHOT_INTERVAL_S; unset ones keep
-        their defaults."""
+        (1/0), HYTREC_WEB_PORT, HYTREC_DATA_DIR, HYTREC_SNAPSHOT_INTERVAL_S,
+        HYTREC_MODELS_DIR, HYTREC_MODELS_POLL_S; unset ones keep their defaults."""
         d = cls()
         web_port = env.get("HYTREC_WEB_PORT")
         return cls(
@@ -124,6 +136,8 @@ class WorkerConfig:
             web_port=int(web_port) if web_port else None,
             data_dir=env.get("HYTREC_DATA_DIR", d.data_dir),
             snapshot_interval_s=float(env.get("HYTREC_SNAPSHOT_INTERVAL_S", d.snapshot_interval_s)),
+            models_dir=env.get("HYTREC_MODELS_DIR") or None,
+            models_poll_s=float(env.get("HYTREC_MODELS_POLL_S", d.models_poll_s)),
         )
 
 
@@ -143,8 +157,12 @@ class WorkerStats:
     snapshot_bytes: int = 0
     checkpoint_seconds: float = 0.0
     users_restored: int = 0
+    log_resets: int = 0  # behaviours partitions found to be a new log (see _check_log)
     users_dropped: int = 0
     restore_seconds: float = 0.0
+    model_swaps: int = 0
+    model_load_seconds: float = 0.0  # loading models and building their indexes, all swaps
+    model_swap_seconds: float = 0.0  # holding the flush lock for swaps (batches wait)
 
 
 @dataclass(slots=True)
@@ -156,11 +174,43 @@ class _Pending:
     dead_letter: bytes | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Fingerprint:
+    """What tells a record from another at the same offset of a partition."""
+
+    offset: int
+    key: bytes | None
+    timestamp_ms: int
+    value_crc: int
+
+    @classmethod
+    def of(cls, message: Any) -> _Fingerprint:
+        """Of a Faust message (timestamp in seconds) or a kafka-python record (in ms)."""
+        ts = message.timestamp
+        timestamp_ms = round(ts * 1000) if isinstance(ts, float) else int(ts)
+        return cls(message.offset, message.key, timestamp_ms, zlib.crc32(message.value or b""))
+
+
 class BatchingWorker:
-    def __init__(self, app: faust.App, config: WorkerConfig, engine_factory: Callable[[], Engine]):
+    def __init__(
+        self,
+        app: faust.App,
+        config: WorkerConfig,
+        engine_factory: Callable[[], Engine] | None,
+        engine_loader: Callable[[Path], Engine] | None = None,
+    ):
+        """`engine_factory` builds the engine; with `config.models_dir`, `engine_loader`
+        builds one from a checkpoint directory, and the factory (may be None) serves only
+        while that directory holds no loadable checkpoint."""
+        if config.models_dir and engine_loader is None:
+            raise ValueError("a models directory needs an engine loader (checkpoint -> engine)")
+        if not config.models_dir and engine_factory is None:
+            raise ValueError("give an engine factory or a models directory")
         self.app = app
         self.config = config
         self.engine_factory = engine_factory
+        self.engine_loader = engine_loader
+        self.models = ModelWatcher(config.models_dir) if config.models_dir else None
         self.engine: Engine | None = None
         self.stats = WorkerStats()
         self.metrics = StreamMetrics(self)  # Prometheus, served at /metrics with --web-port
@@ -168,6 +218,7 @@ class BatchingWorker:
         self._ready = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="hytrec-engine")
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="hytrec-model-load")
         self._stream: Any = None
         # delivery (issue 5): messages processed but not yet covered by a checkpoint, users
         # changed since the last one, each known user's behaviours partition, the
@@ -177,6 +228,10 @@ class BatchingWorker:
         self._partition_of: dict[str, int] = {}
         self._assignment: set[int] = set()
         self._state_position: dict[int, int] = {}
+        # the newest message consumed per behaviours partition, and the newest offset below
+        # which a replay was found to be of the same log (see `_check_log`)
+        self._newest: dict[int, _Fingerprint] = {}
+        self._replay_checked: dict[int, int] = {}
         self._restoring: asyncio.Future | None = None
         self._last_checkpoint = time.monotonic()
 
@@ -193,7 +248,7 @@ class BatchingWorker:
         await loop.run_in_executor(
             self._executor, ensure_topics, self.config.bootstrap, self.config.topics
         )
-        self.engine = await loop.run_in_executor(self._executor, self.engine_factory)
+        self.engine = await loop.run_in_executor(self._executor, self._first_engine)
         log.info(
             "engine ready: model %s (%.1f s)%s",
             self.engine.model_version,
@@ -202,14 +257,125 @@ class BatchingWorker:
         )
         self._ready.set()
 
+    def _first_engine(self) -> Engine:
+        """The newest loadable checkpoint of the models directory, else the factory's: a
+        worker restarted after a swap serves the model its snapshots were written with."""
+        if self.models is not None:
+            self.models.models_dir.mkdir(parents=True, exist_ok=True)
+            loaded = self.models.load_next(self.engine_loader, None)
+            if loaded is not None:
+                log.info("serving %s from the models directory", loaded.path)
+                return loaded.engine
+            if self.engine_factory is None:
+                raise RuntimeError(
+                    f"{self.models.models_dir} holds no loadable checkpoint and no other "
+                    "engine was given (publish one with `hytrec publish-model`)"
+                )
+        return self.engine_factory()
+
+    # ------------------------------------------------------------------ hot swap
+
+    async def watch_models(self) -> None:
+        """Every `models_poll_s`: load the models directory's newest checkpoint when its
+        version differs from the serving one (in a thread of its own: neither the event
+        loop nor the engine's thread waits for it), then swap it in between batches."""
+        await self._ready.wait()
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.models_poll_s)
+            try:
+                loaded = await loop.run_in_executor(
+                    self._loader,
+                    self.models.load_next,
+                    self.engine_loader,
+                    self.engine.model_version,
+                )
+            except OSError:  # the directory is unreadable now; the next poll tries again
+                log.exception("cannot look at models directory %s", self.models.models_dir)
+                continue
+            if loaded is not None:
+                await self.swap_engine(loaded)
+
+    async def swap_engine(self, loaded: LoadedEngine) -> None:
+        """Serve `loaded.engine` from the next batch on. Under the flush lock: the old
+        engine's waiting batch runs and its states are checkpointed and acknowledged first,
+        so every batch runs on one engine and every event is applied by exactly one. The
+        old model's user states mean nothing under the new weights: they are reset."""
+        started = time.perf_counter()
+        async with self._flush_lock:
+            await self._flush_locked(checkpoint=True)
+            old, self.engine = self.engine, loaded.engine
+            swap_s = time.perf_counter() - started
+        reset = len(getattr(old, "store", ()))
+        stats = self.stats
+        stats.model_swaps += 1
+        stats.model_load_seconds += loaded.load_seconds
+        stats.model_swap_seconds += swap_s
+        log.info(
+            "model swapped %s -> %s (%s): %d user states reset (the new model starts them "
+            "empty; snapshots of %s are refused from now on); load and index %.2f s, "
+            "batches held %.3f s",
+            old.model_version,
+            loaded.engine.model_version,
+            loaded.path,
+            reset,
+            old.model_version,
+            loaded.load_seconds,
+            swap_s,
+        )
+
     async def consume(self, stream: faust.StreamT) -> None:
         self._stream = stream.noack()
         async for event in self._stream.events():
             await self._ready.wait()
-            if event.message.partition not in self._assignment:
-                await self._wait_restored(event.message.partition)
+            message = event.message
+            if message.partition not in self._assignment:
+                await self._wait_restored(message.partition)
+            newest = self._newest.get(message.partition)
+            if newest is not None and message.offset <= newest.offset:
+                await self._check_log(message.partition, newest, message.offset)
+                newest = self._newest.get(message.partition)  # None after a new log
+            if newest is None or message.offset > newest.offset:
+                self._newest[message.partition] = _Fingerprint.of(message)
             if self.batcher.add(self._admit(event), time.monotonic()):
                 await self.flush()
+
+    async def _check_log(self, partition: int, newest: _Fingerprint, offset: int) -> None:
+        """Offsets went back: a replay (after a rebalance or restart) of the same log, whose
+        events the engine skips, or a new log (the broker lost its data, e.g. the embedded
+        broker's memory storage after a restart), whose events the engine must not skip
+        although their offsets are at or below the users' applied offsets. The record at
+        the newest offset seen tells them apart, once per replay."""
+        if self._replay_checked.get(partition) == newest.offset:
+            return
+        topic = self.config.topics.behaviors
+        record = await asyncio.get_running_loop().run_in_executor(
+            None, record_at, self.config.bootstrap, topic, partition, newest.offset, 5.0
+        )
+        if record is not None and newest == _Fingerprint.of(record):
+            self._replay_checked[partition] = newest.offset
+            return
+        await self.flush()  # what was consumed from the old log is applied first
+        users = [u for u, p in self._partition_of.items() if p == partition]
+        reset = getattr(self.engine, "reset_offsets", None)
+        if reset is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, reset, users)
+        self._dirty.update(users)  # snapshots in the new log (the old ones are gone with it)
+        self._state_position.pop(partition, None)
+        del self._newest[partition]
+        self._replay_checked.pop(partition, None)
+        self.stats.log_resets += 1
+        log.warning(
+            "%s[%d] is a new log: offset %d no longer holds the event applied there (the "
+            "broker lost its data?); %s the applied offsets of its %d known users and "
+            "applying the new log from offset %d on top of their states",
+            topic,
+            partition,
+            newest.offset,
+            "reset" if reset is not None else "this engine cannot reset (no reset_offsets)",
+            len(users),
+            offset,
+        )
 
     def _admit(self, event: Any) -> _Pending:
         message = event.message
@@ -510,8 +676,13 @@ class StreamApp(faust.App):
         return super()._new_transport()
 
 
-def create_app(config: WorkerConfig, engine_factory: Callable[[], Engine]) -> StreamApp:
-    """The Faust app with the batching agent; the engine is built when the worker starts."""
+def create_app(
+    config: WorkerConfig,
+    engine_factory: Callable[[], Engine] | None,
+    engine_loader: Callable[[Path], Engine] | None = None,
+) -> StreamApp:
+    """The Faust app with the batching agent; the engine is built when the worker starts
+    (see `BatchingWorker` for the two ways)."""
     settings: dict[str, Any] = {}
     if config.embedded_broker:
         # the group keeps its first member's session timeout on Tansu: short from the start
@@ -533,7 +704,7 @@ def create_app(config: WorkerConfig, engine_factory: Callable[[], Engine]) -> St
         **settings,
     )
     app.hytrec_config = config
-    worker = app.hytrec_worker = BatchingWorker(app, config, engine_factory)
+    worker = app.hytrec_worker = BatchingWorker(app, config, engine_factory, engine_loader)
     behaviors = app.topic(
         config.topics.behaviors,
         key_type=bytes,
@@ -547,6 +718,8 @@ def create_app(config: WorkerConfig, engine_factory: Callable[[], Engine]) -> St
     app.agent(behaviors, name="hytrec.behaviors", concurrency=1)(behaviors_agent)
     app.task(worker.start_engine)
     app.task(worker.run_timer)
+    if config.models_dir:
+        app.task(worker.watch_models)
     if config.web_port is not None:
 
         @app.page("/metrics")
@@ -595,11 +768,31 @@ def engine_factory_from(
     return build
 
 
+def engine_sources(
+    checkpoint: str | None,
+    index: str | None,
+    engine: str | None,
+    engine_config: Any,
+    models_dir: str | None,
+) -> tuple[Callable[[], Engine] | None, Callable[[Path], Engine] | None]:
+    """The engine factory (None when only a models directory is given) and, with a models
+    directory, the checkpoint -> engine loader of its checkpoints."""
+    if not models_dir:
+        return engine_factory_from(checkpoint, index, engine, engine_config), None
+    if engine:
+        raise ValueError("a models directory serves model checkpoints, not an engine factory")
+    factory = engine_factory_from(checkpoint, index, None, engine_config) if checkpoint else None
+    return factory, checkpoint_loader(engine_config)
+
+
 def run_worker(
-    config: WorkerConfig, engine_factory: Callable[[], Engine], loglevel: str = "info"
+    config: WorkerConfig,
+    engine_factory: Callable[[], Engine] | None,
+    loglevel: str = "info",
+    engine_loader: Callable[[Path], Engine] | None = None,
 ) -> int:
     """Run a Faust worker until it is stopped; its exit status."""
-    app = create_app(config, engine_factory)
+    app = create_app(config, engine_factory, engine_loader)
     try:
         faust.Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
     except SystemExit as exc:
@@ -619,15 +812,15 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(name)
     if _app is None:
         env = os.environ
-        _app = create_app(
-            WorkerConfig.from_env(env),
-            engine_factory_from(
-                env.get("HYTREC_CHECKPOINT"),
-                env.get("HYTREC_INDEX"),
-                env.get("HYTREC_ENGINE"),
-                _engine_config_from_env(env),
-            ),
+        config = WorkerConfig.from_env(env)
+        factory, loader = engine_sources(
+            env.get("HYTREC_CHECKPOINT"),
+            env.get("HYTREC_INDEX"),
+            env.get("HYTREC_ENGINE"),
+            _engine_config_from_env(env),
+            config.models_dir,
         )
+        _app = create_app(config, factory, loader)
     return _app
 
 

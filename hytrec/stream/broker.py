@@ -142,6 +142,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def _check_free(host: str, port: int) -> None:
     with socket.socket() as sock:
+        # as a listener binds: a restarted broker's port still has connections in TIME_WAIT,
+        # which only a live listener (what this check is for) should make fail
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:

@@ -1,4 +1,5 @@
-"""`hytrec` subcommands of the stream package: broker, worker, replay, tail, status."""
+"""`hytrec` subcommands of the stream package: broker, worker, publish-model, replay, tail,
+status."""
 
 from __future__ import annotations
 
@@ -48,9 +49,22 @@ def register(commands, benchmarks) -> None:
         description="Consume `behaviors`, micro-batch, apply to user state, publish "
         "`recommendations`; bad input goes to `behaviors-dlq`.",
     )
-    source = worker.add_mutually_exclusive_group(required=True)
+    source = worker.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="HyTRec checkpoint directory")
     source.add_argument("--engine", help="an engine factory MODULE:CALLABLE instead")
+    worker.add_argument(
+        "--models-dir",
+        default=os.environ.get("HYTREC_MODELS_DIR"),
+        help="hot swap: serve the newest checkpoint published here (`hytrec publish-model`) "
+        "and swap in newer ones as they appear; --checkpoint serves only while it holds none "
+        "(default $HYTREC_MODELS_DIR)",
+    )
+    worker.add_argument(
+        "--models-poll",
+        type=float,
+        default=float(os.environ.get("HYTREC_MODELS_POLL_S", 10.0)),
+        help="seconds between looks at --models-dir (default $HYTREC_MODELS_POLL_S or 10)",
+    )
     worker.add_argument("--index", help="saved item index directory (default: built exact)")
     worker.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     worker.add_argument("--top-k", type=int, default=20, help="items per recommendation")
@@ -88,7 +102,21 @@ def register(commands, benchmarks) -> None:
     )
     worker.add_argument("--loglevel", default="info")
     _add_topic_args(worker)
-    worker.set_defaults(func=_worker)
+    worker.set_defaults(func=_worker, parser=worker)
+
+    publish = commands.add_parser(
+        "publish-model",
+        help="publish a checkpoint into a worker's models directory (atomically)",
+        description="Check that the checkpoint loads, copy it into DIR under a hidden name, "
+        "then rename it to NAME in one step, so a watching worker never sees half of it. "
+        "The newest checkpoint is the one whose name sorts last.",
+    )
+    publish.add_argument("checkpoint", help="HyTRec checkpoint directory (as HyTRec.save writes)")
+    publish.add_argument("--models-dir", required=True, help="the workers' --models-dir")
+    publish.add_argument(
+        "--name", help="subdirectory name (default: UTC time and model version, sorts last)"
+    )
+    publish.set_defaults(func=_publish_model)
 
     replay = commands.add_parser(
         "replay",
@@ -194,7 +222,7 @@ def _broker(args) -> int:
 
 
 def _worker(args) -> int:
-    from hytrec.stream.app import WorkerConfig, engine_factory_from, run_worker
+    from hytrec.stream.app import WorkerConfig, engine_sources, run_worker
     from hytrec.stream.batcher import BatchConfig
     from hytrec.stream.engine import EngineConfig
 
@@ -209,6 +237,8 @@ def _worker(args) -> int:
         web_port=args.web_port,
         data_dir=args.data_dir,
         snapshot_interval_s=args.snapshot_interval,
+        models_dir=args.models_dir or None,
+        models_poll_s=args.models_poll,
     )
     engine_config = EngineConfig(
         top_k=args.top_k,
@@ -216,8 +246,26 @@ def _worker(args) -> int:
         exclude_recent=args.exclude_recent,
         device=args.device,
     )
-    factory = engine_factory_from(args.checkpoint, args.index, args.engine, engine_config)
-    return run_worker(config, factory, loglevel=args.loglevel)
+    if not (args.checkpoint or args.engine or args.models_dir):
+        args.parser.error("give --checkpoint, --engine or --models-dir")
+    if args.engine and args.models_dir:
+        args.parser.error("--models-dir serves model checkpoints: it does not take --engine")
+    factory, loader = engine_sources(
+        args.checkpoint, args.index, args.engine, engine_config, config.models_dir
+    )
+    return run_worker(config, factory, loglevel=args.loglevel, engine_loader=loader)
+
+
+def _publish_model(args) -> int:
+    from hytrec.stream.hotswap import publish_model
+
+    try:
+        path = publish_model(args.checkpoint, args.models_dir, args.name)
+    except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
+        print(f"not published: {exc}", file=sys.stderr)
+        return 1
+    print(path, flush=True)
+    return 0
 
 
 def _demo(args) -> int:

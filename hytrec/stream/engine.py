@@ -244,6 +244,11 @@ class RecommendationEngine:
         """Forget these users' states (their partitions moved away); how many were known."""
         return self.store.forget(users)
 
+    def reset_offsets(self, users: Sequence[str]) -> int:
+        """Keep these users' states but apply their next events whatever their offsets (the
+        worker found their partition's log replaced); how many were known."""
+        return self.store.reset_offsets(users)
+
 
 def build_engine(
     checkpoint_dir: str | Path,

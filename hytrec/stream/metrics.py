@@ -28,7 +28,8 @@ Series (all prefixed `hytrec_`):
 | `state_users_offloaded` | gauge | users whose state waits in host memory |
 | `state_evictions_total` | counter | slot evictions to host memory so far |
 | `consumer_lag{topic,partition}` | gauge | high watermark minus committed offset |
-| `model_info{model_version}` | gauge | 1, labelled with the engine's model version |
+| `model_info{model_version}` | gauge | 1, labelled with the serving model version |
+| `model_swaps_total` | counter | hot swaps of model and index (`--models-dir`) |
 
 `event_to_recommendation_seconds` runs from the Recommendation's `received_at` (the worker
 read the event) to its `produced_at` (the engine built the answer): batching wait plus engine
@@ -111,7 +112,10 @@ class StreamMetrics:
             buckets=SECONDS_BUCKETS,
             **h,
         )
-        self._engine_seconds = (0.0, 0.0)  # the engine's cumulative (step, search) last seen
+        # the engine's cumulative (step, search) last seen, and that engine (a hot swap
+        # brings a new one, whose figures start at zero)
+        self._engine_seconds = (0.0, 0.0)
+        self._engine_seen: Any = None
         self.registry.register(_LiveCollector(self))
 
     # ------------------------------------------------------------------ feeding
@@ -138,7 +142,8 @@ class StreamMetrics:
         stats = getattr(engine, "stats", None)
         if stats is not None and hasattr(stats, "step_seconds"):
             now = (float(stats.step_seconds), float(getattr(stats, "search_seconds", 0.0)))
-            before = self._engine_seconds
+            before = self._engine_seconds if engine is self._engine_seen else (0.0, 0.0)
+            self._engine_seen = engine
             if result.recommendations:  # the engine stepped and searched in this batch
                 self.engine_step.observe(max(0.0, now[0] - before[0]))
                 self.index_search.observe(max(0.0, now[1] - before[1]))
@@ -184,6 +189,7 @@ def _worker_families(stats: Any) -> Iterable:
         "Replayed events the engine skipped",
         getattr(stats, "skipped_duplicates", 0),
     )
+    yield _counter("model_swaps", "Hot swaps of model and index", getattr(stats, "model_swaps", 0))
     dlq = CounterMetricFamily(
         "hytrec_dlq_messages", "Dead letters published by reason code", labels=["reason"]
     )

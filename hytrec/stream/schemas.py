@@ -26,6 +26,7 @@ REASONS = (
     "wrong_type",
     "unknown_field",
     "empty_field",
+    "too_long",
     "key_mismatch",
     "unknown_behavior",
     "negative_ts",
@@ -37,6 +38,8 @@ ID_FIELDS = ("user_id", "item_id", "category_id")
 REQUIRED_FIELDS = (*ID_FIELDS, "behavior", "ts")
 OPTIONAL_FIELDS = ("extras",)
 _ALLOWED_FIELDS = frozenset(REQUIRED_FIELDS + OPTIONAL_FIELDS)
+# ids are keys of the state store and Kafka keys: a runaway producer's 60 KB "id" is refused
+MAX_ID_CHARS = 256
 
 
 class InvalidMessage(ValueError):
@@ -121,6 +124,10 @@ def parse_behavior(
             raise InvalidMessage("wrong_type", f"{name} must be a string, got {_type(raw)}")
         if not raw.strip() and name != "category_id":  # "": category unknown
             raise InvalidMessage("empty_field", f"{name} is empty")
+        if len(raw) > MAX_ID_CHARS:
+            raise InvalidMessage(
+                "too_long", f"{name} has {len(raw)} characters > limit {MAX_ID_CHARS}"
+            )
         ids[name] = raw
     behavior, ts, extras = body["behavior"], body["ts"], body.get("extras", {})
     if not isinstance(behavior, str):

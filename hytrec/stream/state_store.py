@@ -176,3 +176,16 @@ class UserStateStore:
             elif self.evicted.pop(user, None) is not None:
                 dropped += 1
         return dropped
+
+    def reset_offsets(self, users: Sequence[str]) -> int:
+        """Forget these users' applied offsets but keep their states (their partition's log
+        was replaced: its offsets start again); how many were known."""
+        known = 0
+        for user in users:
+            if user in self.slot_of:
+                self.applied_offset[self.slot_of[user]] = NO_OFFSET
+                known += 1
+            elif user in self.evicted:
+                self.evicted[user].applied_offset = NO_OFFSET
+                known += 1
+        return known

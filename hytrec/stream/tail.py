@@ -62,6 +62,38 @@ def read_topic(
         consumer.close()
 
 
+def record_at(
+    bootstrap: str, topic: str, partition: int, offset: int, timeout_s: float = 10.0
+) -> ConsumerRecord | None:
+    """The record at `offset` of a partition, or None when the partition holds none there
+    (its log is shorter, or was deleted or compacted past it). Raises TimeoutError when the
+    broker does not answer in `timeout_s`. A log that ends exactly at `offset` costs the
+    whole timeout (the fetch waits for a record that may still come)."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        client_id="hytrec-record-at",
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",  # an offset past the log's end falls back to its start
+        fetch_max_wait_ms=50,
+    )
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for record in consumer.poll(timeout_ms=100).get(tp, []):
+                return record if record.offset == offset else None
+            if consumer.position(tp) < offset:  # fell back to the start of a shorter log
+                return None
+        if consumer.end_offsets([tp])[tp] <= offset:  # a log that ends just there
+            return None
+        raise TimeoutError(f"{topic}[{partition}] did not answer for offset {offset}")
+    finally:
+        consumer.close()
+
+
 def _partitions(consumer: KafkaConsumer, topic: str, deadline: float) -> list[TopicPartition]:
     while True:
         found = consumer.partitions_for_topic(topic)

@@ -1,0 +1,156 @@
+"""The worker under hostile conditions, against real broker processes: a burst of thousands
+of bad messages (all in the DLQ with their reasons, valid neighbours unaffected), and a broker
+restart that loses every log (the embedded broker stores in memory): the worker reconnects,
+finds the new logs and applies their events on top of the states it holds."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+
+import pytest
+from kafka import KafkaProducer
+from test_stream_support import (
+    TS,
+    applied_events,
+    behavior_payload,
+    check_applied_once_in_order,
+    start_worker,
+    stop_worker,
+    wait_for,
+)
+
+from hytrec.stream.broker import EmbeddedBroker, free_port
+from hytrec.stream.schemas import MAX_ID_CHARS, encode_behavior
+from hytrec.stream.tail import read_topic
+
+pytestmark = pytest.mark.integration
+
+
+def producer(bootstrap: str) -> KafkaProducer:
+    return KafkaProducer(
+        bootstrap_servers=bootstrap,
+        enable_idempotence=False,
+        max_in_flight_requests_per_connection=1,
+        max_request_size=1 << 20,
+        linger_ms=5,
+    )
+
+
+def send_valid(bootstrap: str, users: list[str], first: int, count: int, sent_by_user) -> None:
+    out = producer(bootstrap)
+    for i in range(first, first + count):
+        user = users[i % len(users)]
+        out.send("behaviors", key=user.encode(), value=encode_behavior(behavior_payload(user, i)))
+        sent_by_user[user].append((f"item-{i}", TS + i))
+    out.flush()
+    out.close()
+
+
+def stopped_cleanly(worker, log_path) -> None:
+    stop_worker(worker)
+    log = log_path.read_text()
+    assert worker.returncode == 0, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+
+def bad_message(i: int) -> tuple[str, bytes | None, bytes | None]:
+    """(expected reason, key, value): the i-th of a cycle through every kind of bad input."""
+    user = f"burst-{i % 7}"
+    kinds = [
+        ("invalid_json", user.encode(), encode_behavior(behavior_payload(user, i))[:-3]),
+        ("not_object", None, b'"just a string"'),
+        ("wrong_type", None, encode_behavior(behavior_payload(user, i, ts=str(TS)))),
+        ("missing_field", None, b'{"user_id": "u", "item_id": "i", "behavior": "pv"}'),
+        ("unknown_field", None, encode_behavior(behavior_payload(user, i, price=9.5))),
+        ("too_long", None, encode_behavior(behavior_payload("u" * (MAX_ID_CHARS + 1), i))),
+        ("negative_ts", None, encode_behavior(behavior_payload(user, i, ts=-i - 1))),
+        ("future_ts", None, encode_behavior(behavior_payload(user, i, ts=TS * 1000))),
+        ("oversized", None, encode_behavior(behavior_payload(user, i, extras={"x": "y" * 70_000}))),
+        ("empty_value", user.encode(), None),
+    ]
+    return kinds[i % len(kinds)]
+
+
+def test_a_burst_of_thousands_of_bad_messages_lands_in_the_dlq_and_spares_valid_events(
+    tmp_path,
+):
+    bad_count, users = 3000, [f"good-{u}" for u in range(5)]
+    with EmbeddedBroker() as broker:
+        worker = start_worker(broker.bootstrap, tmp_path, batch_size=256)
+        try:
+            sent_by_user: dict[str, list] = defaultdict(list)
+            expected = Counter()
+            out = producer(broker.bootstrap)
+            for i in range(bad_count):
+                reason, key, value = bad_message(i)
+                out.send("behaviors", key=key, value=value)
+                expected[reason] += 1
+                if i % 10 == 0:  # valid events amid the burst
+                    user = users[i % len(users)]
+                    out.send(
+                        "behaviors",
+                        key=user.encode(),
+                        value=encode_behavior(behavior_payload(user, i)),
+                    )
+                    sent_by_user[user].append((f"item-{i}", TS + i))
+            out.flush()
+            out.close()
+
+            def all_letters():
+                found = list(read_topic(broker.bootstrap, "behaviors-dlq", idle_timeout_s=1.0))
+                return found if len(found) >= bad_count else None
+
+            letters = wait_for(all_letters, 120, f"{bad_count} dead letters", interval_s=0.5)
+            reasons = Counter(json.loads(r.value)["reason_code"] for r in letters)
+            assert reasons == expected
+            wait_for(
+                lambda: sum(a[2] in sent_by_user for a in applied_events(tmp_path)) >= 300,
+                60,
+                "the 300 valid events",
+            )
+            check_applied_once_in_order(applied_events(tmp_path), sent_by_user)
+            assert worker.poll() is None, "the worker stopped"
+        finally:
+            stopped_cleanly(worker, tmp_path / "worker.log")
+
+
+def test_the_worker_survives_a_broker_restart_and_applies_the_new_log(tmp_path):
+    """Tansu with memory storage comes back empty: offsets start again at 0, so the worker's
+    per-user applied offsets would skip the new events as replays. It must find the logs
+    new (the record at its newest offset is gone or another), keep the user states, and
+    apply the new events on top of them."""
+    port, users = free_port(), [f"u{u}" for u in range(6)]
+    broker = EmbeddedBroker(port=port)
+    broker.start()
+    worker = start_worker(broker.bootstrap, tmp_path)
+    try:
+        before: dict[str, list] = defaultdict(list)
+        send_valid(broker.bootstrap, users, 0, 120, before)
+        wait_for(lambda: len(applied_events(tmp_path)) >= 120, 60, "the first 120 events")
+
+        broker.stop()
+        broker = EmbeddedBroker(port=port)  # same address, empty logs, topics made again
+        broker.start()
+        after: dict[str, list] = defaultdict(list)
+        send_valid(broker.bootstrap, users, 120, 12, after)  # 2 per user: top 3 spans both logs
+        wait_for(lambda: len(applied_events(tmp_path)) >= 132, 90, "the 12 events of the new log")
+
+        applied = applied_events(tmp_path)
+        check_applied_once_in_order(applied[:120], before)
+        check_applied_once_in_order(applied[120:], after)
+        assert len(applied) == 132
+        # the states kept their history: the newest recommendation of each user answers its
+        # newest event and still lists events of the old log
+        latest = {}
+        for record in read_topic(broker.bootstrap, "recommendations", idle_timeout_s=1.0):
+            rec = json.loads(record.value)
+            latest[rec["user_id"]] = rec
+        for user in users:
+            history = [item for item, _ in before[user] + after[user]]
+            assert latest[user]["items"] == history[-1:-4:-1]
+        assert "is a new log" in (tmp_path / "worker.log").read_text()
+        assert worker.poll() is None, "the worker stopped"
+    finally:
+        stopped_cleanly(worker, tmp_path / "worker.log")
+        broker.stop()
