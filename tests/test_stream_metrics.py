@@ -69,6 +69,8 @@ def fake_worker():
         ),
     )
     stats = WorkerStats(events_in=12, recommendations_out=2, skipped_duplicates=1, batches=1)
+    stats.checkpoints, stats.snapshots_written, stats.snapshot_bytes = 2, 7, 700
+    stats.checkpoint_seconds, stats.users_restored, stats.log_resets = 0.5, 4, 1
     stats.rejected.update({"invalid_json": 2, "unknown_item": 1})
     return SimpleNamespace(stats=stats, engine=engine, app=SimpleNamespace(consumer=FakeConsumer()))
 
@@ -126,6 +128,12 @@ def test_exposition_has_the_counters_gauges_and_histograms():
     assert got["hytrec_index_search_seconds_sum"] == pytest.approx(0.003)
     assert got["hytrec_batch_publish_seconds_sum"] == pytest.approx(0.005)
     assert got["hytrec_batch_engine_seconds_count"] == 2
+    assert got["hytrec_checkpoints_total"] == 2
+    assert got["hytrec_snapshots_written_total"] == 7
+    assert got["hytrec_snapshot_bytes_total"] == 700
+    assert got["hytrec_checkpoint_seconds_total"] == 0.5
+    assert got["hytrec_users_restored_total"] == 4
+    assert got["hytrec_log_resets_total"] == 1
 
 
 def test_each_metrics_object_has_its_own_registry():
@@ -162,6 +170,14 @@ hytrec_events_in_total 1000.0
 hytrec_recommendations_out_total 800.0
 # TYPE hytrec_batches_total counter
 hytrec_batches_total 10.0
+# TYPE hytrec_checkpoints_total counter
+hytrec_checkpoints_total 4.0
+# TYPE hytrec_snapshots_written_total counter
+hytrec_snapshots_written_total 900.0
+# TYPE hytrec_snapshot_bytes_total counter
+hytrec_snapshot_bytes_total 38000000.0
+# TYPE hytrec_model_swaps_total counter
+hytrec_model_swaps_total 1.0
 # TYPE hytrec_duplicates_skipped_total counter
 hytrec_duplicates_skipped_total 4.0
 # TYPE hytrec_dlq_messages_total counter
@@ -220,6 +236,8 @@ def test_status_summary_and_text_of_a_known_exposition():
     assert "p50 10.0 ms, p99 49.2 ms" in text
     assert "600 / 6,300 used" in text
     assert "behaviors/0 12" in text
+    assert "checkpoints          4  (900 snapshots, 38.0 MB, 0.0 s);" in text
+    assert "model swaps 1, new logs -" in text
 
     alone = format_status(summarize(sample))  # one scrape: no rates
     assert "/s over" not in alone

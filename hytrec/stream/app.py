@@ -634,7 +634,8 @@ class BatchingWorker:
         if stats.batches % self.config.log_every_batches == 0:
             log.info(
                 "batches %d, events in %d, recommendations out %d, rejected %d %s, "
-                "duplicates skipped %d, engine %.1f s, publish %.1f s",
+                "duplicates skipped %d, engine %.1f s, publish %.1f s, checkpoints %d "
+                "(%d snapshots, %.1f MB, %.1f s)",
                 stats.batches,
                 stats.events_in,
                 stats.recommendations_out,
@@ -643,6 +644,10 @@ class BatchingWorker:
                 stats.skipped_duplicates,
                 stats.engine_seconds,
                 stats.publish_seconds,
+                stats.checkpoints,
+                stats.snapshots_written,
+                stats.snapshot_bytes / 1e6,
+                stats.checkpoint_seconds,
             )
 
 

@@ -30,6 +30,11 @@ Series (all prefixed `hytrec_`):
 | `consumer_lag{topic,partition}` | gauge | high watermark minus committed offset |
 | `model_info{model_version}` | gauge | 1, labelled with the serving model version |
 | `model_swaps_total` | counter | hot swaps of model and index (`--models-dir`) |
+| `checkpoints_total` | counter | checkpoints: snapshots confirmed, then events acknowledged |
+| `snapshots_written_total` / `snapshot_bytes_total` | counter | user-state snapshots written |
+| `checkpoint_seconds_total` | counter | time spent in checkpoints |
+| `users_restored_total` | counter | users restored from `user-state` on an assignment |
+| `log_resets_total` | counter | behaviour partitions found to be a new log (broker lost its data) |
 
 `event_to_recommendation_seconds` runs from the Recommendation's `received_at` (the worker
 read the event) to its `produced_at` (the engine built the answer): batching wait plus engine
@@ -176,6 +181,17 @@ def _counter(name: str, doc: str, value: float | None) -> CounterMetricFamily:
     return CounterMetricFamily(f"hytrec_{name}", doc, value=value or 0)
 
 
+# WorkerStats fields of the effectively-once machinery (issue 5), each a counter of that name
+_DELIVERY_COUNTERS = (
+    ("checkpoints", "Checkpoints: snapshots confirmed, then events acknowledged"),
+    ("snapshots_written", "User-state snapshots written"),
+    ("snapshot_bytes", "Bytes of user-state snapshots written"),
+    ("checkpoint_seconds", "Time spent in checkpoints"),
+    ("users_restored", "Users restored from snapshots on assignment"),
+    ("log_resets", "Behaviour partitions found to be a new log"),
+)
+
+
 def _worker_families(stats: Any) -> Iterable:
     yield _counter("events_in", "Behaviour messages consumed", getattr(stats, "events_in", 0))
     yield _counter(
@@ -190,6 +206,8 @@ def _worker_families(stats: Any) -> Iterable:
         getattr(stats, "skipped_duplicates", 0),
     )
     yield _counter("model_swaps", "Hot swaps of model and index", getattr(stats, "model_swaps", 0))
+    for name, doc in _DELIVERY_COUNTERS:
+        yield _counter(name, doc, getattr(stats, name, 0))
     dlq = CounterMetricFamily(
         "hytrec_dlq_messages", "Dead letters published by reason code", labels=["reason"]
     )
@@ -276,6 +294,9 @@ class Sample:
     recommendations_out: float = 0.0
     batches: float = 0.0
     duplicates_skipped: float = 0.0
+    # checkpoints, snapshots_written, snapshot_bytes, checkpoint_seconds, users_restored,
+    # log_resets, model_swaps (the counters of _DELIVERY_COUNTERS and the swaps)
+    delivery: dict[str, float] = field(default_factory=dict)
     dlq: dict[str, float] = field(default_factory=dict)
     model_version: str | None = None
     slots_used: float | None = None
@@ -299,6 +320,8 @@ def parse_metrics(text: str, at: float | None = None) -> Sample:
         "hytrec_state_users_offloaded": "users_offloaded",
         "hytrec_state_evictions": "evictions",
     }
+    delivery = {f"hytrec_{name}": name for name, _ in _DELIVERY_COUNTERS}
+    delivery["hytrec_model_swaps"] = "model_swaps"
     for family in text_string_to_metric_families(text):
         name = family.name
         if family.type == "histogram":
@@ -318,6 +341,8 @@ def parse_metrics(text: str, at: float | None = None) -> Sample:
                 continue
             if name in scalars:
                 setattr(sample, scalars[name], s.value)
+            elif name in delivery:
+                sample.delivery[delivery[name]] = s.value
             elif name == "hytrec_dlq_messages":
                 sample.dlq[s.labels["reason"]] = s.value
             elif name == "hytrec_consumer_lag":
@@ -363,6 +388,7 @@ def summarize(sample: Sample, previous: Sample | None = None) -> dict[str, Any]:
         "duplicates_skipped": sample.duplicates_skipped,
         "dlq": dict(sample.dlq),
         "dlq_total": sum(sample.dlq.values()),
+        "delivery": dict(sample.delivery),
     }
     if previous is not None and sample.at > previous.at:
         dt = sample.at - previous.at
@@ -446,6 +472,17 @@ def format_status(summary: Mapping[str, Any], url: str = "") -> str:
                 f"  {label:<20} p50 {_ms(h['p50'])}, p99 {_ms(h['p99'])} "
                 f"(n {_n(h['count'])}; from histogram buckets)"
             )
+    delivery = summary.get("delivery") or {}
+    if delivery:
+        lines.append(
+            f"  checkpoints          {_n(delivery.get('checkpoints'))}"
+            f"  ({_n(delivery.get('snapshots_written'))} snapshots,"
+            f" {delivery.get('snapshot_bytes', 0) / 1e6:,.1f} MB,"
+            f" {delivery.get('checkpoint_seconds', 0):,.1f} s);"
+            f" users restored {_n(delivery.get('users_restored'))},"
+            f" model swaps {_n(delivery.get('model_swaps'))},"
+            f" new logs {_n(delivery.get('log_resets'))}"
+        )
     state = summary.get("state")
     if state:
         lines.append(
