@@ -44,6 +44,13 @@ then `swap_engine` takes the flush lock, runs and checkpoints the old engine's w
 and swaps the engine reference: a batch runs wholly on one engine, and no search is in
 flight (searches run inside batches). User states are reset (logged with their count).
 
+New logs. Offsets of a partition go back on every replay, and also when the broker lost the
+log (the embedded broker keeps logs in memory: after a restart offsets start again at 0,
+and the per-user applied offsets would skip every new event). When they go back, the worker
+reads the record at the newest offset it consumed (`_check_log`): the same record means a
+replay; another or none means a new log, whose users keep their states but forget their
+applied offsets.
+
 Run it as `hytrec worker ...` or the Faust way, configured by environment variables
 (see `WorkerConfig.from_env`): `faust -A hytrec.stream.app worker -l info`.
 """

@@ -100,6 +100,29 @@ def test_same_seed_same_weights_other_seed_other_weights():
     assert c.model.version != a.model.version
 
 
+def test_early_stopping_breaks_zero_ndcg_ties_by_mrr(monkeypatch):
+    """On a large catalogue the first epochs all score validation NDCG@10 = 0 while the ranks
+    improve (Taobao, 55k items): the improvement (MRR) must reset patience and the latest
+    model must be kept, not epoch 1's. NDCG@10 still decides when it differs."""
+    import hytrec.model.train as train_module
+
+    real = train_module.summarize
+    figures = iter([(0.0, 0.001), (0.0, 0.002), (0.0, 0.003), (0.01, 0.0005), (0.01, 0.0004)])
+
+    def scripted(*args, **kwargs):
+        report = real(*args, **kwargs)
+        ndcg, mrr = next(figures)
+        report["overall"].update({"NDCG@10": ndcg, "MRR": mrr})
+        return report
+
+    monkeypatch.setattr(train_module, "summarize", scripted)
+    log = planted_log(users=30)
+    tc = TrainConfig(epochs=5, batch_size=16, max_len=12, valid_users=None, patience=1, seed=0)
+    result = train(TINY, log, leave_one_out(log), tc, progress=False)
+    assert [h["valid_MRR"] for h in result.history] == [0.001, 0.002, 0.003, 0.0005, 0.0004]
+    assert result.best_epoch == 4  # higher NDCG@10 beats higher MRR; epoch 5 ties it, worse
+
+
 def test_hytrec_recovers_the_planted_signal_far_above_popularity(tmp_path):
     log = planted_log()
     split = leave_one_out(log)
