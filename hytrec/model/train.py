@@ -12,8 +12,9 @@ predicts the item of event t + 1:
 
 After every epoch the model ranks the validation targets (full ranking, `evaluate.py`)
 and the best NDCG@10 so far is kept and saved, ties broken by MRR; training stops after
-`patience` epochs without improvement. Everything random (initialisation, dropout, batch order, negatives)
-follows `seed`, so two runs on the same data and device give the same weights.
+`patience` epochs without improvement. Everything random (initialisation, dropout, batch
+order, negatives) follows `seed`, so two runs on the same data and device give the same
+weights.
 """
 
 from __future__ import annotations
