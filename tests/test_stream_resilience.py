@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from types import SimpleNamespace
 
 import pytest
 from kafka import KafkaProducer
@@ -20,9 +21,10 @@ from test_stream_support import (
     wait_for,
 )
 
+from hytrec.stream.app import _Fingerprint
 from hytrec.stream.broker import EmbeddedBroker, free_port
 from hytrec.stream.schemas import MAX_ID_CHARS, encode_behavior
-from hytrec.stream.tail import read_topic
+from hytrec.stream.tail import read_topic, record_at
 
 pytestmark = pytest.mark.integration
 
@@ -154,3 +156,27 @@ def test_the_worker_survives_a_broker_restart_and_applies_the_new_log(tmp_path):
     finally:
         stopped_cleanly(worker, tmp_path / "worker.log")
         broker.stop()
+
+
+def test_record_at_finds_a_record_and_tells_a_missing_one():
+    """The probe behind new-log detection: the record at an offset, or None past the log's
+    end; a record's fingerprint is the same read by Faust (seconds) or kafka-python (ms)."""
+    with EmbeddedBroker() as broker:
+        out = producer(broker.bootstrap)
+        for i in range(3):
+            payload = behavior_payload("probe", i)
+            out.send("behaviors", key=b"probe", value=encode_behavior(payload), partition=1)
+        out.flush()
+        out.close()
+        record = record_at(broker.bootstrap, "behaviors", 1, 1)
+        assert record is not None and record.offset == 1
+        assert json.loads(record.value)["item_id"] == "item-1"
+        assert record_at(broker.bootstrap, "behaviors", 1, 7) is None  # past the end
+        assert record_at(broker.bootstrap, "behaviors", 2, 0, timeout_s=1.0) is None  # empty
+
+        as_faust = SimpleNamespace(
+            offset=1, key=record.key, value=record.value, timestamp=record.timestamp / 1000
+        )
+        assert _Fingerprint.of(as_faust) == _Fingerprint.of(record)
+        other = SimpleNamespace(**{**vars(as_faust), "timestamp": as_faust.timestamp + 1})
+        assert _Fingerprint.of(other) != _Fingerprint.of(record)
