@@ -56,6 +56,9 @@ class TrainConfig:
     max_len: int = 50  # train on the last max_len events (+1 target) of each user
     negatives: int = 0  # 0 = full softmax over all items; N > 0 = sampled softmax
     patience: int = 3  # epochs without a better validation (NDCG@10, MRR) before stopping
+    # patience does not stop training before this epoch: a model still on its initial loss
+    # plateau scores nothing yet (TADN on Taobao: ~3 epochs of 26 steps)
+    min_epochs: int = 0
     grad_clip: float = 1.0
     valid_users: int | None = 4000  # validate on a fixed sample of users (None = all)
     filter_history: bool = False  # validation protocol, as in `EvalConfig`
@@ -265,7 +268,7 @@ def train(
             waited = 0
         else:
             waited += 1
-        if waited >= tc.patience or out_of_time:
+        if (waited >= tc.patience and epoch >= tc.min_epochs) or out_of_time:
             break
     seconds = time.perf_counter() - began
     model.load_state_dict(best["state"])

@@ -92,6 +92,7 @@ TRAIN_FLAGS = {
     "max_len": int,
     "negatives": int,
     "patience": int,
+    "min_epochs": int,
     "valid_users": int,
     "time_budget_s": float,
     "seed": int,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -190,3 +192,24 @@ def test_most_frequent_category():
     log.category[log.item == log.item[0]] = 2
     cats = most_frequent_category(log)
     assert cats[log.item[0]] == 2 and cats[0] == 0
+
+
+def test_patience_waits_for_min_epochs(monkeypatch):
+    """Every epoch scores the same (a loss plateau): patience 1 stops after epoch 2, unless
+    min_epochs holds training until then."""
+    import hytrec.model.train as train_module
+
+    real = train_module.summarize
+
+    def flat(*args, **kwargs):
+        report = real(*args, **kwargs)
+        report["overall"].update({"NDCG@10": 0.0, "MRR": 0.001})
+        return report
+
+    monkeypatch.setattr(train_module, "summarize", flat)
+    log = planted_log(users=16, length=(6, 10))
+    tc = TrainConfig(epochs=6, batch_size=16, max_len=8, valid_users=None, patience=1, seed=0)
+    assert len(train(TINY, log, leave_one_out(log), tc, progress=False).history) == 2
+    held = replace(tc, min_epochs=4)
+    result = train(TINY, log, leave_one_out(log), held, progress=False)
+    assert len(result.history) == 4 and result.best_epoch == 1
