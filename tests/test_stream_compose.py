@@ -42,6 +42,9 @@ def test_compose_file_validates_and_wires_the_services():
         )
         assert services[name]["build"]["dockerfile"] == "docker/Dockerfile"
     assert "behaviors:8" in services["topics"]["command"][0]
+    init = services["topics"]["command"][0]
+    assert "--topic user-state --partitions 8" in init and "cleanup.policy=compact" in init
+    assert "--web-port=6066" in services["worker"]["command"]
     assert "--behaviors-partitions=8" in services["worker"]["command"]
     assert "--speed=60" in services["replay"]["command"]
     assert (REPO / "docker" / "Dockerfile").is_file()
