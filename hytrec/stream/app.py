@@ -17,12 +17,16 @@ or when its oldest event has waited W ms (a timer task). A flush
    an offset only past events whose effect is published *and* saved in a snapshot.
 
 Checkpoints run every `snapshot_interval_s` (0: after every batch), and at once when a
-rebalance starts. Per batch would write the same busy users again and again (42 KB each
+rebalance starts. Only the cut holds the batches up: the changed users' states are copied
+between two batches; encoding, writing and confirming the snapshots and acknowledging the
+messages run in a task while the next batches go on (checkpoints confirm in order).
+
+Why an interval: per batch would write the same busy users again and again (42 KB each
 with the default model; a batch of 256 events touches ~200 users, so ~1 GB per 100k
 events); per interval writes each changed user once per interval, and the only price is
 that a crash replays up to one interval more of events, which the engine then skips or
-re-applies on the restored state. Engines without `export_states` (test engines) are
-acknowledged right after the publish, as before.
+re-applies on the restored state. Engines without `export_states` (test engines) write no
+snapshots: their messages are acknowledged right after the publish.
 
 Restoring. When partitions are assigned, the worker (before it processes any event of the
 new assignment: the agent waits, and so does Faust's resume) drops the users of partitions
@@ -241,6 +245,7 @@ class BatchingWorker:
         self._replay_checked: dict[int, int] = {}
         self._restoring: asyncio.Future | None = None
         self._last_checkpoint = time.monotonic()
+        self._confirming: asyncio.Future | None = None  # the newest checkpoint's task
 
     @property
     def snapshots(self) -> bool:
@@ -448,7 +453,9 @@ class BatchingWorker:
             if pending:
                 await self._run_batch(pending)
             if self._unacked and (checkpoint or self._checkpoint_due()):
-                await self._checkpoint()
+                confirming = await self._start_checkpoint()
+                if checkpoint:  # a rebalance or a swap: everything acknowledged before going on
+                    await confirming
         except Exception as exc:
             # nothing unacknowledged is acknowledged: stop, and a restarted worker (or the
             # partitions' next owner) restores the last snapshots and consumes again from
@@ -476,37 +483,62 @@ class BatchingWorker:
             self._partition_of[rec.user_id] = rec.source_partition
         self._count(result, engine_done - started, time.perf_counter() - engine_done, len(pending))
 
-    async def _checkpoint(self) -> None:
-        """Snapshot the changed users, wait for the broker, then acknowledge everything
-        processed so far (only now may Faust commit past these offsets)."""
+    async def _start_checkpoint(self) -> asyncio.Future:
+        """Under the flush lock: cut what the checkpoint covers (the messages processed so
+        far and the states of the users they changed, copied now), then write the snapshots
+        and acknowledge the messages in a task, while the next batches run. Checkpoints
+        confirm one after another. The task (awaited where everything must be acknowledged
+        before going on)."""
         started = time.perf_counter()
+        unacked, self._unacked = self._unacked, []
+        snapshots: list = []
         if self.snapshots and self._dirty:
             dirty = {u: self._partition_of[u] for u in self._dirty}
-            records = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._encode_states, dirty
+            self._dirty = set()
+            snapshots = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.engine.export_states, dirty
             )
-            producer, topic = self.app.producer, self.config.topics.user_state
-            deliveries = [
-                await producer.send(topic, user.encode(), value, partition, None, None)
-                for user, partition, value in records
-            ]
-            await asyncio.gather(*deliveries)
-            self._dirty.clear()
-            self.stats.snapshots_written += len(records)
-            self.stats.snapshot_bytes += sum(len(value) for _, _, value in records)
-        unacked, self._unacked = self._unacked, []
-        for p in unacked:
-            await self._stream.ack(p.event)
         self._last_checkpoint = time.monotonic()
+        previous = self._confirming
+        self._confirming = asyncio.ensure_future(
+            self._confirm_checkpoint(snapshots, unacked, previous, started)
+        )
+        return self._confirming
+
+    async def _confirm_checkpoint(
+        self,
+        snapshots: list,
+        unacked: list[_Pending],
+        previous: asyncio.Future | None,
+        started: float,
+    ) -> None:
+        """Write the snapshots, wait for the broker, then acknowledge the messages they cover
+        (only now may Faust commit past these offsets). A failure stops the worker with
+        nothing of this checkpoint acknowledged."""
+        try:
+            if previous is not None:
+                await previous
+            records = []
+            if snapshots:
+                records = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: [(s.user_id, s.partition, encode_snapshot(s)) for s in snapshots]
+                )
+                producer, topic = self.app.producer, self.config.topics.user_state
+                deliveries = [
+                    await producer.send(topic, user.encode(), value, partition, None, None)
+                    for user, partition, value in records
+                ]
+                await asyncio.gather(*deliveries)
+            for p in unacked:
+                await self._stream.ack(p.event)
+        except Exception as exc:
+            log.exception("checkpoint of %d snapshots failed; stopping the worker", len(snapshots))
+            await self.app.crash(exc)
+            raise
+        self.stats.snapshots_written += len(records)
+        self.stats.snapshot_bytes += sum(len(value) for _, _, value in records)
         self.stats.checkpoints += 1
         self.stats.checkpoint_seconds += time.perf_counter() - started
-
-    def _encode_states(self, partition_of: dict[str, int]) -> list[tuple[str, int, bytes]]:
-        """(user, partition, snapshot bytes) per user; runs on the engine's thread."""
-        return [
-            (snap.user_id, snap.partition, encode_snapshot(snap))
-            for snap in self.engine.export_states(partition_of)
-        ]
 
     # ------------------------------------------------------------------ rebalances
 
