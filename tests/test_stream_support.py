@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from hytrec.stream.broker import stop_process
 from hytrec.stream.schemas import BehaviorEvent, EngineResult, Recommendation
 
 TESTS = Path(__file__).resolve().parent
@@ -126,13 +127,7 @@ def start_worker(
 
 
 def stop_worker(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_process(process, timeout_s)
 
 
 def applied_events(tmp_path: Path) -> list[tuple[int, int, str, str, int]]:

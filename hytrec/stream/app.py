@@ -241,7 +241,7 @@ class BatchingWorker:
         self._state_position: dict[int, int] = {}
         # the newest message consumed per behaviours partition, and the newest offset below
         # which a replay was found to be of the same log (see `_check_log`)
-        self._newest: dict[int, _Fingerprint] = {}
+        self._newest: dict[int, Any] = {}  # the Faust message; fingerprinted only when checked
         self._replay_checked: dict[int, int] = {}
         self._restoring: asyncio.Future | None = None
         self._last_checkpoint = time.monotonic()
@@ -348,11 +348,11 @@ class BatchingWorker:
                 await self._check_log(message.partition, newest, message.offset)
                 newest = self._newest.get(message.partition)  # None after a new log
             if newest is None or message.offset > newest.offset:
-                self._newest[message.partition] = _Fingerprint.of(message)
+                self._newest[message.partition] = message
             if self.batcher.add(self._admit(event), time.monotonic()):
                 await self.flush()
 
-    async def _check_log(self, partition: int, newest: _Fingerprint, offset: int) -> None:
+    async def _check_log(self, partition: int, newest: Any, offset: int) -> None:
         """Offsets went back: a replay (after a rebalance or restart) of the same log, whose
         events the engine skips, or a new log (the broker lost its data, e.g. the embedded
         broker's memory storage after a restart), whose events the engine must not skip
@@ -364,7 +364,7 @@ class BatchingWorker:
         record = await asyncio.get_running_loop().run_in_executor(
             None, record_at, self.config.bootstrap, topic, partition, newest.offset, 5.0
         )
-        if record is not None and newest == _Fingerprint.of(record):
+        if record is not None and _Fingerprint.of(newest) == _Fingerprint.of(record):
             self._replay_checked[partition] = newest.offset
             return
         await self.flush()  # what was consumed from the old log is applied first

@@ -164,6 +164,17 @@ def die_with_parent(parent_pid: int):
     return preexec
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float) -> None:
+    """Terminate a child, wait up to `timeout_s`, then kill it: none outlives its stop."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class EmbeddedBroker:
     """Tansu on loopback with in-memory storage, topics created, as a context manager.
 
@@ -282,13 +293,7 @@ class EmbeddedBroker:
         if process is None:
             return
         atexit.unregister(self.stop)
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, timeout_s)
         log.info("embedded broker stopped")
 
     def __enter__(self) -> EmbeddedBroker:

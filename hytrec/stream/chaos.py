@@ -223,13 +223,9 @@ class _Workers:
         return process.pid
 
     def stop(self, slot: int, timeout_s: float = 30.0) -> None:
-        process = self.running.pop(slot)
-        process.terminate()
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        from hytrec.stream.broker import stop_process
+
+        stop_process(self.running.pop(slot), timeout_s)
 
     def stop_all(self) -> None:
         for slot in list(self.running):

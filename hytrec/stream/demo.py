@@ -40,7 +40,7 @@ from hytrec.model.events import EventLog
 from hytrec.model.hytrec import CheckpointError, HyTRec, HyTRecConfig
 from hytrec.model.synthetic import SyntheticConfig, generate
 from hytrec.model.train import TrainConfig, train
-from hytrec.stream.broker import EmbeddedBroker, die_with_parent
+from hytrec.stream.broker import EmbeddedBroker, die_with_parent, stop_process
 from hytrec.stream.replay import ReplayConfig, log_events, publish_events
 from hytrec.stream.schemas import Recommendation
 from hytrec.stream.tail import read_topic
@@ -215,16 +215,6 @@ def start_worker(
     )
 
 
-def stop_worker(worker: subprocess.Popen, timeout_s: float = 20.0) -> None:
-    if worker.poll() is None:
-        worker.terminate()
-        try:
-            worker.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-
-
 def wait_until_answered(
     collector: Collector,
     last_offset: dict[str, int],
@@ -355,6 +345,18 @@ def _time(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%m-%d %H:%M")
 
 
+def latency_histogram(ax, latencies: np.ndarray) -> None:
+    """Event-to-recommendation latencies (ms) on a matplotlib axis, p50 and p99 marked."""
+    if len(latencies):
+        ax.hist(latencies, bins=50, color="tab:blue")
+        for q, style in ((50, "--"), (99, ":")):
+            value = np.percentile(latencies, q)
+            ax.axvline(value, color="black", linestyle=style, label=f"p{q} {value:.0f} ms")
+        ax.legend()
+    ax.set_xlabel("event -> recommendation (ms)")
+    ax.set_ylabel("recommendations")
+
+
 def plot(summary: dict, latencies: np.ndarray, path: Path) -> None:
     import matplotlib
 
@@ -362,14 +364,7 @@ def plot(summary: dict, latencies: np.ndarray, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    if len(latencies):
-        left.hist(latencies, bins=50, color="tab:blue")
-        for q, style in ((50, "--"), (99, ":")):
-            value = np.percentile(latencies, q)
-            left.axvline(value, color="black", linestyle=style, label=f"p{q} {value:.0f} ms")
-        left.legend()
-    left.set_xlabel("event -> recommendation (ms)")
-    left.set_ylabel("recommendations")
+    latency_histogram(left, latencies)
     left.set_title(f"latency, held-out replay at {summary['heldout_rate_eps']:.0f} events/s")
     k = summary["top_k"]
     names = ["hytrec", "popularity", "recent_items"]
@@ -456,7 +451,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
             heldout_s = time.time() - started
         finally:
             collector.close()
-            stop_worker(worker)
+            stop_process(worker, timeout_s=20.0)
     received = [(ms, rec) for ms, rec in collector.received if rec.user_id != PROBE_USER]
     heldout_received = [(ms, rec) for ms, rec in collector.received[before:]]
     latencies = latency_ms(heldout_received, heldout, heldout_sent)

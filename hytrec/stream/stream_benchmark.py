@@ -128,24 +128,6 @@ def _paced_payloads(payloads: list[dict], after_ts: int) -> list[dict]:
     return [dict(p, ts=after_ts + 1 + i) for i, p in enumerate(payloads)]
 
 
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
-
-
 def _machine() -> dict:
     import os
     import platform
@@ -179,7 +161,8 @@ def run_benchmark(
     with a latency histogram beside it)."""
     # the demo's pieces (and torch, FAISS) load only here: `hytrec --help` stays quick
     from hytrec.index import IndexConfig, build_from_checkpoint
-    from hytrec.stream.broker import EmbeddedBroker
+    from hytrec.model.benchmark import git_commit
+    from hytrec.stream.broker import EmbeddedBroker, stop_process
     from hytrec.stream.demo import (
         Collector,
         DemoConfig,
@@ -188,7 +171,6 @@ def run_benchmark(
         load_events,
         replay,
         start_worker,
-        stop_worker,
         wait_until_answered,
     )
     from hytrec.stream.replay import log_events
@@ -256,14 +238,14 @@ def run_benchmark(
             )
         finally:
             collector.close()
-            stop_worker(worker)
+            stop_process(worker, timeout_s=20.0)
     latencies = latency_ms(collector.received[before:], paced, paced_sent)
     result = {
         "benchmark": "stream",
         "device": config.device,
         "command": command or "hytrec benchmark stream",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "machine": {**machine_before, "load_average_1m_after": _machine()["load_average_1m"]},
         "config": {
             **{k: v for k, v in asdict(config).items() if k != "output"},
@@ -322,6 +304,8 @@ def plot(result: dict, latencies: np.ndarray, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from hytrec.stream.demo import latency_histogram
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = ["raw consumer", "engine"]
     rates = [result["raw_consume_events_per_s"], result["engine_events_per_s"]]
@@ -331,14 +315,7 @@ def plot(result: dict, latencies: np.ndarray, path: Path) -> None:
     left.set_ylabel("events/s (log)")
     events, ratio = result["config"]["events"], result["ratio"]
     left.set_title(f"full speed, {events:,} events (ratio {ratio:.2f})")
-    if len(latencies):
-        right.hist(latencies, bins=50, color="tab:blue")
-        for q, style in ((50, "--"), (99, ":")):
-            value = np.percentile(latencies, q)
-            right.axvline(value, color="black", linestyle=style, label=f"p{q} {value:.0f} ms")
-        right.legend()
-    right.set_xlabel("event -> recommendation (ms)")
-    right.set_ylabel("recommendations")
+    latency_histogram(right, latencies)
     right.set_title(f"latency at {result['paced_input_events_per_s']:,.0f} events/s")
     fig.suptitle(f"hytrec stream benchmark ({result['device']}, {result['machine']['cpus']} cpus)")
     fig.tight_layout()
