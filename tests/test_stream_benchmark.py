@@ -16,6 +16,9 @@ FIGURES = (
     "raw_consume_events_per_s",
     "engine_events_per_s",
     "ratio",
+    "plumbing_events_per_s",
+    "plumbing_ratio",
+    "engine_only_events_per_s",
     "latency_ms_p50",
     "latency_ms_p99",
 )

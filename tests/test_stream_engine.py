@@ -12,6 +12,7 @@ from hytrec.index import IndexConfig, build_from_checkpoint
 from hytrec.model.events import Behavior, Vocabulary
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
 from hytrec.stream.engine import EngineConfig, RecommendationEngine, build_engine
+from hytrec.stream.recent_engine import RecentItemsEngine
 from hytrec.stream.schemas import BehaviorEvent
 
 NUM_ITEMS, NUM_CATEGORIES, TS = 60, 8, 1_511_544_000
@@ -154,3 +155,17 @@ def test_a_model_without_vocabulary_is_refused(checkpoint):
     model = HyTRec(HyTRecConfig(num_items=NUM_ITEMS, num_categories=NUM_CATEGORIES, d_model=32))
     with pytest.raises(ValueError, match="vocabulary"):
         RecommendationEngine(model, build_from_checkpoint(checkpoint), EngineConfig(device="cpu"))
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_the_recent_items_engine_answers_each_users_newest_distinct_items(batch_size):
+    events = random_events(num_users=5, per_user=30, seed=3)
+    engine = RecentItemsEngine(top_k=4)
+    results, latest = serve(engine, events, batch_size)
+    for user in {e.user_id for e in events}:
+        newest_first = [e.item_id for e in events if e.user_id == user][::-1]
+        assert latest[user].items == list(dict.fromkeys(newest_first))[:4]
+        assert latest[user].source_offset == max(e.offset for e in events if e.user_id == user)
+    assert sum(len(r.recommendations) for r in results) >= len(events) // batch_size
+    replayed = engine.process(events[:10])  # at-least-once delivery: already applied
+    assert replayed.skipped_duplicates == 10 and not replayed.recommendations

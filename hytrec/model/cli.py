@@ -52,6 +52,32 @@ def register(commands, benchmarks) -> None:
     eff.add_argument("--no-progress", action="store_true")
     eff.set_defaults(func=_benchmark_efficiency)
 
+    # defaults live in StepBenchConfig
+    step = benchmarks.add_parser(
+        "step",
+        help="streaming-step events/s vs users per call and state size, against the "
+        "memory-bandwidth roofline",
+        description="The TADN step kernel (every backend the device has) and the whole "
+        "HyTRec.step: events/s, bytes each event must move, achieved GB/s and the fraction "
+        "of the copy bandwidth measured in the same run. Writes STEM.json and STEM.png.",
+    )
+    step.add_argument("--users", type=_ints, help="users per call, e.g. 1,256,65536")
+    step.add_argument("--head-dims", type=_ints, help="dk = dv of the kernel rows")
+    for name, kind in (
+        ("--heads", int),
+        ("--run-length", int),
+        ("--d-model", int),
+        ("--repeats", int),
+        ("--budget-s", float),
+        ("--copy-mib", int),
+        ("--device", str),
+        ("--seed", int),
+    ):
+        step.add_argument(name, type=kind)
+    step.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    step.add_argument("--output", help="report stem (default: benchmarks/results/step-<device>)")
+    step.set_defaults(func=_benchmark_step)
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v)
@@ -72,6 +98,26 @@ def _benchmark_efficiency(args: argparse.Namespace) -> int:
     run_efficiency(config, output, progress=not args.no_progress)
     print(f"-> {output}.json and {output}.png")
     return 0
+
+
+def _benchmark_step(args: argparse.Namespace) -> int:
+    from hytrec.model.step_benchmark import config_from_args, run_step_benchmark
+
+    config = config_from_args(args)
+    output = args.output
+    if output is None:
+        device = config.device if config.device != "auto" else _auto_device()
+        output = f"benchmarks/results/step-{device.split(':')[0]}"
+    output = output.removesuffix(".json")
+    run_step_benchmark(config, output)
+    print(f"-> {output}.json and {output}.png")
+    return 0
+
+
+def _auto_device() -> str:
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
 
 
 def _check_parity(args: argparse.Namespace) -> int:

@@ -88,9 +88,11 @@ class Sent:
 
 @dataclass
 class Collector:
-    """Reads `recommendations` in a thread: (record timestamp ms, recommendation) pairs."""
+    """Reads `recommendations` in a thread: (record timestamp ms, recommendation) pairs, of
+    one model version only when `model_version` is given."""
 
     bootstrap: str
+    model_version: str | None = None
     received: list[tuple[int, Recommendation]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -102,7 +104,9 @@ class Collector:
         for record in read_topic(
             self.bootstrap, "recommendations", idle_timeout_s=float("inf"), stop=self.stop
         ):
-            self.received.append((record.timestamp, Recommendation.from_json(record.value)))
+            rec = Recommendation.from_json(record.value)
+            if self.model_version in (None, rec.model_version):
+                self.received.append((record.timestamp, rec))
 
     def latest_offsets(self) -> dict[str, int]:
         """user -> source offset of the newest event answered so far."""
@@ -188,28 +192,39 @@ def trained_checkpoint(
 
 
 def start_worker(
-    checkpoint: Path, index: Path, bootstrap: str, config: DemoConfig, run_dir: Path
+    checkpoint: Path | None,
+    index: Path | None,
+    bootstrap: str,
+    config: DemoConfig,
+    run_dir: Path,
+    engine: str | None = None,
+    name: str = "worker",
 ) -> subprocess.Popen:
-    """`hytrec worker` in a process that dies with this one; its log in run_dir/worker.log."""
+    """`hytrec worker` in a process that dies with this one, serving the checkpoint (or the
+    engine factory MODULE:CALLABLE); its own consumer group and run_dir/<name>.log."""
+    source = (
+        [f"--engine={engine}"] if engine else [f"--checkpoint={checkpoint}", f"--index={index}"]
+    )
+    data_dir = run_dir / "faust" / name
+    data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     command = [
         sys.executable,
         "-m",
         "hytrec.cli",
         "worker",
-        f"--checkpoint={checkpoint}",
-        f"--index={index}",
+        *source,
         f"--bootstrap={bootstrap}",
         "--embedded-broker",
-        f"--group=hytrec-demo-{os.getpid()}",
+        f"--group=hytrec-demo-{os.getpid()}" + ("" if name == "worker" else f"-{name}"),
         f"--device={config.device}",
         f"--top-k={config.top_k}",
         f"--batch-size={config.batch_size}",
         f"--batch-wait-ms={config.batch_wait_ms}",
-        f"--data-dir={run_dir / 'faust'}",
+        f"--data-dir={data_dir}",
     ]
     return subprocess.Popen(
         command,
-        stdout=open(run_dir / "worker.log", "wb"),  # noqa: SIM115 - the child owns it
+        stdout=open(run_dir / f"{name}.log", "wb"),  # noqa: SIM115 - the child owns it
         stderr=subprocess.STDOUT,
         preexec_fn=die_with_parent(os.getpid()),
     )

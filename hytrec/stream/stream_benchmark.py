@@ -7,13 +7,20 @@ One run, one embedded broker (Tansu), one `hytrec worker` process:
    order, are published to `behaviors` before anything reads them.
 2. raw: a bare aiokafka consumer (no group, every partition assigned, from the beginning)
    reads those events; `raw_consume_events_per_s` = events / (first fetch -> last record).
-3. engine: the worker starts with a fresh consumer group and works through the same events
-   at full speed; `engine_events_per_s` = events / (first event consumed -> the
+3. plumbing: a worker serving the model-free `RecentItemsEngine` (recent_engine.py) works
+   through the same events with its own consumer group: Faust, parsing, batching and
+   publishing without the model, the index or snapshots; `plumbing_events_per_s`, measured
+   like the engine's below, bounds what any model could reach through this pipeline.
+4. engine: the model worker starts with a fresh consumer group and works through the same
+   events at full speed; `engine_events_per_s` = events / (first event consumed -> the
    recommendation answering every user's last event). `ratio` = engine / raw.
-4. latency: `paced_events` further events are published at a fixed `rate` events/s (their
+5. latency: `paced_events` further events are published at a fixed `rate` events/s (their
    times are rewritten to one second apart, after the preloaded ones, so that the replay's
    `speed` is the input rate); latency is the producer's send of an event -> the worker's
    send of the recommendation answering it (p50, p99).
+6. engine only: after the broker is gone, the same engine (checkpoint, index, batch size)
+   in this process over the same events in log order: `engine_only_events_per_s`, what the
+   model step and the search cost without Kafka, Faust or snapshots.
 
 The model is a checkpoint (`--checkpoint`) or, by default, an untrained HyTRec with seeded
 weights over the data's vocabulary: the cost of a step does not depend on the weights, so
@@ -35,6 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 RESULT_PATH = Path("benchmarks/results/stream-cpu.json")
+PLUMBING_ENGINE = "hytrec.stream.recent_engine:RecentItemsEngine"
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,36 @@ def raw_consume(bootstrap: str, count: int, topic: str = "behaviors", timeout_s=
     return asyncio.run(_raw_consume(bootstrap, topic, count, timeout_s))
 
 
+def engine_only_rate(
+    checkpoint: Path, index_dir: Path, payloads: list[dict], sent, config: StreamBenchConfig
+) -> float:
+    """Events/s of the model engine in this process over `payloads` (with the partitions and
+    offsets they were sent to), in log order, `batch_size` events per batch."""
+    from hytrec.stream.engine import EngineConfig, build_engine
+    from hytrec.stream.schemas import BehaviorEvent
+
+    engine = build_engine(
+        checkpoint, index_dir, config=EngineConfig(top_k=config.top_k, device=config.device)
+    )
+    events = [
+        BehaviorEvent(
+            p["user_id"],
+            p["item_id"],
+            p["category_id"],
+            p["behavior"],
+            p["ts"],
+            partition=int(sent.partition[i]),
+            offset=int(sent.offset[i]),
+            received_at=0.0,
+        )
+        for i, p in enumerate(payloads)
+    ]
+    started = time.perf_counter()
+    for start in tqdm(range(0, len(events), config.batch_size), desc="engine only", leave=False):
+        engine.process(events[start : start + config.batch_size])
+    return len(events) / (time.perf_counter() - started)
+
+
 def _paced_payloads(payloads: list[dict], after_ts: int) -> list[dict]:
     """The events with times one second apart, after `after_ts`: replayed at speed X, they
     go out at exactly X events/s, and every one is newer than its user's earlier events."""
@@ -173,7 +211,20 @@ def run_benchmark(
         start_worker,
         wait_until_answered,
     )
+    from hytrec.stream.recent_engine import RecentItemsEngine
     from hytrec.stream.replay import log_events
+
+    def full_speed(collector, worker, what: str) -> tuple[float, float, int]:
+        """(events/s, seconds, recommendations) of a worker working through the preload."""
+        wait_until_answered(
+            collector, last_offsets(preload, preload_sent), worker, config.worker_timeout_s, what
+        )
+        answered = list(collector.received)
+        # first event consumed: the earliest receive time among the answers (each answers
+        # its user's newest event in a batch, so this is within one batch of the first)
+        started = min(rec.received_at for _, rec in answered)
+        seconds = max(ms for ms, _ in answered) / 1000.0 - started
+        return config.events / seconds, seconds, len(answered)
 
     run_dir = config.output
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +237,7 @@ def run_benchmark(
     preload = payloads[: config.events]
     paced = _paced_payloads(payloads[config.events : needed], max(p["ts"] for p in preload))
     checkpoint, model_note = _model_checkpoint(events, config, run_dir / "checkpoint")
+    model_version = json.loads((checkpoint / "checkpoint.json").read_text())["version"]
     index_dir = run_dir / "index"
     build_from_checkpoint(checkpoint, IndexConfig(kind="flat")).save(index_dir)
     worker_config = DemoConfig(
@@ -206,23 +258,23 @@ def run_benchmark(
         raw = raw_consume(broker.bootstrap, config.events, timeout_s=config.worker_timeout_s)
         print(f"raw consumer: {raw['events_per_s']:,.0f} events/s", flush=True)
 
-        collector = Collector(broker.bootstrap)
+        collector = Collector(broker.bootstrap, RecentItemsEngine.model_version)
+        worker = start_worker(
+            None, None, broker.bootstrap, worker_config, run_dir, PLUMBING_ENGINE, "plumbing"
+        )
+        try:
+            plumbing_rate, plumbing_s, _ = full_speed(collector, worker, "plumbing (no model)")
+        finally:
+            collector.close()
+            stop_process(worker, timeout_s=20.0)
+        print(f"plumbing (no model): {plumbing_rate:,.0f} events/s", flush=True)
+
+        collector = Collector(broker.bootstrap, model_version)
         worker = start_worker(checkpoint, index_dir, broker.bootstrap, worker_config, run_dir)
         try:
-            wait_until_answered(
-                collector,
-                last_offsets(preload, preload_sent),
-                worker,
-                config.worker_timeout_s,
-                "engine (preloaded events)",
+            engine_rate, engine_s, engine_recs = full_speed(
+                collector, worker, "engine (preloaded events)"
             )
-            answered = list(collector.received)
-            # first event consumed: the earliest receive time among the answers (each answers
-            # its user's newest event in a batch, so this is within one batch of the first)
-            started = min(rec.received_at for _, rec in answered)
-            finished = max(ms for ms, _ in answered) / 1000.0
-            engine_s = finished - started
-            engine_rate = config.events / engine_s
             print(f"engine: {engine_rate:,.0f} events/s", flush=True)
 
             before = len(collector.received)
@@ -240,6 +292,8 @@ def run_benchmark(
             collector.close()
             stop_process(worker, timeout_s=20.0)
     latencies = latency_ms(collector.received[before:], paced, paced_sent)
+    engine_only = engine_only_rate(checkpoint, index_dir, preload, preload_sent, config)
+    print(f"engine only (no Kafka): {engine_only:,.0f} events/s", flush=True)
     result = {
         "benchmark": "stream",
         "device": config.device,
@@ -259,8 +313,12 @@ def run_benchmark(
         "raw_consume_seconds": raw["seconds"],
         "engine_events_per_s": engine_rate,
         "engine_seconds": engine_s,
-        "engine_recommendations": len(answered),
+        "engine_recommendations": engine_recs,
         "ratio": engine_rate / raw["events_per_s"],
+        "plumbing_events_per_s": plumbing_rate,
+        "plumbing_seconds": plumbing_s,
+        "plumbing_ratio": plumbing_rate / raw["events_per_s"],
+        "engine_only_events_per_s": engine_only,
         "paced_input_events_per_s": len(paced) / paced_publish_s,
         "latency_ms_p50": float(np.percentile(latencies, 50)),
         "latency_ms_p99": float(np.percentile(latencies, 99)),
@@ -289,6 +347,10 @@ def print_result(r: dict) -> None:
                 f"({c['events']:,} events in {r['engine_seconds']:.2f} s, "
                 f"{r['engine_recommendations']:,} recommendations)",
                 f"ratio             {r['ratio']:>10.3f}",
+                f"plumbing          {r['plumbing_events_per_s']:>10,.0f} events/s "
+                f"(the same worker without the model: ratio {r['plumbing_ratio']:.3f})",
+                f"engine only       {r['engine_only_events_per_s']:>10,.0f} events/s "
+                "(model step + search in one process, no Kafka)",
                 f"latency at {r['paced_input_events_per_s']:,.0f} events/s: "
                 f"p50 {r['latency_ms_p50']:.0f} ms, p99 {r['latency_ms_p99']:.0f} ms "
                 f"({r['latency_recommendations']:,} recommendations)",
@@ -307,9 +369,10 @@ def plot(result: dict, latencies: np.ndarray, path: Path) -> None:
     from hytrec.stream.demo import latency_histogram
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    names = ["raw consumer", "engine"]
-    rates = [result["raw_consume_events_per_s"], result["engine_events_per_s"]]
-    bars = left.bar(names, rates, color=["tab:gray", "tab:orange"])
+    names = ["raw consumer", "plumbing\n(no model)", "engine only\n(no Kafka)", "engine"]
+    keys = ["raw_consume", "plumbing", "engine_only", "engine"]
+    rates = [result[f"{key}_events_per_s"] for key in keys]
+    bars = left.bar(names, rates, color=["tab:gray", "tab:blue", "tab:green", "tab:orange"])
     left.bar_label(bars, labels=[f"{r:,.0f}" for r in rates])
     left.set_yscale("log")
     left.set_ylabel("events/s (log)")

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hytrec.kernels import Backend, chunk_tadn, naive_tadn, tadn_parallel, tadn_step
+from hytrec.kernels.step import CHUNKED_FROM, MAX_CHUNK
 
 
 def make_inputs(B, T, H, K, V, dtype, seed, with_state=True):
@@ -158,6 +159,28 @@ def test_step_matches_reference_for_random_interleavings(seed):
         ref_o, ref_s = naive_tadn(**x)
         torch.testing.assert_close(torch.cat(outputs[u]), ref_o[0], rtol=0, atol=1e-12)
         torch.testing.assert_close(pool[slot_of[u]], ref_s[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("longest", [CHUNKED_FROM - 1, CHUNKED_FROM, MAX_CHUNK, MAX_CHUNK + 5])
+def test_step_of_long_runs_takes_the_chunked_form_and_matches_the_reference(longest, dtype, atol):
+    """Runs from 1 event up to `longest` in one call: below CHUNKED_FROM the token loop,
+    from it on the chunked form (over MAX_CHUNK in several chunks) must give the same
+    read-outs and states, with the padded positions left as identity steps."""
+    lengths = torch.tensor([longest, 1, max(1, longest // 2), 3])
+    x = make_inputs(4, longest, 2, 8, 6, dtype, seed=longest)
+    pool = torch.zeros(6, 2, 8, 6, dtype=dtype)
+    slots = torch.tensor([4, 0, 5, 2])
+    pool[slots] = x.pop("initial_state")
+    initial = pool[slots].clone()
+    o = tadn_step(pool, slots, lengths, **x)
+    for u, n in enumerate(lengths.tolist()):
+        ref_o, ref_s = naive_tadn(
+            **{name: t[u : u + 1, :n] for name, t in x.items()}, initial_state=initial[u : u + 1]
+        )
+        torch.testing.assert_close(o[u, :n], ref_o[0], rtol=0, atol=atol)
+        torch.testing.assert_close(pool[slots[u]], ref_s[0], rtol=0, atol=atol)
+        assert torch.all(o[u, n:] == 0)
 
 
 def test_step_refuses_duplicate_slots():
