@@ -44,11 +44,14 @@ def register(commands, benchmarks) -> None:
         ("--budget-s", float),
         ("--train-dropout", float),
         ("--threads", int),
+        ("--device", str),
         ("--seed", int),
     ):
         eff.add_argument(name, type=kind)
     eff.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    eff.add_argument("--output", help="report stem (default: benchmarks/results/efficiency-cpu)")
+    eff.add_argument(
+        "--output", help="report stem (default: benchmarks/results/efficiency-<device>)"
+    )
     eff.add_argument("--no-progress", action="store_true")
     eff.set_defaults(func=_benchmark_efficiency)
 
@@ -78,46 +81,88 @@ def register(commands, benchmarks) -> None:
     step.add_argument("--output", help="report stem (default: benchmarks/results/step-<device>)")
     step.set_defaults(func=_benchmark_step)
 
+    # defaults live in KernelBenchConfig
+    kernels = benchmarks.add_parser(
+        "kernels",
+        help="parallel TADN forward and forward+backward per backend, with fla's gated "
+        "delta rule where it runs",
+        description="PyTorch chunked, Triton chunked and flash-linear-attention's "
+        "chunk_gated_delta_rule (erase = 1, where they run) on the same inputs: forward ms, "
+        "forward+backward ms, training tokens/s and the largest difference from the PyTorch "
+        "form. Writes STEM.json and STEM.png.",
+    )
+    kernels.add_argument("--lengths", type=_ints, help="sequence lengths, e.g. 1024,4096")
+    for name, kind in (
+        ("--batch", int),
+        ("--heads", int),
+        ("--head-dim", int),
+        ("--chunk-size", int),
+        ("--dtype", str),
+        ("--repeats", int),
+        ("--budget-s", float),
+        ("--device", str),
+        ("--seed", int),
+    ):
+        kernels.add_argument(name, type=kind)
+    kernels.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    kernels.add_argument(
+        "--output", help="report stem (default: benchmarks/results/kernels-<device>)"
+    )
+    kernels.set_defaults(func=_benchmark_kernels)
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v)
 
 
-def _benchmark_efficiency(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace, default, quick):
+    """The benchmark's config: its defaults (or its quick ones), with the given options."""
     from dataclasses import fields, replace
 
+    given = {f.name: getattr(args, f.name, None) for f in fields(default)}
+    base = quick if args.quick else default
+    return replace(base, **{name: value for name, value in given.items() if value is not None})
+
+
+def _output(args: argparse.Namespace, name: str, device: str) -> str:
+    """The report stem: --output, or benchmarks/results/NAME-cpu|gpu."""
+    if args.output:
+        return args.output.removesuffix(".json")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"benchmarks/results/{name}-{'gpu' if device.startswith('cuda') else 'cpu'}"
+
+
+def _benchmark_efficiency(args: argparse.Namespace) -> int:
     from hytrec.model.efficiency import QUICK, EfficiencyConfig, run_efficiency
 
-    given = {
-        f.name: getattr(args, f.name)
-        for f in fields(EfficiencyConfig)
-        if getattr(args, f.name) is not None
-    }
-    config = replace(QUICK if args.quick else EfficiencyConfig(), **given)
-    output = (args.output or "benchmarks/results/efficiency-cpu").removesuffix(".json")
+    config = _config(args, EfficiencyConfig(), QUICK)
+    output = _output(args, "efficiency", config.device)
     run_efficiency(config, output, progress=not args.no_progress)
     print(f"-> {output}.json and {output}.png")
     return 0
 
 
 def _benchmark_step(args: argparse.Namespace) -> int:
-    from hytrec.model.step_benchmark import config_from_args, run_step_benchmark
+    from hytrec.model.step_benchmark import QUICK, StepBenchConfig, run_step_benchmark
 
-    config = config_from_args(args)
-    output = args.output
-    if output is None:
-        device = config.device if config.device != "auto" else _auto_device()
-        output = f"benchmarks/results/step-{device.split(':')[0]}"
-    output = output.removesuffix(".json")
+    config = _config(args, StepBenchConfig(), QUICK)
+    output = _output(args, "step", config.device)
     run_step_benchmark(config, output)
     print(f"-> {output}.json and {output}.png")
     return 0
 
 
-def _auto_device() -> str:
-    import torch
+def _benchmark_kernels(args: argparse.Namespace) -> int:
+    from hytrec.model.kernel_benchmark import QUICK, KernelBenchConfig, run_kernel_benchmark
 
-    return "gpu" if torch.cuda.is_available() else "cpu"
+    config = _config(args, KernelBenchConfig(), QUICK)
+    output = _output(args, "kernels", config.device)
+    run_kernel_benchmark(config, output)
+    print(f"-> {output}.json and {output}.png")
+    return 0
 
 
 def _check_parity(args: argparse.Namespace) -> int:

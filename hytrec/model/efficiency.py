@@ -70,6 +70,7 @@ class EfficiencyConfig:
     # materialises the T x T matrix; that would measure a fallback, not SASRec.
     train_dropout: float = 0.0
     threads: int | None = None  # torch threads; None = PyTorch's default
+    device: str = "cpu"  # "cuda": models and states on the GPU, timings synchronize it
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -110,6 +111,8 @@ class EfficiencyConfig:
         ]
         if self.threads is not None:
             parts.append(f"--threads {self.threads}")
+        if self.device != "cpu":
+            parts.append(f"--device {self.device}")
         if output is not None:
             parts.append(f"--output {output}")
         return " ".join(parts)
@@ -156,6 +159,19 @@ def time_calls(
     return times
 
 
+def synchronized(device: torch.device, fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn`, waiting for the device's queued work before returning (GPU calls are
+    asynchronous: without this a timer measures the launch, not the work)."""
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        fn()
+        torch.cuda.synchronize(device)
+
+    return call
+
+
 def cpu_info() -> dict[str, str]:
     """The first processor's /proc/cpuinfo fields (empty off Linux)."""
     info = Path("/proc/cpuinfo")
@@ -167,8 +183,11 @@ def cpu_info() -> dict[str, str]:
     return fields
 
 
-def device_name() -> str:
-    """e.g. 'cpu: AMD EPYC (family 25 model 17), 2 threads'; a VM may hide the exact model."""
+def device_name(device: torch.device | None = None) -> str:
+    """e.g. 'cpu: AMD EPYC (family 25 model 17), 2 threads' (a VM may hide the exact
+    model) or 'cuda: NVIDIA H200'."""
+    if device is not None and device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
     info = cpu_info()
     cpu = info.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in info and "model" in info:
@@ -180,21 +199,22 @@ def device_name() -> str:
 # ---------------------------------------------------------------------------- measurements
 
 
-def _batch(user: UserEvents, start: int, stop: int, rows: int = 1) -> EventBatch:
-    return pad_batch([user.run(start, stop)] * rows)
+def _batch(user: UserEvents, start: int, stop: int, device, rows: int = 1) -> EventBatch:
+    return pad_batch([user.run(start, stop)] * rows).to(device)
 
 
 def _build_state(model: HyTRec, state, slot, user: UserEvents, start: int, stop: int, chunk: int):
     """Step events start..stop-1 into the slot, `chunk` per call: the state a server holds."""
     for a in range(start, stop, chunk):
-        model.step(state, slot, _batch(user, a, min(a + chunk, stop)))
+        model.step(state, slot, _batch(user, a, min(a + chunk, stop), slot.device))
 
 
 def _train_tokens_per_s(model, user: UserEvents, L: int, cfg: EfficiencyConfig) -> tuple:
     """Forward+backward of the dense next-item loss (every position predicts the next item,
     full softmax over the items, as `train` does with negatives=0) over L events."""
-    inputs = _batch(user, 0, L, cfg.train_batch)
-    target = _batch(user, 1, L + 1, cfg.train_batch).item.reshape(-1)
+    device = torch.device(cfg.device)
+    inputs = _batch(user, 0, L, device, cfg.train_batch)
+    target = _batch(user, 1, L + 1, device, cfg.train_batch).item.reshape(-1)
     generator = torch.Generator().manual_seed(cfg.seed)
     model.train()
 
@@ -204,7 +224,7 @@ def _train_tokens_per_s(model, user: UserEvents, L: int, cfg: EfficiencyConfig) 
         next_item_loss(model, u, target, 0, generator).backward()
 
     try:
-        times = time_calls(one_iteration, cfg.train_iters, cfg.budget_s)
+        times = time_calls(synchronized(device, one_iteration), cfg.train_iters, cfg.budget_s)
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
@@ -219,20 +239,21 @@ def run_efficiency(
         torch.set_num_threads(cfg.threads)
     lengths = sorted(set(cfg.lengths))
     load_before = os.getloadavg()[0]  # other work on a shared machine skews timings
+    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    hytrec = HyTRec(cfg.hytrec()).eval()
+    hytrec = HyTRec(cfg.hytrec()).eval().to(device)
     torch.manual_seed(cfg.seed)
-    sasrec = SASRec(cfg.sasrec()).eval()
+    sasrec = SASRec(cfg.sasrec()).eval().to(device)
     # the training figures use the same weights with dropout off (see EfficiencyConfig)
     torch.manual_seed(cfg.seed)
-    hytrec_train = HyTRec(replace(cfg.hytrec(), dropout=cfg.train_dropout))
+    hytrec_train = HyTRec(replace(cfg.hytrec(), dropout=cfg.train_dropout)).to(device)
     torch.manual_seed(cfg.seed)
-    sasrec_train = SASRec(replace(cfg.sasrec(), dropout=cfg.train_dropout))
+    sasrec_train = SASRec(replace(cfg.sasrec(), dropout=cfg.train_dropout)).to(device)
     # one user, one history: length L uses its first L events, event L is the new one
     user = random_user(max(lengths) + 1, cfg.hytrec(), torch.Generator().manual_seed(cfg.seed))
 
-    state = hytrec.new_state(2)
-    slot = torch.tensor([0])
+    state = hytrec.new_state(2, device)
+    slot = torch.tensor([0], device=device)
     built = 0
     rows, notes, repeats = [], [], []
     bar = tqdm(total=len(lengths) * len(MEASURES), unit="meas", disable=not progress)
@@ -257,7 +278,9 @@ def run_efficiency(
         return round(statistics.median(values), 2) if values else None
 
     def per_event_us(fn: Callable, calls: int, setup: Callable | None = None) -> list[float]:
-        return [t * 1e6 for t in time_calls(fn, calls, cfg.budget_s, setup)]
+        if setup is not None:  # its queued GPU work must not land in the timed call
+            setup = synchronized(device, setup)
+        return [t * 1e6 for t in time_calls(synchronized(device, fn), calls, cfg.budget_s, setup)]
 
     for L in lengths:
         # (a) the stream: extend the held state from `built` to L events, then time the
@@ -265,12 +288,12 @@ def run_efficiency(
         _build_state(hytrec, state, slot, user, built, L, cfg.build_chunk)
         built = L
         saved = state.read(slot)
-        new_event = _batch(user, L, L + 1)
+        new_event = _batch(user, L, L + 1, device)
 
         def restore(saved=saved):  # untimed: every timed step sees exactly L events
             state.write(slot, saved)
 
-        history = _batch(user, 0, L + 1)
+        history = _batch(user, 0, L + 1, device)
         row: dict = {"length": L}
         row["hytrec_step_us"] = measure(
             L,
@@ -301,7 +324,7 @@ def run_efficiency(
 
     report = {
         "benchmark": "efficiency",
-        "device": device_name(),
+        "device": device_name(device),
         "command": cfg.command(output),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from hytrec.kernels import available_backends, tadn_step
 from hytrec.model.benchmark import git_commit
-from hytrec.model.efficiency import device_name, time_calls
+from hytrec.model.efficiency import device_name, synchronized, time_calls
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
 from hytrec.model.parity import kernel_inputs
 
@@ -73,22 +73,11 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def _timed(device: torch.device, fn) -> object:
-    if device.type != "cuda":
-        return fn
-
-    def synchronized():
-        fn()
-        torch.cuda.synchronize(device)
-
-    return synchronized
-
-
 def copy_bandwidth_gb_s(device: torch.device, mib: int, repeats: int, budget_s: float) -> float:
     """The best of `repeats` copies of `mib` MiB, read + write bytes per second, in GB/s."""
     src = torch.ones(mib * 2**20 // FLOAT_BYTES, device=device)
     dst = torch.empty_like(src)
-    times = time_calls(_timed(device, lambda: dst.copy_(src)), max(repeats, 3), budget_s)
+    times = time_calls(synchronized(device, lambda: dst.copy_(src)), max(repeats, 3), budget_s)
     return 2 * src.numel() * FLOAT_BYTES / min(times) / 1e9
 
 
@@ -102,7 +91,7 @@ def _kernel_events_per_s(cfg, device, backend, users, head_dim, generator) -> fl
     x.pop("initial_state")
     slots = torch.randperm(pool.shape[0], generator=generator)[:users].to(device)
     lengths = torch.full((users,), M, device=device)
-    call = _timed(device, lambda: tadn_step(pool, slots, lengths, **x, backend=backend))
+    call = synchronized(device, lambda: tadn_step(pool, slots, lengths, **x, backend=backend))
     return users * M / statistics.median(time_calls(call, cfg.repeats, cfg.budget_s))
 
 
@@ -122,7 +111,7 @@ def _model_events_per_s(cfg, model, state, device, users, generator) -> float:
     )
     slots = torch.randperm(state.num_slots, generator=generator)[:users].to(device)
     with torch.inference_mode():
-        call = _timed(device, lambda: model.step(state, slots, batch))
+        call = synchronized(device, lambda: model.step(state, slots, batch))
         return users * M / statistics.median(time_calls(call, cfg.repeats, cfg.budget_s))
 
 
@@ -171,7 +160,7 @@ def run_step_benchmark(cfg: StepBenchConfig, output: str | Path | None = None) -
         )
     report = {
         "benchmark": "step",
-        "device": device_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "device": device_name(device),
         "command": command(cfg, output),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
@@ -253,11 +242,3 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def config_from_args(args) -> StepBenchConfig:
-    base = QUICK if args.quick else StepBenchConfig()
-    given = {
-        name: getattr(args, name) for name in asdict(base) if getattr(args, name, None) is not None
-    }
-    return replace(base, **given)

@@ -377,7 +377,7 @@ def plot(result: dict, latencies: np.ndarray, path: Path) -> None:
     left.set_yscale("log")
     left.set_ylabel("events/s (log)")
     events, ratio = result["config"]["events"], result["ratio"]
-    left.set_title(f"full speed, {events:,} events (ratio {ratio:.2f})")
+    left.set_title(f"full speed, {events:,} events (ratio {ratio:.3f})")
     latency_histogram(right, latencies)
     right.set_title(f"latency at {result['paced_input_events_per_s']:,.0f} events/s")
     fig.suptitle(f"hytrec stream benchmark ({result['device']}, {result['machine']['cpus']} cpus)")
