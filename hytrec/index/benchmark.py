@@ -14,7 +14,6 @@ import gc
 import json
 import os
 import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from hytrec.index.backend import import_faiss, select_backend
 from hytrec.index.item_index import IndexConfig, ItemIndex, build_index, exact_top_k, recall_at_k
+from hytrec.model.provenance import cpu_info, git_commit
 
 
 @dataclass(frozen=True)
@@ -132,31 +132,13 @@ def queries_per_second(
 def environment() -> dict:
     """Machine, BLAS and faiss facts that the figures depend on."""
     faiss = import_faiss()
-    cpu_model = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor()
-    )
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_commit": commit,
+        "git_commit": git_commit(),
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
-            "cpu": cpu_model,
+            "cpu": cpu_info().get("model name") or platform.processor(),
             "cpus": len(os.sched_getaffinity(0)),
             # set on these machines; it picks the BLAS kernel (reported, not changed)
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -30,6 +29,7 @@ from hytrec.model.evaluate import (
 )
 from hytrec.model.events import EventLog
 from hytrec.model.hytrec import EventBatch, HyTRecConfig
+from hytrec.model.provenance import git_commit
 from hytrec.model.sasrec import SASRecConfig
 from hytrec.model.train import ModelConfig, TrainConfig, train
 
@@ -139,22 +139,6 @@ PRESETS = {
         "movies are rarely re-rated, so history items are removed",
     ),
 }
-
-
-def git_commit() -> str | None:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("-dirty" if dirty else "")
 
 
 def run_accuracy(

@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hytrec.model.benchmark import git_commit
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
 from hytrec.model.parity import UserEvents, pad_batch, random_user
+from hytrec.model.provenance import cpu_info, git_commit
 from hytrec.model.sasrec import SASRec, SASRecConfig
 from hytrec.model.train import next_item_loss
 
@@ -170,17 +170,6 @@ def synchronized(device: torch.device, fn: Callable[[], object]) -> Callable[[],
         torch.cuda.synchronize(device)
 
     return call
-
-
-def cpu_info() -> dict[str, str]:
-    """The first processor's /proc/cpuinfo fields (empty off Linux)."""
-    info = Path("/proc/cpuinfo")
-    fields: dict[str, str] = {}
-    if info.exists():
-        for line in info.read_text().split("\n\n", 1)[0].splitlines():
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-    return fields
 
 
 def device_name(device: torch.device | None = None) -> str:

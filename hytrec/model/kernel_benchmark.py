@@ -31,9 +31,9 @@ import torch
 from tqdm import tqdm
 
 from hytrec.kernels import available_backends, tadn_parallel
-from hytrec.model.benchmark import git_commit
 from hytrec.model.efficiency import device_name, synchronized, time_calls
 from hytrec.model.parity import kernel_inputs
+from hytrec.model.provenance import git_commit
 
 
 @dataclass(frozen=True)

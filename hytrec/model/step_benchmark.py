@@ -34,10 +34,10 @@ import torch
 from tqdm import tqdm
 
 from hytrec.kernels import available_backends, tadn_step
-from hytrec.model.benchmark import git_commit
 from hytrec.model.efficiency import device_name, synchronized, time_calls
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
 from hytrec.model.parity import kernel_inputs
+from hytrec.model.provenance import git_commit
 
 FLOAT_BYTES = 4
 

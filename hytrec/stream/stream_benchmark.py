@@ -170,17 +170,12 @@ def _machine() -> dict:
     import os
     import platform
 
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from hytrec.model.provenance import cpu_info
+
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": cpu,
+        "cpu": cpu_info().get("model name") or platform.processor(),
         "cpus": len(os.sched_getaffinity(0)),
         # a shared machine: the other processes' load changes every figure here
         "load_average_1m": os.getloadavg()[0],
@@ -199,7 +194,7 @@ def run_benchmark(
     with a latency histogram beside it)."""
     # the demo's pieces (and torch, FAISS) load only here: `hytrec --help` stays quick
     from hytrec.index import IndexConfig, build_from_checkpoint
-    from hytrec.model.benchmark import git_commit
+    from hytrec.model.provenance import git_commit
     from hytrec.stream.broker import EmbeddedBroker, stop_process
     from hytrec.stream.demo import (
         Collector,
