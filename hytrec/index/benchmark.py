@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from hytrec.index.backend import import_faiss, select_backend
 from hytrec.index.item_index import IndexConfig, ItemIndex, build_index, exact_top_k, recall_at_k
-from hytrec.model.provenance import cpu_info, git_commit
+from hytrec.model.reports import cpu_info, git_commit
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from hytrec.model.evaluate import (
 )
 from hytrec.model.events import EventLog
 from hytrec.model.hytrec import EventBatch, HyTRecConfig
-from hytrec.model.provenance import git_commit
+from hytrec.model.reports import git_commit
 from hytrec.model.sasrec import SASRecConfig
 from hytrec.model.train import ModelConfig, TrainConfig, train
 

@@ -22,7 +22,6 @@ out of memory) is null, with the reason under `notes`.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -38,7 +37,7 @@ from tqdm import tqdm
 
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
 from hytrec.model.parity import UserEvents, pad_batch, random_user
-from hytrec.model.provenance import cpu_info, git_commit
+from hytrec.model.reports import command_line, cpu_info, git_commit, write_report
 from hytrec.model.sasrec import SASRec, SASRecConfig
 from hytrec.model.train import next_item_loss
 
@@ -93,29 +92,6 @@ class EfficiencyConfig:
             heads=self.sasrec_heads,
             max_len=max(self.lengths) + 1,
         )
-
-    def command(self, output: str | Path | None = None) -> str:
-        """The CLI command that runs exactly this config."""
-        parts = [
-            "hytrec benchmark efficiency",
-            f"--lengths {','.join(map(str, self.lengths))}",
-            f"--d-model {self.d_model}",
-            f"--sasrec-layers {self.sasrec_layers} --sasrec-heads {self.sasrec_heads}",
-            f"--build-chunk {self.build_chunk}",
-            f"--step-repeats {self.step_repeats}",
-            f"--recompute-repeats {self.recompute_repeats}",
-            f"--train-iters {self.train_iters} --train-batch {self.train_batch}",
-            f"--budget-s {self.budget_s}",
-            f"--train-dropout {self.train_dropout}",
-            f"--seed {self.seed}",
-        ]
-        if self.threads is not None:
-            parts.append(f"--threads {self.threads}")
-        if self.device != "cpu":
-            parts.append(f"--device {self.device}")
-        if output is not None:
-            parts.append(f"--output {output}")
-        return " ".join(parts)
 
 
 QUICK = EfficiencyConfig(
@@ -314,7 +290,7 @@ def run_efficiency(
     report = {
         "benchmark": "efficiency",
         "device": device_name(device),
-        "command": cfg.command(output),
+        "command": command_line("efficiency", cfg, output),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "torch": torch.__version__,
@@ -349,11 +325,7 @@ def run_efficiency(
     text = format_table(rows)
     print(text, flush=True)
     if output is not None:
-        stem = Path(output)
-        stem = stem.with_suffix("") if stem.suffix in (".json", ".png") else stem
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_name(stem.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
-        plot(report, stem.with_name(stem.name + ".png"))
+        write_report(report, output, plot)
     return report
 
 

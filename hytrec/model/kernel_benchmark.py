@@ -20,7 +20,6 @@ interpreter measures nothing) and fla's chunked kernel does not run on CPU.
 from __future__ import annotations
 
 import importlib.util
-import json
 import statistics
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from hytrec.kernels import available_backends, tadn_parallel
 from hytrec.model.efficiency import device_name, synchronized, time_calls
 from hytrec.model.parity import kernel_inputs
-from hytrec.model.provenance import git_commit
+from hytrec.model.reports import command_line, git_commit, write_report
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ def run_kernel_benchmark(cfg: KernelBenchConfig, output: str | Path | None = Non
     report = {
         "benchmark": "kernels",
         "device": device_name(device),
-        "command": command(cfg, output),
+        "command": command_line("kernels", cfg, output),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "torch": torch.__version__,
@@ -166,25 +165,8 @@ def run_kernel_benchmark(cfg: KernelBenchConfig, output: str | Path | None = Non
     }
     print(format_table(report), flush=True)
     if output is not None:
-        stem = Path(output)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_name(stem.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
-        plot(report, stem.with_name(stem.name + ".png"))
+        write_report(report, output, plot)
     return report
-
-
-def command(cfg: KernelBenchConfig, output: str | Path | None) -> str:
-    parts = [
-        "hytrec benchmark kernels",
-        f"--lengths {','.join(map(str, cfg.lengths))}",
-        f"--batch {cfg.batch} --heads {cfg.heads} --head-dim {cfg.head_dim}",
-        f"--chunk-size {cfg.chunk_size} --dtype {cfg.dtype}",
-        f"--repeats {cfg.repeats} --budget-s {cfg.budget_s}",
-        f"--device {cfg.device} --seed {cfg.seed}",
-    ]
-    if output is not None:
-        parts.append(f"--output {output}")
-    return " ".join(parts)
 
 
 def format_table(report: dict) -> str:

@@ -23,7 +23,6 @@ interpreter, which measures nothing); on CUDA every installed backend runs.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from dataclasses import asdict, dataclass
@@ -37,7 +36,7 @@ from hytrec.kernels import available_backends, tadn_step
 from hytrec.model.efficiency import device_name, synchronized, time_calls
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
 from hytrec.model.parity import kernel_inputs
-from hytrec.model.provenance import git_commit
+from hytrec.model.reports import command_line, git_commit, write_report
 
 FLOAT_BYTES = 4
 
@@ -161,7 +160,7 @@ def run_step_benchmark(cfg: StepBenchConfig, output: str | Path | None = None) -
     report = {
         "benchmark": "step",
         "device": device_name(device),
-        "command": command(cfg, output),
+        "command": command_line("step", cfg, output),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "torch": torch.__version__,
@@ -174,25 +173,8 @@ def run_step_benchmark(cfg: StepBenchConfig, output: str | Path | None = None) -
     }
     print(format_table(report), flush=True)
     if output is not None:
-        stem = Path(output)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_name(stem.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
-        plot(report, stem.with_name(stem.name + ".png"))
+        write_report(report, output, plot)
     return report
-
-
-def command(cfg: StepBenchConfig, output: str | Path | None) -> str:
-    parts = [
-        "hytrec benchmark step",
-        f"--users {','.join(map(str, cfg.users))}",
-        f"--head-dims {','.join(map(str, cfg.head_dims))}",
-        f"--heads {cfg.heads} --run-length {cfg.run_length} --d-model {cfg.d_model}",
-        f"--repeats {cfg.repeats} --budget-s {cfg.budget_s} --copy-mib {cfg.copy_mib}",
-        f"--device {cfg.device} --seed {cfg.seed}",
-    ]
-    if output is not None:
-        parts.append(f"--output {output}")
-    return " ".join(parts)
 
 
 def format_table(report: dict) -> str:

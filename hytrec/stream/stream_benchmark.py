@@ -170,7 +170,7 @@ def _machine() -> dict:
     import os
     import platform
 
-    from hytrec.model.provenance import cpu_info
+    from hytrec.model.reports import cpu_info
 
     return {
         "platform": platform.platform(),
@@ -194,7 +194,7 @@ def run_benchmark(
     with a latency histogram beside it)."""
     # the demo's pieces (and torch, FAISS) load only here: `hytrec --help` stays quick
     from hytrec.index import IndexConfig, build_from_checkpoint
-    from hytrec.model.provenance import git_commit
+    from hytrec.model.reports import git_commit
     from hytrec.stream.broker import EmbeddedBroker, stop_process
     from hytrec.stream.demo import (
         Collector,

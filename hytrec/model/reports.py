@@ -1,0 +1,63 @@
+"""Benchmark reports: where a figure came from (commit, processor), the command that
+reruns it, and its JSON with a PNG beside it. Light imports only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+
+
+def git_commit() -> str | None:
+    """HEAD, with "-dirty" when tracked files differ from it; None outside a checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def cpu_info() -> dict[str, str]:
+    """The first processor's /proc/cpuinfo fields (empty off Linux)."""
+    info = Path("/proc/cpuinfo")
+    fields: dict[str, str] = {}
+    if info.exists():
+        for line in info.read_text().split("\n\n", 1)[0].splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def command_line(benchmark: str, config, output: str | Path | None = None) -> str:
+    """`hytrec benchmark BENCHMARK --field value ...` for every set field of the config
+    dataclass (tuples comma-separated): the command that reruns exactly this config."""
+    parts = [f"hytrec benchmark {benchmark}"]
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = ",".join(map(str, value))
+        parts.append(f"--{field.name.replace('_', '-')} {value}")
+    if output is not None:
+        parts.append(f"--output {output}")
+    return " ".join(parts)
+
+
+def write_report(report: dict, output: str | Path, plot: Callable[[dict, Path], None]) -> None:
+    """OUTPUT.json and OUTPUT.png (`plot(report, path)`); OUTPUT may end in .json."""
+    stem = Path(output)
+    stem = stem.with_suffix("") if stem.suffix in (".json", ".png") else stem
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_name(stem.name + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, stem.with_name(stem.name + ".png"))
