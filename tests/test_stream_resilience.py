@@ -1,15 +1,20 @@
 """The worker under hostile conditions, against real broker processes: a burst of thousands
-of bad messages (all in the DLQ with their reasons, valid neighbours unaffected), and a broker
+of bad messages (all in the DLQ with their reasons, valid neighbours unaffected), a broker
 restart that loses every log (the embedded broker stores in memory): the worker reconnects,
-finds the new logs and applies their events on top of the states it holds."""
+finds the new logs and applies their events on top of the states it holds; and a graceful
+stop long before the next checkpoint is due: the worker checkpoints at once, and its
+successor restores every user instead of replaying their events."""
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections import Counter, defaultdict
 from types import SimpleNamespace
 
 import pytest
+import torch
 from kafka import KafkaProducer
 from test_stream_support import (
     TS,
@@ -21,6 +26,8 @@ from test_stream_support import (
     wait_for,
 )
 
+from hytrec.model.events import Vocabulary
+from hytrec.model.hytrec import HyTRec, HyTRecConfig
 from hytrec.stream.app import _Fingerprint
 from hytrec.stream.broker import EmbeddedBroker, free_port
 from hytrec.stream.schemas import MAX_ID_CHARS, encode_behavior
@@ -180,3 +187,47 @@ def test_record_at_finds_a_record_and_tells_a_missing_one():
         assert _Fingerprint.of(as_faust) == _Fingerprint.of(record)
         other = SimpleNamespace(**{**vars(as_faust), "timestamp": as_faust.timestamp + 1})
         assert _Fingerprint.of(other) != _Fingerprint.of(record)
+
+
+def test_a_graceful_stop_checkpoints_at_once_and_the_successor_restores(tmp_path):
+    users = [f"u{n}" for n in range(10)]
+    torch.manual_seed(0)
+    items, categories = Vocabulary(f"item-{i}" for i in range(300)), Vocabulary(["c"])
+    cfg = HyTRecConfig(num_items=len(items), num_categories=len(categories), d_model=16, dropout=0)
+    checkpoint = HyTRec(cfg, items, categories).save(tmp_path / "checkpoint")
+    # far longer than the test: only the stop itself can write the checkpoint
+    args = ["--checkpoint", str(checkpoint), "--snapshot-interval", "600"]
+    sent_by_user = defaultdict(list)
+
+    def answered_through(bootstrap, count):
+        answered = {
+            json.loads(r.value)["event_ts"]
+            for r in read_topic(bootstrap, "recommendations", idle_timeout_s=0.5)
+        }
+        return TS + count - 1 in answered and all(
+            TS + i in answered for i in range(count - 10, count)
+        )
+
+    def batch_lines(name):
+        log = (tmp_path / name / "worker.log").read_text()
+        return log, re.findall(r"batches \d+, events in (\d+)", log)
+
+    with EmbeddedBroker() as broker:
+        first = start_worker(broker.bootstrap, tmp_path / "first", engine=None, extra_args=args)
+        send_valid(broker.bootstrap, users, 0, 200, sent_by_user)
+        wait_for(lambda: answered_through(broker.bootstrap, 200), 90, "the first 200 answered")
+        started = time.monotonic()
+        stopped_cleanly(first, tmp_path / "first" / "worker.log")
+        stop_seconds = time.monotonic() - started
+
+        second = start_worker(broker.bootstrap, tmp_path / "second", engine=None, extra_args=args)
+        send_valid(broker.bootstrap, users, 200, 10, sent_by_user)
+        wait_for(lambda: answered_through(broker.bootstrap, 210), 90, "the next 10 answered")
+        stopped_cleanly(second, tmp_path / "second" / "worker.log")
+
+    # stop_worker would have killed it after 20 s: it stopped on its own, checkpoint written
+    assert stop_seconds < 15, f"the graceful stop took {stop_seconds:.1f} s"
+    log, events_in = batch_lines("second")
+    assert "restored 10 of 10 users" in log, log[-3000:]
+    # the successor consumed only the 10 new events: the first 200 were committed
+    assert events_in and int(events_in[-1]) == 10, events_in

@@ -39,8 +39,10 @@ state, at-least-once on recommendations (a replayed event may be answered again)
 
 Faust's own batching (`stream.take`) lost acknowledged-but-unprocessed events during
 rebalances here (see ARCHITECTURE.md), hence per-event iteration and explicit acks. On a
-revocation Faust waits until every consumed message is acknowledged: the timer sees the
-rebalance (`app.rebalancing`) and flushes and checkpoints at once.
+revocation, and when the worker stops gracefully, Faust waits until every consumed message
+is acknowledged: the timer sees the rebalance (`app.rebalancing`) or the stop
+(`app.should_stop`, not crashed) and flushes and checkpoints at once, so the next owner
+restores the states instead of replaying the events.
 
 Hot swap (`models_dir`, see `hotswap.py`). A task looks at the models directory every
 `models_poll_s`; a newer checkpoint is loaded and its index built in a thread of its own,
@@ -423,18 +425,26 @@ class BatchingWorker:
 
     async def run_timer(self) -> None:
         """Flush a batch whose oldest event has waited max_wait_ms; checkpoint when due, and
-        at once when a rebalance starts (Faust waits for every consumed message's ack)."""
+        at once when a rebalance starts or the worker stops gracefully: Faust then waits for
+        every consumed message's ack, and the next owner restores instead of replaying."""
         idle = self.config.batch.max_wait_ms / 1000.0 or 0.01
         while True:
             left = self.batcher.time_left(time.monotonic())
             await asyncio.sleep(idle if left is None else max(left, 0.0))
-            rebalancing = bool(getattr(self.app, "rebalancing", False))
+            urgent = self._handing_over()
             if (
                 self.batcher.due(time.monotonic())
                 or (self._unacked and self._checkpoint_due())
-                or (rebalancing and (len(self.batcher) or self._unacked))
+                or (urgent and (len(self.batcher) or self._unacked))
             ):
-                await self.flush(checkpoint=rebalancing)
+                await self.flush(checkpoint=urgent)
+
+    def _handing_over(self) -> bool:
+        """A rebalance is under way, or the app is stopping without having crashed (after a
+        crash nothing more may be acknowledged)."""
+        app = self.app
+        stopping = getattr(app, "should_stop", False) and not getattr(app, "crashed", False)
+        return bool(getattr(app, "rebalancing", False) or stopping)
 
     def _checkpoint_due(self) -> bool:
         if not self.snapshots:
