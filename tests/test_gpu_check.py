@@ -21,6 +21,7 @@ def test_the_gpu_check_script_runs_every_step_and_writes_its_files(tmp_path):
         "QUICK": "1",
         "DEVICE": "cpu",
         "OUT": str(tmp_path),
+        "KERNEL_TESTS": "tests/kernels/test_triton_step.py",  # the others run in make test
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     done = subprocess.run(
@@ -39,3 +40,6 @@ def test_the_gpu_check_script_runs_every_step_and_writes_its_files(tmp_path):
         assert json.loads((tmp_path / f"{stem}.json").read_text())["command"]
         assert (tmp_path / f"{stem}.png").stat().st_size > 0
     assert 'failures="0"' in (tmp_path / "pytest-kernels.xml").read_text()
+    assert (
+        "== python3 -m hytrec.cli benchmark efficiency" in (tmp_path / "gpu_check.log").read_text()
+    )

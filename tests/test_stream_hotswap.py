@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 import torch
 from test_stream_pipeline import offline_vectors
-from test_stream_support import LastItemsEngine, start_worker, stop_worker, wait_for
+from test_stream_support import (
+    Acks,
+    LastItemsEngine,
+    no_publish,
+    pending_event,
+    start_worker,
+    stop_worker,
+    wait_for,
+)
 
 from hytrec.model.data import load_dataset, select
 from hytrec.model.events import Vocabulary
@@ -132,9 +140,9 @@ def test_swap_runs_the_waiting_batch_on_the_old_engine_then_serves_the_new(tmp_p
     async def scenario():
         worker = BatchingWorker(None, WorkerConfig(), LastItemsEngine)
         worker.engine = LastItemsEngine()
-        worker._publish = _no_publish  # no broker here
-        worker._stream = _Acks()
-        worker.batcher.add(_pending("u", 0), 0.0)
+        worker._publish = no_publish  # no broker here
+        worker._stream = Acks()
+        worker.batcher.add(pending_event("u", 0), 0.0)
         new = LastItemsEngine()
         new.model_version = "last-items-2"
         await worker.swap_engine(LoadedEngine(new, tmp_path / "2-new", load_seconds=1.5))
@@ -148,34 +156,6 @@ def test_swap_runs_the_waiting_batch_on_the_old_engine_then_serves_the_new(tmp_p
     assert "model swapped last-items-1 -> last-items-2" in caplog.text
     assert b"hytrec_model_swaps_total 1.0" in worker.metrics.exposition()
     assert b'hytrec_model_info{model_version="last-items-2"} 1.0' in worker.metrics.exposition()
-
-
-async def _no_publish(pending, result) -> None:
-    return None
-
-
-class _Acks:
-    acked = 0
-
-    async def ack(self, event) -> None:
-        self.acked += 1
-
-
-def _pending(user: str, offset: int):
-    from hytrec.stream.app import _Pending
-    from hytrec.stream.schemas import BehaviorEvent
-
-    event = BehaviorEvent(
-        user_id=user,
-        item_id="i1",
-        category_id="c",
-        behavior="pv",
-        ts=100 + offset,
-        partition=0,
-        offset=offset,
-        received_at=0.0,
-    )
-    return _Pending(None, event, None)
 
 
 # ------------------------------------------------------------------ under load, real broker

@@ -239,3 +239,38 @@ def make_recording_model_engine():
     engine = build_engine(os.environ["HYTREC_TEST_CHECKPOINT"], config=EngineConfig(device="cpu"))
     engine.__class__ = RecordingEngine
     return engine
+
+
+# ------------------------------------------------------------------ worker unit tests
+
+
+async def no_publish(pending, result) -> None:
+    """Stands in for `BatchingWorker._publish` where there is no broker."""
+    return None
+
+
+class Acks:
+    """Stands in for the Faust stream: counts acknowledgements."""
+
+    acked = 0
+
+    async def ack(self, event) -> None:
+        self.acked += 1
+
+
+def pending_event(user: str, offset: int, item: str = "i1"):
+    """A consumed, valid event waiting in a worker's batch (no Faust message behind it)."""
+    from hytrec.stream.app import _Pending
+    from hytrec.stream.schemas import BehaviorEvent
+
+    event = BehaviorEvent(
+        user_id=user,
+        item_id=item,
+        category_id="c",
+        behavior="pv",
+        ts=100 + offset,
+        partition=0,
+        offset=offset,
+        received_at=0.0,
+    )
+    return _Pending(None, event, None)

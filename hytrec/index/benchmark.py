@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from hytrec.index.backend import import_faiss, select_backend
 from hytrec.index.item_index import IndexConfig, ItemIndex, build_index, exact_top_k, recall_at_k
-from hytrec.model.reports import cpu_info, git_commit
+from hytrec.model.reports import cpu_name, git_commit
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def environment() -> dict:
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
-            "cpu": cpu_info().get("model name") or platform.processor(),
+            "cpu": cpu_name(),
             "cpus": len(os.sched_getaffinity(0)),
             # set on these machines; it picks the BLAS kernel (reported, not changed)
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),

@@ -73,6 +73,7 @@ def register(commands, benchmarks) -> None:
         ("--repeats", int),
         ("--budget-s", float),
         ("--copy-mib", int),
+        ("--pool-mib", int),
         ("--device", str),
         ("--seed", int),
     ):
@@ -128,11 +129,9 @@ def _output(args: argparse.Namespace, name: str, device: str) -> str:
     """The report stem: --output, or benchmarks/results/NAME-cpu|gpu."""
     if args.output:
         return args.output.removesuffix(".json")
-    if device == "auto":
-        import torch
+    from hytrec.model.timing import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return f"benchmarks/results/{name}-{'gpu' if device.startswith('cuda') else 'cpu'}"
+    return f"benchmarks/results/{name}-{'gpu' if resolve_device(device).type == 'cuda' else 'cpu'}"
 
 
 def _benchmark_efficiency(args: argparse.Namespace) -> int:

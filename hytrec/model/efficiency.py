@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -39,6 +38,7 @@ from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
 from hytrec.model.parity import UserEvents, pad_batch, random_user
 from hytrec.model.reports import command_line, cpu_info, git_commit, write_report
 from hytrec.model.sasrec import SASRec, SASRecConfig
+from hytrec.model.timing import device_name, synchronized, time_calls
 from hytrec.model.train import next_item_loss
 
 MEASURES = (
@@ -103,62 +103,6 @@ QUICK = EfficiencyConfig(
     train_iters=2,
     budget_s=1.0,
 )
-
-
-# ---------------------------------------------------------------------------- timing
-
-
-def time_calls(
-    fn: Callable[[], object],
-    repeats: int,
-    budget_s: float,
-    setup: Callable[[], object] | None = None,
-) -> list[float]:
-    """Wall seconds of up to `repeats` calls of `fn` after one untimed warm-up call
-    (first-call allocations and lazy init are not what we measure); `setup`, if any, runs
-    untimed before every call. Stops early once `budget_s` is spent, after at least one
-    timed call."""
-    times: list[float] = []
-    began = None
-    while len(times) < repeats:
-        if setup is not None:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - t0
-        if began is None:  # the warm-up call
-            began = time.perf_counter()
-            continue
-        times.append(elapsed)
-        if time.perf_counter() - began > budget_s:
-            break
-    return times
-
-
-def synchronized(device: torch.device, fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn`, waiting for the device's queued work before returning (GPU calls are
-    asynchronous: without this a timer measures the launch, not the work)."""
-    if device.type != "cuda":
-        return fn
-
-    def call():
-        fn()
-        torch.cuda.synchronize(device)
-
-    return call
-
-
-def device_name(device: torch.device | None = None) -> str:
-    """e.g. 'cpu: AMD EPYC (family 25 model 17), 2 threads' (a VM may hide the exact
-    model) or 'cuda: NVIDIA H200'."""
-    if device is not None and device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    info = cpu_info()
-    cpu = info.get("model name") or platform.processor() or platform.machine()
-    if "cpu family" in info and "model" in info:
-        cpu += f" (family {info['cpu family']} model {info['model']})"
-    threads = torch.get_num_threads()
-    return f"cpu: {cpu}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 # ---------------------------------------------------------------------------- measurements
@@ -316,6 +260,8 @@ def run_efficiency(
             "position included",
             "train_tokens_per_s": f"batch {cfg.train_batch} x L tokens / median seconds of "
             "forward + backward of the full-softmax next-item loss (no optimizer step)",
+            "kernels": "Backend.AUTO: the PyTorch forms on CPU; on CUDA the Triton step and, "
+            "until the Triton chunked kernel is verified there, the PyTorch chunked form",
         },
         **derived(rows),
         "rows": rows,

@@ -151,7 +151,8 @@ class EventBatch:
 
 @dataclass(frozen=True)
 class PackedRuns:
-    """Where the N real events of a micro-batch sit in its right-padded [U, M] grid.
+    """Where the N real events of a micro-batch sit in its right-padded [U, M] grid (every
+    run holds at least one event: the engine never builds an empty one).
 
     The serving step runs every per-event layer (embeddings, projections, norms, FFN) on the
     N events only and pads just around the recurrences: a batch of 256 Taobao events over
@@ -337,7 +338,7 @@ class TemporalDeltaMixer(nn.Module):
         running_mean = runs.pack(sums / seen[..., None].to(x.dtype))  # [N, d]
         inputs = self._inputs(x[None], running_mean[None], dt[None])  # each [1, N, ...]
         o = tadn_step(tadn_pool, slots, runs.lengths, *(runs.unpack(t[0]) for t in inputs))
-        mean_pool[slots] = sums[torch.arange(len(slots)), runs.lengths - 1]
+        mean_pool[slots] = sums[torch.arange(len(slots), device=x.device), runs.lengths - 1]
         return self._output(runs.pack(o)[None])[0]  # [U, M, H, dh] -> [N, d]
 
 

@@ -13,13 +13,15 @@ backends solve one problem. For each sequence length T (batch B, H heads of dk =
                            PyTorch chunked form on the same inputs
 
 Backends: PyTorch chunked (always), Triton chunked (CUDA with Triton installed), fla (CUDA
-with `flash-linear-attention` installed). On CPU only PyTorch runs: Triton needs a GPU (its
-interpreter measures nothing) and fla's chunked kernel does not run on CPU.
+with `flash-linear-attention` importable). On CPU only PyTorch runs: Triton needs a GPU (its
+interpreter measures nothing) and fla's chunked kernel does not run on CPU. fla refuses
+fp32 inputs: run with `--dtype bfloat16` to compare with it (every backend then gets the
+same bf16 q, k, v; gates and states stay fp32). A backend that fails gets a row with its
+error instead of figures, and the others still run.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -30,9 +32,9 @@ import torch
 from tqdm import tqdm
 
 from hytrec.kernels import available_backends, tadn_parallel
-from hytrec.model.efficiency import device_name, synchronized, time_calls
 from hytrec.model.parity import kernel_inputs
 from hytrec.model.reports import command_line, git_commit, write_report
+from hytrec.model.timing import device_name, resolve_device, synchronized, time_calls
 
 
 @dataclass(frozen=True)
@@ -54,20 +56,22 @@ QUICK = KernelBenchConfig(
 )
 
 
-def _fla_gated_delta_rule(q, k, v, beta, erase, log_decay, initial_state):
+def _fla_under_tadn_signature(chunk_gated_delta_rule):
     """fla's kernel under the TADN signature (erase must be 1: fla has no erase gate)."""
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-    return chunk_gated_delta_rule(
-        q=q,
-        k=k,
-        v=v,
-        g=log_decay,
-        beta=beta,
-        scale=1.0,
-        initial_state=initial_state,
-        output_final_state=True,
-    )
+    def fla(q, k, v, beta, erase, log_decay, initial_state):
+        return chunk_gated_delta_rule(
+            q=q,
+            k=k,
+            v=v,
+            g=log_decay,
+            beta=beta,
+            scale=1.0,
+            initial_state=initial_state,
+            output_final_state=True,
+        )
+
+    return fla
 
 
 def backends_for(device: torch.device, chunk_size: int) -> tuple[dict, list[str]]:
@@ -82,10 +86,12 @@ def backends_for(device: torch.device, chunk_size: int) -> tuple[dict, list[str]
         impls["triton"] = partial(tadn_parallel, backend="triton", chunk_size=chunk_size)
     else:
         notes.append("triton is not installed (the gpu extra)")
-    if importlib.util.find_spec("fla") is not None:
-        impls["fla"] = _fla_gated_delta_rule
+    try:  # fla's package imports its layers and models too: any missing dependency fails
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception as error:  # noqa: BLE001 - whatever it is, the row says it
+        notes.append(f"fla does not import ({type(error).__name__}: {error})"[:300])
     else:
-        notes.append("fla is not installed (pip install flash-linear-attention)")
+        impls["fla"] = _fla_under_tadn_signature(chunk_gated_delta_rule)
     return impls, notes
 
 
@@ -120,9 +126,7 @@ def _measure(cfg, device, fn, x) -> dict:
 
 
 def run_kernel_benchmark(cfg: KernelBenchConfig, output: str | Path | None = None) -> dict:
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
+    device = resolve_device(cfg.device)
     impls, notes = backends_for(device, cfg.chunk_size)
     rows = []
     for T in tqdm(cfg.lengths, desc="kernels", unit="length"):
@@ -138,8 +142,9 @@ def run_kernel_benchmark(cfg: KernelBenchConfig, output: str | Path | None = Non
                     (state.float() - ref_s.float()).abs().max().item(),
                 )
                 timing = _measure(cfg, device, fn, x)
-            except (RuntimeError, MemoryError) as error:
-                rows.append({"backend": name, "length": T, "error": str(error)[:500]})
+            except Exception as error:  # noqa: BLE001 - e.g. fla's dtype assertion, out of memory
+                message = f"{type(error).__name__}: {error}"[:500]
+                rows.append({"backend": name, "length": T, "error": message})
                 continue
             rows.append(
                 {

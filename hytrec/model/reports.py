@@ -38,6 +38,18 @@ def cpu_info() -> dict[str, str]:
     return fields
 
 
+def cpu_name() -> str:
+    """e.g. 'AMD EPYC (family 26 model 2)': a VM may hide the exact model, but family and
+    model still tell two processors apart."""
+    import platform
+
+    info = cpu_info()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']} model {info['model']})"
+    return name
+
+
 def command_line(benchmark: str, config, output: str | Path | None = None) -> str:
     """`hytrec benchmark BENCHMARK --field value ...` for every set field of the config
     dataclass (tuples comma-separated): the command that reruns exactly this config."""

@@ -13,12 +13,14 @@ device's memory bandwidth divided by the bytes one event must move:
 (the weights are read once per call and ignored: they are small next to U states). The
 roofline is the device's copy bandwidth measured in the same run (`dst.copy_(src)` of
 `copy_mib` MiB, read + write counted); `roofline_fraction` = achieved / roofline. The pool
-holds twice as many slots as the largest batch, and each call's users sit at random slots,
-so states come from memory, not cache, once the pool outgrows the caches.
+holds at least `pool_mib` MiB of states (and twice the largest batch), and every timed call
+draws its users' slots afresh at random (untimed), so a call finds its states in memory,
+not left in a cache by the call before (an H200's L2 holds 50 MB).
 
-Each figure is the median of timed calls after a warm-up (`time_calls`, with a device
-synchronize on CUDA). On CPU only the PyTorch backend runs (Triton needs a GPU, or its
-interpreter, which measures nothing); on CUDA every installed backend runs.
+Each figure, the copy bandwidth included, is the median of timed calls after a warm-up
+(`time_calls`, with a device synchronize on CUDA). On CPU only the PyTorch backend runs
+(Triton needs a GPU, or its interpreter, which measures nothing); on CUDA every installed
+backend runs.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ import torch
 from tqdm import tqdm
 
 from hytrec.kernels import available_backends, tadn_step
-from hytrec.model.efficiency import device_name, synchronized, time_calls
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
 from hytrec.model.parity import kernel_inputs
 from hytrec.model.reports import command_line, git_commit, write_report
+from hytrec.model.timing import device_name, resolve_device, synchronized, time_calls
 
 FLOAT_BYTES = 4
 
@@ -51,6 +53,7 @@ class StepBenchConfig:
     repeats: int = 10
     budget_s: float = 5.0  # per figure: stop repeating after this long (>= 1 timed call)
     copy_mib: int = 512  # the bandwidth probe's buffer
+    pool_mib: int = 1024  # the state pool holds at least this much (far beyond the caches)
     device: str = "auto"  # auto: CUDA when present
     seed: int = 0
 
@@ -59,7 +62,9 @@ class StepBenchConfig:
             raise ValueError("StepBenchConfig: users and run_length must be >= 1")
 
 
-QUICK = StepBenchConfig(users=(1, 8), head_dims=(8, 16), repeats=2, budget_s=0.5, copy_mib=8)
+QUICK = StepBenchConfig(
+    users=(1, 8), head_dims=(8, 16), repeats=2, budget_s=0.5, copy_mib=8, pool_mib=8
+)
 
 
 def kernel_bytes_per_event(heads: int, head_dim: int, run_length: int) -> int:
@@ -73,25 +78,45 @@ def _sig(x: float) -> float:
 
 
 def copy_bandwidth_gb_s(device: torch.device, mib: int, repeats: int, budget_s: float) -> float:
-    """The best of `repeats` copies of `mib` MiB, read + write bytes per second, in GB/s."""
+    """The median of `repeats` copies of `mib` MiB, read + write bytes per second, in GB/s."""
     src = torch.ones(mib * 2**20 // FLOAT_BYTES, device=device)
     dst = torch.empty_like(src)
     times = time_calls(synchronized(device, lambda: dst.copy_(src)), max(repeats, 3), budget_s)
-    return 2 * src.numel() * FLOAT_BYTES / min(times) / 1e9
+    return 2 * src.numel() * FLOAT_BYTES / statistics.median(times) / 1e9
+
+
+def pool_slots(cfg: StepBenchConfig, bytes_per_user: int) -> int:
+    return max(2 * max(cfg.users), cfg.pool_mib * 2**20 // bytes_per_user)
+
+
+def _events_per_s(cfg, device, users, num_slots, generator, step) -> float:
+    """users * run_length / median seconds of `step(slots)`, fresh random slots per call."""
+    slots = torch.empty(0)
+
+    def draw():
+        nonlocal slots
+        slots = torch.randperm(num_slots, generator=generator)[:users].to(device)
+
+    call = synchronized(device, lambda: step(slots))
+    times = time_calls(call, cfg.repeats, cfg.budget_s, setup=synchronized(device, draw))
+    return users * cfg.run_length / statistics.median(times)
 
 
 def _kernel_events_per_s(cfg, device, backend, users, head_dim, generator) -> float:
     H, M = cfg.heads, cfg.run_length
-    pool = torch.zeros(2 * max(cfg.users), H, head_dim, head_dim, device=device)
+    num_slots = pool_slots(cfg, H * head_dim * head_dim * FLOAT_BYTES)
+    pool = torch.zeros(num_slots, H, head_dim, head_dim, device=device)
     x = {
         n: t.to(device)
         for n, t in kernel_inputs(users, M, H, head_dim, head_dim, generator).items()
     }
     x.pop("initial_state")
-    slots = torch.randperm(pool.shape[0], generator=generator)[:users].to(device)
     lengths = torch.full((users,), M, device=device)
-    call = synchronized(device, lambda: tadn_step(pool, slots, lengths, **x, backend=backend))
-    return users * M / statistics.median(time_calls(call, cfg.repeats, cfg.budget_s))
+
+    def step(slots):
+        tadn_step(pool, slots, lengths, **x, backend=backend)
+
+    return _events_per_s(cfg, device, users, num_slots, generator, step)
 
 
 def _model_events_per_s(cfg, model, state, device, users, generator) -> float:
@@ -108,22 +133,25 @@ def _model_events_per_s(cfg, model, state, device, users, generator) -> float:
         ts,
         lengths=torch.full((users,), M, device=device),
     )
-    slots = torch.randperm(state.num_slots, generator=generator)[:users].to(device)
     with torch.inference_mode():
-        call = synchronized(device, lambda: model.step(state, slots, batch))
-        return users * M / statistics.median(time_calls(call, cfg.repeats, cfg.budget_s))
+        return _events_per_s(
+            cfg,
+            device,
+            users,
+            state.num_slots,
+            generator,
+            lambda slots: model.step(state, slots, batch),
+        )
 
 
 def run_step_benchmark(cfg: StepBenchConfig, output: str | Path | None = None) -> dict:
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    )
+    device = resolve_device(cfg.device)
     generator = torch.Generator().manual_seed(cfg.seed)
     peak = copy_bandwidth_gb_s(device, cfg.copy_mib, cfg.repeats, cfg.budget_s)
     backends = available_backends()["step"] if device.type == "cuda" else ["torch"]
     torch.manual_seed(cfg.seed)
     model = HyTRec(HyTRecConfig(d_model=cfg.d_model, dropout=0.0)).to(device).eval()
-    state = model.new_state(2 * max(cfg.users), device)
+    state = model.new_state(pool_slots(cfg, model.state_bytes_per_user()), device)
     model_bytes = 2 * model.state_bytes_per_user() // cfg.run_length
 
     rows = []

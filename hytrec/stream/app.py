@@ -248,6 +248,10 @@ class BatchingWorker:
         self._restoring: asyncio.Future | None = None
         self._last_checkpoint = time.monotonic()
         self._confirming: asyncio.Future | None = None  # the newest checkpoint's task
+        # set by the first failed batch, checkpoint or restore: from then on nothing more is
+        # processed, checkpointed or acknowledged (a step that failed half-way may have left
+        # half-applied states, which a later snapshot must not save)
+        self._failed: BaseException | None = None
 
     @property
     def snapshots(self) -> bool:
@@ -446,6 +450,16 @@ class BatchingWorker:
         stopping = getattr(app, "should_stop", False) and not getattr(app, "crashed", False)
         return bool(getattr(app, "rebalancing", False) or stopping)
 
+    async def _stop_on(self, exc: BaseException, what: str, *args: Any) -> None:
+        """The first failure: log it, stop everything from here on, crash the app (a
+        restarted worker or the partitions' next owner restores the last snapshots and
+        consumes again from the committed offsets)."""
+        first = self._failed is None
+        self._failed = self._failed or exc
+        if first:
+            log.exception(what + "; stopping the worker", *args)
+        await self.app.crash(exc)
+
     def _checkpoint_due(self) -> bool:
         if not self.snapshots:
             return True
@@ -458,6 +472,8 @@ class BatchingWorker:
             await self._flush_locked(checkpoint)
 
     async def _flush_locked(self, checkpoint: bool) -> None:
+        if self._failed is not None:
+            return  # stopping: what waits is never processed nor acknowledged
         pending = self.batcher.take()
         try:
             if pending:
@@ -467,13 +483,7 @@ class BatchingWorker:
                 if checkpoint:  # a rebalance or a swap: everything acknowledged before going on
                     await confirming
         except Exception as exc:
-            # nothing unacknowledged is acknowledged: stop, and a restarted worker (or the
-            # partitions' next owner) restores the last snapshots and consumes again from
-            # the committed offsets
-            log.exception(
-                "batch of %d events or checkpoint failed; stopping the worker", len(pending)
-            )
-            await self.app.crash(exc)
+            await self._stop_on(exc, "batch of %d events or checkpoint failed", len(pending))
             raise
 
     async def _run_batch(self, pending: list[_Pending]) -> None:
@@ -542,8 +552,7 @@ class BatchingWorker:
             for p in unacked:
                 await self._stream.ack(p.event)
         except Exception as exc:
-            log.exception("checkpoint of %d snapshots failed; stopping the worker", len(snapshots))
-            await self.app.crash(exc)
+            await self._stop_on(exc, "checkpoint of %d snapshots failed", len(snapshots))
             raise
         self.stats.snapshots_written += len(records)
         self.stats.snapshot_bytes += sum(len(value) for _, _, value in records)
@@ -591,8 +600,7 @@ class BatchingWorker:
                     await self._restore(partitions, lost)
                 self._assignment = set(partitions)
         except Exception as exc:
-            log.exception("restoring user states failed; stopping the worker")
-            await self.app.crash(exc)
+            await self._stop_on(exc, "restoring user states failed")
             raise
 
     async def _restore(self, partitions: set[int], lost: set[int]) -> None:

@@ -170,12 +170,12 @@ def _machine() -> dict:
     import os
     import platform
 
-    from hytrec.model.reports import cpu_info
+    from hytrec.model.reports import cpu_name
 
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": cpu_info().get("model name") or platform.processor(),
+        "cpu": cpu_name(),
         "cpus": len(os.sched_getaffinity(0)),
         # a shared machine: the other processes' load changes every figure here
         "load_average_1m": os.getloadavg()[0],
