@@ -9,15 +9,18 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
+RESULTS_SPEC = ":(top,exclude)benchmarks/results"
+
 
 def git_commit() -> str | None:
-    """HEAD, with "-dirty" when tracked files differ from it; None outside a checkout."""
+    """HEAD, with "-dirty" when tracked files other than benchmark results differ from it
+    (a run of several benchmarks rewrites results, not code); None outside a checkout."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", RESULTS_SPEC],
             capture_output=True,
             text=True,
             check=True,
