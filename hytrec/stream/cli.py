@@ -51,7 +51,11 @@ def register(commands, benchmarks) -> None:
     )
     source = worker.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="HyTRec checkpoint directory")
-    source.add_argument("--engine", help="an engine factory MODULE:CALLABLE instead")
+    source.add_argument(
+        "--engine",
+        help="an engine factory MODULE:CALLABLE instead, called with no arguments (--top-k, "
+        "--device and --index apply to checkpoints only)",
+    )
     worker.add_argument(
         "--models-dir",
         default=os.environ.get("HYTREC_MODELS_DIR"),
