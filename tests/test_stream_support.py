@@ -179,18 +179,23 @@ def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.05):
         time.sleep(interval_s)
 
 
+def behavior_event(user: str, offset: int, item: str = "i1") -> BehaviorEvent:
+    """A valid event of partition 0 at `offset` (time 100 + offset), as the worker parses it."""
+    return BehaviorEvent(
+        user_id=user,
+        item_id=item,
+        category_id="c",
+        behavior="pv",
+        ts=100 + offset,
+        partition=0,
+        offset=offset,
+        received_at=0.0,
+    )
+
+
 def test_last_items_engine_skips_replays_and_rejects_unknown_items():
     def event(offset, item):
-        return BehaviorEvent(
-            user_id="u",
-            item_id=item,
-            category_id="c",
-            behavior="pv",
-            ts=100 + offset,
-            partition=0,
-            offset=offset,
-            received_at=0.0,
-        )
+        return behavior_event("u", offset, item)
 
     engine = LastItemsEngine()
     first = engine.process([event(0, "a"), event(1, "b"), event(2, "unknown-item")])
@@ -261,16 +266,5 @@ class Acks:
 def pending_event(user: str, offset: int, item: str = "i1"):
     """A consumed, valid event waiting in a worker's batch (no Faust message behind it)."""
     from hytrec.stream.app import _Pending
-    from hytrec.stream.schemas import BehaviorEvent
 
-    event = BehaviorEvent(
-        user_id=user,
-        item_id=item,
-        category_id="c",
-        behavior="pv",
-        ts=100 + offset,
-        partition=0,
-        offset=offset,
-        received_at=0.0,
-    )
-    return _Pending(None, event, None)
+    return _Pending(None, behavior_event(user, offset, item), None)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from hytrec.index.backend import import_faiss, select_backend
 from hytrec.index.item_index import IndexConfig, ItemIndex, build_index, exact_top_k, recall_at_k
-from hytrec.model.reports import cpu_name, git_commit
+from hytrec.model.reports import git_commit, machine_info
 
 
 @dataclass(frozen=True)
@@ -136,10 +135,7 @@ def environment() -> dict:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu": cpu_name(),
-            "cpus": len(os.sched_getaffinity(0)),
+            **machine_info(),
             # set on these machines; it picks the BLAS kernel (reported, not changed)
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),

@@ -25,6 +25,17 @@ import torch.nn.functional as F
 from hytrec.kernels.reference import compute_dtype
 
 
+def no_tokens(
+    k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The result for sequences of no tokens: no read-outs, the initial (or zero) state."""
+    B, _, H, K = k.shape
+    V = v.shape[-1]
+    dtype = compute_dtype(v.dtype)
+    state = v.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state
+    return v.new_zeros(B, 0, H, V), state.to(dtype)
+
+
 def chunk_tadn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -42,8 +53,7 @@ def chunk_tadn(
     V = v.shape[-1]
     out_dtype, dtype = v.dtype, compute_dtype(v.dtype)
     if T == 0:
-        state = v.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state
-        return v.new_zeros(B, 0, H, V), state.to(dtype)
+        return no_tokens(k, v, initial_state)
     C = chunk_size
     N = -(-T // C)
     pad = N * C - T

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hytrec.kernels.chunked import no_tokens
 from hytrec.kernels.reference import compute_dtype
 
 # Fixed launch configuration: the interpreter cannot autotune over several configs. On a GPU,
@@ -372,10 +373,6 @@ def triton_chunk_tadn(
     """Same contract as `chunked.chunk_tadn`, differentiable in every input."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    B, T, H, K = k.shape
-    if T == 0:
-        state = (v.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state).to(
-            compute_dtype(v.dtype)
-        )
-        return v.new_zeros(B, 0, H, v.shape[-1]), state
+    if k.shape[1] == 0:
+        return no_tokens(k, v, initial_state)
     return _TritonChunkTADN.apply(q, k, v, beta, erase, log_decay, initial_state, chunk_size)

@@ -129,39 +129,38 @@ def _output(args: argparse.Namespace, name: str, device: str) -> str:
     """The report stem: --output, or benchmarks/results/NAME-cpu|gpu."""
     if args.output:
         return args.output.removesuffix(".json")
-    from hytrec.model.timing import resolve_device
+    from hytrec.model.device import resolve_device
 
     return f"benchmarks/results/{name}-{'gpu' if resolve_device(device).type == 'cuda' else 'cpu'}"
+
+
+def _run_benchmark(args, name: str, default, quick, run, **options) -> int:
+    """`run(config, output_stem, **options)` with the config from `args`, then say where."""
+    config = _config(args, default, quick)
+    output = _output(args, name, config.device)
+    run(config, output, **options)
+    print(f"-> {output}.json and {output}.png")
+    return 0
 
 
 def _benchmark_efficiency(args: argparse.Namespace) -> int:
     from hytrec.model.efficiency import QUICK, EfficiencyConfig, run_efficiency
 
-    config = _config(args, EfficiencyConfig(), QUICK)
-    output = _output(args, "efficiency", config.device)
-    run_efficiency(config, output, progress=not args.no_progress)
-    print(f"-> {output}.json and {output}.png")
-    return 0
+    return _run_benchmark(
+        args, "efficiency", EfficiencyConfig(), QUICK, run_efficiency, progress=not args.no_progress
+    )
 
 
 def _benchmark_step(args: argparse.Namespace) -> int:
     from hytrec.model.step_benchmark import QUICK, StepBenchConfig, run_step_benchmark
 
-    config = _config(args, StepBenchConfig(), QUICK)
-    output = _output(args, "step", config.device)
-    run_step_benchmark(config, output)
-    print(f"-> {output}.json and {output}.png")
-    return 0
+    return _run_benchmark(args, "step", StepBenchConfig(), QUICK, run_step_benchmark)
 
 
 def _benchmark_kernels(args: argparse.Namespace) -> int:
     from hytrec.model.kernel_benchmark import QUICK, KernelBenchConfig, run_kernel_benchmark
 
-    config = _config(args, KernelBenchConfig(), QUICK)
-    output = _output(args, "kernels", config.device)
-    run_kernel_benchmark(config, output)
-    print(f"-> {output}.json and {output}.png")
-    return 0
+    return _run_benchmark(args, "kernels", KernelBenchConfig(), QUICK, run_kernel_benchmark)
 
 
 def _check_parity(args: argparse.Namespace) -> int:

@@ -23,11 +23,9 @@ out of memory) is null, with the reason under `notes`.
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -36,9 +34,9 @@ from tqdm import tqdm
 
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
 from hytrec.model.parity import UserEvents, pad_batch, random_user
-from hytrec.model.reports import command_line, cpu_info, git_commit, write_report
+from hytrec.model.reports import cpu_info, machine_info, write_report
 from hytrec.model.sasrec import SASRec, SASRecConfig
-from hytrec.model.timing import device_name, synchronized, time_calls
+from hytrec.model.timing import report_header, synchronized, time_calls
 from hytrec.model.train import next_item_loss
 
 MEASURES = (
@@ -232,16 +230,9 @@ def run_efficiency(
     bar.close()
 
     report = {
-        "benchmark": "efficiency",
-        "device": device_name(device),
-        "command": command_line("efficiency", cfg, output),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "torch": torch.__version__,
+        **report_header("efficiency", cfg, output, device),
         "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": len(os.sched_getaffinity(0)),
+            **machine_info(),
             "cpu_flags_avx512f": "avx512f" in cpu_info().get("flags", "").split(),
             "threads": torch.get_num_threads(),
             "load_average_1m": {"start": load_before, "end": os.getloadavg()[0]},

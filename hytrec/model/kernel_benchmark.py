@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
@@ -32,9 +31,10 @@ import torch
 from tqdm import tqdm
 
 from hytrec.kernels import available_backends, tadn_parallel
+from hytrec.model.device import resolve_device
 from hytrec.model.parity import kernel_inputs
-from hytrec.model.reports import command_line, git_commit, write_report
-from hytrec.model.timing import device_name, resolve_device, synchronized, time_calls
+from hytrec.model.reports import write_report
+from hytrec.model.timing import report_header, synchronized, time_calls
 
 
 @dataclass(frozen=True)
@@ -157,12 +157,7 @@ def run_kernel_benchmark(cfg: KernelBenchConfig, output: str | Path | None = Non
                 }
             )
     report = {
-        "benchmark": "kernels",
-        "device": device_name(device),
-        "command": command_line("kernels", cfg, output),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "torch": torch.__version__,
+        **report_header("kernels", cfg, output, device),
         "config": asdict(cfg),
         "backends": list(impls),
         "notes": notes,

@@ -53,6 +53,20 @@ def cpu_name() -> str:
     return name
 
 
+def machine_info() -> dict:
+    """The machine a figure came from; on a shared machine the load changes every figure."""
+    import os
+    import platform
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_name(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_average_1m": os.getloadavg()[0],
+    }
+
+
 def command_line(benchmark: str, config, output: str | Path | None = None) -> str:
     """`hytrec benchmark BENCHMARK --field value ...` for every set field of the config
     dataclass (tuples comma-separated): the command that reruns exactly this config."""

@@ -28,17 +28,17 @@ from __future__ import annotations
 import os
 import statistics
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from hytrec.kernels import available_backends, tadn_step
+from hytrec.model.device import resolve_device
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
 from hytrec.model.parity import kernel_inputs
-from hytrec.model.reports import command_line, git_commit, write_report
-from hytrec.model.timing import device_name, resolve_device, synchronized, time_calls
+from hytrec.model.reports import write_report
+from hytrec.model.timing import report_header, synchronized, time_calls
 
 FLOAT_BYTES = 4
 
@@ -186,12 +186,7 @@ def run_step_benchmark(cfg: StepBenchConfig, output: str | Path | None = None) -
             }
         )
     report = {
-        "benchmark": "step",
-        "device": device_name(device),
-        "command": command_line("step", cfg, output),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "torch": torch.__version__,
+        **report_header("step", cfg, output, device),
         "load_average_1m": os.getloadavg()[0],
         "config": asdict(cfg),
         "copy_bandwidth_gb_s": _sig(peak),

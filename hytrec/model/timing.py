@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 
 import torch
 
-from hytrec.model.reports import cpu_name
-
-
-def resolve_device(name: str) -> torch.device:
-    """ "auto": CUDA when present, else the CPU; anything else as torch reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from hytrec.model.reports import command_line, cpu_name, git_commit
 
 
 def time_calls(
@@ -65,3 +60,16 @@ def device_name(device: torch.device | None = None) -> str:
         return f"cuda: {torch.cuda.get_device_name(device)}"
     threads = torch.get_num_threads()
     return f"cpu: {cpu_name()}, {threads} thread{'s' if threads != 1 else ''}"
+
+
+def report_header(benchmark: str, config, output: str | Path | None, device) -> dict:
+    """What every benchmark report starts with: what ran, where, when, from which commit,
+    and the command that reruns it."""
+    return {
+        "benchmark": benchmark,
+        "device": device_name(device),
+        "command": command_line(benchmark, config, output),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+    }

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from hytrec.index import IndexConfig, build_from_checkpoint
 from hytrec.model.data import TAOBAO_WINDOW, cache_dir, load_named, select
+from hytrec.model.device import resolve_device
 from hytrec.model.evaluate import leave_one_out
 from hytrec.model.events import EventLog
 from hytrec.model.hytrec import CheckpointError, HyTRec, HyTRecConfig
@@ -396,19 +397,11 @@ def plot(summary: dict, latencies: np.ndarray, path: Path) -> None:
 # ---------------------------------------------------------------------------- the job
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     """Run the whole job; return the summary (also written to config.output)."""
     run_dir = config.output
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
+    device = str(resolve_device(config.device))
     events, dataset = load_events(config.dataset)
     cut = time_cut(events, config.heldout_fraction)
     history_log = select(events, events.ts < cut)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from hytrec.index import IndexConfig, ItemIndex, build_from_checkpoint
+from hytrec.model.device import resolve_device
 from hytrec.model.events import Behavior
 from hytrec.model.hytrec import EventBatch, HyTRec
 from hytrec.stream.schemas import BehaviorEvent, EngineResult, Recommendation
@@ -48,17 +49,11 @@ class EngineStats:
     batches: int = 0
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class RecommendationEngine:
     def __init__(self, model: HyTRec, index: ItemIndex, config: EngineConfig = EngineConfig()):
         if model.items is None:
             raise ValueError("the model has no item vocabulary: load a trained checkpoint")
-        self.device = pick_device(config.device)
+        self.device = resolve_device(config.device)
         self.model = model.to(self.device).eval()
         self.index = index
         self.config = config

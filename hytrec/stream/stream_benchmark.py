@@ -174,22 +174,6 @@ def _paced_payloads(payloads: list[dict], after_ts: int) -> list[dict]:
     return [dict(p, ts=after_ts + 1 + i) for i, p in enumerate(payloads)]
 
 
-def _machine() -> dict:
-    import os
-    import platform
-
-    from hytrec.model.reports import cpu_name
-
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu_name(),
-        "cpus": len(os.sched_getaffinity(0)),
-        # a shared machine: the other processes' load changes every figure here
-        "load_average_1m": os.getloadavg()[0],
-    }
-
-
 # ---------------------------------------------------------------------------- the run
 
 
@@ -202,7 +186,7 @@ def run_benchmark(
     with a latency histogram beside it)."""
     # the demo's pieces (and torch, FAISS) load only here: `hytrec --help` stays quick
     from hytrec.index import IndexConfig, build_from_checkpoint
-    from hytrec.model.reports import git_commit
+    from hytrec.model.reports import git_commit, machine_info
     from hytrec.stream.broker import EmbeddedBroker, stop_process
     from hytrec.stream.demo import (
         Collector,
@@ -231,7 +215,7 @@ def run_benchmark(
 
     run_dir = config.output
     run_dir.mkdir(parents=True, exist_ok=True)
-    machine_before = _machine()
+    machine_before = machine_info()
     events, dataset = load_events(config.dataset)
     payloads = list(log_events(events))
     needed = config.events + config.paced_events
@@ -308,7 +292,7 @@ def run_benchmark(
         "command": command or "hytrec benchmark stream",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
         "git_commit": git_commit(),
-        "machine": {**machine_before, "load_average_1m_after": _machine()["load_average_1m"]},
+        "machine": {**machine_before, "load_average_1m_after": machine_info()["load_average_1m"]},
         "config": {
             **{k: v for k, v in asdict(config).items() if k != "output"},
             "dataset": dataset,
