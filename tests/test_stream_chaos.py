@@ -28,7 +28,7 @@ def filled_store(model: HyTRec, users: list[str], slots: int) -> UserStateStore:
     store = UserStateStore(model, slots)
     for i, user in enumerate(users):
         index = store.acquire([user])
-        for t in store.state.tensors():
+        for t in store.state.parts().values():
             t[index] = torch.full_like(t[index], i + 1)
         store.mark_applied(index, [10 * (i + 1)])
     return store
@@ -39,14 +39,17 @@ def test_a_snapshot_round_trips_and_its_header_reads_alone():
     store = filled_store(model, ["a", "b"], slots=2)
     kept = store.export_users(["a", "b", "nobody"])
     assert sorted(kept) == ["a", "b"]
-    snap = UserSnapshot("b", kept["b"].applied_offset, 3, "v1", kept["b"].tensors)
+    snap = UserSnapshot("b", kept["b"].applied_offset, 3, "v1", kept["b"].parts)
     value = encode_snapshot(snap)
     header = decode_header(value)
     assert (header.user_id, header.applied_offset, header.partition) == ("b", 20, 3)
     back = decode_snapshot(value)
     assert back.model_version == "v1" and back.applied_offset == 20
-    assert all(torch.equal(x, y) for x, y in zip(back.tensors, kept["b"].tensors, strict=True))
-    assert [t.dtype for t in back.tensors] == [t.dtype for t in store.state.tensors()]
+    assert back.parts.keys() == kept["b"].parts.keys() == store.state.parts().keys()
+    assert all(torch.equal(back.parts[n], t) for n, t in kept["b"].parts.items())
+    assert {n: t.dtype for n, t in back.parts.items()} == {
+        n: t.dtype for n, t in store.state.parts().items()
+    }
     with pytest.raises(ValueError):
         decode_header(b"not a snapshot at all")
 
@@ -59,18 +62,20 @@ def test_store_exports_device_and_evicted_users_and_imports_them_back():
     assert kept["a"].applied_offset == 10 and kept["c"].applied_offset == 30
 
     other = UserStateStore(model, 1)
-    other.import_user("a", kept["a"].tensors, kept["a"].applied_offset)
-    other.import_user("c", kept["c"].tensors, kept["c"].applied_offset)
+    other.import_user("a", kept["a"].parts, kept["a"].applied_offset)
+    other.import_user("c", kept["c"].parts, kept["c"].applied_offset)
     assert other.offset_of("a") == 10 and other.offset_of("c") == 30
     slot = other.acquire(["c"])  # loads "c" from host memory into the slot
-    pairs = zip(other.state.tensors(), kept["c"].tensors, strict=True)
-    assert all(torch.equal(t[slot][0], v) for t, v in pairs)
-    other.import_user("c", kept["a"].tensors, 99)  # into the slot it holds
+    parts = other.state.parts()
+    assert all(torch.equal(parts[n][slot][0], v) for n, v in kept["c"].parts.items())
+    other.import_user("c", kept["a"].parts, 99)  # into the slot it holds
     assert other.offset_of("c") == 99
     assert other.forget(["a", "c", "nobody"]) == 2
     assert len(other) == 0 and other.offset_of("c") == NO_OFFSET
     with pytest.raises(ValueError, match="layout"):
-        other.import_user("x", kept["a"].tensors[:-1], 1)
+        other.import_user("x", {**kept["a"].parts, "count": torch.zeros(2)}, 1)
+    with pytest.raises(ValueError, match="layout"):  # a part missing
+        other.import_user("x", {n: t for n, t in kept["a"].parts.items() if n != "last_ts"}, 1)
 
 
 def test_engine_imports_only_snapshots_ahead_of_it_and_of_its_model(tmp_path):
@@ -84,7 +89,7 @@ def test_engine_imports_only_snapshots_ahead_of_it_and_of_its_model(tmp_path):
     engine = RecommendationEngine(
         model, build_from_checkpoint(checkpoint, IndexConfig()), EngineConfig(device="cpu")
     )
-    tensors = [t[0].clone() + 1 for t in model.new_state(1).tensors()]
+    tensors = {n: t[0].clone() + 1 for n, t in model.new_state(1).parts().items()}
     ahead = UserSnapshot("u", 5, 0, engine.model_version, tensors)
     assert engine.import_states([ahead]) == 1
     assert engine.import_states([UserSnapshot("u", 5, 0, engine.model_version, tensors)]) == 0
@@ -103,7 +108,7 @@ def test_snapshots_are_read_up_to_a_sentinel_despite_multi_record_batches():
     from hytrec.stream.broker import EmbeddedBroker
 
     model = small_model()
-    tensors = [t[0] for t in model.new_state(1).tensors()]
+    tensors = {n: t[0] for n, t in model.new_state(1).parts().items()}
     with EmbeddedBroker() as broker:
         producer = KafkaProducer(
             bootstrap_servers=broker.bootstrap, enable_idempotence=False, linger_ms=20

@@ -14,7 +14,6 @@ import pytest
 from kafka import KafkaProducer
 from test_stream_support import REPO, start_worker, stop_worker, wait_for
 
-from hytrec.stream.app import WorkerStats
 from hytrec.stream.broker import EmbeddedBroker
 from hytrec.stream.metrics import (
     StreamMetrics,
@@ -23,6 +22,7 @@ from hytrec.stream.metrics import (
     parse_metrics,
     summarize,
 )
+from hytrec.stream.publishing import WorkerStats
 from hytrec.stream.schemas import EngineResult, Recommendation, encode_behavior
 
 TS = 1511544000

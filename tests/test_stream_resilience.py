@@ -28,8 +28,8 @@ from test_stream_support import (
 
 from hytrec.model.events import Vocabulary
 from hytrec.model.hytrec import HyTRec, HyTRecConfig
-from hytrec.stream.app import _Fingerprint
 from hytrec.stream.broker import EmbeddedBroker, free_port
+from hytrec.stream.newlog import Fingerprint
 from hytrec.stream.schemas import MAX_ID_CHARS, encode_behavior
 from hytrec.stream.tail import read_topic, record_at
 
@@ -184,9 +184,9 @@ def test_record_at_finds_a_record_and_tells_a_missing_one():
         as_faust = SimpleNamespace(
             offset=1, key=record.key, value=record.value, timestamp=record.timestamp / 1000
         )
-        assert _Fingerprint.of(as_faust) == _Fingerprint.of(record)
+        assert Fingerprint.of(as_faust) == Fingerprint.of(record)
         other = SimpleNamespace(**{**vars(as_faust), "timestamp": as_faust.timestamp + 1})
-        assert _Fingerprint.of(other) != _Fingerprint.of(record)
+        assert Fingerprint.of(other) != Fingerprint.of(record)
 
 
 def test_a_graceful_stop_checkpoints_at_once_and_the_successor_restores(tmp_path):

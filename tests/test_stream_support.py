@@ -250,7 +250,7 @@ def make_recording_model_engine():
 
 
 async def no_publish(pending, result) -> None:
-    """Stands in for `BatchingWorker._publish` where there is no broker."""
+    """Stands in for `Publisher.publish` where there is no broker."""
     return None
 
 
@@ -265,6 +265,6 @@ class Acks:
 
 def pending_event(user: str, offset: int, item: str = "i1"):
     """A consumed, valid event waiting in a worker's batch (no Faust message behind it)."""
-    from hytrec.stream.app import _Pending
+    from hytrec.stream.worker import Pending
 
-    return _Pending(None, behavior_event(user, offset, item), None)
+    return Pending(None, behavior_event(user, offset, item), None)

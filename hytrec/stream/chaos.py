@@ -454,7 +454,7 @@ def _offline(model, payloads: list[dict], offsets: list[int]):
             out = model.step(state, torch.tensor(active), batch)
             for j, i in enumerate(active):
                 vectors[(users[i], rows[j][1])] = out[j].numpy()
-    finals = {u: [t[i].clone() for t in state.tensors()] for i, u in enumerate(users)}
+    finals = {u: {n: t[i].clone() for n, t in state.parts().items()} for i, u in enumerate(users)}
     counts = {u: len(v) for u, v in by_user.items()}
     return finals, vectors, counts
 
@@ -487,12 +487,15 @@ def _check(config, checkpoint, payloads, positions, latest, directory) -> ChaosR
             lost += counts[user]
             mismatches += 1
             continue
-        got = decode_snapshot(latest[user][1]).tensors
-        count = int(got[-2])  # StreamState.tensors(): ..., count, last_ts
+        got = decode_snapshot(latest[user][1]).parts
+        count = int(got["count"])
         lost += max(0, counts[user] - count)
         double += max(0, count - counts[user])
         same = True
-        for a, b in zip(got, expected, strict=True):
+        if got.keys() != expected.keys():
+            raise ValueError(f"snapshot parts {sorted(got)} != the model's {sorted(expected)}")
+        for name, b in expected.items():
+            a = got[name]
             if a.is_floating_point():
                 diff = float((a - b).abs().max()) if a.numel() else 0.0
                 worst_state = max(worst_state, diff)

@@ -208,7 +208,7 @@ class RecommendationEngine:
                 applied_offset=kept.applied_offset,
                 partition=partition_of[user],
                 model_version=self.model_version,
-                tensors=kept.tensors,
+                parts=kept.parts,
                 written_at=now,
             )
             for user, kept in states.items()
@@ -225,7 +225,7 @@ class RecommendationEngine:
                     refused += 1
                     continue
                 if snap.applied_offset > self.store.offset_of(snap.user_id):
-                    self.store.import_user(snap.user_id, snap.tensors, snap.applied_offset)
+                    self.store.import_user(snap.user_id, snap.parts, snap.applied_offset)
                     restored += 1
         if refused:
             log.warning(

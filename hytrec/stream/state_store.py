@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +24,10 @@ NO_OFFSET = -1
 
 @dataclass
 class EvictedUser:
-    """A user's slot contents copied to host memory."""
+    """A user's slot contents copied to host memory: `StreamState.parts()` by name, without
+    the slot dimension."""
 
-    tensors: list[torch.Tensor]
+    parts: dict[str, torch.Tensor]
     applied_offset: int
 
 
@@ -80,7 +81,8 @@ class UserStateStore:
             slot = self.slot_of[user]
             count, last_ts = self.state.count[slot], self.state.last_ts[slot]
         elif user in self.evicted:
-            *_, count, last_ts = self.evicted[user].tensors  # StreamState.tensors() order
+            parts = self.evicted[user].parts
+            count, last_ts = parts["count"], parts["last_ts"]
         else:
             return None
         return int(last_ts) if int(count) > 0 else None
@@ -102,7 +104,7 @@ class UserStateStore:
                     self.state.reset(index)
                     self.applied_offset[slot] = NO_OFFSET
                 else:
-                    self.state.write(index, [t[None] for t in restored.tensors])
+                    self.state.write(index, {n: t[None] for n, t in restored.parts.items()})
                     self.applied_offset[slot] = restored.applied_offset
                 self.slot_of[user] = slot
             self.slot_of.move_to_end(user)
@@ -120,7 +122,7 @@ class UserStateStore:
         slot = self.slot_of.pop(victim)
         index = torch.tensor([slot])
         self.evicted[victim] = EvictedUser(
-            tensors=[t[0].to("cpu") for t in self.state.read(index)],
+            parts={name: t[0].to("cpu") for name, t in self.state.read(index).items()},
             applied_offset=int(self.applied_offset[slot]),
         )
         self.evictions += 1
@@ -139,29 +141,39 @@ class UserStateStore:
         on_device = [u for u in users if u in self.slot_of]
         if on_device:
             index = torch.tensor([self.slot_of[u] for u in on_device])
-            parts = [t.to("cpu") for t in self.state.read(index.to(self.state.count.device))]
+            device = self.state.count.device
+            parts = {n: t.to("cpu") for n, t in self.state.read(index.to(device)).items()}
             offsets = self.applied_offset[index].tolist()
             for row, user in enumerate(on_device):  # rows of fresh copies: views suffice
-                out[user] = EvictedUser([t[row] for t in parts], int(offsets[row]))
+                out[user] = EvictedUser({n: t[row] for n, t in parts.items()}, int(offsets[row]))
         for user in users:
             kept = self.evicted.get(user)
             if kept is not None:
-                out[user] = EvictedUser([t.clone() for t in kept.tensors], kept.applied_offset)
+                parts = {n: t.clone() for n, t in kept.parts.items()}
+                out[user] = EvictedUser(parts, kept.applied_offset)
         return out
 
-    def import_user(self, user: str, tensors: Sequence[torch.Tensor], applied_offset: int) -> None:
+    def import_user(
+        self, user: str, parts: Mapping[str, torch.Tensor], applied_offset: int
+    ) -> None:
         """Replace `user`'s state (e.g. restored from a snapshot): written into its slot when
-        it has one, else kept in host memory until `acquire` loads it."""
-        shapes = [tuple(t.shape[1:]) for t in self.state.tensors()]
-        if [tuple(t.shape) for t in tensors] != shapes:
-            raise ValueError(f"state of user {user!r} does not fit this model's state layout")
+        it has one, else kept in host memory until `acquire` loads it. `parts` must name
+        every part of this model's state with its shape (slot dimension left out)."""
+        layout = {n: tuple(t.shape[1:]) for n, t in self.state.parts().items()}
+        given = {n: tuple(t.shape) for n, t in parts.items()}
+        if given != layout:
+            raise ValueError(
+                f"state of user {user!r} does not fit this model's state layout: "
+                f"{given} != {layout}"
+            )
         if user in self.slot_of:
             slot = self.slot_of[user]
-            self.state.write(torch.tensor([slot]), [t[None] for t in tensors])
+            self.state.write(torch.tensor([slot]), {n: t[None] for n, t in parts.items()})
             self.applied_offset[slot] = applied_offset
         else:
             self.evicted[user] = EvictedUser(
-                tensors=[t.to("cpu").clone() for t in tensors], applied_offset=applied_offset
+                parts={n: t.to("cpu").clone() for n, t in parts.items()},
+                applied_offset=applied_offset,
             )
 
     def forget(self, users: Sequence[str]) -> int:
