@@ -117,7 +117,7 @@ def test_publish_model_is_atomic_sorts_last_and_refuses_a_broken_checkpoint(tmp_
 
     broken = small_checkpoint(tmp_path / "c", seed=2)
     (broken / "model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type
+    with pytest.raises(CheckpointError, match="SafetensorError.*header"):
         publish_model(broken, models)
     with pytest.raises(FileExistsError):
         publish_model(tmp_path / "a", models, name="1-a")

@@ -194,10 +194,15 @@ def publish_model(checkpoint: str | Path, models_dir: str | Path, name: str | No
     """Copy a checkpoint into the models directory atomically (hidden temporary copy, then
     one rename); the published path. The checkpoint is loaded first, so a broken one is
     refused here rather than skipped by every worker."""
-    from hytrec.model.hytrec import HyTRec  # torch only when publishing
+    from hytrec.model.hytrec import CheckpointError, HyTRec  # torch only when publishing
 
     source, models_dir = Path(checkpoint), Path(models_dir)
-    version = HyTRec.load(source).version  # raises CheckpointError with the reason
+    try:
+        version = HyTRec.load(source).version
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors' own error for broken weights, and the like
+        raise CheckpointError(f"{source} cannot be loaded: {type(exc).__name__}: {exc}") from exc
     name = name or f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{version}"
     if name.startswith(".") or "/" in name:
         raise ValueError(f"checkpoint name {name!r}: no leading '.', no '/'")
