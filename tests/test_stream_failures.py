@@ -44,7 +44,7 @@ def test_after_a_failed_batch_nothing_more_is_processed_or_acknowledged():
 
     app, worker = asyncio.run(scenario())
     assert len(app.crashes) == 1
-    assert worker.engine.applied == {"u": 0}, "the event after the failure was processed"
+    assert worker.engine.applied == {("u", 0): 0}, "the event after the failure was processed"
     assert worker.stream.acked == 1, "something was acknowledged after the failure"
     assert len(worker.batcher) == 1  # left for the partition's next owner to consume again
 

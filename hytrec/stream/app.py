@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from hytrec.stream.batcher import BatchConfig
 from hytrec.stream.broker import TopicConfig
 from hytrec.stream.hotswap import checkpoint_loader
 from hytrec.stream.metrics import CONTENT_TYPE
-from hytrec.stream.schemas import Engine
+from hytrec.stream.schemas import DLQ_MAX_PAYLOAD_BYTES, Engine, ParseLimits
 from hytrec.stream.worker import BatchingWorker
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ class WorkerConfig:
     app_id: str = "hytrec-worker"  # the Kafka consumer group
     topics: TopicConfig = TopicConfig()
     batch: BatchConfig = BatchConfig()
-    max_message_bytes: int = 64 * 1024  # larger behaviour messages go to the DLQ
-    max_future_s: float = 24 * 3600.0  # event times further ahead of the clock are refused
+    parse: ParseLimits = ParseLimits()  # sizes, nesting, future allowance and policy
+    dlq_max_payload_bytes: int = DLQ_MAX_PAYLOAD_BYTES  # a dead letter keeps this much
     # The embedded broker answers a fetch only after half its max wait and joins a group
     # after half the session timeout: on it, use these; on real Kafka keep Faust's defaults.
     embedded_broker: bool = False
@@ -53,12 +54,21 @@ class WorkerConfig:
     models_dir: str | None = None  # hot swap: serve the newest checkpoint here (hotswap.py)
     models_poll_s: float = 10.0  # how often the models directory is looked at
 
+    def __post_init__(self) -> None:
+        self.topics.state_topic(self.app_id)  # the group names a topic: refuse bad names now
+
+    @property
+    def state_topic(self) -> str:
+        """This group's user-state topic: groups never share snapshots."""
+        return self.topics.state_topic(self.app_id)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WorkerConfig:
         """HYTREC_BOOTSTRAP, HYTREC_GROUP, HYTREC_BATCH_SIZE, HYTREC_BATCH_WAIT_MS,
         HYTREC_BEHAVIORS_PARTITIONS, HYTREC_RECOMMENDATIONS_PARTITIONS, HYTREC_EMBEDDED_BROKER
         (1/0), HYTREC_WEB_PORT, HYTREC_DATA_DIR, HYTREC_SNAPSHOT_INTERVAL_S,
-        HYTREC_MODELS_DIR, HYTREC_MODELS_POLL_S; unset ones keep their defaults."""
+        HYTREC_MODELS_DIR, HYTREC_MODELS_POLL_S, HYTREC_MAX_FUTURE_S, HYTREC_FUTURE_POLICY;
+        unset ones keep their defaults."""
         d = cls()
         web_port = env.get("HYTREC_WEB_PORT")
         return cls(
@@ -84,6 +94,10 @@ class WorkerConfig:
             snapshot_interval_s=float(env.get("HYTREC_SNAPSHOT_INTERVAL_S", d.snapshot_interval_s)),
             models_dir=env.get("HYTREC_MODELS_DIR") or None,
             models_poll_s=float(env.get("HYTREC_MODELS_POLL_S", d.models_poll_s)),
+            parse=ParseLimits(
+                max_future_s=float(env.get("HYTREC_MAX_FUTURE_S", d.parse.max_future_s)),
+                future_policy=env.get("HYTREC_FUTURE_POLICY", d.parse.future_policy),
+            ),
         )
 
 
@@ -96,25 +110,41 @@ class _LowLatencyConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return consumer
 
 
-class _LowLatencyConsumer(faust_aiokafka.Consumer):
+class _Consumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer, with two changes: on the embedded broker a short fetch
+    wait; and no commit of offsets unless the `behaviors` log they belong to is still the
+    broker's (a broker that lost its data and came back must not receive the old log's
+    offsets: the group would then skip the new log's events below them; see newlog.py)."""
+
     def _new_consumer_thread(self):
-        return _LowLatencyConsumerThread(self, loop=self.loop, beacon=self.beacon)
+        if self.app.hytrec_config.embedded_broker:
+            return _LowLatencyConsumerThread(self, loop=self.loop, beacon=self.beacon)
+        return super()._new_consumer_thread()
+
+    async def _commit(self, offsets):
+        if not await self.app.hytrec_worker.logs.may_commit():
+            return False  # Faust keeps them acknowledged and tries again later
+        return await super()._commit(offsets)
+
+    def forget_acks(self, tp) -> None:
+        """Drop what Faust holds to commit for a partition whose log was replaced, as Faust
+        itself does for a revoked partition (`Consumer.on_partitions_revoked`)."""
+        for held in (self._gap, self._acked, self._acked_index, self._committed_offset):
+            held.pop(tp, None)
 
 
-class _LowLatencyTransport(faust_aiokafka.Transport):
-    Consumer = _LowLatencyConsumer
+class _Transport(faust_aiokafka.Transport):
+    Consumer = _Consumer
 
 
 class StreamApp(faust.App):
-    """A Faust app that uses a short fetch wait when told it runs on the embedded broker."""
+    """A Faust app with the consumer above (see `_Consumer`)."""
 
     hytrec_config: WorkerConfig
     hytrec_worker: BatchingWorker
 
     def _new_transport(self):
-        if self.hytrec_config.embedded_broker:
-            return _LowLatencyTransport(self.conf.broker_consumer, self)
-        return super()._new_transport()
+        return _Transport(self.conf.broker_consumer, self)
 
 
 def create_app(
@@ -124,6 +154,7 @@ def create_app(
 ) -> StreamApp:
     """The Faust app with the batching agent; the engine is built when the worker starts
     (see `BatchingWorker` for the two ways)."""
+    Path(config.data_dir).mkdir(parents=True, exist_ok=True)  # Faust makes only the last part
     settings: dict[str, Any] = {}
     if config.embedded_broker:
         # the group keeps its first member's session timeout on Tansu: short from the start
@@ -232,13 +263,37 @@ def run_worker(
     loglevel: str = "info",
     engine_loader: Callable[[Path], Engine] | None = None,
 ) -> int:
-    """Run a Faust worker until it is stopped; its exit status."""
+    """Run a Faust worker until it is stopped; its exit status. The engine is built first,
+    so that a checkpoint that does not load is reported (exit status 2) before the worker
+    joins the group or connects at all."""
     app = create_app(config, engine_factory, engine_loader)
+    worker = app.hytrec_worker
+    try:
+        worker.engine = worker.first_engine()
+        check_time_rules(config, worker.engine)
+    except Exception as exc:  # noqa: BLE001 - any reason: said plainly, no traceback
+        print(
+            f"hytrec worker: cannot start the engine: {type(exc).__name__}: {exc}", file=sys.stderr
+        )
+        return 2
     try:
         faust.Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
+
+
+def check_time_rules(config: WorkerConfig, engine: Engine) -> None:
+    """The engine's out-of-order tolerance must cover the parser's future allowance: an
+    event accepted from up to that far ahead must not make the user's real-time events
+    late (they would be dead-lettered until the clock caught up)."""
+    tolerance = getattr(getattr(engine, "config", None), "out_of_order_tolerance_s", None)
+    if tolerance is not None and tolerance < config.parse.max_future_s:
+        raise ValueError(
+            f"out-of-order tolerance {tolerance:g} s is below the future allowance "
+            f"{config.parse.max_future_s:g} s: one event from a clock running ahead would "
+            "block its user's later events; raise the tolerance or lower the allowance"
+        )
 
 
 _app: StreamApp | None = None
@@ -266,7 +321,8 @@ def __getattr__(name: str) -> Any:
 
 
 def _engine_config_from_env(env: Mapping[str, str]):
-    """HYTREC_DEVICE, HYTREC_TOP_K, HYTREC_STATE_BUDGET_MIB; unset ones keep their defaults."""
+    """HYTREC_DEVICE, HYTREC_TOP_K, HYTREC_STATE_BUDGET_MIB, HYTREC_OUT_OF_ORDER_TOLERANCE_S;
+    unset ones keep their defaults."""
     from hytrec.stream.engine import EngineConfig
 
     d = EngineConfig()
@@ -275,4 +331,7 @@ def _engine_config_from_env(env: Mapping[str, str]):
         state_budget_bytes=int(float(env.get("HYTREC_STATE_BUDGET_MIB", 0)) * 2**20)
         or d.state_budget_bytes,
         device=env.get("HYTREC_DEVICE", d.device),
+        out_of_order_tolerance_s=float(
+            env.get("HYTREC_OUT_OF_ORDER_TOLERANCE_S", d.out_of_order_tolerance_s)
+        ),
     )

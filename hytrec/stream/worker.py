@@ -26,8 +26,14 @@ The other concerns live in their own modules: new-log detection (`newlog.py`), r
 rebalance (`checkpoints.py`), hot swap (`hotswap.py`). The rules between them:
 - one flush lock: batches, checkpoint cuts, restores and swaps never interleave, so a
   batch runs wholly on one engine over fully restored partitions (asserted in `run_batch`);
-- after the first failure nothing more is processed, checkpointed or acknowledged (a step
-  that failed half-way may have left half-applied states, which no snapshot may save).
+- after the first failure (the engine raised, or a restore could not be done) nothing
+  more is processed, checkpointed or acknowledged (a step that failed half-way may have
+  left half-applied states, which no snapshot may save); the partitions' next owner
+  restores and consumes again. A broker that goes away, or refuses a record, is not such a
+  failure: `outage.py` sends again until it answers, and what it refuses for good is
+  logged and counted (`publishing.py`) or checkpointed again (`checkpoints.py`);
+- every consumed message is accounted for (`accounting.py`): the parser's verdict and the
+  engine's lists settle it as applied, dead-lettered or a replay skipped.
 
 Faust's own batching (`stream.take`) lost acknowledged-but-unprocessed events during
 rebalances here (see ARCHITECTURE.md), hence per-event iteration and explicit acks.
@@ -52,9 +58,11 @@ from hytrec.stream.checkpoints import Checkpoints
 from hytrec.stream.hotswap import ModelSwaps, ModelWatcher
 from hytrec.stream.metrics import StreamMetrics
 from hytrec.stream.newlog import LogWatch
+from hytrec.stream.outage import quiet_client_logs
 from hytrec.stream.publishing import Publisher, WorkerStats
 from hytrec.stream.schemas import (
     BehaviorEvent,
+    DeadLetter,
     Engine,
     EngineResult,
     InvalidMessage,
@@ -70,11 +78,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Pending:
-    """A consumed message waiting for its batch: the event or its dead letter."""
+    """A consumed message waiting for its batch: the event or its dead letter, and the
+    generation of its partition's log when it was consumed (see `newlog.py`)."""
 
-    event: Any  # faust.Event, acknowledged after the flush
+    event: Any  # faust.Event, acknowledged after the flush (None in unit tests)
     parsed: BehaviorEvent | None
-    dead_letter: bytes | None
+    dead_letter: DeadLetter | None
+    generation: int = 0
+
+    @property
+    def partition(self) -> int:
+        return self.event.message.partition if self.event is not None else self.parsed.partition
+
+    @property
+    def offset(self) -> int:
+        return self.event.message.offset if self.event is not None else self.parsed.offset
+
+    def release(self) -> None:
+        """Done with, but not acknowledged: Faust no longer waits for it and never commits
+        its offset (a message of a replaced log)."""
+        if self.event is not None:
+            self.event.message.acked = True
 
 
 class BatchingWorker:
@@ -97,6 +121,7 @@ class BatchingWorker:
         self.engine_factory = engine_factory
         self.engine_loader = engine_loader
         self.engine: Engine | None = None
+        self.engine_source = ""  # where the first engine came from, when not the factory
         self.stats = WorkerStats()
         self.metrics = StreamMetrics(self)  # Prometheus, served at /metrics with --web-port
         self.batcher: MicroBatcher[Pending] = MicroBatcher(config.batch)
@@ -107,6 +132,7 @@ class BatchingWorker:
         # set by the first failed batch, checkpoint or restore: from then on nothing more
         # is processed, checkpointed or acknowledged
         self.failed: BaseException | None = None
+        self.logged_stop = False
         self.publisher = Publisher(self)
         self.checkpoints = Checkpoints(self)
         self.logs = LogWatch(self)
@@ -122,20 +148,30 @@ class BatchingWorker:
         """Run `fn(*args)` on the engine's one thread (the engine is not thread-safe)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    def stopping(self) -> bool:
+        """The app is stopping or the worker failed: retries give up."""
+        return self.failed is not None or bool(getattr(self.app, "should_stop", False))
+
     # ------------------------------------------------------------------ start
 
     async def start_engine(self) -> None:
         """Create missing topics (both ways of starting a worker pass here), build the engine."""
         started = time.perf_counter()
         logging.getLogger("kafka").setLevel(logging.WARNING)  # the admin client's chatter
-        await self.on_engine_thread(ensure_topics, self.config.bootstrap, self.config.topics)
-        self.engine = await self.on_engine_thread(self.first_engine)
+        quiet_client_logs()  # an outage must not write dozens of lines a second
+        await self.on_engine_thread(
+            ensure_topics, self.config.bootstrap, self.config.topics, 30.0, self.config.app_id
+        )
+        if self.engine is None:  # run_worker builds it before joining the group
+            self.engine = await self.on_engine_thread(self.first_engine)
         log.info(
             "engine ready: model %s (%.1f s)%s",
             self.engine.model_version,
             time.perf_counter() - started,
             "" if self.snapshots else "; its states are not checkpointed",
         )
+        if self.engine_source:  # said here: run_worker may build it before logging is set up
+            log.info("serving %s", self.engine_source)
         self.ready.set()
 
     def first_engine(self) -> Engine:
@@ -145,7 +181,7 @@ class BatchingWorker:
             self.models.models_dir.mkdir(parents=True, exist_ok=True)
             loaded = self.models.load_next(self.engine_loader, None)
             if loaded is not None:
-                log.info("serving %s from the models directory", loaded.path)
+                self.engine_source = f"{loaded.path} from the models directory"
                 return loaded.engine
             if self.engine_factory is None:
                 raise RuntimeError(
@@ -164,43 +200,66 @@ class BatchingWorker:
         async for event in self.stream.events():
             await self.ready.wait()
             message = event.message
-            if message.partition not in self.checkpoints.assignment:
-                await self.checkpoints.wait_restored(message.partition)
-            await self.logs.observe(message)
+            self.stats.accounting.consumed(message.partition)
+            while True:  # restored and checked, and still so (a restore may start meanwhile)
+                if message.partition not in self.checkpoints.assignment:
+                    if not await self.checkpoints.wait_restored(message.partition):
+                        break
+                await self.logs.observe(message)
+                if message.partition in self.checkpoints.assignment:
+                    break
             if self.batcher.add(self.admit(event), time.monotonic()):
                 await self.flush()
 
-    def admit(self, event: Any) -> Pending:
-        message = event.message
-        received_at = time.time()
-        self.stats.events_in += 1
+    def parse(
+        self, message: Any, received_at: float | None = None
+    ) -> BehaviorEvent | InvalidMessage:
+        """A consumed message (Faust's, timestamp in seconds, or kafka-python's, in ms) as a
+        behaviour event, or why not. Never raises: a failure of the parser itself is a
+        reason too (`unparseable`)."""
+        received_at = time.time() if received_at is None else received_at
+        stamp = message.timestamp
+        record_ts = stamp if isinstance(stamp, float) else stamp / 1000 if stamp else None
+        # judged against when the record first came (replays agree) unless that is ahead
+        reference = received_at if not record_ts or record_ts <= 0 else min(record_ts, received_at)
         try:
-            parsed = parse_behavior(
+            return parse_behavior(
                 message.value,
                 message.key,
                 partition=message.partition,
                 offset=message.offset,
                 received_at=received_at,
-                max_bytes=self.config.max_message_bytes,
-                max_future_s=self.config.max_future_s,
+                limits=self.config.parse,
+                reference_ts=reference,
             )
-            return Pending(event, parsed, None)
         except InvalidMessage as exc:
-            self.stats.rejected[exc.reason_code] += 1
-            return Pending(
-                event,
-                None,
-                dead_letter(
-                    exc.reason_code,
-                    exc.detail,
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    key=message.key,
-                    value=message.value,
-                    failed_at=received_at,
-                ),
+            return exc
+        except Exception as exc:  # noqa: BLE001 - a parser bug must not stop the stream
+            log.exception(
+                "the parser failed on %s[%d]@%d", message.topic, message.partition, message.offset
             )
+            return InvalidMessage("unparseable", f"{type(exc).__name__}: {exc}"[:500])
+
+    def admit(self, event: Any) -> Pending:
+        message = event.message
+        received_at = time.time()
+        generation = self.logs.generation_of(message.partition)
+        parsed = self.parse(message, received_at)
+        if isinstance(parsed, BehaviorEvent):
+            return Pending(event, parsed, None, generation)
+        self.stats.rejected[parsed.reason_code] += 1
+        letter = dead_letter(
+            parsed.reason_code,
+            parsed.detail,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            key=message.key,
+            value=message.value,
+            failed_at=received_at,
+            max_payload_bytes=self.config.dlq_max_payload_bytes,
+        )
+        return Pending(event, None, letter, generation)
 
     async def run_timer(self) -> None:
         """Flush a batch whose oldest event has waited max_wait_ms; checkpoint when due, and
@@ -211,13 +270,16 @@ class BatchingWorker:
             left = self.batcher.time_left(time.monotonic())
             await asyncio.sleep(idle if left is None else max(left, 0.0))
             urgent = self.handing_over()
-            unacked = self.checkpoints.unacked
+            waiting = self.checkpoints.waiting
             if (
                 self.batcher.due(time.monotonic())
-                or (unacked and self.checkpoints.due())
-                or (urgent and (len(self.batcher) or unacked))
+                or (waiting and self.checkpoints.due())
+                or (urgent and (len(self.batcher) or waiting))
             ):
                 await self.flush(checkpoint=urgent)
+            if urgent and not self.logged_stop and getattr(self.app, "should_stop", False):
+                self.logged_stop = True  # the last word on where every message went
+                log.info("stopping; %s", self.stats.accounting.line())
 
     def handing_over(self) -> bool:
         """A rebalance is under way, or the app is stopping without having crashed (after a
@@ -250,7 +312,7 @@ class BatchingWorker:
         try:
             if pending:
                 await self.run_batch(pending)
-            if self.checkpoints.unacked and (checkpoint or self.checkpoints.due()):
+            if self.checkpoints.waiting and (checkpoint or self.checkpoints.due()):
                 confirming = await self.checkpoints.start()
                 if checkpoint:  # a rebalance or a swap: everything acknowledged before going on
                     await confirming
@@ -267,9 +329,12 @@ class BatchingWorker:
         if events:
             result = await self.on_engine_thread(self.engine.process, events)
         else:
-            result = EngineResult(recommendations=[], rejected=[], skipped_duplicates=0)
+            result = EngineResult(recommendations=[], rejected=[])
         engine_done = time.perf_counter()
         await self.publisher.publish(pending, result)
+        self.stats.accounting.settle(
+            [p.partition for p in pending if p.dead_letter is not None], events, result
+        )
         # one recommendation per user whose state changed: user -> behaviours partition
         changed = {rec.user_id: rec.source_partition for rec in result.recommendations}
         self.checkpoints.processed(pending, changed)
