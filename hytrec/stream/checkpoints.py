@@ -7,7 +7,8 @@ labelled with the `behaviors` log their offsets belong to. Then, in a task while
 batches run, it writes one snapshot per user to the group's user-state topic
 (co-partitioned with `behaviors`, key = user id; see `snapshots.py`), waits until the
 broker confirmed them all, checks that the `behaviors` log is still the one the offsets
-belong to, and only then acknowledges the messages: Faust commits an offset only past
+belong to (before writing the snapshots too: offsets of a replaced log are not written),
+and only then acknowledges the messages: Faust commits an offset only past
 events whose effect is published *and* saved. Checkpoints confirm one after another.
 Engines without `export_states` (test engines) write no snapshots: their messages are
 acknowledged right after the publish.
@@ -179,6 +180,8 @@ class Checkpoints:
             return False
         try:
             records, failed = [], {}
+            if cut.snapshots and not await self._log_still(cut):
+                cut.snapshots = []  # offsets of a replaced log: not written at all
             if cut.snapshots:
                 records = await asyncio.get_running_loop().run_in_executor(
                     None, functools.partial(_encode_all, cut.snapshots)
@@ -202,14 +205,13 @@ class Checkpoints:
                 )
                 self._redo(cut)
                 return False
-            # the log the offsets belong to is still there (learned at the first assignment)
-            current = None if cut.log_id is None else await worker.logs.current_log_id()
+            same_log = await self._log_still(cut)  # again: the broker may have gone meanwhile
             if worker.failed is not None:
                 return False  # stopping: nothing more is acknowledged
             assert previous is None or previous.done(), "checkpoints confirm in order"
             released = 0
             for p in cut.unacked:
-                if current != cut.log_id or p.generation != worker.logs.generation_of(p.partition):
+                if not same_log or p.generation != worker.logs.generation_of(p.partition):
                     p.release()  # of a gone log: never committed into the new one
                     released += 1
                 else:
@@ -229,6 +231,11 @@ class Checkpoints:
         stats.checkpoints += 1
         stats.checkpoint_seconds += time.perf_counter() - cut.started
         return True
+
+    async def _log_still(self, cut: Cut) -> bool:
+        """Whether the behaviors topic is still the one the cut's offsets belong to (the
+        log id is learned at the first assignment; without one there is nothing to check)."""
+        return cut.log_id is None or await self.worker.logs.current_log_id() == cut.log_id
 
     def _redo(self, cut: Cut) -> None:
         """A checkpoint not written: its users are saved, and its messages acknowledged, by
