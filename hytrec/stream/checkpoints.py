@@ -320,7 +320,7 @@ class Checkpoints:
         )
         newly = partitions - set(self.state_position)  # not read before: Faust seeks them
         restored = await worker.on_engine_thread(self._import_states, found.latest)
-        replayed = await self._recover_corrupt(found.corrupt, found.latest, newly)
+        replayed = await self._recover_corrupt(found.corrupt, newly)
         self.state_position.update(found.ends)
         stats = worker.stats
         stats.users_restored += restored
@@ -353,9 +353,7 @@ class Checkpoints:
                 snapshots.append(decode_snapshot(value))
         return engine.import_states(snapshots) if snapshots else 0
 
-    async def _recover_corrupt(
-        self, corrupt: list[CorruptRecord], latest: dict[str, Any], newly: set[int]
-    ) -> int:
+    async def _recover_corrupt(self, corrupt: list[CorruptRecord], newly: set[int]) -> int:
         """For each corrupt record: stop when it does not say whose it is; else replay its
         user's events from past the user's state (as restored) up to where the group
         resumes. How many events were applied."""
@@ -370,7 +368,7 @@ class Checkpoints:
                 + " (the worker cannot tell which user's events to replay; inspect the "
                 "records, delete the topic's bad records or the topic, and restart)"
             )
-        by_partition: dict[int, dict[str, CorruptRecord]] = {}
+        by_partition: dict[int, set[str]] = {}
         for c in corrupt:
             log.error(
                 "corrupt snapshot %s: falling back to user %r's last good state and "
@@ -378,7 +376,7 @@ class Checkpoints:
                 c.describe(),
                 c.user_id,
             )
-            by_partition.setdefault(c.partition, {})[c.user_id] = c
+            by_partition.setdefault(c.partition, set()).add(c.user_id)
         store = getattr(worker.engine, "store", None)
         topic = worker.config.topics.behaviors
         applied = 0
