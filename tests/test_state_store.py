@@ -31,7 +31,8 @@ def run_stream(model, store, users, arrivals, batch_size):
         for n, run, v in zip(names, runs, vectors, strict=True):
             applied[n] += len(run)
             last_vectors[n] = v
-        store.mark_applied(slots, [applied[n] for n in names])
+        for n in names:
+            store.mark_applied(n, 0, applied[n])
     return last_vectors
 
 
@@ -49,16 +50,37 @@ def test_eviction_to_host_and_back_keeps_every_user_state(model, num_slots):
     assert small.evictions > 0 and roomy.evictions == 0
     for name in users:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
-        assert small.offset_of(name) == roomy.offset_of(name) == len(users[name])
+        assert small.offset_of(name, 0) == roomy.offset_of(name, 0) == len(users[name])
         assert small.newest_ts(name) == int(users[name].ts[-1])
     assert len(small) == len(users)
 
 
 def test_new_users_start_empty_and_batches_must_fit(model):
     store = UserStateStore(model, 2)
-    assert store.offset_of("nobody") == NO_OFFSET and store.newest_ts("nobody") is None
+    assert store.offset_of("nobody", 0) == NO_OFFSET and store.newest_ts("nobody") is None
     slots = store.acquire(["a"])
     assert int(store.state.count[slots]) == 0
     with pytest.raises(ValueError, match="exceeds the 2 slots"):
         store.acquire(["a", "b", "c"])
-    assert store.device_bytes == 2 * store.bytes_per_user
+    assert store.device_bytes == 2 * store.bytes_per_user == 2 * model.state_bytes_per_user()
+
+
+def test_the_state_has_named_parts_and_refuses_a_foreign_layout(model):
+    """Snapshots and the store address the state by part name, never by position."""
+    state = model.new_state(2)
+    names = list(state.parts())
+    assert names[-3:] == ["window", "count", "last_ts"]
+    assert {n.split(".")[0] for n in names} == {
+        "tadn",
+        "mean_sum",
+        "kv",
+        "window",
+        "count",
+        "last_ts",
+    }
+    saved = state.read(torch.tensor([1]))
+    assert saved.keys() == state.parts().keys()
+    state.write(torch.tensor([0]), saved)
+    with pytest.raises(ValueError, match="state parts"):
+        state.write(torch.tensor([0]), {n: t for n, t in saved.items() if n != "count"})
+    assert sum(state.bytes_by_part().values()) == state.bytes_per_user()

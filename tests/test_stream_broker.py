@@ -60,7 +60,7 @@ def test_broker_dies_with_a_parent_killed_by_sigkill():
 
 def test_broker_command_stops_its_broker_on_sigterm():
     command = subprocess.Popen(
-        [sys.executable, "-m", "hytrec.cli", "broker"],
+        [sys.executable, "-m", "hytrec.cli", "broker", "--port", "0"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -82,3 +82,26 @@ def test_a_taken_port_is_reported():
     with EmbeddedBroker(topics=None) as first:
         with pytest.raises(RuntimeError, match="taken"):
             EmbeddedBroker(port=first.port, topics=None).start()
+        command = subprocess.run(
+            [sys.executable, "-m", "hytrec.cli", "broker", "--port", str(first.port)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert command.returncode == 1
+    assert f"port {first.port} on 127.0.0.1 is taken" in command.stderr
+    assert "--port 0" in command.stderr and "Traceback" not in command.stderr
+
+
+def test_the_broker_listens_where_every_client_looks_by_default():
+    """`hytrec broker` then `hytrec worker`/`replay`/`tail` with no --bootstrap: one port."""
+    from hytrec.cli import build_parser
+    from hytrec.stream.app import WorkerConfig
+
+    parser = build_parser()
+    port = parser.parse_args(["broker"]).port
+    for command in (["worker", "--engine", "m:f"], ["replay", "x"], ["tail"]):
+        bootstrap = parser.parse_args(command).bootstrap
+        assert bootstrap.endswith(f":{port}"), (command, bootstrap)
+    assert WorkerConfig().bootstrap.endswith(f":{port}")

@@ -19,6 +19,8 @@ from hytrec.stream.snapshots import (
 )
 from hytrec.stream.state_store import NO_OFFSET, UserStateStore
 
+TOPIC = "user-state.g"
+
 
 def small_model() -> HyTRec:
     return HyTRec(HyTRecConfig(num_items=50, num_categories=5, d_model=32, dropout=0)).eval()
@@ -28,9 +30,9 @@ def filled_store(model: HyTRec, users: list[str], slots: int) -> UserStateStore:
     store = UserStateStore(model, slots)
     for i, user in enumerate(users):
         index = store.acquire([user])
-        for t in store.state.tensors():
+        for t in store.state.parts().values():
             t[index] = torch.full_like(t[index], i + 1)
-        store.mark_applied(index, [10 * (i + 1)])
+        store.mark_applied(user, 3, 10 * (i + 1))
     return store
 
 
@@ -39,16 +41,39 @@ def test_a_snapshot_round_trips_and_its_header_reads_alone():
     store = filled_store(model, ["a", "b"], slots=2)
     kept = store.export_users(["a", "b", "nobody"])
     assert sorted(kept) == ["a", "b"]
-    snap = UserSnapshot("b", kept["b"].applied_offset, 3, "v1", kept["b"].tensors)
+    snap = UserSnapshot("b", 3, kept["b"].applied, "v1", kept["b"].parts, log="topic-id-1")
     value = encode_snapshot(snap)
     header = decode_header(value)
     assert (header.user_id, header.applied_offset, header.partition) == ("b", 20, 3)
+    assert header.applied == {3: 20} and header.log == "topic-id-1"
     back = decode_snapshot(value)
     assert back.model_version == "v1" and back.applied_offset == 20
-    assert all(torch.equal(x, y) for x, y in zip(back.tensors, kept["b"].tensors, strict=True))
-    assert [t.dtype for t in back.tensors] == [t.dtype for t in store.state.tensors()]
-    with pytest.raises(ValueError):
+    assert back.parts.keys() == kept["b"].parts.keys() == store.state.parts().keys()
+    assert all(torch.equal(back.parts[n], t) for n, t in kept["b"].parts.items())
+    assert {n: t.dtype for n, t in back.parts.items()} == {
+        n: t.dtype for n, t in store.state.parts().items()
+    }
+    with pytest.raises(ValueError, match="not a user-state snapshot"):
         decode_header(b"not a snapshot at all")
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda v: v[:-1], "header says"),  # truncated
+        (lambda v: v[:-8] + bytes(8), "checksum"),  # a flipped tail
+        (lambda v: v[:12] + b"#" + v[13:], "format"),  # a broken header
+        (lambda v: v + b"\x00", "header says"),  # trailing garbage
+    ],
+    ids=["truncated", "bit-rot", "header", "trailing"],
+)
+def test_a_damaged_snapshot_is_refused_not_misread(damage, message):
+    model = small_model()
+    store = filled_store(model, ["a"], slots=1)
+    kept = store.export_users(["a"])["a"]
+    value = encode_snapshot(UserSnapshot("a", 3, kept.applied, "v1", kept.parts))
+    with pytest.raises(ValueError, match=message):
+        decode_header(damage(value))
 
 
 def test_store_exports_device_and_evicted_users_and_imports_them_back():
@@ -56,21 +81,26 @@ def test_store_exports_device_and_evicted_users_and_imports_them_back():
     store = filled_store(model, ["a", "b", "c"], slots=2)  # "a" was evicted to host
     assert "a" in store.evicted
     kept = store.export_users(["a", "c"])
-    assert kept["a"].applied_offset == 10 and kept["c"].applied_offset == 30
+    assert kept["a"].applied == {3: 10} and kept["c"].applied == {3: 30}
 
     other = UserStateStore(model, 1)
-    other.import_user("a", kept["a"].tensors, kept["a"].applied_offset)
-    other.import_user("c", kept["c"].tensors, kept["c"].applied_offset)
-    assert other.offset_of("a") == 10 and other.offset_of("c") == 30
+    other.import_user("a", kept["a"].parts, kept["a"].applied)
+    other.import_user("c", kept["c"].parts, kept["c"].applied)
+    assert other.offset_of("a", 3) == 10 and other.offset_of("c", 3) == 30
+    assert other.offset_of("a", 2) == NO_OFFSET  # another partition's offsets are its own
     slot = other.acquire(["c"])  # loads "c" from host memory into the slot
-    pairs = zip(other.state.tensors(), kept["c"].tensors, strict=True)
-    assert all(torch.equal(t[slot][0], v) for t, v in pairs)
-    other.import_user("c", kept["a"].tensors, 99)  # into the slot it holds
-    assert other.offset_of("c") == 99
+    parts = other.state.parts()
+    assert all(torch.equal(parts[n][slot][0], v) for n, v in kept["c"].parts.items())
+    other.import_user("c", kept["a"].parts, {3: 99})  # into the slot it holds
+    assert other.offset_of("c", 3) == 99
+    assert other.reset_offsets(["c", "a"], 3) == 2 and other.offset_of("c", 3) == NO_OFFSET
+    assert "c" in other  # a new log: the state stays, its offsets go
     assert other.forget(["a", "c", "nobody"]) == 2
-    assert len(other) == 0 and other.offset_of("c") == NO_OFFSET
+    assert len(other) == 0 and other.offset_of("c", 3) == NO_OFFSET
     with pytest.raises(ValueError, match="layout"):
-        other.import_user("x", kept["a"].tensors[:-1], 1)
+        other.import_user("x", {**kept["a"].parts, "count": torch.zeros(2)}, {})
+    with pytest.raises(ValueError, match="layout"):  # a part missing
+        other.import_user("x", {n: t for n, t in kept["a"].parts.items() if n != "last_ts"}, {})
 
 
 def test_engine_imports_only_snapshots_ahead_of_it_and_of_its_model(tmp_path):
@@ -84,42 +114,63 @@ def test_engine_imports_only_snapshots_ahead_of_it_and_of_its_model(tmp_path):
     engine = RecommendationEngine(
         model, build_from_checkpoint(checkpoint, IndexConfig()), EngineConfig(device="cpu")
     )
-    tensors = [t[0].clone() + 1 for t in model.new_state(1).tensors()]
-    ahead = UserSnapshot("u", 5, 0, engine.model_version, tensors)
+    tensors = {n: t[0].clone() + 1 for n, t in model.new_state(1).parts().items()}
+    ahead = UserSnapshot("u", 0, {0: 5}, engine.model_version, tensors)
     assert engine.import_states([ahead]) == 1
-    assert engine.import_states([UserSnapshot("u", 5, 0, engine.model_version, tensors)]) == 0
-    assert engine.import_states([UserSnapshot("v", 7, 0, "another-model", tensors)]) == 0
-    (out,) = engine.export_states({"u": 2})
-    assert (out.applied_offset, out.partition, out.model_version) == (5, 2, engine.model_version)
-    assert engine.drop_users(["u"]) == 1 and engine.export_states({"u": 2}) == []
+    assert engine.import_states([UserSnapshot("u", 0, {0: 5}, engine.model_version, tensors)]) == 0
+    assert engine.import_states([UserSnapshot("v", 0, {0: 7}, "another-model", tensors)]) == 0
+    (out,) = engine.export_states({"u": 0}, log="topic-1")
+    assert (out.applied_offset, out.partition, out.model_version) == (5, 0, engine.model_version)
+    assert out.log == "topic-1"
+    assert engine.drop_users(["u"]) == 1 and engine.export_states({"u": 0}) == []
 
 
 @pytest.mark.integration
 def test_snapshots_are_read_up_to_a_sentinel_despite_multi_record_batches():
     """Tansu misreports a partition's end when its last batch holds several records; the
-    reader appends a sentinel and reads up to it instead of asking for the end."""
+    reader appends a sentinel and reads up to it instead of asking for the end. It keeps
+    the latest snapshot of the current log per user, and reports corrupt records."""
     from kafka import KafkaProducer
 
-    from hytrec.stream.broker import EmbeddedBroker
+    from hytrec.stream.broker import EmbeddedBroker, TopicConfig, ensure_topics
 
     model = small_model()
-    tensors = [t[0] for t in model.new_state(1).tensors()]
-    with EmbeddedBroker() as broker:
+    tensors = {n: t[0] for n, t in model.new_state(1).parts().items()}
+    with EmbeddedBroker(topics=TopicConfig(behaviors_partitions=2)) as broker:
+        ensure_topics(broker.bootstrap, TopicConfig(behaviors_partitions=2), group="g")
         producer = KafkaProducer(
             bootstrap_servers=broker.bootstrap, enable_idempotence=False, linger_ms=20
         )
         for offset in range(30):  # batched: many records per produce request
-            snap = UserSnapshot(f"u{offset % 7}", offset, 1, "v1", tensors)
-            producer.send("user-state", key=b"k", value=encode_snapshot(snap), partition=1)
+            user = f"u{offset % 7}"
+            snap = UserSnapshot(user, 1, {1: offset}, "v1", tensors, log="log-a")
+            producer.send(TOPIC, key=user.encode(), value=encode_snapshot(snap), partition=1)
         producer.flush()
-        latest, ends = read_snapshots(broker.bootstrap, "user-state", [0, 1])
-        assert {u: h.applied_offset for u, (h, _) in latest.items()} == {
+        found = read_snapshots(broker.bootstrap, TOPIC, [0, 1], log_id="log-a")
+        assert {u: h.applied_offset for u, (h, _) in found.latest.items()} == {
             f"u{k}": max(o for o in range(30) if o % 7 == k) for k in range(7)
         }
-        assert ends == {0: 1, 1: 31}  # just past each partition's sentinel
-        again, _ = read_snapshots(broker.bootstrap, "user-state", [1], start=ends)
-        assert again == {}  # read from where the last read stopped: nothing new
+        assert found.ends == {0: 1, 1: 31}  # just past each partition's sentinel
+        assert not found.corrupt and not found.other_log
+        again = read_snapshots(broker.bootstrap, TOPIC, [1], start=found.ends)
+        assert again.latest == {}  # read from where the last read stopped: nothing new
+
+        # records of another log are skipped; a corrupt record is reported unless a valid
+        # one of the same user follows it
+        other = UserSnapshot("u0", 1, {1: 99}, "v1", tensors, log="log-b")
+        producer.send(TOPIC, key=b"u0", value=encode_snapshot(other), partition=1)
+        good = encode_snapshot(UserSnapshot("u1", 1, {1: 50}, "v1", tensors, log="log-a"))
+        producer.send(TOPIC, key=b"u1", value=good[:-3], partition=1)  # u1: corrupt, then good
+        producer.send(TOPIC, key=b"u1", value=good, partition=1)
+        producer.send(TOPIC, key=b"u2", value=good[:-3], partition=1)  # u2: corrupt, last
+        producer.send(TOPIC, key=None, value=b"junk", partition=0)  # nobody's
+        producer.flush()
         producer.close()
+        found = read_snapshots(broker.bootstrap, TOPIC, [0, 1], log_id="log-a")
+        assert found.other_log == 1 and found.latest["u0"][0].applied_offset == 28
+        assert found.latest["u1"][0].applied_offset == 50 and found.superseded == 1
+        assert [(c.partition, c.user_id) for c in found.corrupt] == [(0, None), (1, "u2")]
+        assert "header says" in found.corrupt[1].reason
 
 
 @pytest.mark.integration
@@ -148,3 +199,7 @@ def test_kill_9_and_rebalances_leave_every_user_state_equal_to_the_offline_repla
     assert report.double_applied == 0, story
     assert report.state_mismatches == 0, f"max state diff {report.max_state_diff}\n{story}"
     assert report.vector_mismatches == 0, f"max vector diff {report.max_vector_diff}\n{story}"
+    # every worker's last accounting line balances: consumed = applied + dead-lettered +
+    # replays skipped + in flight, nothing unaccounted
+    assert report.unaccounted == 0 and report.accounting["balanced"], report.accounting
+    assert report.accounting["consumed"] > 0

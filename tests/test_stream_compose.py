@@ -29,7 +29,12 @@ def test_compose_file_validates_and_wires_the_services():
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "REPLAY_SPEED": "60", "BEHAVIORS_PARTITIONS": "8"},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "REPLAY_SPEED": "60",
+            "BEHAVIORS_PARTITIONS": "8",
+            "HYTREC_GROUP": "team-a",
+        },
     )
     assert result.returncode == 0, result.stderr
     services = json.loads(result.stdout)["services"]
@@ -43,7 +48,9 @@ def test_compose_file_validates_and_wires_the_services():
         assert services[name]["build"]["dockerfile"] == "docker/Dockerfile"
     assert "behaviors:8" in services["topics"]["command"][0]
     init = services["topics"]["command"][0]
-    assert "--topic user-state --partitions 8" in init and "cleanup.policy=compact" in init
+    # the worker's group names its snapshot topic (groups never share snapshots)
+    assert "--topic user-state.team-a --partitions 8" in init and "cleanup.policy=compact" in init
+    assert "--group=team-a" in services["worker"]["command"]
     assert "--web-port=6066" in services["worker"]["command"]
     assert "--behaviors-partitions=8" in services["worker"]["command"]
     assert "--speed=60" in services["replay"]["command"]

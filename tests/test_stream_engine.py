@@ -1,8 +1,12 @@
 """The recommendation engine without Kafka: served vectors equal the offline model's,
-replays are skipped, what the model cannot apply is rejected with a reason, and a tiny
-state budget (eviction to host and back) changes nothing."""
+replays are skipped (per partition, and exactly at the applied offset after a restore),
+events sharing a time and late ones within the tolerance are applied, older ones rejected
+with a reason, unknown items move the user through the unknown-item row, and a tiny state
+budget (eviction to host and back) changes nothing."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ from hytrec.model.events import Behavior, Vocabulary
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
 from hytrec.stream.engine import EngineConfig, RecommendationEngine, build_engine
 from hytrec.stream.recent_engine import RecentItemsEngine
-from hytrec.stream.schemas import BehaviorEvent
+from hytrec.stream.schemas import ENGINE_REASONS, REASONS, BehaviorEvent
 
 NUM_ITEMS, NUM_CATEGORIES, TS = 60, 8, 1_511_544_000
 BEHAVIORS = [b.name for b in Behavior if b != Behavior.UNKNOWN]
@@ -103,23 +107,161 @@ def test_replayed_events_are_skipped_and_leave_the_state_alone(checkpoint):
     engine = build_engine(checkpoint, device="cpu", config=EngineConfig(top_k=5, device="cpu"))
     events = random_events(num_users=3, per_user=10, seed=2)
     engine.process(events)
-    before = [t.clone() for t in engine.store.state.tensors()]
+    before = {name: t.clone() for name, t in engine.store.state.parts().items()}
     again = engine.process(events[:20])  # a consumer restarted before its commit
     assert again.skipped_duplicates == 20 and not again.recommendations and not again.rejected
-    for old, new in zip(before, engine.store.state.tensors(), strict=True):
-        assert torch.equal(old, new)
+    for name, new in engine.store.state.parts().items():
+        assert torch.equal(before[name], new), name
 
 
-def test_unknown_items_and_out_of_order_events_are_rejected_with_reasons(checkpoint):
-    engine = build_engine(checkpoint, device="cpu", config=EngineConfig(top_k=5, device="cpu"))
-    first = random_events(num_users=1, per_user=2, seed=3)
-    unknown = BehaviorEvent("u0", "no-such-item", "c1", "click", first[-1].ts + 5, 0, 2, 0.0)
-    late = BehaviorEvent("u0", "i3", "c4", "click", first[0].ts - 1, 0, 3, 0.0)
-    result = engine.process([*first, unknown, late])
-    reasons = [(event.offset, reason) for event, reason, _ in result.rejected]
-    assert reasons == [(2, "unknown_item"), (3, "out_of_order")]
-    assert "no-such-item" in result.rejected[0][2]
-    assert [r.source_offset for r in result.recommendations] == [1]
+def engine_of(checkpoint, **config) -> RecommendationEngine:
+    return build_engine(checkpoint, config=EngineConfig(device="cpu", **config))
+
+
+def count_of(engine, user: str) -> int:
+    return int(engine.store.export_users([user])[user].parts["count"])
+
+
+def test_a_replay_at_exactly_the_applied_offset_after_a_restore_is_skipped(checkpoint):
+    """After a restore the partition is consumed again from the committed offset, which may
+    be the snapshot's applied offset itself: that event must be skipped, not applied twice
+    (an `offset < applied` mutant applies it again)."""
+    events = random_events(num_users=1, per_user=12, seed=6)
+    first = engine_of(checkpoint)
+    first.process(events[:8])
+    (snapshot,) = first.export_states({"u0": 0})
+    assert snapshot.applied_offset == events[7].offset
+
+    restored = engine_of(checkpoint)
+    assert restored.import_states([snapshot]) == 1
+    replay = restored.process(events[7:])  # the group resumes at the applied offset
+    assert [e.offset for e in replay.skipped] == [events[7].offset]
+    assert [e.offset for e in replay.applied] == [e.offset for e in events[8:]]
+    assert count_of(restored, "u0") == len(events)
+    straight = engine_of(checkpoint)
+    want = straight.process(events).recommendations[-1]
+    got = replay.recommendations[-1]
+    assert got.items == want.items
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_offsets_are_compared_per_partition(checkpoint):
+    """A user's events from two partitions (a producer that partitions otherwise): offsets
+    of one partition say nothing about the other's, so none is taken for a replay."""
+    engine = engine_of(checkpoint)
+    events = random_events(num_users=1, per_user=6, seed=7)
+    mixed = [replace(e, partition=i % 2, offset=100 - 10 * i) for i, e in enumerate(events)]
+    mixed[1] = replace(mixed[1], offset=500)  # partition 1 runs far ahead of partition 0
+    mixed[3] = replace(mixed[3], offset=501)
+    mixed[5] = replace(mixed[5], offset=502)
+    mixed[2] = replace(mixed[2], offset=101)
+    mixed[4] = replace(mixed[4], offset=102)
+    result = engine.process(mixed)
+    assert not result.skipped and len(result.applied) == 6
+    assert engine.store.applied["u0"] == {0: 102, 1: 502}
+    again = engine.process([mixed[4], mixed[5]])  # true replays, one per partition
+    assert len(again.skipped) == 2 and not again.applied
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 300.0])
+def test_events_sharing_a_timestamp_are_applied(checkpoint, tolerance):
+    """Several events of one second (a click and an add-to-cart) are in order, not late."""
+    engine = engine_of(checkpoint, out_of_order_tolerance_s=tolerance)
+    base = random_events(num_users=1, per_user=4, seed=8)
+    same = [replace(e, ts=base[0].ts) for e in base]
+    result = engine.process(same[:2])  # within one batch
+    result2 = engine.process(same[2:])  # and across batches
+    assert not result.rejected and not result2.rejected
+    assert count_of(engine, "u0") == 4
+
+
+def test_late_events_within_the_tolerance_apply_at_the_newest_time_and_older_ones_are_refused(
+    checkpoint,
+):
+    """One event from a client whose clock ran ahead must not block its user's real-time
+    events: up to the tolerance older than the newest, an event is applied (its time taken
+    as the newest, time never runs backwards in a state); beyond it, `out_of_order`."""
+    tolerance = 300
+    engine = engine_of(checkpoint, out_of_order_tolerance_s=tolerance)
+    events = random_events(num_users=1, per_user=3, seed=9)
+    newest = events[1].ts
+    at_limit = replace(events[2], ts=newest - tolerance, offset=10)
+    beyond = replace(events[2], ts=newest - tolerance - 1, offset=11)
+    result = engine.process([*events[:2], at_limit, beyond])
+    assert [e.offset for e in result.applied] == [events[0].offset, events[1].offset, 10]
+    assert [(e.offset, reason) for e, reason, _ in result.rejected] == [(11, "out_of_order")]
+    assert "tolerance" in result.rejected[0][2]
+    # the late event counted as happening at the newest time: equal to an offline replay
+    expected = [*events[:2], replace(at_limit, ts=newest)]
+    twin = engine_of(checkpoint)
+    want = twin.process(expected).recommendations[-1]
+    got = result.recommendations[-1]
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+    assert engine.store.newest_ts("u0") == newest
+
+
+# every reason code the engine can give, with an event that makes it give it
+ENGINE_REASON_CASES = {
+    "out_of_order": lambda events: [*events, replace(events[0], offset=99, ts=events[0].ts - 10**6)]
+}
+
+
+@pytest.mark.parametrize("reason", ENGINE_REASONS)
+def test_every_engine_reason_code_is_a_dead_letter_reason(checkpoint, reason):
+    """The worker dead-letters what the engine refuses with one of `REASONS`: each engine
+    reason is produced by the engine and listed there (so /metrics shows it from 0)."""
+    assert set(ENGINE_REASON_CASES) == set(ENGINE_REASONS), "a reason without a case"
+    engine = engine_of(checkpoint)
+    batch = ENGINE_REASON_CASES[reason](random_events(num_users=1, per_user=3, seed=10))
+    result = engine.process(batch)
+    assert [r for _, r, _ in result.rejected] == [reason]
+    assert reason in REASONS
+
+
+def test_events_on_unknown_items_move_the_user_through_the_unknown_item_row(checkpoint):
+    """An item the model never saw (new in the shop) is applied through row 0 with its
+    category and behaviour: the user's state and vector move exactly as the offline model's
+    over the same events (which maps the unknown item to row 0 too)."""
+    engine = engine_of(checkpoint, top_k=NUM_ITEMS)
+    events = random_events(num_users=1, per_user=3, seed=11)
+    new = replace(events[-1], item_id="new-in-shop", offset=50, ts=events[-1].ts + 60)
+    result = engine.process([*events, new])
+    assert not result.rejected and len(result.applied) == 4
+    assert engine.stats.unknown_items == 1
+    rec = result.recommendations[-1]
+    assert rec.source_offset == 50 and "new-in-shop" not in rec.items  # not in the index
+    model = engine.model
+    scores = (model.item_table()[1:] @ offline_vector(model, [*events, new])).detach().numpy()
+    top = np.argsort(-scores, kind="stable")[: len(rec.items)]
+    assert rec.items == [model.items.raw(int(i) + 1) for i in top]
+    without = (model.item_table()[1:] @ offline_vector(model, events)).detach().numpy()
+    assert not np.allclose(scores, without)  # the unknown item's category and stage count
+
+
+def test_a_new_item_enters_the_index_with_a_published_checkpoint_that_knows_it(tmp_path):
+    """The documented path for new items: a checkpoint whose vocabulary holds them (trained
+    on fresh data), published with `hytrec publish-model`; the worker swaps it in and its
+    index serves them."""
+    from hytrec.stream.hotswap import checkpoint_loader, publish_model
+
+    torch.manual_seed(1)
+    items = Vocabulary([f"i{n}" for n in range(1, NUM_ITEMS)])
+    cfg = HyTRecConfig(num_items=NUM_ITEMS, num_categories=NUM_CATEGORIES, d_model=32, dropout=0)
+    old = HyTRec(cfg, items, Vocabulary(f"c{n}" for n in range(1, NUM_CATEGORIES))).save(
+        tmp_path / "old"
+    )
+    grown = Vocabulary([*items.raw_ids(), "new-in-shop"])
+    cfg2 = replace(cfg, num_items=NUM_ITEMS + 1)
+    new = HyTRec(cfg2, grown, Vocabulary(f"c{n}" for n in range(1, NUM_CATEGORIES))).save(
+        tmp_path / "new"
+    )
+    load = checkpoint_loader(EngineConfig(top_k=NUM_ITEMS + 1, device="cpu"))
+    events = random_events(num_users=1, per_user=3, seed=12)
+    new_item = replace(events[-1], item_id="new-in-shop")
+    before = load(publish_model(old, tmp_path / "models")).process([*events[:-1], new_item])
+    assert "new-in-shop" not in before.recommendations[-1].items
+    after = load(publish_model(new, tmp_path / "models")).process([*events[:-1], new_item])
+    assert "new-in-shop" in after.recommendations[-1].items
 
 
 def test_a_tiny_state_budget_evicts_users_without_changing_any_answer(checkpoint):

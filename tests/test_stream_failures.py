@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 from test_stream_support import Acks, FailingEngine, no_publish, pending_event
 
-from hytrec.stream.app import BatchingWorker, WorkerConfig
+from hytrec.stream.app import WorkerConfig
+from hytrec.stream.worker import BatchingWorker
 
 
 class CrashRecorder:
@@ -29,11 +30,11 @@ def test_after_a_failed_batch_nothing_more_is_processed_or_acknowledged():
         app = CrashRecorder()
         worker = BatchingWorker(app, WorkerConfig(snapshot_interval_s=0), FailingEngine)
         worker.engine = FailingEngine()
-        worker._publish = no_publish
-        worker._stream = Acks()
+        worker.publisher.publish = no_publish
+        worker.stream = Acks()
         worker.batcher.add(pending_event("u", 0), 0.0)
         await worker.flush(checkpoint=True)  # a good batch: processed and acknowledged
-        assert worker._stream.acked == 1
+        assert worker.stream.acked == 1
         worker.batcher.add(pending_event("u", 1, item="boom"), 0.0)
         with pytest.raises(RuntimeError, match="engine bug"):
             await worker.flush()
@@ -43,8 +44,8 @@ def test_after_a_failed_batch_nothing_more_is_processed_or_acknowledged():
 
     app, worker = asyncio.run(scenario())
     assert len(app.crashes) == 1
-    assert worker.engine.applied == {"u": 0}, "the event after the failure was processed"
-    assert worker._stream.acked == 1, "something was acknowledged after the failure"
+    assert worker.engine.applied == {("u", 0): 0}, "the event after the failure was processed"
+    assert worker.stream.acked == 1, "something was acknowledged after the failure"
     assert len(worker.batcher) == 1  # left for the partition's next owner to consume again
 
 
@@ -61,4 +62,4 @@ def test_the_worker_hands_over_on_a_rebalance_or_a_graceful_stop_only(
     rebalancing, should_stop, crashed, hands_over
 ):
     app = SimpleNamespace(rebalancing=rebalancing, should_stop=should_stop, crashed=crashed)
-    assert BatchingWorker(app, WorkerConfig(), FailingEngine)._handing_over() is hands_over
+    assert BatchingWorker(app, WorkerConfig(), FailingEngine).handing_over() is hands_over

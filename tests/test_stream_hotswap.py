@@ -28,8 +28,9 @@ from test_stream_support import (
 from hytrec.model.data import load_dataset, select
 from hytrec.model.events import Vocabulary
 from hytrec.model.hytrec import CheckpointError, HyTRec, HyTRecConfig
-from hytrec.stream.app import BatchingWorker, WorkerConfig
+from hytrec.stream.app import WorkerConfig
 from hytrec.stream.hotswap import LoadedEngine, ModelWatcher, checkpoint_loader, publish_model
+from hytrec.stream.worker import BatchingWorker
 
 # ------------------------------------------------------------------ the watcher
 
@@ -116,7 +117,7 @@ def test_publish_model_is_atomic_sorts_last_and_refuses_a_broken_checkpoint(tmp_
 
     broken = small_checkpoint(tmp_path / "c", seed=2)
     (broken / "model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type
+    with pytest.raises(CheckpointError, match="SafetensorError.*header"):
         publish_model(broken, models)
     with pytest.raises(FileExistsError):
         publish_model(tmp_path / "a", models, name="1-a")
@@ -128,28 +129,28 @@ def test_a_worker_starts_on_the_newest_published_model_not_its_checkpoint(tmp_pa
     fake_checkpoint(tmp_path, "2-new", "v2")
     config = WorkerConfig(models_dir=str(tmp_path))
     worker = BatchingWorker(None, config, LastItemsEngine, FakeLoader())
-    assert worker._first_engine().model_version == "v2"
+    assert worker.first_engine().model_version == "v2"
     empty = WorkerConfig(models_dir=str(tmp_path / "none-yet"))
-    assert BatchingWorker(None, empty, LastItemsEngine, FakeLoader())._first_engine().model_version
+    assert BatchingWorker(None, empty, LastItemsEngine, FakeLoader()).first_engine().model_version
     assert (tmp_path / "none-yet").is_dir()  # created for publishers
     with pytest.raises(RuntimeError, match="no loadable checkpoint"):
-        BatchingWorker(None, empty, None, FakeLoader())._first_engine()
+        BatchingWorker(None, empty, None, FakeLoader()).first_engine()
 
 
 def test_swap_runs_the_waiting_batch_on_the_old_engine_then_serves_the_new(tmp_path, caplog):
     async def scenario():
         worker = BatchingWorker(None, WorkerConfig(), LastItemsEngine)
         worker.engine = LastItemsEngine()
-        worker._publish = no_publish  # no broker here
-        worker._stream = Acks()
+        worker.publisher.publish = no_publish  # no broker here
+        worker.stream = Acks()
         worker.batcher.add(pending_event("u", 0), 0.0)
         new = LastItemsEngine()
         new.model_version = "last-items-2"
-        await worker.swap_engine(LoadedEngine(new, tmp_path / "2-new", load_seconds=1.5))
-        assert worker.engine is new and worker._stream.acked == 1 and not worker._unacked
+        await worker.swaps.swap(LoadedEngine(new, tmp_path / "2-new", load_seconds=1.5))
+        assert worker.engine is new and worker.stream.acked == 1 and not worker.checkpoints.unacked
         return worker
 
-    with caplog.at_level(logging.INFO, logger="hytrec.stream.app"):
+    with caplog.at_level(logging.INFO, logger="hytrec.stream.hotswap"):
         worker = asyncio.run(scenario())
     assert worker.stats.model_swaps == 1 and worker.stats.model_load_seconds == 1.5
     assert worker.stats.batches == 1  # the waiting batch ran, on the old engine

@@ -14,7 +14,7 @@ import pytest
 from kafka import KafkaProducer
 from test_stream_support import REPO, start_worker, stop_worker, wait_for
 
-from hytrec.stream.app import WorkerStats
+from hytrec.stream.accounting import PartitionAccount
 from hytrec.stream.broker import EmbeddedBroker
 from hytrec.stream.metrics import (
     StreamMetrics,
@@ -23,7 +23,8 @@ from hytrec.stream.metrics import (
     parse_metrics,
     summarize,
 )
-from hytrec.stream.schemas import EngineResult, Recommendation, encode_behavior
+from hytrec.stream.publishing import WorkerStats
+from hytrec.stream.schemas import REASONS, EngineResult, Recommendation, encode_behavior
 
 TS = 1511544000
 
@@ -68,10 +69,13 @@ def fake_worker():
             slot_of={"u1": 0, "u2": 1, "u3": 2}, num_slots=8, evicted={"u0": None}, evictions=5
         ),
     )
-    stats = WorkerStats(events_in=12, recommendations_out=2, skipped_duplicates=1, batches=1)
+    stats = WorkerStats(recommendations_out=2, batches=1)
+    account = stats.accounting.partitions
+    account[0] = PartitionAccount(consumed=8, applied=5, dead_lettered=2, replays_skipped=1)
+    account[3] = PartitionAccount(consumed=4, applied=2, dead_lettered=1, in_flight=1)
     stats.checkpoints, stats.snapshots_written, stats.snapshot_bytes = 2, 7, 700
     stats.checkpoint_seconds, stats.users_restored, stats.log_resets = 0.5, 4, 1
-    stats.rejected.update({"invalid_json": 2, "unknown_item": 1})
+    stats.rejected.update({"invalid_json": 2, "out_of_order": 1})
     return SimpleNamespace(stats=stats, engine=engine, app=SimpleNamespace(consumer=FakeConsumer()))
 
 
@@ -82,11 +86,10 @@ def fed_metrics() -> StreamMetrics:
     result = EngineResult(
         recommendations=[rec("u1", 100.0, 100.02), rec("u2", 100.0, 100.3)],
         rejected=[],
-        skipped_duplicates=1,
     )
     metrics.observe_batch(result, batch_size=12, engine_s=0.01, publish_s=0.003)
     worker.engine.stats.step_seconds, worker.engine.stats.search_seconds = 0.010, 0.003
-    metrics.observe_batch(EngineResult([rec("u3", 5.0, 5.007)], [], 0), 3, 0.008, 0.002)
+    metrics.observe_batch(EngineResult([rec("u3", 5.0, 5.007)], []), 3, 0.008, 0.002)
     return metrics
 
 
@@ -105,11 +108,18 @@ def test_exposition_has_the_counters_gauges_and_histograms():
     text = metrics.exposition().decode()
     got = samples(text)
     assert got["hytrec_events_in_total"] == 12
+    assert got["hytrec_events_applied_total"] == 7
+    assert got['hytrec_partition_events_total{outcome="consumed",partition="0"}'] == 8
+    assert got['hytrec_partition_events_total{outcome="dead_lettered",partition="3"}'] == 1
+    assert got['hytrec_partition_events_total{outcome="unaccounted",partition="3"}'] == 0
+    assert got['hytrec_partition_events_in_flight{partition="3"}'] == 1
     assert got["hytrec_recommendations_out_total"] == 2
     assert got["hytrec_batches_total"] == 1
     assert got["hytrec_duplicates_skipped_total"] == 1
     assert got['hytrec_dlq_messages_total{reason="invalid_json"}'] == 2
-    assert got['hytrec_dlq_messages_total{reason="unknown_item"}'] == 1
+    assert got['hytrec_dlq_messages_total{reason="out_of_order"}'] == 1
+    for reason in REASONS:  # every reason is a series, so a dashboard sees it from 0
+        assert f'hytrec_dlq_messages_total{{reason="{reason}"}}' in got
     assert got['hytrec_model_info{model_version="m-1"}'] == 1
     assert got["hytrec_state_slots_used"] == 3
     assert got["hytrec_state_slots_capacity"] == 8
@@ -139,14 +149,16 @@ def test_exposition_has_the_counters_gauges_and_histograms():
 def test_each_metrics_object_has_its_own_registry():
     a, b = StreamMetrics(fake_worker()), StreamMetrics(fake_worker())
     assert a.registry is not b.registry
-    a.observe_batch(EngineResult([], [], 0), batch_size=4)
+    a.observe_batch(EngineResult([], []), batch_size=4)
     assert samples(b.exposition().decode())["hytrec_batch_size_count"] == 0
 
 
 def test_an_engine_without_stats_or_store_still_exposes_the_worker_counters():
-    worker = SimpleNamespace(stats=WorkerStats(events_in=3), engine=object(), app=None)
+    stats = WorkerStats()
+    stats.accounting.partitions[0] = PartitionAccount(consumed=3, in_flight=3)
+    worker = SimpleNamespace(stats=stats, engine=object(), app=None)
     metrics = StreamMetrics(worker)
-    metrics.observe_batch(EngineResult([rec("u", 1.0, 1.5)], [], 0), 3, 0.1, 0.1)
+    metrics.observe_batch(EngineResult([rec("u", 1.0, 1.5)], []), 3, 0.1, 0.1)
     got = samples(metrics.exposition().decode())
     assert got["hytrec_events_in_total"] == 3
     assert got["hytrec_engine_step_seconds_count"] == 0
@@ -182,7 +194,22 @@ hytrec_model_swaps_total 1.0
 hytrec_duplicates_skipped_total 4.0
 # TYPE hytrec_dlq_messages_total counter
 hytrec_dlq_messages_total{reason="invalid_json"} 3.0
-hytrec_dlq_messages_total{reason="unknown_item"} 7.0
+hytrec_dlq_messages_total{reason="out_of_order"} 7.0
+hytrec_dlq_messages_total{reason="too_deep"} 0.0
+# TYPE hytrec_partition_events_total counter
+hytrec_partition_events_total{outcome="consumed",partition="0"} 600.0
+hytrec_partition_events_total{outcome="applied",partition="0"} 580.0
+hytrec_partition_events_total{outcome="dead_lettered",partition="0"} 6.0
+hytrec_partition_events_total{outcome="replays_skipped",partition="0"} 4.0
+hytrec_partition_events_total{outcome="unaccounted",partition="0"} 0.0
+hytrec_partition_events_total{outcome="consumed",partition="1"} 400.0
+hytrec_partition_events_total{outcome="applied",partition="1"} 396.0
+hytrec_partition_events_total{outcome="dead_lettered",partition="1"} 4.0
+hytrec_partition_events_total{outcome="replays_skipped",partition="1"} 0.0
+hytrec_partition_events_total{outcome="unaccounted",partition="1"} 0.0
+# TYPE hytrec_partition_events_in_flight gauge
+hytrec_partition_events_in_flight{partition="0"} 10.0
+hytrec_partition_events_in_flight{partition="1"} 0.0
 # TYPE hytrec_model_info gauge
 hytrec_model_info{model_version="hytrec-abc"} 1.0
 # TYPE hytrec_state_slots_used gauge
@@ -219,7 +246,17 @@ def test_status_summary_and_text_of_a_known_exposition():
     assert summary["events_in"] == 1000 and summary["recommendations_out"] == 800
     assert summary["events_per_s"] == pytest.approx(200.0)
     assert summary["recommendations_per_s"] == pytest.approx(150.0)
-    assert summary["dlq"] == {"invalid_json": 3, "unknown_item": 7} and summary["dlq_total"] == 10
+    assert summary["dlq"] == {"invalid_json": 3, "out_of_order": 7} and summary["dlq_total"] == 10
+    account = summary["accounting"]
+    assert account["total"] == {
+        "consumed": 1000,
+        "applied": 976,
+        "dead_lettered": 10,
+        "replays_skipped": 4,
+        "unaccounted": 0,
+        "in_flight": 10,
+    }
+    assert account["balanced"] and account["partitions"]["1"]["applied"] == 396
     assert summary["mean_batch_size"] == 100.0
     assert summary["latency_s"]["p50"] == pytest.approx(0.01)
     assert summary["latency_s"]["p99"] == pytest.approx(0.01 + 0.04 * (792 - 400) / 400)
@@ -232,7 +269,11 @@ def test_status_summary_and_text_of_a_known_exposition():
     assert "(model hytrec-abc)" in text
     assert "events in            1,000  (200.0/s over 2.0 s)" in text
     assert "recommendations out  800  (150.0/s over 2.0 s)" in text
-    assert "DLQ                  10  (invalid_json 3, unknown_item 7)" in text
+    assert "DLQ                  10  (invalid_json 3, out_of_order 7)" in text
+    assert (
+        "accounting           consumed 1,000 = applied 976 + dead-lettered 10 + replays "
+        "skipped 4 + in flight 10; unaccounted 0\n" in text
+    )
     assert "p50 10.0 ms, p99 49.2 ms" in text
     assert "600 / 6,300 used" in text
     assert "behaviors/0 12" in text
@@ -241,6 +282,9 @@ def test_status_summary_and_text_of_a_known_exposition():
 
     alone = format_status(summarize(sample))  # one scrape: no rates
     assert "/s over" not in alone
+    unbalanced = parse_metrics(KNOWN.replace('partition="1"} 396.0', 'partition="1"} 395.0'))
+    assert not summarize(unbalanced)["accounting"]["balanced"]
+    assert "NOT BALANCED" in format_status(summarize(unbalanced))
 
 
 # ---------------------------------------------------------------------- a real worker
@@ -283,8 +327,8 @@ def test_worker_serves_metrics_and_hytrec_status_reads_them(tmp_path):
                 producer.send("behaviors", key=user.encode(), value=encode_behavior(event))
                 valid += 1
             producer.send("behaviors", key=b"m0", value=b'{"user_id": "m0", "item_id": ')
-            unknown = dict(event, user_id="m1", item_id="unknown-item", ts=TS + 100)
-            producer.send("behaviors", key=b"m1", value=encode_behavior(unknown))
+            late = dict(event, user_id="m1", ts=TS - 100)  # the test engine refuses it
+            producer.send("behaviors", key=b"m1", value=encode_behavior(late))
             producer.flush()
             producer.close()
 
@@ -293,7 +337,7 @@ def test_worker_serves_metrics_and_hytrec_status_reads_them(tmp_path):
                 done = (
                     got
                     and got.get("hytrec_events_in_total") == valid + 2
-                    and got.get('hytrec_dlq_messages_total{reason="unknown_item"}') == 1
+                    and got.get('hytrec_dlq_messages_total{reason="out_of_order"}') == 1
                 )
                 return got if done else None
 
@@ -306,6 +350,7 @@ def test_worker_serves_metrics_and_hytrec_status_reads_them(tmp_path):
             assert got["hytrec_recommendations_out_total"] >= 3
             assert got["hytrec_batch_size_sum"] == valid + 2
             assert got['hytrec_model_info{model_version="last-items-1"}'] == 1
+            assert got["hytrec_events_applied_total"] == valid
             assert got["hytrec_event_to_recommendation_seconds_count"] >= 3
 
             def run_status(*args):
@@ -320,11 +365,14 @@ def test_worker_serves_metrics_and_hytrec_status_reads_them(tmp_path):
 
             text = run_status("--interval", "0.2")
             assert f"events in            {valid + 2}  (0.0/s over" in text, text
-            assert "DLQ                  2  (invalid_json 1, unknown_item 1)" in text, text
+            assert "DLQ                  2  (invalid_json 1, out_of_order 1)" in text, text
+            assert f"consumed {valid + 2} = applied {valid} + dead-lettered 2" in text, text
             assert "latency recv->rec" in text and "consumer lag" in text, text
             as_json = json.loads(run_status("--interval", "0", "--json"))
             assert as_json["events_in"] == valid + 2
-            assert as_json["dlq"] == {"invalid_json": 1, "unknown_item": 1}
+            assert as_json["dlq"] == {"invalid_json": 1, "out_of_order": 1}
+            assert as_json["accounting"]["balanced"]
+            assert as_json["accounting"]["total"]["consumed"] == valid + 2
             assert set(as_json["lag"]) <= {f"behaviors/{p}" for p in range(4)}
         finally:
             stop_worker(worker)

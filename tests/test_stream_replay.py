@@ -6,6 +6,7 @@ import itertools
 import json
 import subprocess
 import sys
+import time
 from collections import defaultdict
 
 import pytest
@@ -124,3 +125,22 @@ def publish_to(bootstrap: str, topic: str, value: bytes, key: bytes | None = Non
     producer = KafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
     producer.send(topic, key=key, value=value).get(timeout=10)
     producer.close()
+
+
+@pytest.mark.parametrize("command", [["tail"], ["replay", "taobao"]])
+def test_tail_and_replay_without_a_broker_fail_fast_and_say_why(command):
+    from hytrec.stream.broker import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "hytrec.cli", *command, "--bootstrap", address],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 1
+    assert f"no Kafka broker answers at {address}" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+    assert time.monotonic() - started < 20  # no client waiting 30 s for a broker

@@ -1,13 +1,15 @@
 """Shared pieces of the stream tests: a small test engine and a worker subprocess.
 
 `LastItemsEngine` stands in for the model engine in plumbing tests: it recommends a user's
-last items, rejects the item id "unknown-item", skips replays by offset like the real engine,
-and logs every applied event to the file named by $HYTREC_TEST_ENGINE_LOG, so a test can
-check that every event was applied exactly once by a worker running in another process.
+last items, rejects events older than the user's newest (`out_of_order`), skips replays by
+(user, partition) offset like the real engine, and logs every applied event to the file
+named by $HYTREC_TEST_ENGINE_LOG, so a test can check that every event was applied exactly
+once by a worker running in another process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -30,20 +32,24 @@ class LastItemsEngine:
     def __init__(self, log_path: str | None = None, top: int = 3):
         self.top = top
         self.history: dict[str, list[str]] = {}
-        self.applied: dict[str, int] = {}  # user -> last applied offset
+        self.applied: dict[tuple[str, int], int] = {}  # (user, partition) -> last offset
+        self.newest_ts: dict[str, int] = {}
         self.log = open(log_path, "a") if log_path else None  # noqa: SIM115
 
     def process(self, events: Sequence[BehaviorEvent]) -> EngineResult:
         newest: dict[str, BehaviorEvent] = {}
-        rejected, skipped = [], 0
+        rejected, skipped, applied = [], [], []
         for event in events:
-            if event.offset <= self.applied.get(event.user_id, -1):
-                skipped += 1
+            position = (event.user_id, event.partition)
+            if event.offset <= self.applied.get(position, -1):
+                skipped.append(event)
                 continue
-            if event.item_id == "unknown-item":
-                rejected.append((event, "unknown_item", f"item {event.item_id!r} unknown"))
+            if event.ts < self.newest_ts.get(event.user_id, event.ts):
+                rejected.append((event, "out_of_order", f"ts {event.ts} is older"))
                 continue
-            self.applied[event.user_id] = event.offset
+            self.applied[position] = event.offset
+            self.newest_ts[event.user_id] = event.ts
+            applied.append(event)
             self.history.setdefault(event.user_id, []).append(event.item_id)
             newest[event.user_id] = event
             if self.log:
@@ -67,11 +73,11 @@ class LastItemsEngine:
             )
             for user, e in newest.items()
         ]
-        return EngineResult(recommendations=recs, rejected=rejected, skipped_duplicates=skipped)
+        return EngineResult(recs, rejected, skipped=skipped, applied=applied)
 
-    def reset_offsets(self, users: Sequence[str]) -> int:
+    def reset_offsets(self, users: Sequence[str], partition: int) -> int:
         """Keep the histories, forget the applied offsets (the worker found a new log)."""
-        return sum(self.applied.pop(user, None) is not None for user in users)
+        return sum(self.applied.pop((user, partition), None) is not None for user in users)
 
 
 def make_engine() -> LastItemsEngine:
@@ -193,17 +199,18 @@ def behavior_event(user: str, offset: int, item: str = "i1") -> BehaviorEvent:
     )
 
 
-def test_last_items_engine_skips_replays_and_rejects_unknown_items():
-    def event(offset, item):
-        return behavior_event("u", offset, item)
+def test_last_items_engine_skips_replays_and_rejects_late_events():
+    def event(offset, item, **change):
+        return dataclasses.replace(behavior_event("u", offset, item), **change)
 
     engine = LastItemsEngine()
-    first = engine.process([event(0, "a"), event(1, "b"), event(2, "unknown-item")])
+    first = engine.process([event(0, "a"), event(1, "b"), event(2, "late", ts=50)])
     assert [r.items for r in first.recommendations] == [["b", "a"]]
-    assert [reason for _, reason, _ in first.rejected] == ["unknown_item"]
-    again = engine.process([event(1, "b"), event(3, "c")])
-    assert again.skipped_duplicates == 1
-    assert again.recommendations[0].items == ["c", "b", "a"]
+    assert [reason for _, reason, _ in first.rejected] == ["out_of_order"]
+    assert [e.offset for e in first.applied] == [0, 1]
+    again = engine.process([event(1, "b"), event(3, "c"), event(1, "x", partition=2, ts=200)])
+    assert [e.offset for e in again.skipped] == [1]  # partition 2's offset 1 is new
+    assert again.recommendations[0].items == ["x", "c", "b"]
 
 
 class FailingEngine(LastItemsEngine):
@@ -246,11 +253,35 @@ def make_recording_model_engine():
     return engine
 
 
+def make_logging_model_engine():
+    """The model engine of $HYTREC_TEST_CHECKPOINT that logs every event it applies to
+    $HYTREC_TEST_ENGINE_LOG like `LastItemsEngine` (so `applied_events` reads it)."""
+    from hytrec.stream.engine import EngineConfig, RecommendationEngine, build_engine
+
+    class LoggingEngine(RecommendationEngine):
+        def process(self, events):
+            result = super().process(events)
+            if result.applied:
+                self.log.write(
+                    "".join(
+                        f"{e.partition} {e.offset} {e.user_id} {e.item_id} {e.ts}\n"
+                        for e in result.applied
+                    )
+                )
+                self.log.flush()
+            return result
+
+    engine = build_engine(os.environ["HYTREC_TEST_CHECKPOINT"], config=EngineConfig(device="cpu"))
+    engine.__class__ = LoggingEngine
+    engine.log = open(os.environ["HYTREC_TEST_ENGINE_LOG"], "a")  # noqa: SIM115
+    return engine
+
+
 # ------------------------------------------------------------------ worker unit tests
 
 
 async def no_publish(pending, result) -> None:
-    """Stands in for `BatchingWorker._publish` where there is no broker."""
+    """Stands in for `Publisher.publish` where there is no broker."""
     return None
 
 
@@ -265,6 +296,6 @@ class Acks:
 
 def pending_event(user: str, offset: int, item: str = "i1"):
     """A consumed, valid event waiting in a worker's batch (no Faust message behind it)."""
-    from hytrec.stream.app import _Pending
+    from hytrec.stream.worker import Pending
 
-    return _Pending(None, behavior_event(user, offset, item), None)
+    return Pending(None, behavior_event(user, offset, item), None)

@@ -4,6 +4,7 @@ recommendation per changed user answering its newest event, bad input in the DLQ
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from collections import defaultdict
@@ -107,6 +108,9 @@ def test_malformed_messages_go_to_the_dlq_and_neighbours_are_processed(pipeline)
             b'{"item_id": "x", "category_id": "c", "behavior": "pv", "ts": 1}',
         ),
         "empty_field": (b"", encode_behavior(behavior_payload("", 0))),
+        "missing_key": (None, encode_behavior(behavior_payload("bad-u1", 0))),
+        "too_deep": (b"bad-u2", b"[" * 2048),
+        "ancient_ts": (b"bad-u3", encode_behavior(behavior_payload("bad-u3", 0, ts=0))),
         "key_mismatch": (b"bad-u3", encode_behavior(behavior_payload("bad-u2", 0))),
         "unknown_behavior": (
             b"bad-u3",
@@ -119,9 +123,9 @@ def test_malformed_messages_go_to_the_dlq_and_neighbours_are_processed(pipeline)
             encode_behavior(behavior_payload("bad-u2", 0, extras={"blob": "x" * 70_000})),
         ),
         "empty_value": (b"bad-u3", None),
-        "unknown_item": (
+        "out_of_order": (  # the test engine refuses an event older than the user's newest
             b"bad-u0",
-            encode_behavior(behavior_payload("bad-u0", 0, item_id="unknown-item")),
+            encode_behavior(behavior_payload("bad-u0", 0, ts=TS - 10**6)),
         ),
     }
     producer = KafkaProducer(
@@ -137,7 +141,7 @@ def test_malformed_messages_go_to_the_dlq_and_neighbours_are_processed(pipeline)
         valid = behavior_payload(user, i + 1)
         producer.send("behaviors", key=user.encode(), value=encode_behavior(valid))
         sent_by_user[user].append((valid["item_id"], valid["ts"]))
-        if i % 30 == 0 and bad_items:
+        if i % 25 == 0 and bad_items:
             key, value = bad_items.pop()[1]
             producer.send("behaviors", key=key, value=value)
     producer.flush()
@@ -150,12 +154,21 @@ def test_malformed_messages_go_to_the_dlq_and_neighbours_are_processed(pipeline)
 
     letters = wait_for(dead_letters, 60, f"{len(bad)} dead letters")
     assert sorted(letter["reason_code"] for letter in letters) == sorted(bad)
-    for letter in letters:
+    for record in records(bootstrap, "behaviors-dlq"):
+        letter = json.loads(record.value)
         key, value = bad[letter["reason_code"]]
         assert letter["topic"] == "behaviors" and letter["detail"]
-        if letter["reason_code"] != "unknown_item":  # the engine's rejects are re-encoded
-            assert original_bytes(letter) == value
-            assert original_bytes(letter, "key") == key
+        # the engine's rejects too: the bytes and key as they were consumed (the 70 KB
+        # message cut to 16 KiB, with its length and hash)
+        kept = original_bytes(letter)
+        if value is None:
+            assert kept is None
+        else:
+            assert value.startswith(kept) and letter["payload_bytes"] == len(value)
+            assert letter["payload_sha256"] == hashlib.sha256(value).hexdigest()
+            assert letter["payload_truncated"] == (len(kept) < len(value))
+        assert original_bytes(letter, "key") == key
+        assert record.key == key  # the dead letter keeps the original key (None: none)
 
     wait_for(
         lambda: sum(a[2] in sent_by_user for a in applied_events(tmp)) >= 400,

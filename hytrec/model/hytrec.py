@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -225,8 +226,14 @@ class StreamState:
     count: torch.Tensor
     last_ts: torch.Tensor
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.tadn, *self.mean_sum, *self.kv, self.window, self.count, self.last_ts]
+    def parts(self) -> dict[str, torch.Tensor]:
+        """Every tensor by name: `tadn.{i}`, `mean_sum.{i}`, `kv.{i}` (i: the layer's index
+        among its kind), `window`, `count`, `last_ts`. Snapshots and the state store address
+        the state through these names, never by position."""
+        named = {f"tadn.{i}": t for i, t in enumerate(self.tadn)}
+        named |= {f"mean_sum.{i}": t for i, t in enumerate(self.mean_sum)}
+        named |= {f"kv.{i}": t for i, t in enumerate(self.kv)}
+        return named | {"window": self.window, "count": self.count, "last_ts": self.last_ts}
 
     @property
     def num_slots(self) -> int:
@@ -250,16 +257,20 @@ class StreamState:
         return sum(self.bytes_by_part().values())
 
     def reset(self, slots: torch.Tensor) -> None:
-        for t in self.tensors():
+        for t in self.parts().values():
             t[slots] = 0
 
-    def read(self, slots: torch.Tensor) -> list[torch.Tensor]:
-        """Copies of the given slots' tensors (e.g. to evict users to host memory)."""
-        return [t[slots].clone() for t in self.tensors()]
+    def read(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Copies of the given slots' tensors by name (e.g. to evict users to host memory)."""
+        return {name: t[slots].clone() for name, t in self.parts().items()}
 
-    def write(self, slots: torch.Tensor, values: list[torch.Tensor]) -> None:
-        for t, v in zip(self.tensors(), values, strict=True):
-            t[slots] = v.to(t.device)
+    def write(self, slots: torch.Tensor, values: Mapping[str, torch.Tensor]) -> None:
+        """Write `values` (every part by name, slot dimension first) into the given slots."""
+        parts = self.parts()
+        if values.keys() != parts.keys():
+            raise ValueError(f"state parts {sorted(values)} != this state's {sorted(parts)}")
+        for name, t in parts.items():
+            t[slots] = values[name].to(t.device)
 
 
 # ---------------------------------------------------------------------------- layers

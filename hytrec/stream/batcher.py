@@ -28,6 +28,11 @@ class MicroBatcher(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def items(self) -> list[T]:
+        """The waiting items, oldest first (a view: do not change it)."""
+        return self._items
+
     def add(self, item: T, now: float) -> bool:
         """Add an item; True when the batch is full and should be flushed now."""
         if not self._items:

@@ -15,6 +15,7 @@ import atexit
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 log = logging.getLogger(__name__)
 
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
 
 
@@ -40,8 +42,9 @@ class TopicConfig:
     behaviors: str = "behaviors"
     recommendations: str = "recommendations"
     dlq: str = "behaviors-dlq"
-    # snapshots of user state, keyed by user, compacted; always co-partitioned with
-    # `behaviors` (same partition count) so that a partition's owner finds its users there
+    # snapshots of user state, keyed by user, compacted, one topic per consumer group
+    # (`state_topic`); always co-partitioned with `behaviors` (same partition count) so
+    # that a partition's owner finds its users there
     user_state: str = "user-state"
     behaviors_partitions: int = 4
     recommendations_partitions: int = 4
@@ -55,18 +58,33 @@ class TopicConfig:
             self.dlq: self.dlq_partitions,
         }
 
-    def state_partitions(self) -> dict[str, int]:
-        """The user-state topic: as many partitions as `behaviors`."""
-        return {self.user_state: self.behaviors_partitions}
+    def state_topic(self, group: str) -> str:
+        """The user-state topic of a consumer group, `user-state.GROUP`: two groups never
+        read each other's snapshots."""
+        name = f"{self.user_state}.{group}"
+        if not _TOPIC_NAME.fullmatch(name):
+            raise ValueError(
+                f"group {group!r} cannot name its user-state topic {name!r}: use letters, "
+                "digits, '.', '_' and '-' (249 characters at most)"
+            )
+        return name
+
+    def state_partitions(self, group: str) -> dict[str, int]:
+        """The group's user-state topic: as many partitions as `behaviors`."""
+        return {self.state_topic(group): self.behaviors_partitions}
 
 
 def ensure_topics(
-    bootstrap: str, config: TopicConfig = TopicConfig(), timeout_s: float = 30.0
+    bootstrap: str,
+    config: TopicConfig = TopicConfig(),
+    timeout_s: float = 30.0,
+    group: str | None = None,
 ) -> dict[str, int]:
-    """Create the topics that are missing (the user-state topic compacted); check that
-    existing ones have the configured partition counts (raise ValueError otherwise).
-    Returns topic -> partition count of the three data topics."""
-    wanted = {**config.partitions(), **config.state_partitions()}
+    """Create the topics that are missing (with `group`, its user-state topic too,
+    compacted); check that existing ones have the configured partition counts (raise
+    ValueError otherwise). Returns topic -> partition count of the three data topics."""
+    states = config.state_partitions(group) if group is not None else {}
+    wanted = {**config.partitions(), **states}
     compacted = {"cleanup.policy": "compact"}
     admin = KafkaAdminClient(
         bootstrap_servers=bootstrap,
@@ -80,7 +98,7 @@ def ensure_topics(
                 name,
                 partitions,
                 config.replication_factor,
-                topic_configs=compacted if name == config.user_state else {},
+                topic_configs=compacted if name in states else {},
             )
             for name, partitions in wanted.items()
             if name not in existing
@@ -138,6 +156,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def reachable(bootstrap: str, timeout_s: float = 3.0) -> bool:
+    """Whether any host:port of a bootstrap list accepts a connection within `timeout_s`."""
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def _check_free(host: str, port: int) -> None:

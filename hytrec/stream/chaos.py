@@ -1,7 +1,8 @@
 """`hytrec benchmark chaos`: effectively-once user state under kill -9 and rebalances.
 
-One trial: an embedded broker (Tansu), real Taobao events (synthetic ones when the data is
-absent) published in paced chunks, and a consumer group of `hytrec worker` processes running
+One trial: an embedded broker (Tansu), real Taobao events (a missing dataset is an error;
+`--synthetic` asks for generated events instead, and the JSON then says so) published in
+paced chunks, and a consumer group of `hytrec worker` processes running
 the model engine (an untrained HyTRec with seeded weights over the data's vocabulary; the
 weights do not matter for delivery). While the events flow, workers are killed with SIGKILL
 at seeded random moments and restarted, a worker is added and one is stopped. At the end
@@ -18,7 +19,10 @@ user's events:
   wrong state (one missing events or holding some twice) shows here even when a later
   restore discarded it;
 - `reapplied`: events applied again after a crash because the snapshot covering them was
-  not yet written (their first application died with the worker): the work a crash costs.
+  not yet written (their first application died with the worker): the work a crash costs;
+- `accounting`: every worker incarnation's last accounting line (`accounting.py`), summed:
+  `consumed == applied + dead_lettered + replays_skipped + in_flight` must hold in each,
+  with `unaccounted` 0 (a killed worker's last line may show events in flight).
 
 The engine of each worker process logs every run it applies (user, offset before, last
 offset, count, vector) to its own file: `make_recording_engine` below.
@@ -44,12 +48,14 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 RESULT_PATH = Path("benchmarks/results/chaos-cpu.json")
+GROUP = "chaos"
 REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
 class ChaosConfig:
     dataset: str = "taobao"
+    synthetic: bool = False  # generated events instead of the dataset
     users: int = 40  # the first N users of the log (the Taobao sample is sorted by user)
     max_events: int | None = None  # cap on events (the earliest in time)
     workers: int = 2
@@ -88,6 +94,8 @@ class ChaosReport:
     max_vector_diff: float
     seconds: float
     timeline: list[str] = field(default_factory=list)
+    accounting: dict = field(default_factory=dict)  # summed last lines of the incarnations
+    unaccounted: int = 0  # incarnations' unaccounted events plus unbalanced lines
 
     @property
     def ok(self) -> bool:
@@ -97,6 +105,7 @@ class ChaosReport:
             or self.state_mismatches
             or self.vector_mismatches
             or self.worker_failures
+            or self.unaccounted
         )
 
 
@@ -115,7 +124,8 @@ def make_recording_engine():
 
     class RecordingEngine(RecommendationEngine):
         def _apply(self, users, runs):
-            bases = [self.store.offset_of(u) for u in users]
+            pairs = zip(users, runs, strict=True)
+            bases = [self.store.offset_of(u, run[0].event.partition) for u, run in pairs]
             slots, vectors = super()._apply(users, runs)
             for user, run, base, vector in zip(users, runs, bases, vectors.tolist(), strict=True):
                 self._chaos_lines.append(
@@ -123,7 +133,7 @@ def make_recording_engine():
                         {
                             "u": user,
                             "base": base,
-                            "last": run[-1][0].offset,
+                            "last": run[-1].event.offset,
                             "n": len(run),
                             "v": vector,
                         }
@@ -185,7 +195,7 @@ class _Workers:
                 self.bootstrap,
                 "--embedded-broker",
                 "--group",
-                "chaos",
+                GROUP,
                 "--batch-size",
                 str(c.batch_size),
                 "--batch-wait-ms",
@@ -262,16 +272,15 @@ def _model(events, config: ChaosConfig, directory: Path) -> Path:
 
 
 def _events(config: ChaosConfig):
+    """The first `users` users' events of the dataset, or generated ones when asked for;
+    a missing dataset raises FileNotFoundError (no silent fallback)."""
     from hytrec.model.data import load_dataset, select
     from hytrec.model.synthetic import SyntheticConfig, generate
 
-    try:
-        if config.dataset == "synthetic":
-            raise FileNotFoundError(config.dataset)
-        events = load_dataset(config.dataset, on_bad_row="skip", progress=False)
-    except FileNotFoundError:
-        log.warning("dataset %s not found: synthetic events", config.dataset)
+    if config.synthetic:
         events = generate(SyntheticConfig(seed=config.seed))
+    else:
+        events = load_dataset(config.dataset, on_bad_row="skip", progress=False)
     return select(events, events.user <= config.users)
 
 
@@ -386,9 +395,38 @@ def run_trial(config: ChaosConfig) -> ChaosReport:
         for path in directory.glob("worker-*.log")
         for m in re.findall(rb"restored (\d+) of", path.read_bytes())
     )
+    report.accounting, report.unaccounted = _accounting(directory, workers.incarnations)
+    if report.unaccounted:
+        note(f"{report.unaccounted} events unaccounted: {report.accounting}")
     report.seconds = round(time.monotonic() - started, 1)
     report.timeline = timeline
     return report
+
+
+_ACCOUNTING = re.compile(
+    rb"accounting: consumed (\d+) = applied (\d+) \+ dead-lettered (\d+) \+ replays skipped "
+    rb"(\d+) \+ in flight (\d+); unaccounted (\d+)"
+)
+_ACCOUNTS = ("consumed", "applied", "dead_lettered", "replays_skipped", "in_flight", "unaccounted")
+
+
+def _accounting(directory: Path, incarnations: int) -> tuple[dict, int]:
+    """The last accounting line of every worker incarnation's log, summed; and how many
+    events are unaccounted (their own count, plus any line that does not balance)."""
+    total = dict.fromkeys(_ACCOUNTS, 0)
+    unaccounted = 0
+    for n in range(incarnations):
+        path = directory / f"worker-{n}.log"
+        lines = _ACCOUNTING.findall(path.read_bytes()) if path.exists() else []
+        if not lines:
+            continue  # killed before its first line: what it consumed is consumed again
+        last = dict(zip(_ACCOUNTS, map(int, lines[-1]), strict=True))
+        for name in _ACCOUNTS:
+            total[name] += last[name]
+        settled = sum(last[k] for k in ("applied", "dead_lettered", "replays_skipped"))
+        unaccounted += last["unaccounted"] + abs(last["consumed"] - settled - last["in_flight"])
+    total["balanced"] = unaccounted == 0
+    return total, unaccounted
 
 
 def _wait_final(bootstrap, topics, last_offset: dict[str, int], timeout_s: float) -> dict:
@@ -399,13 +437,13 @@ def _wait_final(bootstrap, topics, last_offset: dict[str, int], timeout_s: float
     latest: dict = {}
     start: dict[int, int] = {}
     while True:
-        found, ends = read_snapshots(
-            bootstrap, topics.user_state, list(range(topics.behaviors_partitions)), start
+        found = read_snapshots(
+            bootstrap, topics.state_topic(GROUP), list(range(topics.behaviors_partitions)), start
         )
-        for user, (header, value) in found.items():
+        for user, (header, value) in found.latest.items():
             if user not in latest or header.applied_offset >= latest[user][0].applied_offset:
                 latest[user] = (header, value)
-        start = ends
+        start = found.ends
         behind = [
             u
             for u, last in last_offset.items()
@@ -454,7 +492,7 @@ def _offline(model, payloads: list[dict], offsets: list[int]):
             out = model.step(state, torch.tensor(active), batch)
             for j, i in enumerate(active):
                 vectors[(users[i], rows[j][1])] = out[j].numpy()
-    finals = {u: [t[i].clone() for t in state.tensors()] for i, u in enumerate(users)}
+    finals = {u: {n: t[i].clone() for n, t in state.parts().items()} for i, u in enumerate(users)}
     counts = {u: len(v) for u, v in by_user.items()}
     return finals, vectors, counts
 
@@ -487,12 +525,15 @@ def _check(config, checkpoint, payloads, positions, latest, directory) -> ChaosR
             lost += counts[user]
             mismatches += 1
             continue
-        got = decode_snapshot(latest[user][1]).tensors
-        count = int(got[-2])  # StreamState.tensors(): ..., count, last_ts
+        got = decode_snapshot(latest[user][1]).parts
+        count = int(got["count"])
         lost += max(0, counts[user] - count)
         double += max(0, count - counts[user])
         same = True
-        for a, b in zip(got, expected, strict=True):
+        if got.keys() != expected.keys():
+            raise ValueError(f"snapshot parts {sorted(got)} != the model's {sorted(expected)}")
+        for name, b in expected.items():
+            a = got[name]
             if a.is_floating_point():
                 diff = float((a - b).abs().max()) if a.numel() else 0.0
                 worst_state = max(worst_state, diff)
@@ -536,6 +577,16 @@ def _check(config, checkpoint, payloads, positions, latest, directory) -> ChaosR
 # ---------------------------------------------------------------------------- command
 
 
+CHECKS = (
+    "lost",
+    "double_applied",
+    "state_mismatches",
+    "vector_mismatches",
+    "worker_failures",
+    "unaccounted",
+)
+
+
 def run_benchmark(config: ChaosConfig, trials: int) -> dict:
     reports = []
     for t in range(trials):
@@ -546,20 +597,26 @@ def run_benchmark(config: ChaosConfig, trials: int) -> dict:
             f"{report.kills} kills, +{report.workers_added}/-{report.workers_removed} "
             f"workers: lost {report.lost}, double {report.double_applied}, state mismatches "
             f"{report.state_mismatches}, vector mismatches {report.vector_mismatches}, "
-            f"reapplied {report.reapplied} ({report.seconds} s)",
+            f"unaccounted {report.unaccounted}, reapplied {report.reapplied} "
+            f"({report.seconds} s)",
             flush=True,
         )
         reports.append(report)
+    accounting = {
+        name: sum(r.accounting.get(name, 0) for r in reports)
+        for name in ("consumed", "applied", "dead_lettered", "replays_skipped", "in_flight")
+    }
     return {
         "trials": len(reports),
         "events": sum(r.events for r in reports),
-        "lost": sum(r.lost for r in reports),
-        "double_applied": sum(r.double_applied for r in reports),
-        "state_mismatches": sum(r.state_mismatches for r in reports),
-        "vector_mismatches": sum(r.vector_mismatches for r in reports),
-        "worker_failures": sum(r.worker_failures for r in reports),
+        **{name: sum(getattr(r, name) for r in reports) for name in CHECKS},
         "kills": sum(r.kills for r in reports),
         "reapplied": sum(r.reapplied for r in reports),
+        # every incarnation's last line: consumed == applied + dead_lettered +
+        # replays_skipped + in_flight (events a killed worker held are consumed again)
+        "accounting": accounting,
+        "dataset": "synthetic" if config.synthetic else config.dataset,
+        "synthetic": config.synthetic,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
         "per_trial": [asdict(r) for r in reports],
     }
@@ -572,7 +629,13 @@ def add_parser(benchmarks) -> None:
         help="kill -9 and rebalance workers mid-stream; check every user's final state",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--dataset", default=d.dataset)
+    parser.add_argument("--dataset", default=d.dataset, help="a dataset name or file")
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="generated events instead of --dataset (recorded in the JSON); without it a "
+        "missing dataset is an error",
+    )
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--users", type=int, default=200, help="the first N users' events")
     parser.add_argument("--max-events", type=int)
@@ -589,10 +652,13 @@ def add_parser(benchmarks) -> None:
 
 
 def _run(args) -> int:
+    from hytrec.model.reports import git_commit, machine_info
+
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.ERROR)
     config = ChaosConfig(
         dataset=args.dataset,
+        synthetic=args.synthetic,
         users=args.users,
         max_events=args.max_events,
         workers=args.workers,
@@ -604,15 +670,33 @@ def _run(args) -> int:
         batch_size=args.batch_size,
         output=Path(args.output),
     )
+    if not config.synthetic:
+        try:
+            _events(ChaosConfig(dataset=config.dataset, users=1))
+        except FileNotFoundError as exc:
+            print(
+                f"hytrec benchmark chaos: dataset {config.dataset!r} not found ({exc}); "
+                "give --dataset a file, or --synthetic for generated events",
+                file=sys.stderr,
+            )
+            return 2
+    commit = git_commit()
     started = time.time()
     result = run_benchmark(config, args.trials)
     result["command"] = " ".join(["hytrec benchmark chaos", *sys.argv[3:]])
     result["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result["seconds"] = round(time.time() - started, 1)
-    result["machine"] = f"{os.cpu_count()} CPU cores, no GPU"
+    result["commit"] = commit
+    if commit is None or commit.endswith("-dirty"):
+        result["provenance_warning"] = (
+            "NOT FROM A CLEAN COMMIT: "
+            + ("no git checkout" if commit is None else "the tree had uncommitted changes")
+            + "; do not cite these figures"
+        )
+        print(result["provenance_warning"], file=sys.stderr)
+    result["machine"] = machine_info()
     path = Path(args.result)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    checks = ("lost", "double_applied", "state_mismatches", "vector_mismatches", "worker_failures")
-    print(json.dumps({k: result[k] for k in ("trials", "events", *checks)}))
-    return 1 if any(result[k] for k in checks) else 0
+    print(json.dumps({k: result[k] for k in ("trials", "events", *CHECKS)}))
+    return 1 if any(result[k] for k in CHECKS) else 0

@@ -11,7 +11,8 @@ import signal
 import sys
 import threading
 
-DEFAULT_BOOTSTRAP = os.environ.get("HYTREC_BOOTSTRAP", "127.0.0.1:9092")
+DEFAULT_PORT = 9092  # Kafka's: the broker listens there and every client looks there
+DEFAULT_BOOTSTRAP = os.environ.get("HYTREC_BOOTSTRAP", f"127.0.0.1:{DEFAULT_PORT}")
 
 
 def _add_topic_args(parser: argparse.ArgumentParser) -> None:
@@ -35,10 +36,15 @@ def register(commands, benchmarks) -> None:
     broker = commands.add_parser(
         "broker",
         help="run the embedded Kafka-protocol broker (Tansu) with the topics",
-        description="Start Tansu on loopback (in-memory storage), create the topics, print "
-        "the bootstrap address and run until interrupted.",
+        description="Start Tansu on loopback (in-memory storage: a restart loses every "
+        "topic), create the topics, print the bootstrap address and run until interrupted.",
     )
-    broker.add_argument("--port", type=int, default=0, help="0: a free port")
+    broker.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"default {DEFAULT_PORT}, where the other commands look; 0: a free port",
+    )
     broker.add_argument("--host", default="127.0.0.1")
     _add_topic_args(broker)
     broker.set_defaults(func=_broker)
@@ -87,7 +93,38 @@ def register(commands, benchmarks) -> None:
     worker.add_argument(
         "--batch-wait-ms", type=float, default=50.0, help="W: longest wait for a batch to fill"
     )
-    worker.add_argument("--max-message-bytes", type=int, default=64 * 1024)
+    worker.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=64 * 1024,
+        help="larger behaviour messages go to the DLQ (oversized)",
+    )
+    worker.add_argument(
+        "--max-future-s",
+        type=float,
+        default=float(os.environ.get("HYTREC_MAX_FUTURE_S", 300.0)),
+        help="how far ahead of the record's time an event's ts may be (default 300 s)",
+    )
+    worker.add_argument(
+        "--future-policy",
+        choices=("dead_letter", "clamp"),
+        default=os.environ.get("HYTREC_FUTURE_POLICY", "dead_letter"),
+        help="an event further ahead: to the DLQ (future_ts), or applied at the latest time "
+        "allowed",
+    )
+    worker.add_argument(
+        "--out-of-order-tolerance-s",
+        type=float,
+        default=float(os.environ.get("HYTREC_OUT_OF_ORDER_TOLERANCE_S", 300.0)),
+        help="events up to this much older than the user's newest are applied at the newest "
+        "time; older ones go to the DLQ (out_of_order); at least --max-future-s",
+    )
+    worker.add_argument(
+        "--dlq-max-payload-bytes",
+        type=int,
+        default=16 * 1024,
+        help="a dead letter keeps this much of the message (with its length and SHA-256)",
+    )
     worker.add_argument(
         "--embedded-broker",
         action="store_true",
@@ -128,7 +165,9 @@ def register(commands, benchmarks) -> None:
         description="Keyed by user id, in global time order, as fast as possible or at "
         "--speed times real time.",
     )
-    replay.add_argument("source", help="dataset name (taobao, ml100k, ...) or file path")
+    replay.add_argument(
+        "source", help="dataset name (taobao, ml100k, ...), a file path, or 'synthetic'"
+    )
     replay.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
     replay.add_argument("--topic", default="behaviors")
     replay.add_argument("--speed", type=float, help="X times real time (default: max speed)")
@@ -208,7 +247,17 @@ def _broker(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with EmbeddedBroker(port=args.port, host=args.host, topics=_topics(args)) as broker:
+    broker = EmbeddedBroker(port=args.port, host=args.host, topics=_topics(args))
+    try:
+        broker.start()
+    except (RuntimeError, TimeoutError) as exc:
+        print(
+            f"hytrec broker: {exc} (another broker there? then use it, or pass --port 0 for "
+            "a free port and give its address to the other commands with --bootstrap)",
+            file=sys.stderr,
+        )
+        return 1
+    with broker:
         print(
             f"broker ready at {broker.bootstrap} (pid {broker.pid}); topics "
             f"{broker.topics.partitions()}",
@@ -229,13 +278,19 @@ def _worker(args) -> int:
     from hytrec.stream.app import WorkerConfig, engine_sources, run_worker
     from hytrec.stream.batcher import BatchConfig
     from hytrec.stream.engine import EngineConfig
+    from hytrec.stream.schemas import ParseLimits
 
     config = WorkerConfig(
         bootstrap=args.bootstrap,
         app_id=args.group,
         topics=_topics(args),
         batch=BatchConfig(max_items=args.batch_size, max_wait_ms=args.batch_wait_ms),
-        max_message_bytes=args.max_message_bytes,
+        parse=ParseLimits(
+            max_bytes=args.max_message_bytes,
+            max_future_s=args.max_future_s,
+            future_policy=args.future_policy,
+        ),
+        dlq_max_payload_bytes=args.dlq_max_payload_bytes,
         embedded_broker=args.embedded_broker,
         log_every_batches=args.log_every,
         web_port=args.web_port,
@@ -249,6 +304,7 @@ def _worker(args) -> int:
         state_budget_bytes=int(args.state_budget_mib * 2**20),
         exclude_recent=args.exclude_recent,
         device=args.device,
+        out_of_order_tolerance_s=args.out_of_order_tolerance_s,
     )
     if not (args.checkpoint or args.engine or args.models_dir):
         args.parser.error("give --checkpoint, --engine or --models-dir")
@@ -295,9 +351,26 @@ def _demo(args) -> int:
     return 0
 
 
+def _no_broker(bootstrap: str, command: str) -> bool:
+    """Say so and return True when no broker answers at `bootstrap` (instead of a client
+    waiting for it and ending in a traceback)."""
+    from hytrec.stream.broker import reachable
+
+    if reachable(bootstrap):
+        return False
+    print(
+        f"hytrec {command}: no Kafka broker answers at {bootstrap} (start one with "
+        "`hytrec broker`, or give its address with --bootstrap)",
+        file=sys.stderr,
+    )
+    return True
+
+
 def _replay(args) -> int:
     from hytrec.stream.replay import ReplayConfig, replay
 
+    if _no_broker(args.bootstrap, "replay"):
+        return 1
     _logging()
     report = replay(
         args.source,
@@ -335,6 +408,8 @@ def _tail(args) -> int:
     from hytrec.stream.schemas import Recommendation
     from hytrec.stream.tail import describe, read_topic
 
+    if _no_broker(args.bootstrap, "tail"):
+        return 1
     records = read_topic(
         args.bootstrap,
         args.topic,

@@ -39,10 +39,10 @@ from hytrec.model.device import resolve_device
 from hytrec.model.evaluate import leave_one_out
 from hytrec.model.events import EventLog
 from hytrec.model.hytrec import CheckpointError, HyTRec, HyTRecConfig
-from hytrec.model.synthetic import SyntheticConfig, generate
+from hytrec.model.synthetic import generate
 from hytrec.model.train import TrainConfig, train
 from hytrec.stream.broker import EmbeddedBroker, die_with_parent, stop_process
-from hytrec.stream.replay import ReplayConfig, log_events, publish_events
+from hytrec.stream.replay import SYNTHETIC, ReplayConfig, log_events, publish_events
 from hytrec.stream.schemas import Recommendation
 from hytrec.stream.tail import read_topic
 
@@ -136,7 +136,7 @@ def load_events(dataset: str) -> tuple[EventLog, str]:
                 start, end = TAOBAO_WINDOW
                 events = select(events, (events.ts >= start) & (events.ts < end))
             return events, dataset
-    return generate(SyntheticConfig(users=200, min_events=100, max_events=300)), "synthetic"
+    return generate(SYNTHETIC), "synthetic"
 
 
 def time_cut(events: EventLog, heldout_fraction: float) -> int:

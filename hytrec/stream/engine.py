@@ -1,11 +1,23 @@
 """The recommendation engine behind the stream: a micro-batch of validated events in,
 one recommendation per user whose state changed out.
 
-For each batch: group events by user (each user's events stay in arrival order), drop
-replays (offset at or below the user's applied offset), reject what the model cannot apply
-(unknown item, event older than the user's newest), apply every user's run in one
-`HyTRec.step` over the slot store, search the item index once for all changed users, and
-build their recommendations. Knows nothing of Kafka: the Faust worker feeds it.
+For each batch: group events by user (each user's events stay in arrival order), skip
+replays (offset at or below the last one applied to the user from the same partition),
+reject events older than the user's newest by more than `out_of_order_tolerance_s`, apply
+every user's run in one `HyTRec.step` over the slot store, search the item index once for
+all changed users, and build their recommendations. Knows nothing of Kafka: the Faust
+worker feeds it.
+
+Time runs forward in a user's state. An event up to the tolerance older than the user's
+newest (events sharing a timestamp included) is applied at the newest time: a late click
+still counts, and one event from a client whose clock ran ahead cannot block its user's
+later events. The tolerance is at least the parser's future allowance (the worker checks).
+
+Items the model does not know (new in the shop since it trained) are applied all the same:
+they embed through the item table's row 0, the unknown-item row (zero, never trained), plus
+their category and behaviour, so the user's state and short window still move. They cannot
+be recommended until a checkpoint that knows them is published (`hytrec publish-model`,
+README "Hot swap"): its vocabulary and index then hold them.
 """
 
 from __future__ import annotations
@@ -36,17 +48,31 @@ class EngineConfig:
     state_budget_bytes: int = 256 * 2**20  # device memory for user state slots
     exclude_recent: int = 0  # leave out the user's last N items from its recommendations
     device: str = "auto"  # "auto": CUDA when present, else CPU
+    # events this much older than the user's newest are still applied (at the newest time)
+    out_of_order_tolerance_s: float = 300.0
 
 
 @dataclass
 class EngineStats:
     events_applied: int = 0
+    unknown_items: int = 0  # applied through the unknown-item row
     recommendations: int = 0
     skipped_duplicates: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     step_seconds: float = 0.0
     search_seconds: float = 0.0
     batches: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """An admitted event with its model inputs; `ts` runs forward within the user."""
+
+    event: BehaviorEvent
+    item: int
+    category: int
+    behavior: int
+    ts: int
 
 
 class RecommendationEngine:
@@ -78,14 +104,9 @@ class RecommendationEngine:
         # small tensor operations of a step); in-place updates of the store are allowed
         with torch.inference_mode():
             runs, rejected, skipped = self._admit(events)
-            self.stats.skipped_duplicates += skipped
+            self.stats.skipped_duplicates += len(skipped)
             for _, reason, _ in rejected:
                 self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
-            if not runs:
-                return EngineResult(
-                    recommendations=[], rejected=rejected, skipped_duplicates=skipped
-                )
-
             users = list(runs)
             recommendations = []
             for start in range(0, len(users), self.store.num_slots):  # never exceeds slots
@@ -93,53 +114,52 @@ class RecommendationEngine:
                 chunk_runs = [runs[u] for u in chunk]
                 slots, vectors = self._apply(chunk, chunk_runs)
                 recommendations += self._recommend(chunk, chunk_runs, slots, vectors)
-        return EngineResult(
-            recommendations=recommendations, rejected=rejected, skipped_duplicates=skipped
-        )
+        applied = [step.event for u in users for step in runs[u]]
+        return EngineResult(recommendations, rejected, skipped=skipped, applied=applied)
 
-    def _admit(self, events):
+    def _admit(self, events: Sequence[BehaviorEvent]):
         """Group events into per-user runs; sort out replays and events the model refuses."""
-        runs: dict[str, list[tuple[BehaviorEvent, int, int, int]]] = {}
+        runs: dict[str, list[_Step]] = {}
         rejected: list[tuple[BehaviorEvent, str, str]] = []
-        skipped = 0
+        skipped: list[BehaviorEvent] = []
         items, categories = self.model.items, self.model.categories
         codes: dict[str, int] = {}  # raw behaviour name -> Behavior, parsed once per batch
+        newest_offset: dict[tuple[str, int], int] = {}  # (user, partition) -> in this batch
+        tolerance = self.config.out_of_order_tolerance_s
         store = self.store
         for event in events:
-            user = event.user_id
-            run = runs.get(user)
-            last_offset = run[-1][0].offset if run else store.offset_of(user)
+            user, partition = event.user_id, event.partition
+            last_offset = newest_offset.get((user, partition))
+            if last_offset is None:
+                last_offset = store.offset_of(user, partition)
             if event.offset <= last_offset:
-                skipped += 1  # at-least-once delivery replayed it: applied already
+                skipped.append(event)  # at-least-once delivery replayed it: applied already
                 continue
-            item = items.get(event.item_id)
-            if item == 0:
-                rejected.append(
-                    (
-                        event,
-                        "unknown_item",
-                        f"item_id {event.item_id!r} is not in model {self.model_version}",
-                    )
-                )
-                continue
-            last_ts = run[-1][0].ts if run else store.newest_ts(user)
-            if last_ts is not None and event.ts < last_ts:
+            run = runs.get(user)
+            last_ts = run[-1].ts if run else store.newest_ts(user)
+            if last_ts is not None and event.ts < last_ts - tolerance:
                 rejected.append(
                     (
                         event,
                         "out_of_order",
-                        f"ts {event.ts} is older than user {user!r}'s newest event ({last_ts})",
+                        f"ts {event.ts} is older than user {user!r}'s newest event ({last_ts}) "
+                        f"by more than the {tolerance:g} s tolerance",
                     )
                 )
                 continue
+            newest_offset[(user, partition)] = event.offset
+            item = items.get(event.item_id)  # 0: unknown, applied through row 0
+            self.stats.unknown_items += item == 0
             category = categories.get(event.category_id) if categories is not None else 0
             behavior = codes.get(event.behavior)
             if behavior is None:
                 behavior = codes[event.behavior] = int(Behavior.parse(event.behavior))
+            ts = event.ts if last_ts is None else max(event.ts, last_ts)  # time runs forward
+            step = _Step(event, item, category, behavior, ts)
             if run is None:
-                runs[user] = [(event, item, category, behavior)]
+                runs[user] = [step]
             else:
-                run.append((event, item, category, behavior))
+                run.append(step)
         return runs, rejected, skipped
 
     def _apply(self, users: list[str], runs: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +167,9 @@ class RecommendationEngine:
         started = time.perf_counter()
         sizes = [len(r) for r in runs]
         columns = np.zeros((4, len(runs), max(sizes)), dtype=np.int64)  # item, cat., beh., ts
-        flat = np.array([(i, c, b, e.ts) for run in runs for e, i, c, b in run], dtype=np.int64)
+        flat = np.array(
+            [(s.item, s.category, s.behavior, s.ts) for run in runs for s in run], dtype=np.int64
+        )
         rows = np.repeat(np.arange(len(runs)), sizes)
         starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
         columns[:, rows, np.arange(len(flat)) - starts] = flat.T
@@ -155,7 +177,9 @@ class RecommendationEngine:
         batch = EventBatch(*torch.from_numpy(columns), lengths=lengths).to(self.device)
         slots = self.store.acquire(users)
         vectors = self.model.step(self.store.state, slots.to(self.device), batch)
-        self.store.mark_applied(slots, [run[-1][0].offset for run in runs])
+        for user, run in zip(users, runs, strict=True):
+            for step in run:  # offsets grow along a run within each partition
+                self.store.mark_applied(user, step.event.partition, step.event.offset)
         self.stats.events_applied += int(lengths.sum())
         self.stats.step_seconds += time.perf_counter() - started
         self.stats.batches += 1
@@ -177,7 +201,7 @@ class RecommendationEngine:
         for user, run, row_ids, row_scores in zip(
             users, runs, found.ids.tolist(), found.scores.tolist(), strict=True
         ):
-            newest = run[-1][0]
+            newest = run[-1].event
             out.append(
                 Recommendation(
                     user_id=user,
@@ -196,19 +220,21 @@ class RecommendationEngine:
 
     # ------------------------------------------------------------------ snapshots (issue 5)
 
-    def export_states(self, partition_of: Mapping[str, int]) -> list[UserSnapshot]:
-        """Snapshots of these users' states (user -> its behaviours partition); users the
-        store does not know are left out."""
+    def export_states(self, partition_of: Mapping[str, int], log: str = "") -> list[UserSnapshot]:
+        """Snapshots of these users' states (user -> its behaviours partition), their
+        offsets belonging to the behaviours log `log`; users the store does not know are
+        left out."""
         now = time.time()
         with torch.no_grad():
             states = self.store.export_users(list(partition_of))
         return [
             UserSnapshot(
                 user_id=user,
-                applied_offset=kept.applied_offset,
                 partition=partition_of[user],
+                applied=kept.applied,
                 model_version=self.model_version,
-                tensors=kept.tensors,
+                parts=kept.parts,
+                log=log,
                 written_at=now,
             )
             for user, kept in states.items()
@@ -216,16 +242,16 @@ class RecommendationEngine:
 
     def import_states(self, snapshots: Sequence[UserSnapshot]) -> int:
         """Restore users from snapshots that are ahead of what the store holds (a higher
-        applied offset); snapshots of another model version are refused (logged). How
-        many users were restored."""
+        applied offset of the snapshot's partition); snapshots of another model version are
+        refused (logged). How many users were restored."""
         restored = refused = 0
         with torch.no_grad():
             for snap in snapshots:
                 if snap.model_version != self.model_version:
                     refused += 1
                     continue
-                if snap.applied_offset > self.store.offset_of(snap.user_id):
-                    self.store.import_user(snap.user_id, snap.tensors, snap.applied_offset)
+                if snap.applied_offset > self.store.offset_of(snap.user_id, snap.partition):
+                    self.store.import_user(snap.user_id, snap.parts, snap.applied)
                     restored += 1
         if refused:
             log.warning(
@@ -239,10 +265,10 @@ class RecommendationEngine:
         """Forget these users' states (their partitions moved away); how many were known."""
         return self.store.forget(users)
 
-    def reset_offsets(self, users: Sequence[str]) -> int:
-        """Keep these users' states but apply their next events whatever their offsets (the
-        worker found their partition's log replaced); how many were known."""
-        return self.store.reset_offsets(users)
+    def reset_offsets(self, users: Sequence[str], partition: int) -> int:
+        """Keep these users' states but apply their next events of `partition` whatever
+        their offsets (the worker found the partition's log replaced); how many had one."""
+        return self.store.reset_offsets(users, partition)
 
 
 def build_engine(

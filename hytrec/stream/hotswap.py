@@ -16,19 +16,26 @@ Loading. `ModelWatcher.load_next` walks the complete checkpoints newest first, d
 one serving: the first whose version (from its checkpoint.json) differs from the serving
 model's is loaded (model, and its index built or read) by the caller's loader. One that
 fails is logged with its path and reason, remembered and never tried again (publish a
-fixed one under a new name), and the next older one is tried. The worker calls it off the
-event loop and off the engine's thread, then swaps engines between batches
-(`BatchingWorker.swap_engine`).
+fixed one under a new name), and the next older one is tried. `ModelSwaps` calls it off
+the event loop and off the engine's thread, then swaps engines between batches.
+
+The swap. Under the worker's flush lock, the old engine's waiting batch runs and its states
+are checkpointed and acknowledged; then the engine reference changes. So a batch runs
+wholly on one engine (asserted), no search is in flight (searches run inside batches), and
+every event is applied by exactly one engine. User states of the old model mean nothing
+under the new weights: they are reset (logged with their count).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +44,7 @@ from hytrec.stream.schemas import Engine
 
 if TYPE_CHECKING:
     from hytrec.stream.engine import EngineConfig
+    from hytrec.stream.worker import BatchingWorker
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +116,67 @@ class ModelWatcher:
         return None
 
 
+class ModelSwaps:
+    """The worker's hot swap: watch the models directory, load in a thread, swap between
+    batches."""
+
+    def __init__(self, worker: BatchingWorker, watcher: ModelWatcher | None):
+        self.worker = worker
+        self.watcher = watcher
+        self.loader_thread = ThreadPoolExecutor(1, thread_name_prefix="hytrec-model-load")
+
+    async def watch(self) -> None:
+        """Every `models_poll_s`: load the models directory's newest checkpoint when its
+        version differs from the serving one (in a thread of its own: neither the event
+        loop nor the engine's thread waits for it), then swap it in between batches."""
+        worker = self.worker
+        await worker.ready.wait()
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(worker.config.models_poll_s)
+            try:
+                loaded = await loop.run_in_executor(
+                    self.loader_thread,
+                    self.watcher.load_next,
+                    worker.engine_loader,
+                    worker.engine.model_version,
+                )
+            except OSError:  # the directory is unreadable now; the next poll tries again
+                log.exception("cannot look at models directory %s", self.watcher.models_dir)
+                continue
+            if loaded is not None:
+                await self.swap(loaded)
+
+    async def swap(self, loaded: LoadedEngine) -> None:
+        """Serve `loaded.engine` from the next batch on (see the module's docstring)."""
+        worker = self.worker
+        started = time.perf_counter()
+        async with worker.flush_lock:
+            await worker.flush_locked(checkpoint=True)
+            if worker.failed is not None:
+                return  # stopping: nothing is swapped
+            assert not worker.checkpoints.unacked, "the old engine's batches all checkpointed"
+            old, worker.engine = worker.engine, loaded.engine
+            swap_s = time.perf_counter() - started
+        reset = len(getattr(old, "store", ()))
+        stats = worker.stats
+        stats.model_swaps += 1
+        stats.model_load_seconds += loaded.load_seconds
+        stats.model_swap_seconds += swap_s
+        log.info(
+            "model swapped %s -> %s (%s): %d user states reset (the new model starts them "
+            "empty; snapshots of %s are refused from now on); load and index %.2f s, "
+            "batches held %.3f s",
+            old.model_version,
+            loaded.engine.model_version,
+            loaded.path,
+            reset,
+            old.model_version,
+            loaded.load_seconds,
+            swap_s,
+        )
+
+
 def checkpoint_loader(engine_config: EngineConfig | None = None) -> Callable[[Path], Engine]:
     """Checkpoint directory -> model engine; the item index is read from the checkpoint's
     `index/` when it has one, else built exact."""
@@ -125,10 +194,15 @@ def publish_model(checkpoint: str | Path, models_dir: str | Path, name: str | No
     """Copy a checkpoint into the models directory atomically (hidden temporary copy, then
     one rename); the published path. The checkpoint is loaded first, so a broken one is
     refused here rather than skipped by every worker."""
-    from hytrec.model.hytrec import HyTRec  # torch only when publishing
+    from hytrec.model.hytrec import CheckpointError, HyTRec  # torch only when publishing
 
     source, models_dir = Path(checkpoint), Path(models_dir)
-    version = HyTRec.load(source).version  # raises CheckpointError with the reason
+    try:
+        version = HyTRec.load(source).version
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors' own error for broken weights, and the like
+        raise CheckpointError(f"{source} cannot be loaded: {type(exc).__name__}: {exc}") from exc
     name = name or f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{version}"
     if name.startswith(".") or "/" in name:
         raise ValueError(f"checkpoint name {name!r}: no leading '.', no '/'")

@@ -14,9 +14,13 @@ Series (all prefixed `hytrec_`):
 | name | type | what |
 |---|---|---|
 | `events_in_total` | counter | behaviour messages consumed (events/s: `rate()` of it) |
+| `events_applied_total` | counter | events applied to user states |
+| `partition_events_total{partition,outcome}` | counter | outcome: `consumed`, `applied`, ... |
+| `partition_events_in_flight{partition}` | gauge | consumed, not yet settled (in a batch) |
 | `recommendations_out_total` | counter | recommendations published |
+| `publish_failures_total`, `dlq_...` | counter | records refused for good (logged) |
 | `batches_total` | counter | micro-batches flushed |
-| `dlq_messages_total{reason}` | counter | dead letters by reason code |
+| `dlq_messages_total{reason}` | counter | dead letters by reason code (all, 0 included) |
 | `duplicates_skipped_total` | counter | replayed events the engine skipped |
 | `batch_size` | histogram | messages per flushed batch (valid and invalid) |
 | `engine_step_seconds` | histogram | model step time per batch (engine's `step_seconds`) |
@@ -35,6 +39,13 @@ Series (all prefixed `hytrec_`):
 | `checkpoint_seconds_total` | counter | time spent in checkpoints |
 | `users_restored_total` | counter | users restored from `user-state` on an assignment |
 | `log_resets_total` | counter | behaviour partitions found to be a new log (broker lost its data) |
+| `checkpoints_failed_total` | counter | checkpoints the broker refused, redone by the next |
+| `snapshots_other_log_total` / `snapshots_corrupt_total` | counter | snapshots skipped on restore |
+
+`partition_events_total` counts per `behaviors` partition where every consumed message
+went: `consumed`, `applied`, `dead_lettered`, `replays_skipped` and `unaccounted`; with
+`partition_events_in_flight`, consumed = applied + dead_lettered + replays_skipped + in
+flight, and unaccounted stays 0 (`accounting.py`).
 
 `event_to_recommendation_seconds` runs from the Recommendation's `received_at` (the worker
 read the event) to its `produced_at` (the engine built the answer): batching wait plus engine
@@ -59,6 +70,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
+
+from hytrec.stream.schemas import REASONS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -189,11 +202,38 @@ _DELIVERY_COUNTERS = (
     ("checkpoint_seconds", "Time spent in checkpoints"),
     ("users_restored", "Users restored from snapshots on assignment"),
     ("log_resets", "Behaviour partitions found to be a new log"),
+    ("checkpoints_failed", "Checkpoints the broker refused, redone by the next one"),
+    ("snapshots_other_log", "Snapshots skipped on restore: offsets of a replaced log"),
+    ("snapshots_corrupt", "User-state records that were not valid snapshots"),
+    ("events_replayed_for_corrupt", "Events read back for users with a corrupt snapshot"),
+    ("publish_failures", "Recommendations the broker refused for good"),
+    ("dlq_publish_failures", "Dead letters the broker refused for good (logged)"),
 )
+_OUTCOMES = ("consumed", "applied", "dead_lettered", "replays_skipped", "unaccounted")
 
 
 def _worker_families(stats: Any) -> Iterable:
     yield _counter("events_in", "Behaviour messages consumed", getattr(stats, "events_in", 0))
+    yield _counter(
+        "events_applied", "Events applied to user states", getattr(stats, "events_applied", 0)
+    )
+    accounting = getattr(stats, "accounting", None)
+    outcomes = CounterMetricFamily(
+        "hytrec_partition_events",
+        "Consumed behaviour messages per partition by outcome (accounting.py)",
+        labels=["partition", "outcome"],
+    )
+    in_flight = GaugeMetricFamily(
+        "hytrec_partition_events_in_flight",
+        "Consumed, not yet applied, dead-lettered or skipped",
+        labels=["partition"],
+    )
+    for partition, account in sorted(getattr(accounting, "partitions", {}).items()):
+        for outcome in _OUTCOMES:
+            outcomes.add_metric([str(partition), outcome], getattr(account, outcome))
+        in_flight.add_metric([str(partition)], account.in_flight)
+    yield outcomes
+    yield in_flight
     yield _counter(
         "recommendations_out",
         "Recommendations published",
@@ -211,8 +251,9 @@ def _worker_families(stats: Any) -> Iterable:
     dlq = CounterMetricFamily(
         "hytrec_dlq_messages", "Dead letters published by reason code", labels=["reason"]
     )
-    for reason, count in sorted(dict(getattr(stats, "rejected", {}) or {}).items()):
-        dlq.add_metric([str(reason)], count)
+    rejected = dict(getattr(stats, "rejected", {}) or {})
+    for reason in sorted(set(REASONS) | set(rejected)):  # every reason, so a dashboard sees 0
+        dlq.add_metric([str(reason)], rejected.get(reason, 0))
     yield dlq
 
 
@@ -294,9 +335,11 @@ class Sample:
     recommendations_out: float = 0.0
     batches: float = 0.0
     duplicates_skipped: float = 0.0
-    # checkpoints, snapshots_written, snapshot_bytes, checkpoint_seconds, users_restored,
-    # log_resets, model_swaps (the counters of _DELIVERY_COUNTERS and the swaps)
+    events_applied: float = 0.0
+    # the counters of _DELIVERY_COUNTERS and model_swaps
     delivery: dict[str, float] = field(default_factory=dict)
+    # partition -> outcome -> count, "in_flight" included (accounting.py)
+    accounting: dict[str, dict[str, float]] = field(default_factory=dict)
     dlq: dict[str, float] = field(default_factory=dict)
     model_version: str | None = None
     slots_used: float | None = None
@@ -312,6 +355,7 @@ def parse_metrics(text: str, at: float | None = None) -> Sample:
     sample = Sample(at=time.time() if at is None else at)
     scalars = {
         "hytrec_events_in": "events_in",
+        "hytrec_events_applied": "events_applied",
         "hytrec_recommendations_out": "recommendations_out",
         "hytrec_batches": "batches",
         "hytrec_duplicates_skipped": "duplicates_skipped",
@@ -344,7 +388,13 @@ def parse_metrics(text: str, at: float | None = None) -> Sample:
             elif name in delivery:
                 sample.delivery[delivery[name]] = s.value
             elif name == "hytrec_dlq_messages":
-                sample.dlq[s.labels["reason"]] = s.value
+                if s.value:  # every reason is exposed; the status shows those that happened
+                    sample.dlq[s.labels["reason"]] = s.value
+            elif name == "hytrec_partition_events":
+                partition = sample.accounting.setdefault(s.labels["partition"], {})
+                partition[s.labels["outcome"]] = s.value
+            elif name == "hytrec_partition_events_in_flight":
+                sample.accounting.setdefault(s.labels["partition"], {})["in_flight"] = s.value
             elif name == "hytrec_consumer_lag":
                 sample.lag[f"{s.labels['topic']}/{s.labels['partition']}"] = s.value
             elif name == "hytrec_model_info":
@@ -383,12 +433,14 @@ def summarize(sample: Sample, previous: Sample | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model_version": sample.model_version,
         "events_in": sample.events_in,
+        "events_applied": sample.events_applied,
         "recommendations_out": sample.recommendations_out,
         "batches": sample.batches,
         "duplicates_skipped": sample.duplicates_skipped,
         "dlq": dict(sample.dlq),
         "dlq_total": sum(sample.dlq.values()),
         "delivery": dict(sample.delivery),
+        "accounting": accounting_summary(sample.accounting),
     }
     if previous is not None and sample.at > previous.at:
         dt = sample.at - previous.at
@@ -427,6 +479,26 @@ def summarize(sample: Sample, previous: Sample | None = None) -> dict[str, Any]:
     return out
 
 
+def accounting_summary(partitions: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    """Per partition and in total: consumed, applied, dead_lettered, replays_skipped,
+    in_flight, unaccounted, and whether consumed == applied + dead_lettered +
+    replays_skipped + in_flight with nothing unaccounted (`balanced`)."""
+    names = (*_OUTCOMES, "in_flight")
+    total = {name: sum(p.get(name, 0.0) for p in partitions.values()) for name in names}
+
+    def balanced(c: Mapping[str, float]) -> bool:
+        settled = sum(c.get(k, 0.0) for k in ("applied", "dead_lettered", "replays_skipped"))
+        return c.get("consumed", 0.0) == settled + c.get("in_flight", 0.0) and not c.get(
+            "unaccounted", 0.0
+        )
+
+    return {
+        "partitions": {p: dict(c) for p, c in sorted(partitions.items(), key=lambda i: int(i[0]))},
+        "total": total,
+        "balanced": all(balanced(c) for c in partitions.values()),
+    }
+
+
 def _n(value: float | None) -> str:
     if value is None:
         return "-"
@@ -456,6 +528,16 @@ def format_status(summary: Mapping[str, Any], url: str = "") -> str:
         batches += f"  (mean size {summary['mean_batch_size']:.1f})"
     lines.append(batches)
     lines.append(f"  duplicates skipped   {_n(summary['duplicates_skipped'])}")
+    account = summary.get("accounting") or {}
+    if account.get("partitions"):
+        t = account["total"]
+        lines.append(
+            f"  accounting           consumed {_n(t['consumed'])} = applied {_n(t['applied'])}"
+            f" + dead-lettered {_n(t['dead_lettered'])} + replays skipped"
+            f" {_n(t['replays_skipped'])} + in flight {_n(t['in_flight'])};"
+            f" unaccounted {_n(t['unaccounted'])}"
+            + ("" if account["balanced"] else "  NOT BALANCED")
+        )
     dlq = ", ".join(f"{r} {_n(c)}" for r, c in sorted(summary["dlq"].items()))
     lines.append(
         f"  DLQ                  {_n(summary['dlq_total'])}" + (f"  ({dlq})" if dlq else "")

@@ -26,17 +26,18 @@ class RecentItemsEngine:
     def __init__(self, top_k: int = 20):
         self.top_k = top_k
         self.recent: dict[str, list[str]] = {}  # user -> distinct items, newest last
-        self.applied: dict[str, int] = {}  # user -> newest applied offset
+        self.applied: dict[tuple[str, int], int] = {}  # (user, partition) -> newest offset
 
     def process(self, events: Sequence[BehaviorEvent]) -> EngineResult:
         newest: dict[str, BehaviorEvent] = {}
-        skipped = 0
+        skipped, applied = [], []
         for event in events:
             user = event.user_id
-            if event.offset <= self.applied.get(user, -1):
-                skipped += 1  # a replay: applied already
+            if event.offset <= self.applied.get((user, event.partition), -1):
+                skipped.append(event)  # a replay: applied already
                 continue
-            self.applied[user] = event.offset
+            self.applied[(user, event.partition)] = event.offset
+            applied.append(event)
             items = self.recent.setdefault(user, [])
             if event.item_id in items:
                 items.remove(event.item_id)
@@ -58,6 +59,4 @@ class RecentItemsEngine:
             )
             for user, event in newest.items()
         ]
-        return EngineResult(
-            recommendations=recommendations, rejected=[], skipped_duplicates=skipped
-        )
+        return EngineResult(recommendations, rejected=[], skipped=skipped, applied=applied)

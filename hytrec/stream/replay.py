@@ -22,9 +22,13 @@ from kafka.producer.future import RecordMetadata
 from tqdm import tqdm
 
 from hytrec.model.events import Behavior, EventLog
+from hytrec.model.synthetic import SyntheticConfig
 from hytrec.stream.schemas import encode_behavior
 
 log = logging.getLogger(__name__)
+
+# the synthetic events of `hytrec replay synthetic` and the demo without the shared data
+SYNTHETIC = SyntheticConfig(users=200, min_events=100, max_events=300)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +133,15 @@ def replay(
     source: str | Path, bootstrap: str, config: ReplayConfig = ReplayConfig()
 ) -> ReplayReport:
     """Load a dataset name or file with the project's loaders (bad rows skipped and logged:
-    the Taobao head file ends with a truncated row) and publish it in time order."""
+    the Taobao head file ends with a truncated row), or generate "synthetic" events (the
+    demo's, so a machine without the shared data has something to replay), and publish
+    them in time order."""
     from hytrec.model.data import load_dataset
 
-    events = load_dataset(source, on_bad_row="skip", progress=config.progress)
+    if str(source) == "synthetic":
+        from hytrec.model.synthetic import generate
+
+        events = generate(SYNTHETIC)
+    else:
+        events = load_dataset(source, on_bad_row="skip", progress=config.progress)
     return publish_events(log_events(events), bootstrap, config, total=len(events))

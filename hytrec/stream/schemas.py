@@ -1,25 +1,39 @@
 """Message schemas of the stream: behaviour events in, recommendations out, dead letters.
 
-All three are JSON objects encoded as UTF-8, keyed by the user id (the DLQ by the original
-key). `parse_behavior` is the one gate every input message passes: what it refuses goes to
-the dead-letter topic with one of `REASONS` and a human-readable detail, never stops a worker.
+All three are JSON objects encoded as UTF-8, keyed by the user id (dead letters by the
+original message's key). `parse_behavior` is the one gate every input message passes: what
+it refuses goes to the dead-letter topic with one of `REASONS` and a human-readable detail,
+never stops a worker.
+
+Time. An event's `ts` is compared with a reference time: the Kafka record's timestamp or
+the worker's clock, whichever is earlier (a replayed record is judged as when it first
+came, and a producer whose clock runs ahead gains nothing). More than
+`ParseLimits.max_future_s` ahead of it, the event is dead-lettered (`future_ts`) or, with
+`future_policy="clamp"`, applied at the reference time plus the allowance. Before
+`min_ts` (default 1990-01-01) it is refused as `ancient_ts`: a ts of 0 is a missing time,
+not 1970.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
+import numpy as np
+
 from hytrec.model.events import Behavior
 
-# Why a message went to the DLQ. The first group is parse_behavior's, the last the engine's.
-REASONS = (
+# Why a message went to the DLQ: parse_behavior's reasons, then the engine's.
+PARSE_REASONS = (
     "oversized",
     "empty_value",
+    "too_deep",
     "invalid_json",
     "not_object",
     "missing_field",
@@ -27,19 +41,40 @@ REASONS = (
     "unknown_field",
     "empty_field",
     "too_long",
+    "missing_key",
     "key_mismatch",
     "unknown_behavior",
     "negative_ts",
+    "ancient_ts",
     "future_ts",
-    "unknown_item",
-    "out_of_order",
+    "unparseable",  # the parser itself failed (a bug there): dead-lettered, never a crash
 )
+ENGINE_REASONS = ("out_of_order",)  # older than the user's newest event beyond the tolerance
+REASONS = PARSE_REASONS + ENGINE_REASONS
 ID_FIELDS = ("user_id", "item_id", "category_id")
 REQUIRED_FIELDS = (*ID_FIELDS, "behavior", "ts")
 OPTIONAL_FIELDS = ("extras",)
 _ALLOWED_FIELDS = frozenset(REQUIRED_FIELDS + OPTIONAL_FIELDS)
 # ids are keys of the state store and Kafka keys: a runaway producer's 60 KB "id" is refused
 MAX_ID_CHARS = 256
+FUTURE_POLICIES = ("dead_letter", "clamp")
+
+
+@dataclass(frozen=True, slots=True)
+class ParseLimits:
+    """What `parse_behavior` accepts."""
+
+    max_bytes: int = 64 * 1024  # larger messages go to the DLQ (`oversized`)
+    max_depth: int = 32  # JSON nesting (`too_deep`), checked before json.loads
+    max_future_s: float = 300.0  # event time allowance ahead of the reference time
+    future_policy: str = "dead_letter"  # or "clamp": apply at the reference + allowance
+    min_ts: int = 631_152_000  # 1990-01-01; earlier times are refused (`ancient_ts`)
+
+    def __post_init__(self) -> None:
+        if self.future_policy not in FUTURE_POLICIES:
+            raise ValueError(f"future_policy must be one of {FUTURE_POLICIES}, got {self}")
+        if self.max_bytes < 1 or self.max_depth < 1 or self.max_future_s < 0:
+            raise ValueError(f"need max_bytes, max_depth >= 1 and max_future_s >= 0: {self}")
 
 
 class InvalidMessage(ValueError):
@@ -59,7 +94,7 @@ class BehaviorEvent:
     item_id: str
     category_id: str
     behavior: str  # raw behaviour name, valid for Behavior.parse
-    ts: int  # unix seconds, event time
+    ts: int  # unix seconds, event time (clamped when future_policy="clamp")
     partition: int  # source position in `behaviors`
     offset: int
     received_at: float  # time.time() when the worker consumed it
@@ -83,6 +118,23 @@ def encode_behavior(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NESTING = np.zeros(256, dtype=np.int8)
+_NESTING[[ord("["), ord("{")]] = 1
+_NESTING[[ord("]"), ord("}")]] = -1
+
+
+def json_depth(value: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text, strings left out (an
+    estimate for invalid JSON, which json.loads then refuses anyway). Vectorised: a
+    64 KB message takes well under a millisecond."""
+    if b"[" not in value and b"{" not in value:
+        return 0
+    brackets = _JSON_STRING.sub(b"", value)
+    steps = _NESTING[np.frombuffer(brackets, dtype=np.uint8)]
+    return int(np.cumsum(steps, dtype=np.int64).max(initial=0))
+
+
 def parse_behavior(
     value: bytes | None,
     key: bytes | None,
@@ -90,27 +142,39 @@ def parse_behavior(
     partition: int,
     offset: int,
     received_at: float,
-    max_bytes: int,
-    max_future_s: float,
+    limits: ParseLimits = ParseLimits(),
+    reference_ts: float | None = None,
 ) -> BehaviorEvent:
     """Validate one `behaviors` message; raise InvalidMessage with the first problem found.
 
     Ids may be strings or integers (normalised to strings); category_id may be "" (unknown).
-    A key, when present, must equal the user id, since the key chooses the user's partition.
+    The key must be the user id: it chose the user's partition, and a user's events must
+    all come in order from one partition (keyless messages are refused as `missing_key`;
+    re-publish them keyed by user id). `reference_ts` (default `received_at`) is the time
+    `ts` is judged against.
     """
     if value is None or not value:
         raise InvalidMessage("empty_value", "the message has no value")
-    if len(value) > max_bytes:
-        raise InvalidMessage("oversized", f"{len(value)} bytes > limit {max_bytes}")
+    if len(value) > limits.max_bytes:
+        raise InvalidMessage("oversized", f"{len(value)} bytes > limit {limits.max_bytes}")
+    # depth <= the count of brackets: most messages need no scan
+    if value.count(b"[") + value.count(b"{") > limits.max_depth:
+        depth = json_depth(value)
+        if depth > limits.max_depth:
+            raise InvalidMessage("too_deep", f"nesting depth {depth} > limit {limits.max_depth}")
     try:
         body = json.loads(value)
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        raise InvalidMessage("invalid_json", str(exc)) from None
+        raise InvalidMessage("invalid_json", str(exc)[:200]) from None
+    except RecursionError:  # the depth check above makes this unreachable; kept as a guard
+        raise InvalidMessage("too_deep", "nesting too deep for the JSON parser") from None
     if not isinstance(body, dict):
         raise InvalidMessage("not_object", f"expected a JSON object, got {type(body).__name__}")
     if not _ALLOWED_FIELDS.issuperset(body):
         unknown = sorted(set(body) - _ALLOWED_FIELDS)
-        raise InvalidMessage("unknown_field", f"unknown fields {unknown}; put them in 'extras'")
+        raise InvalidMessage(
+            "unknown_field", f"unknown fields {unknown[:10]}; put them in 'extras'"[:500]
+        )
     missing = [name for name in REQUIRED_FIELDS if name not in body]
     if missing:
         raise InvalidMessage("missing_field", f"missing fields {missing}")
@@ -137,7 +201,11 @@ def parse_behavior(
     if not isinstance(extras, dict):
         raise InvalidMessage("wrong_type", f"extras must be an object, got {_type(extras)}")
 
-    if key is not None and key != ids["user_id"].encode():
+    if not key:
+        raise InvalidMessage(
+            "missing_key", "the message has no key: key behaviour events by user id"
+        )
+    if key != ids["user_id"].encode():
         raise InvalidMessage("key_mismatch", f"key {key[:64]!r} != user_id {ids['user_id'][:64]!r}")
     try:
         Behavior.parse(behavior)
@@ -145,11 +213,20 @@ def parse_behavior(
         raise InvalidMessage("unknown_behavior", f"unknown behaviour {behavior[:64]!r}") from None
     if ts < 0:
         raise InvalidMessage("negative_ts", f"ts {ts} < 0")
-    if ts > received_at + max_future_s:
+    if ts < limits.min_ts:
         raise InvalidMessage(
-            "future_ts",
-            f"ts {ts} is more than {max_future_s:g} s after the receive time {received_at:.0f}",
+            "ancient_ts", f"ts {ts} is before the earliest allowed {limits.min_ts}"
         )
+    reference = received_at if reference_ts is None else reference_ts
+    latest = int(reference + limits.max_future_s)
+    if ts > latest:
+        if limits.future_policy == "dead_letter":
+            raise InvalidMessage(
+                "future_ts",
+                f"ts {ts} is more than {limits.max_future_s:g} s after the reference time "
+                f"{reference:.0f}",
+            )
+        ts = latest  # "clamp": as if it happened at the latest time allowed
     return BehaviorEvent(
         **ids,
         behavior=behavior,
@@ -201,9 +278,18 @@ _COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # a
 
 @dataclass
 class EngineResult:
+    """What the engine made of a batch. Every event it was given is in exactly one of
+    `applied`, `rejected` and `skipped` (the worker checks, see `accounting.py`)."""
+
     recommendations: list[Recommendation]  # one per user whose state changed in the batch
     rejected: list[tuple[BehaviorEvent, str, str]]  # (event, reason_code, detail) -> DLQ
-    skipped_duplicates: int  # events at or below a user's applied offset (replays)
+    skipped: list[BehaviorEvent] = field(default_factory=list)  # replays: offset at or below
+    # the last one applied to the user from the same partition
+    applied: list[BehaviorEvent] = field(default_factory=list)
+
+    @property
+    def skipped_duplicates(self) -> int:
+        return len(self.skipped)
 
 
 class Engine(Protocol):
@@ -212,6 +298,20 @@ class Engine(Protocol):
     def process(self, events: Sequence[BehaviorEvent]) -> EngineResult:
         """Apply a micro-batch (events in consumption order); synchronous, may be slow."""
         ...
+
+
+DLQ_MAX_PAYLOAD_BYTES = 16 * 1024  # of the original value; JSON may grow it 6x at worst
+DLQ_MAX_KEY_BYTES = 1024
+DLQ_MAX_DETAIL_CHARS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A DLQ record: published with the original key (truncated past `DLQ_MAX_KEY_BYTES`;
+    no key when the message had none) and this JSON value."""
+
+    key: bytes | None
+    value: bytes
 
 
 def dead_letter(
@@ -224,39 +324,49 @@ def dead_letter(
     key: bytes | None,
     value: bytes | None,
     failed_at: float,
-) -> bytes:
-    """A DLQ record: why, where from, and the original message (text, or base64 if binary)."""
+    max_payload_bytes: int = DLQ_MAX_PAYLOAD_BYTES,
+) -> DeadLetter:
+    """Why, where from, and the original message (text, or base64 if binary). Its size is
+    bounded whatever came in, so that publishing it cannot fail for size: the payload is
+    cut to `max_payload_bytes` (and the key to `DLQ_MAX_KEY_BYTES`), with the original
+    length and SHA-256 recorded so the message can still be told apart and found."""
 
-    def text(data: bytes | None) -> tuple[str | None, str]:
+    def text(data: bytes | None, limit: int) -> dict[str, Any]:
         if data is None:
-            return None, "none"
+            return {"": None, "_encoding": "none", "_bytes": 0}
+        kept = data[:limit]
         try:
-            return data.decode(), "utf-8"
+            out, encoding = kept.decode(), "utf-8"
         except UnicodeDecodeError:
-            return base64.b64encode(data).decode(), "base64"
+            out, encoding = base64.b64encode(kept).decode(), "base64"
+        return {
+            "": out,
+            "_encoding": encoding,
+            "_bytes": len(data),
+            "_sha256": hashlib.sha256(data).hexdigest(),
+            "_truncated": len(kept) < len(data),
+        }
 
-    key_text, key_encoding = text(key)
-    payload, payload_encoding = text(value)
-    return json.dumps(
-        {
-            "reason_code": reason_code,
-            "detail": detail,
-            "topic": topic,
-            "partition": partition,
-            "offset": offset,
-            "key": key_text,
-            "key_encoding": key_encoding,
-            "payload": payload,
-            "payload_encoding": payload_encoding,
-            "failed_at": failed_at,
-        },
-        separators=(",", ":"),
-        ensure_ascii=False,
-    ).encode()
+    record: dict[str, Any] = {
+        "reason_code": reason_code,
+        "detail": detail[:DLQ_MAX_DETAIL_CHARS],
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+    }
+    for name, data, limit in (
+        ("key", key, DLQ_MAX_KEY_BYTES),
+        ("payload", value, max_payload_bytes),
+    ):
+        record |= {name + suffix: v for suffix, v in text(data, limit).items()}
+    record["failed_at"] = failed_at
+    body = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+    return DeadLetter(key=None if key is None else key[:DLQ_MAX_KEY_BYTES], value=body)
 
 
 def original_bytes(record: Mapping[str, Any], name: str = "payload") -> bytes | None:
-    """Decode `payload` (or `key`) of a parsed DLQ record back to the original bytes."""
+    """Decode `payload` (or `key`) of a parsed DLQ record back to the original bytes (their
+    first `*_bytes` only when `*_truncated`)."""
     encoding = record[f"{name}_encoding"]
     if encoding == "none":
         return None

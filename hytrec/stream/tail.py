@@ -94,6 +94,57 @@ def record_at(
         consumer.close()
 
 
+def read_range(
+    bootstrap: str, topic: str, partition: int, start: int, end: int, timeout_s: float = 60.0
+) -> list[ConsumerRecord]:
+    """The records of a partition from offset `start` up to `end` (exclusive), in order.
+    Raises TimeoutError when they cannot be read in `timeout_s`."""
+    if end <= start:
+        return []
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        client_id="hytrec-read-range",
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",  # a start below the log start reads from that start
+        fetch_max_wait_ms=50,
+    )
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        records: list[ConsumerRecord] = []
+        deadline = time.monotonic() + timeout_s
+        while consumer.position(tp) < end:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}[{partition}]: could not read {start}..{end}")
+            for record in consumer.poll(timeout_ms=200).get(tp, []):
+                if record.offset >= end:
+                    break
+                records.append(record)
+        return records
+    finally:
+        consumer.close()
+
+
+def committed_offsets(
+    bootstrap: str, group: str, topic: str, partitions: list[int]
+) -> dict[int, int]:
+    """partition -> the offset `group` committed for it (where its consumers resume); the
+    partitions without one are left out. Does not join the group."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        client_id="hytrec-committed",
+        group_id=group,
+        enable_auto_commit=False,
+    )
+    try:
+        found = {p: consumer.committed(TopicPartition(topic, p)) for p in partitions}
+    finally:
+        consumer.close(autocommit=False)
+    return {p: offset for p, offset in found.items() if offset is not None}
+
+
 def _partitions(consumer: KafkaConsumer, topic: str, deadline: float) -> list[TopicPartition]:
     while True:
         found = consumer.partitions_for_topic(topic)
