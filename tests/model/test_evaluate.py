@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hytrec.model.evaluate import (
     EvalConfig,
@@ -86,14 +88,61 @@ def tiny_log(lengths=(5, 2, 4)) -> EventLog:
     )
 
 
-def test_leave_one_out_holds_out_the_last_two_events():
-    split = leave_one_out(tiny_log())
-    assert split.start.tolist() == [0, 5, 7]
-    assert split.test_target.tolist() == [4, -1, 10]  # user 2 has too few events: train only
-    assert split.valid_target.tolist() == [3, -1, 9]
-    assert split.train_stop.tolist() == [3, 7, 9]
+def test_leave_one_out_at_the_boundary():
+    """Users of 1, 2 (min_events - 1), 3 (exactly min_events) and 5 events: the last event
+    is the test target, the second-to-last the validation target, the rest trains; a user
+    below min_events only trains."""
+    split = leave_one_out(tiny_log((1, 2, 3, 5)))  # events 0 | 1 2 | 3 4 5 | 6 7 8 9 10
+    assert split.start.tolist() == [0, 1, 3, 6]
+    assert split.train_stop.tolist() == [1, 3, 4, 9]
+    assert split.valid_target.tolist() == [-1, -1, 4, 9]
+    assert split.test_target.tolist() == [-1, -1, 5, 10]
+    start, target = split.targets("valid")
+    assert start.tolist() == [3, 6] and target.tolist() == [4, 9]
     start, target = split.targets("test")
-    assert start.tolist() == [0, 7] and target.tolist() == [4, 10]
+    assert start.tolist() == [3, 6] and target.tolist() == [5, 10]
+    # min_events moves the boundary: 5 events are enough for 5, 3 are not
+    split = leave_one_out(tiny_log((3, 5, 4)), min_events=5)
+    assert split.test_target.tolist() == [-1, 7, -1]
+    assert split.valid_target.tolist() == [-1, 6, -1]
+    assert split.train_stop.tolist() == [3, 6, 12]
+    empty = leave_one_out(tiny_log((2, 1)))
+    assert empty.targets("test")[1].tolist() == [] and empty.train_stop.tolist() == [2, 3]
+    with pytest.raises(ValueError, match="min_events must be >= 3"):
+        leave_one_out(tiny_log((2, 2)), min_events=2)  # validation would have no input
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.integers(min_value=1, max_value=8), min_size=1, max_size=12),
+    st.integers(min_value=3, max_value=6),
+)
+def test_leave_one_out_has_no_leakage(lengths, min_events):
+    """Against a per-user reading of the definition, for any user lengths."""
+    log = tiny_log(tuple(lengths))
+    split = leave_one_out(log, min_events)
+    assert len(split.start) == len(lengths)
+    training = np.zeros(len(log), dtype=bool)
+    position = 0
+    for row, n in enumerate(lengths):
+        stop = position + n
+        assert split.start[row] == position
+        if n >= min_events:  # last event tests, the one before validates, the rest trains
+            assert (split.valid_target[row], split.test_target[row]) == (stop - 2, stop - 1)
+            assert split.train_stop[row] == stop - 2
+        else:
+            assert (split.valid_target[row], split.test_target[row]) == (-1, -1)
+            assert split.train_stop[row] == stop
+        training[position : split.train_stop[row]] = True
+        position = stop
+    for which in ("valid", "test"):
+        start, target = split.targets(which)
+        assert not training[target].any()  # no target is a training event
+        assert (log.user[start] == log.user[target]).all() and (start < target).all()
+    _, valid = split.targets("valid")
+    _, test = split.targets("test")
+    assert np.array_equal(test, valid + 1)  # test input = training events + valid target
+    assert training.sum() == len(log) - 2 * len(test)
 
 
 def test_history_batch_keeps_the_last_events_and_excludes_the_target():
