@@ -15,6 +15,7 @@ from hytrec.model.evaluate import (
     EvalConfig,
     ModelReport,
     auc,
+    context_length,
     evaluate,
     history_batch,
     hit_rate,
@@ -22,6 +23,7 @@ from hytrec.model.evaluate import (
     mrr,
     ndcg,
     ranking_metrics,
+    summarize,
     target_ranks,
     write_reports,
 )
@@ -70,6 +72,43 @@ def test_target_ranks_ties_padding_and_filtering():
     exclude_target = torch.tensor([[False, True, False, False, False]])
     rank, n = target_ranks(scores, target, exclude_target)
     assert rank.item() == 3 and n.item() == 4  # an excluded target ranks last
+
+
+def test_target_ranks_counts_the_candidates_of_each_row():
+    scores = torch.tensor([[9.0, 0.2, 0.5, 0.1], [9.0, 0.3, 0.1, 0.9]])
+    exclude = torch.tensor([[False, False, True, False], [False, False, False, False]])
+    rank, n = target_ranks(scores, torch.tensor([1, 2]), exclude)
+    assert rank.tolist() == [0, 2] and n.tolist() == [2, 3]
+
+
+def test_context_length_is_the_models_bound_capped_by_max_len():
+    class Bounded(torch.nn.Module):
+        max_len = 50
+
+    assert [context_length(Bounded(), m) for m in (None, 10, 80)] == [50, 10, 50]
+    unbounded = torch.nn.Linear(1, 1)
+    assert [context_length(unbounded, m) for m in (None, 7)] == [None, 7]
+
+
+def test_summarize_puts_each_user_in_its_cohort_at_the_boundaries():
+    ranked = {
+        "rank": np.array([0, 20, 3, 600, 1]),
+        "candidates": np.array([101, 41, 11, 1001, 3]),
+        "rank_filtered": np.array([1, 1, 1, 1, 1]),
+        "candidates_filtered": np.array([3, 3, 3, 3, 3]),
+        "history": np.array([1, 20, 21, 501, 5]),
+    }
+    cfg = EvalConfig(ks=(1, 10), cohorts=((1, 20), (21, 500), (501, None)), cold_start_max=5)
+    report = summarize(ranked, cfg)
+    cohorts = report["cohorts"]
+    assert list(cohorts) == ["1-20", "21-500", "501+", "cold-start (<=5)"]
+    assert [c["users"] for c in cohorts.values()] == [3, 1, 1, 2]
+    assert list(report["overall"]) == ["users", "HR@1", "HR@10", "NDCG@1", "NDCG@10", "MRR", "AUC"]
+    # each cohort's AUC uses its own users' candidate counts: users 1, 20, 5
+    assert cohorts["1-20"]["AUC"] == pytest.approx(np.mean([1 - 0 / 100, 1 - 20 / 40, 1 - 1 / 2]))
+    assert cohorts["21-500"]["HR@10"] == 1.0 and cohorts["501+"]["HR@10"] == 0.0
+    filtered = summarize(ranked, EvalConfig(ks=(1, 10), filter_history=True))
+    assert filtered["overall"] == ranking_metrics(np.ones(5), np.full(5, 3), (1, 10))
 
 
 def tiny_log(lengths=(5, 2, 4)) -> EventLog:
@@ -152,6 +191,8 @@ def test_history_batch_keeps_the_last_events_and_excludes_the_target():
     assert batch.item.tolist() == [log.item[2:4].tolist(), log.item[8:10].tolist()]
     full = history_batch(log, np.array([0, 7]), np.array([4, 10]))
     assert full.lengths.tolist() == [4, 3] and full.item[1, 3].item() == 0  # right-padded
+    for column in (full.item, full.category, full.behavior, full.ts, full.lengths):
+        assert column.dtype == torch.int64  # ids index embeddings; ts keeps its seconds
 
 
 class _Oracle(torch.nn.Module):
@@ -192,3 +233,16 @@ def test_evaluate_an_oracle_and_write_reports(tmp_path):
     assert [p.suffix for p in paths] == [".json", ".md", ".png"]
     assert json.loads(paths[0].read_text())["models"]["oracle"]["overall"]["MRR"] == 1.0
     assert "| oracle |" in paths[1].read_text()
+
+
+def test_evaluate_reports_the_other_protocol_beside_the_chosen_one():
+    log = tiny_log((8, 6, 7))  # the first user's test target repeats its first item
+    split = leave_one_out(log)
+    _, targets = split.targets("test")
+    model = _Oracle(log, {int(log.item[t - 1]): int(log.item[t]) for t in targets})
+    kept = evaluate(model, log, split)  # the test targets, history items kept
+    removed = evaluate(model, log, split, "test", EvalConfig(filter_history=True))
+    assert kept["protocol"]["targets"] == "test"
+    assert kept["overall_history_filtered"] == removed["overall"]
+    assert removed["overall_unfiltered"] == kept["overall"]
+    assert kept["overall"]["MRR"] == 1.0 > removed["overall"]["MRR"]  # a repeat is a miss
