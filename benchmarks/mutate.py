@@ -198,6 +198,8 @@ def run_group(group: Group, jobs: int) -> dict:
     counts = Counter(statuses.values())
     print(f"{group.name}: {dict(counts)} in {seconds:.0f} s", flush=True)
     return {
+        "git_commit": git_commit().removesuffix("-dirty"),  # the mutants come from HEAD
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "modules": list(group.modules),
         "tests": list(group.tests),
         "seconds": round(seconds),
@@ -213,24 +215,26 @@ def write_report(report: dict) -> None:
     lines = [
         "# Mutation testing",
         "",
-        f"Command: `{report['command']}` (mutmut {report['mutmut']}); commit "
-        f"`{report['git_commit']}`, {report['date']}; {report['machine']['cpu']}, "
-        f"{report['jobs']} parallel mutants on {report['machine']['cpus']} cpus; "
-        f"{report['seconds'] / 60:.0f} min in all.",
+        f"Command: `make mutate` (`python benchmarks/mutate.py [GROUP ...]`, mutmut "
+        f"{report['mutmut']}); {report['machine']['cpu']}, {report['jobs']} parallel mutants "
+        f"on {report['machine']['cpus']} cpus shared with other work (load "
+        f"{report['machine']['load_average_1m']:.1f} at the start), under nice.",
         "",
-        "Each group's mutants ran against its fast tests only (integration tests deselected); "
-        "a mutant is run against the tests that execute its function.",
+        "Each group's mutants come from the commit named in its row (`git archive`) and ran "
+        "against its fast tests only (integration tests deselected); mutmut runs a mutant "
+        "against the tests that execute its function. Timeouts count as caught.",
         "",
-        "| group | modules | tests | mutants | killed | timeout | survived | no tests | other "
-        "| minutes |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| group | commit | modules | tests | mutants | killed | timeout | survived | no tests "
+        "| other | minutes |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, g in report["groups"].items():
         c = g["counts"]
         total = sum(c.values())
         other = total - sum(c.get(k, 0) for k in ("killed", "timeout", "survived", "no tests"))
         lines.append(
-            f"| {name} | {', '.join(m.removeprefix('hytrec/') for m in g['modules'])} "
+            f"| {name} | `{g['git_commit'][:10]}` "
+            f"| {', '.join(m.removeprefix('hytrec/') for m in g['modules'])} "
             f"| {', '.join(t.removeprefix('tests/') for t in g['tests'])} | {total} "
             f"| {c.get('killed', 0)} | {c.get('timeout', 0)} | {c.get('survived', 0)} "
             f"| {c.get('no tests', 0)} | {other} | {g['seconds'] / 60:.1f} |"
@@ -259,19 +263,22 @@ def main() -> int:
         parser.error(f"unknown groups {sorted(unknown)}")
     import mutmut
 
-    began = time.monotonic()
+    # a run of some groups keeps the other groups' last results
+    previous = RESULTS.with_suffix(".json")
+    data = json.loads(previous.read_text()) if previous.exists() else {"groups": {}}
+    # (reports written before groups carried their own commit and date had them at the top)
+    inherited = {key: data[key] for key in ("git_commit", "date") if key in data}
+    kept = {name: {**inherited, **group} for name, group in data["groups"].items()}
     report = {
         "benchmark": "mutation",
-        "command": "python benchmarks/mutate.py " + " ".join(sys.argv[1:]),
         "mutmut": mutmut.__version__,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_commit": git_commit().removesuffix("-dirty"),  # the mutants come from HEAD
         "machine": machine_info(),
         "jobs": args.jobs,
-        "groups": {g.name: run_group(g, args.jobs) for g in chosen},
+        "groups": {g.name: kept[g.name] for g in GROUPS if g.name in kept},
     }
-    report["seconds"] = round(time.monotonic() - began)
-    write_report(report)
+    for group in chosen:
+        report["groups"][group.name] = run_group(group, args.jobs)
+        write_report(report)  # after every group: a long run leaves what it finished
     print(f"wrote {RESULTS}.json and .md", flush=True)
     return 0
 
