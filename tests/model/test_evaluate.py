@@ -104,6 +104,7 @@ def test_summarize_puts_each_user_in_its_cohort_at_the_boundaries():
     assert list(cohorts) == ["1-20", "21-500", "501+", "cold-start (<=5)"]
     assert [c["users"] for c in cohorts.values()] == [3, 1, 1, 2]
     assert list(report["overall"]) == ["users", "HR@1", "HR@10", "NDCG@1", "NDCG@10", "MRR", "AUC"]
+    assert all(list(c) == list(report["overall"]) for c in cohorts.values())  # same ks
     # each cohort's AUC uses its own users' candidate counts: users 1, 20, 5
     assert cohorts["1-20"]["AUC"] == pytest.approx(np.mean([1 - 0 / 100, 1 - 20 / 40, 1 - 1 / 2]))
     assert cohorts["21-500"]["HR@10"] == 1.0 and cohorts["501+"]["HR@10"] == 0.0
