@@ -10,9 +10,9 @@ test fails, survived when every selected test passes, timeout when the tests ran
 mutmut's limit (an infinite loop counts as caught), "no tests" when no selected test reaches
 the function.
 
-Survivors are judged by hand in benchmarks/mutation-judgements.toml (mutant name = "one
-line": "equivalent: ..." or "gap: ..."); the report prints each survivor with its judgement,
-and NOT JUDGED for a new one.
+Survivors are judged by hand in benchmarks/mutation-judgements.toml (mutant name, or a
+pattern with *, = "one line": "equivalent: ..." or "gap: ..."); the report prints each
+survivor with its judgement, and NOT JUDGED for a new one.
 
     python benchmarks/mutate.py [GROUP ...] [--jobs N]     (all groups by default)
 """
@@ -20,6 +20,7 @@ and NOT JUDGED for a new one.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import re
@@ -208,6 +209,16 @@ def run_group(group: Group, jobs: int) -> dict:
     }
 
 
+def judgement_of(mutant: str, judgements: dict[str, str]) -> str:
+    """The mutant's own line, else the first pattern (with *) that matches its name."""
+    if mutant in judgements:
+        return judgements[mutant]
+    for pattern, judgement in judgements.items():
+        if "*" in pattern and fnmatch.fnmatchcase(mutant, pattern):
+            return judgement
+    return "NOT JUDGED"
+
+
 def write_report(report: dict) -> None:
     judgements = tomllib.loads(JUDGEMENTS.read_text()) if JUDGEMENTS.exists() else {}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +256,7 @@ def write_report(report: dict) -> None:
             continue
         lines += [f"### {name}", ""]
         for mutant, info in sorted(g["not_killed"].items()):
-            judgement = judgements.get(mutant, "NOT JUDGED")
+            judgement = judgement_of(mutant, judgements)
             lines.append(f"- `{mutant}` ({info['status']}): `{info['change']}`  ")
             lines.append(f"  {judgement}")
         lines.append("")
@@ -256,6 +267,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("groups", nargs="*", help=f"default: all of {[g.name for g in GROUPS]}")
     parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite mutation.md from mutation.json and the judgements (after judging)",
+    )
     args = parser.parse_args()
     chosen = [g for g in GROUPS if not args.groups or g.name in args.groups]
     unknown = set(args.groups) - {g.name for g in GROUPS}
@@ -269,6 +285,10 @@ def main() -> int:
     # (reports written before groups carried their own commit and date had them at the top)
     inherited = {key: data[key] for key in ("git_commit", "date") if key in data}
     kept = {name: {**inherited, **group} for name, group in data["groups"].items()}
+    if args.report_only:
+        write_report({**data, "groups": kept})
+        print(f"wrote {RESULTS}.md", flush=True)
+        return 0
     report = {
         "benchmark": "mutation",
         "mutmut": mutmut.__version__,
