@@ -7,11 +7,15 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hytrec.model.hytrec import HyTRecConfig
+from hytrec.model.reports import git_commit
 from hytrec.model.train import TrainConfig
-from hytrec.stream.demo import DemoConfig, run_demo
+from hytrec.stream import demo
+from hytrec.stream.demo import DemoConfig, run_demo, summary_lines
+from hytrec.stream.schemas import Recommendation
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +35,81 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def recent_distinct(items: list[str], k: int) -> list[str]:
+    out: list[str] = []
+    for item in reversed(items):
+        if item not in out:
+            out.append(item)
+    return out[:k]
+
+
+def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
+    """The summary's hit rates recomputed from what was replayed (payloads and where each
+    landed) and the recommendations that came back: each held-out event is scored against
+    its user's newest recommendation answering an earlier offset."""
+    history, _ = replays["history"]
+    heldout, heldout_sent = replays["held-out"]
+    answered: dict[str, list[tuple[int, list[str]]]] = {}
+    for rec in recommendations:
+        answered.setdefault(rec.user_id, []).append((rec.source_offset, rec.items))
+    counts: dict[str, int] = {}
+    for p in history:
+        counts[p["item_id"]] = counts.get(p["item_id"], 0) + 1
+    first_seen = {item: i for i, item in reversed(list(enumerate(p["item_id"] for p in history)))}
+    popular = set(sorted(counts, key=lambda item: (-counts[item], first_seen[item]))[:top_k])
+    past: dict[str, list[str]] = {}
+    for p in history:
+        past.setdefault(p["user_id"], []).append(p["item_id"])
+    n = {"scored": 0, "hytrec": 0, "popular": 0, "recent": 0, "new": 0, "new_hits": 0}
+    for i, p in enumerate(heldout):
+        user, item, offset = p["user_id"], p["item_id"], int(heldout_sent.offset[i])
+        earlier = [(o, items) for o, items in answered.get(user, []) if o < offset]
+        mine = past.setdefault(user, [])
+        if earlier:
+            recommended = max(earlier, key=lambda pair: pair[0])[1][:top_k]
+            n["scored"] += 1
+            n["hytrec"] += item in recommended
+            n["popular"] += item in popular
+            n["recent"] += item in recent_distinct(mine, top_k)
+            if item not in mine:
+                n["new"] += 1
+                n["new_hits"] += item in recommended
+        mine.append(item)
+    return {
+        "scored_events": n["scored"],
+        f"hytrec_hit@{top_k}": n["hytrec"] / n["scored"],
+        f"popularity_hit@{top_k}": n["popular"] / n["scored"],
+        f"recent_items_hit@{top_k}": n["recent"] / n["scored"],
+        "new_item_events": n["new"],
+        f"hytrec_hit@{top_k}_new_items": n["new_hits"] / n["new"],
+    }
+
+
+def test_each_held_out_event_is_scored_against_the_recommendation_before_it():
+    """By hand: the recommendation answering an event itself must not score it (it may
+    already hold the item), and a user with no earlier recommendation is not scored."""
+
+    def rec(user: str, offset: int, items: list[str]) -> tuple[int, Recommendation]:
+        return 0, Recommendation(user, items, [0.0] * len(items), "v", 0, offset, 0, 0.0, 0.0)
+
+    history = [{"user_id": "u", "item_id": "a"}, {"user_id": "u", "item_id": "b"}]  # 0, 1
+    heldout = [
+        {"user_id": "u", "item_id": "a"},  # offset 2: answered before by ["a"]: a hit
+        {"user_id": "u", "item_id": "c"},  # offset 3: before by ["x"] (its own answer: ["c"])
+        {"user_id": "v", "item_id": "a"},  # offset 4: a new user, nothing before it
+    ]
+    sent = demo.Sent(np.zeros(3, np.int64), np.array([2, 3, 4]), np.zeros(3, np.int64))
+    received = [rec("u", 1, ["a"]), rec("u", 2, ["x"]), rec("u", 3, ["c"]), rec("v", 4, ["a"])]
+    assert demo.hit_rates(received, history, heldout, sent, top_k=2) == {
+        "scored_events": 2,
+        "hytrec_hit@2": 0.5,
+        "popularity_hit@2": 0.5,  # a and b, once each: "a" hits
+        "recent_items_hit@2": 0.5,  # u's two latest distinct items before "a": b, a
+        "new_item_events": 1,  # "c" is new to u, and missed
+        "hytrec_hit@2_new_items": 0.0,
+    }
+
+
 def test_demo_runs_end_to_end_and_cleans_up(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HYTREC_CACHE", str(tmp_path / "cache"))
     config = DemoConfig(
@@ -42,23 +121,79 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path, monkeypatch, capsys):
         device="cpu",
         output=tmp_path / "run",
     )
+    # keep what the demo replayed (and where each event landed) and what came back
+    replays: dict[str, tuple[list[dict], demo.Sent]] = {}
+    real_replay = demo.replay
+
+    def recording_replay(payloads, bootstrap, speed, desc):
+        sent = real_replay(payloads, bootstrap, speed, desc)
+        replays[desc] = (list(payloads), sent)
+        return sent
+
+    collectors: list[demo.Collector] = []
+
+    class RecordingCollector(demo.Collector):
+        def __post_init__(self) -> None:
+            collectors.append(self)
+            super().__post_init__()
+
+    monkeypatch.setattr(demo, "replay", recording_replay)
+    monkeypatch.setattr(demo, "Collector", RecordingCollector)
     before = set(children(os.getpid()))
     summary = run_demo(config)
     assert set(children(os.getpid())) <= before, "the demo left a process running"
 
-    assert summary["events_in"] == summary["history_events"] + summary["heldout_events"]
-    assert summary["recommendations_out"] >= summary["users"]
-    assert summary["latency_ms"]["recommendations"] > 0
-    assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["p99"]
-    quality = summary["quality"]
-    assert quality["scored_events"] > 0.9 * summary["heldout_events"]
-    assert 0 <= quality["hytrec_hit@20"] <= 1
+    # the counts are those of the events replayed: the earlier 80 % of the time span, then
+    # the rest
+    history, history_sent = replays["history"]
+    heldout, heldout_sent = replays["held-out"]
+    everything = history + heldout
+    first, last = min(p["ts"] for p in everything), max(p["ts"] for p in everything)
+    cut = last - 0.2 * (last - first)
+    assert all(p["ts"] < cut for p in history) and all(p["ts"] >= cut for p in heldout)
+    assert summary["history_events"] == len(history) > 0
+    assert summary["heldout_events"] == len(heldout) > 0
+    assert summary["events_in"] == len(everything)
+    assert summary["users"] == len({p["user_id"] for p in everything})
+
+    # every recommendation answers a replayed event of its own user, and every user's
+    # newest event was answered
+    (collector,) = collectors
+    recommendations = [rec for _, rec in collector.received if rec.user_id != demo.PROBE_USER]
+    assert summary["recommendations_out"] == len(recommendations)
+    landed = {
+        (int(sent.partition[i]), int(sent.offset[i])): p
+        for payloads, sent in (replays["history"], replays["held-out"])
+        for i, p in enumerate(payloads)
+    }
+    for rec in recommendations:
+        event = landed[(rec.source_partition, rec.source_offset)]
+        assert (rec.user_id, rec.event_ts) == (event["user_id"], event["ts"])
+        assert len(rec.items) == config.top_k
+    answered = {(rec.source_partition, rec.source_offset) for rec in recommendations}
+    newest = {p["user_id"]: key for key, p in sorted(landed.items())}
+    assert set(newest.values()) <= answered
+    heldout_keys = {
+        (int(heldout_sent.partition[i]), int(heldout_sent.offset[i])) for i in range(len(heldout))
+    }
+    latency = summary["latency_ms"]
+    assert latency["recommendations"] == len(answered & heldout_keys)
+    assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+
+    # the hit rates and both baselines, recomputed from the replayed events and the
+    # recommendations that came back
+    assert summary["quality"] == expected_quality(replays, recommendations, config.top_k)
+    assert summary["quality"]["scored_events"] > 0.9 * len(heldout)
+
+    assert summary["git_commit"] == git_commit() and "provenance_ok" in summary
+    assert summary["machine"]["cpus"] == len(os.sched_getaffinity(0))
     assert len(summary["sample_users"]) == 3
     assert all(user["recommended"] for user in summary["sample_users"])
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert written["events_in"] == summary["events_in"]
+    assert written == json.loads(json.dumps(summary))
     assert (tmp_path / "run" / "demo.png").stat().st_size > 0
-    assert "next-event hit@20" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "\n".join(summary_lines(written)) in printed
 
     # a second run reuses the trained checkpoint
     assert run_demo(config)["checkpoint_reused"]

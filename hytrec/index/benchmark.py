@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from hytrec.index.backend import import_faiss, select_backend
 from hytrec.index.item_index import IndexConfig, ItemIndex, build_index, exact_top_k, recall_at_k
-from hytrec.model.reports import git_commit, machine_info
+from hytrec.model.reports import machine_info, provenance
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def environment() -> dict:
     faiss = import_faiss()
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        **provenance(),
         "machine": {
             **machine_info(),
             # set on these machines; it picks the BLAS kernel (reported, not changed)

@@ -8,7 +8,6 @@ batch size, input length, loss, seed) and is ranked on the same test targets wit
 
 from __future__ import annotations
 
-import platform
 import shlex
 import sys
 import time
@@ -29,7 +28,7 @@ from hytrec.model.evaluate import (
 )
 from hytrec.model.events import EventLog
 from hytrec.model.hytrec import EventBatch, HyTRecConfig
-from hytrec.model.reports import git_commit
+from hytrec.model.reports import machine_info, provenance
 from hytrec.model.sasrec import SASRecConfig
 from hytrec.model.train import ModelConfig, TrainConfig, train
 
@@ -196,9 +195,9 @@ def run_accuracy(
         "d_model": d_model,
         "command": " ".join(shlex.quote(a) for a in ["hytrec", *sys.argv[1:]]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        **provenance(),
         "machine": {
-            "platform": platform.platform(),
+            **machine_info(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "device": tc.device,

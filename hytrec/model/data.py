@@ -35,9 +35,10 @@ mtime and the load options; the cached copy loads about 15x faster for the Taoba
 file (0.29 s -> 0.02 s on 2 cores).
 
 Filters (`FilterConfig`, `apply_filters`) remove scalper-like, inactive and cold-start users
-and rare items, reporting what each step removed. Splits: `leave_one_out` and
-`temporal_split` return index arrays into the log (numpy only), one row per user, with the
-exact input prefix of every target stated, so leakage checks are one comparison.
+and rare items, reporting what each step removed. `temporal_split` returns index arrays
+into the log (numpy only), one row per user, with the exact input prefix of every target
+stated, so leakage checks are one comparison (leave-one-out, the split training and
+evaluation use, is `hytrec.model.evaluate.leave_one_out`).
 """
 
 from __future__ import annotations
@@ -791,50 +792,6 @@ def user_bounds(events: EventLog) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     starts = np.flatnonzero(np.r_[True, events.user[1:] != events.user[:-1]])
     stops = np.r_[starts[1:], len(events)]
     return events.user[starts], starts.astype(np.int64), stops.astype(np.int64)
-
-
-@dataclass(frozen=True)
-class LeaveOneOutSplit:
-    """Leave-one-out, one row per user; all arrays int64 [U], indices into the `EventLog`.
-
-    training:   events start .. train_stop-1 (inputs and next-event targets within them)
-    validation: target valid_target, input start .. valid_target-1 (= the training events)
-    test:       target test_target, input start .. test_target-1 (training events plus the
-                validation target)
-    Users with fewer than `min_events` events only train: targets -1, train_stop = stop.
-    Field names match `hytrec.model.evaluate.EvalSplit`.
-    """
-
-    user: np.ndarray
-    start: np.ndarray
-    train_stop: np.ndarray
-    valid_target: np.ndarray
-    test_target: np.ndarray
-    name: str = "leave-one-out"
-
-    def targets(self, which: str) -> tuple[np.ndarray, np.ndarray]:
-        """(input start, target index) of the scored rows for "valid" or "test"; the input
-        is start .. target-1."""
-        target = {"valid": self.valid_target, "test": self.test_target}[which]
-        rows = target >= 0
-        return self.start[rows], target[rows]
-
-    def train_mask(self, n: int) -> np.ndarray:
-        """Boolean [n]: the log events that training may read."""
-        return _ranges_mask(n, self.start, self.train_stop)
-
-
-def leave_one_out(events: EventLog, min_events: int = 3) -> LeaveOneOutSplit:
-    """Last event of each user = test target, the one before = validation target."""
-    user, start, stop = user_bounds(events)
-    scored = stop - start >= min_events
-    return LeaveOneOutSplit(
-        user=user,
-        start=start,
-        train_stop=np.where(scored, stop - 2, stop),
-        valid_target=np.where(scored, stop - 2, -1),
-        test_target=np.where(scored, stop - 1, -1),
-    )
 
 
 @dataclass(frozen=True)

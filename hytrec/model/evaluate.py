@@ -69,6 +69,11 @@ class EvalSplit:
 def leave_one_out(log: EventLog, min_events: int = 3) -> EvalSplit:
     """Last event of each user is the test target, the one before it the validation target,
     the rest trains. Users with fewer than `min_events` events only train (never scored)."""
+    if min_events < 3:
+        raise ValueError(
+            f"leave_one_out: min_events must be >= 3 (a validation target needs an input "
+            f"event before it), got {min_events}"
+        )
     slices = np.array([(s, e) for _, s, e in log.user_slices()], dtype=np.int64).reshape(-1, 2)
     start, stop = slices[:, 0], slices[:, 1]
     scored = stop - start >= min_events

@@ -1,33 +1,61 @@
-"""Benchmark reports: where a figure came from (commit, processor), the command that
+"""Benchmark reports: where a figure came from (commit, processor, GPU), the command that
 reruns it, and its JSON with a PNG beside it. Light imports only."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
 RESULTS_SPEC = ":(top,exclude)benchmarks/results"
+# the checkout this package runs from (not the caller's working directory)
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
-def git_commit() -> str | None:
-    """HEAD, with "-dirty" when tracked files other than benchmark results differ from it
-    (a run of several benchmarks rewrites results, not code); None outside a checkout."""
+class ProvenanceWarning(UserWarning):
+    """Figures that cannot be tied to a clean, existing commit."""
+
+
+def git_commit(root: Path = SOURCE_ROOT) -> str:
+    """The commit of the code that runs: HEAD of the checkout holding this package, with
+    "-dirty" when tracked files differ from it or untracked files (not ignored) are present,
+    benchmark results excepted (a run of several benchmarks rewrites results, not code);
+    "UNKNOWN (git failed: ...)" when git cannot say (no checkout, no git)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", RESULTS_SPEC],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+        head = git("rev-parse", "--verify", "HEAD^{commit}")
+        dirty = git("status", "--porcelain", "--untracked-files=normal", "--", ":/", RESULTS_SPEC)
+    except OSError as error:
+        return f"UNKNOWN (git failed: {error})"
+    except subprocess.CalledProcessError as error:
+        reason = (error.stderr or "").strip().splitlines() or [f"exit {error.returncode}"]
+        return f"UNKNOWN (git failed: {reason[0]})"
     return head + ("-dirty" if dirty else "")
+
+
+def provenance(root: Path = SOURCE_ROOT) -> dict:
+    """{"git_commit", "provenance_ok"} for a report. Only a clean checkout's HEAD ties the
+    figures to committed code; anything else is marked false and warned about (the CLI
+    prints the warning), never left out or recorded as None."""
+    commit = git_commit(root)
+    ok = not commit.startswith("UNKNOWN") and not commit.endswith("-dirty")
+    if not ok:
+        warnings.warn(
+            f"figures from {commit}: not a clean commit, so they cannot be reproduced from "
+            "one (commit first, then run the benchmark from a clean tree)",
+            ProvenanceWarning,
+            stacklevel=2,
+        )
+    return {"git_commit": commit, "provenance_ok": ok}
 
 
 def cpu_info() -> dict[str, str]:
@@ -53,8 +81,17 @@ def cpu_name() -> str:
     return name
 
 
+def gpu_names() -> list[str]:
+    """The CUDA devices torch sees (empty without torch imported, or without a GPU)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
 def machine_info() -> dict:
-    """The machine a figure came from; on a shared machine the load changes every figure."""
+    """The machine a figure came from, read from the machine (never typed in); on a shared
+    machine the load changes every figure."""
     import os
     import platform
 
@@ -63,6 +100,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "cpu": cpu_name(),
         "cpus": len(os.sched_getaffinity(0)),
+        "gpus": gpu_names(),
         "load_average_1m": os.getloadavg()[0],
     }
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from hytrec.model.reports import command_line, cpu_name, git_commit
+from hytrec.model.reports import command_line, cpu_name, provenance
 
 
 def time_calls(
@@ -70,6 +70,6 @@ def report_header(benchmark: str, config, output: str | Path | None, device) -> 
         "device": device_name(device),
         "command": command_line(benchmark, config, output),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        **provenance(),
         "torch": torch.__version__,
     }

@@ -180,6 +180,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         leave_one_out,
         write_reports,
     )
+    from hytrec.model.reports import machine_info, provenance
     from hytrec.model.train import load_model
 
     log = load_dataset(args.dataset)
@@ -196,6 +197,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             "dataset": args.dataset,
             "checkpoint": str(args.checkpoint),
             "protocol": report["protocol"],
+            **provenance(),
+            "machine": machine_info(),
         },
     )
     print(json.dumps(report["overall"], indent=2))

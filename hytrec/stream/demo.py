@@ -10,8 +10,11 @@
    stream, which measures throughput), then the held-out part paced over about
    `heldout_seconds` (which measures event-to-recommendation latency without a backlog).
 5. Score every held-out event against the recommendation its user had just before it,
-   beside two baselines on the same events; print a summary, write JSON and a plot; stop
-   the worker and the broker.
+   beside two baselines on the same events; print a summary, write JSON (with the commit
+   and the machine it ran on) and a plot; stop the worker and the broker.
+
+`python -m hytrec.stream.demo SUMMARY.json` prints a saved summary the way the demo does
+(the README's demo block is that print of `benchmarks/results/demo-cpu.json`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from hytrec.model.device import resolve_device
 from hytrec.model.evaluate import leave_one_out
 from hytrec.model.events import EventLog
 from hytrec.model.hytrec import CheckpointError, HyTRec, HyTRecConfig
+from hytrec.model.reports import machine_info, provenance
 from hytrec.model.synthetic import generate
 from hytrec.model.train import TrainConfig, train
 from hytrec.stream.broker import EmbeddedBroker, die_with_parent, stop_process
@@ -466,6 +470,9 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     summary = {
         "dataset": dataset,
         "device": device,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        **provenance(),
+        "machine": machine_info(),
         "checkpoint": str(checkpoint),
         "checkpoint_reused": reused,
         "top_k": config.top_k,
@@ -494,11 +501,14 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     return summary
 
 
-def print_summary(s: dict, run_dir: Path) -> None:
-    k, q, lat = s["top_k"], s["quality"], s["latency_ms"]
-    lines = [
-        "",
+def summary_lines(s: dict) -> list[str]:
+    """The figures of a summary as the demo prints them (and the README shows them)."""
+    k, q, lat, machine = s["top_k"], s["quality"], s["latency_ms"], s["machine"]
+    commit = s["git_commit"][:12] if s["provenance_ok"] else f"{s['git_commit']} (NOT clean)"
+    return [
         f"== hytrec demo: {s['dataset']} on {s['device']} ==",
+        f"code                 commit {commit}, {s['date'][:10]}; {machine['cpu']}, "
+        f"{machine['cpus']} cpus, gpu {', '.join(machine['gpus']) or 'none'}",
         f"events in            {s['events_in']:,} ({s['users']:,} users)",
         f"recommendations out  {s['recommendations_out']:,}",
         f"full-speed replay    {s['history_events']:,} events in {s['history_seconds']:.1f} s "
@@ -511,9 +521,17 @@ def print_summary(s: dict, run_dir: Path) -> None:
         f"  items new to the user: HyTRec {q[f'hytrec_hit@{k}_new_items']:.3f} "
         f"({q['new_item_events']:,} events)",
     ]
+
+
+def print_summary(s: dict, run_dir: Path) -> None:
+    lines = ["", *summary_lines(s)]
     for user in s["sample_users"]:
         lines.append(f"user {user['user_id']} ({user['events']} events), latest:")
         lines += [f"    {line}" for line in user["recent"]]
         lines.append(f"  recommended: {', '.join(user['recommended'])}")
     lines.append(f"summary: {run_dir / 'summary.json'}, plot: {run_dir / 'demo.png'}")
     print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":  # print a saved summary: python -m hytrec.stream.demo SUMMARY.json
+    print("\n".join(summary_lines(json.loads(Path(sys.argv[1]).read_text()))))

@@ -105,10 +105,47 @@ def test_zero_length_and_identity_steps():
     torch.testing.assert_close(s, inputs["initial_state"])
 
 
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "no-state"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_no_tokens_give_no_read_outs_and_the_state_unchanged(dtype, with_state):
+    """T = 0 in the oracle and the chunked form: read-outs [B, 0, H, V] in the inputs' dtype,
+    and the user's state (zeros for a new one) in the compute dtype."""
+    x = make_inputs(2, 0, 3, 4, 5, dtype, seed=11, with_state=with_state)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    zeros = torch.zeros(2, 3, 4, 5, dtype=compute)
+    expected = x["initial_state"].to(compute) if with_state else zeros
+    for form in (naive_tadn, chunk_tadn):
+        o, state = form(**x)
+        assert o.shape == (2, 0, 3, 5) and o.dtype == dtype, form.__name__
+        assert state.dtype == compute, form.__name__
+        torch.testing.assert_close(state, expected, rtol=0, atol=0)
+
+
+def test_the_oracle_computes_bf16_inputs_in_fp32():
+    x = make_inputs(2, 7, 2, 4, 4, torch.bfloat16, seed=12)
+    o, state = naive_tadn(**x)
+    o32, state32 = naive_tadn(**{n: t.float() for n, t in x.items()})
+    assert o.dtype == torch.bfloat16 and state.dtype == torch.float32
+    torch.testing.assert_close(state, state32, rtol=0, atol=0)
+    torch.testing.assert_close(o, o32.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_chunks_of_one_are_the_token_loop_and_zero_is_refused():
+    x = make_inputs(2, 5, 1, 4, 4, torch.float64, seed=13)
+    o, state = chunk_tadn(**x, chunk_size=1)
+    ref_o, ref_state = naive_tadn(**x)
+    torch.testing.assert_close(o, ref_o)
+    torch.testing.assert_close(state, ref_state)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        chunk_tadn(**x, chunk_size=0)
+
+
 def test_dispatch_selects_torch_and_rejects_unknown_backend():
     inputs = make_inputs(1, 9, 1, 4, 4, torch.float64, seed=5)
     o, _ = tadn_parallel(**inputs, chunk_size=4, backend=Backend.TORCH)
     torch.testing.assert_close(o, naive_tadn(**inputs)[0])
+    auto, _ = tadn_parallel(**inputs, chunk_size=4)  # AUTO on CPU tensors: the PyTorch form
+    torch.testing.assert_close(auto, o, rtol=0, atol=0)
     with pytest.raises(ValueError, match="cuda-magic"):
         tadn_parallel(**inputs, backend="cuda-magic")
 
@@ -187,5 +224,7 @@ def test_step_refuses_duplicate_slots():
     x = make_inputs(2, 3, 1, 4, 4, torch.float32, seed=9)
     pool = torch.zeros(4, 1, 4, 4)
     x.pop("initial_state")
-    with pytest.raises(ValueError, match="distinct"):
+    with pytest.raises(ValueError, match="step_tadn: slots must be distinct"):
         tadn_step(pool, torch.tensor([1, 1]), torch.tensor([3, 3]), **x)
+    with pytest.raises(TypeError, match="must be fp32 or fp64, got torch.float16"):
+        tadn_step(pool.half(), torch.tensor([1, 2]), torch.tensor([3, 3]), **x)

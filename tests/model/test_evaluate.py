@@ -8,11 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hytrec.model.evaluate import (
     EvalConfig,
     ModelReport,
     auc,
+    context_length,
     evaluate,
     history_batch,
     hit_rate,
@@ -20,6 +23,7 @@ from hytrec.model.evaluate import (
     mrr,
     ndcg,
     ranking_metrics,
+    summarize,
     target_ranks,
     write_reports,
 )
@@ -70,6 +74,44 @@ def test_target_ranks_ties_padding_and_filtering():
     assert rank.item() == 3 and n.item() == 4  # an excluded target ranks last
 
 
+def test_target_ranks_counts_the_candidates_of_each_row():
+    scores = torch.tensor([[9.0, 0.2, 0.5, 0.1], [9.0, 0.3, 0.1, 0.9]])
+    exclude = torch.tensor([[False, False, True, False], [False, False, False, False]])
+    rank, n = target_ranks(scores, torch.tensor([1, 2]), exclude)
+    assert rank.tolist() == [0, 2] and n.tolist() == [2, 3]
+
+
+def test_context_length_is_the_models_bound_capped_by_max_len():
+    class Bounded(torch.nn.Module):
+        max_len = 50
+
+    assert [context_length(Bounded(), m) for m in (None, 10, 80)] == [50, 10, 50]
+    unbounded = torch.nn.Linear(1, 1)
+    assert [context_length(unbounded, m) for m in (None, 7)] == [None, 7]
+
+
+def test_summarize_puts_each_user_in_its_cohort_at_the_boundaries():
+    ranked = {
+        "rank": np.array([0, 20, 3, 600, 1]),
+        "candidates": np.array([101, 41, 11, 1001, 3]),
+        "rank_filtered": np.array([1, 1, 1, 1, 1]),
+        "candidates_filtered": np.array([3, 3, 3, 3, 3]),
+        "history": np.array([1, 20, 21, 501, 5]),
+    }
+    cfg = EvalConfig(ks=(1, 10), cohorts=((1, 20), (21, 500), (501, None)), cold_start_max=5)
+    report = summarize(ranked, cfg)
+    cohorts = report["cohorts"]
+    assert list(cohorts) == ["1-20", "21-500", "501+", "cold-start (<=5)"]
+    assert [c["users"] for c in cohorts.values()] == [3, 1, 1, 2]
+    assert list(report["overall"]) == ["users", "HR@1", "HR@10", "NDCG@1", "NDCG@10", "MRR", "AUC"]
+    assert all(list(c) == list(report["overall"]) for c in cohorts.values())  # same ks
+    # each cohort's AUC uses its own users' candidate counts: users 1, 20, 5
+    assert cohorts["1-20"]["AUC"] == pytest.approx(np.mean([1 - 0 / 100, 1 - 20 / 40, 1 - 1 / 2]))
+    assert cohorts["21-500"]["HR@10"] == 1.0 and cohorts["501+"]["HR@10"] == 0.0
+    filtered = summarize(ranked, EvalConfig(ks=(1, 10), filter_history=True))
+    assert filtered["overall"] == ranking_metrics(np.ones(5), np.full(5, 3), (1, 10))
+
+
 def tiny_log(lengths=(5, 2, 4)) -> EventLog:
     user = np.repeat(np.arange(1, len(lengths) + 1), lengths)
     item = np.arange(1, len(user) + 1) % 7 + 1
@@ -86,14 +128,61 @@ def tiny_log(lengths=(5, 2, 4)) -> EventLog:
     )
 
 
-def test_leave_one_out_holds_out_the_last_two_events():
-    split = leave_one_out(tiny_log())
-    assert split.start.tolist() == [0, 5, 7]
-    assert split.test_target.tolist() == [4, -1, 10]  # user 2 has too few events: train only
-    assert split.valid_target.tolist() == [3, -1, 9]
-    assert split.train_stop.tolist() == [3, 7, 9]
+def test_leave_one_out_at_the_boundary():
+    """Users of 1, 2 (min_events - 1), 3 (exactly min_events) and 5 events: the last event
+    is the test target, the second-to-last the validation target, the rest trains; a user
+    below min_events only trains."""
+    split = leave_one_out(tiny_log((1, 2, 3, 5)))  # events 0 | 1 2 | 3 4 5 | 6 7 8 9 10
+    assert split.start.tolist() == [0, 1, 3, 6]
+    assert split.train_stop.tolist() == [1, 3, 4, 9]
+    assert split.valid_target.tolist() == [-1, -1, 4, 9]
+    assert split.test_target.tolist() == [-1, -1, 5, 10]
+    start, target = split.targets("valid")
+    assert start.tolist() == [3, 6] and target.tolist() == [4, 9]
     start, target = split.targets("test")
-    assert start.tolist() == [0, 7] and target.tolist() == [4, 10]
+    assert start.tolist() == [3, 6] and target.tolist() == [5, 10]
+    # min_events moves the boundary: 5 events are enough for 5, 3 are not
+    split = leave_one_out(tiny_log((3, 5, 4)), min_events=5)
+    assert split.test_target.tolist() == [-1, 7, -1]
+    assert split.valid_target.tolist() == [-1, 6, -1]
+    assert split.train_stop.tolist() == [3, 6, 12]
+    empty = leave_one_out(tiny_log((2, 1)))
+    assert empty.targets("test")[1].tolist() == [] and empty.train_stop.tolist() == [2, 3]
+    with pytest.raises(ValueError, match="min_events must be >= 3"):
+        leave_one_out(tiny_log((2, 2)), min_events=2)  # validation would have no input
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.integers(min_value=1, max_value=8), min_size=1, max_size=12),
+    st.integers(min_value=3, max_value=6),
+)
+def test_leave_one_out_has_no_leakage(lengths, min_events):
+    """Against a per-user reading of the definition, for any user lengths."""
+    log = tiny_log(tuple(lengths))
+    split = leave_one_out(log, min_events)
+    assert len(split.start) == len(lengths)
+    training = np.zeros(len(log), dtype=bool)
+    position = 0
+    for row, n in enumerate(lengths):
+        stop = position + n
+        assert split.start[row] == position
+        if n >= min_events:  # last event tests, the one before validates, the rest trains
+            assert (split.valid_target[row], split.test_target[row]) == (stop - 2, stop - 1)
+            assert split.train_stop[row] == stop - 2
+        else:
+            assert (split.valid_target[row], split.test_target[row]) == (-1, -1)
+            assert split.train_stop[row] == stop
+        training[position : split.train_stop[row]] = True
+        position = stop
+    for which in ("valid", "test"):
+        start, target = split.targets(which)
+        assert not training[target].any()  # no target is a training event
+        assert (log.user[start] == log.user[target]).all() and (start < target).all()
+    _, valid = split.targets("valid")
+    _, test = split.targets("test")
+    assert np.array_equal(test, valid + 1)  # test input = training events + valid target
+    assert training.sum() == len(log) - 2 * len(test)
 
 
 def test_history_batch_keeps_the_last_events_and_excludes_the_target():
@@ -103,6 +192,8 @@ def test_history_batch_keeps_the_last_events_and_excludes_the_target():
     assert batch.item.tolist() == [log.item[2:4].tolist(), log.item[8:10].tolist()]
     full = history_batch(log, np.array([0, 7]), np.array([4, 10]))
     assert full.lengths.tolist() == [4, 3] and full.item[1, 3].item() == 0  # right-padded
+    for column in (full.item, full.category, full.behavior, full.ts, full.lengths):
+        assert column.dtype == torch.int64  # ids index embeddings; ts keeps its seconds
 
 
 class _Oracle(torch.nn.Module):
@@ -143,3 +234,16 @@ def test_evaluate_an_oracle_and_write_reports(tmp_path):
     assert [p.suffix for p in paths] == [".json", ".md", ".png"]
     assert json.loads(paths[0].read_text())["models"]["oracle"]["overall"]["MRR"] == 1.0
     assert "| oracle |" in paths[1].read_text()
+
+
+def test_evaluate_reports_the_other_protocol_beside_the_chosen_one():
+    log = tiny_log((8, 6, 7))  # the first user's test target repeats its first item
+    split = leave_one_out(log)
+    _, targets = split.targets("test")
+    model = _Oracle(log, {int(log.item[t - 1]): int(log.item[t]) for t in targets})
+    kept = evaluate(model, log, split)  # the test targets, history items kept
+    removed = evaluate(model, log, split, "test", EvalConfig(filter_history=True))
+    assert kept["protocol"]["targets"] == "test"
+    assert kept["overall_history_filtered"] == removed["overall"]
+    assert removed["overall_unfiltered"] == kept["overall"]
+    assert kept["overall"]["MRR"] == 1.0 > removed["overall"]["MRR"]  # a repeat is a miss

@@ -14,6 +14,7 @@ from hytrec.model.hytrec import (
     CheckpointError,
     HyTRec,
     HyTRecConfig,
+    TemporalDeltaMixer,
     WindowAttention,
     gap_bucket,
     shift_window,
@@ -67,21 +68,95 @@ def test_user_vectors_are_causal():
     assert (after[0, 30:] - before[0, 30:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("decay", [True, False], ids=["decay", "no-decay"])
-def test_continuous_gaps_matter_only_through_the_decays(decay):
-    """Gaps of 1000 s and 1010 s fall into the same bucket (log2 buckets): only the TADN
-    decays (erase-gate tau, state decay) can tell them apart."""
-    model = small_model(state_decay=decay, erase_tau=decay, use_short=False, softmax_every=0).eval()
+TEMPORAL_SWITCHES = pytest.mark.parametrize(
+    "erase_tau,state_decay",
+    [(True, True), (True, False), (False, True), (False, False)],
+    ids=["tau+decay", "tau-only", "decay-only", "neither"],
+)
+
+
+@TEMPORAL_SWITCHES
+def test_continuous_gaps_matter_only_through_the_decays(erase_tau, state_decay):
+    """Gaps of 100,000 s and 101,000 s fall into the same bucket (log2 buckets): only the
+    TADN decays can tell them apart, and each of them alone does (the erase gate's tau with
+    the state decay off, and the other way round)."""
+    model = small_model(
+        erase_tau=erase_tau, state_decay=state_decay, use_short=False, softmax_every=0
+    ).eval()
     vectors = []
-    for gap in (1000, 1010):
+    for gap in (100_000, 101_000):
         batch = batch_of(model, [20], seed=3)
         batch.ts = 1_500_000_000 + gap * torch.arange(20)[None]
         vectors.append(model.user_vector(batch))
-    assert gap_bucket(torch.tensor([1000]), torch.tensor([True]), 40) == gap_bucket(
-        torch.tensor([1010]), torch.tensor([True]), 40
+    assert gap_bucket(torch.tensor([100_000]), torch.tensor([True]), 40) == gap_bucket(
+        torch.tensor([101_000]), torch.tensor([True]), 40
     )
-    changed = (vectors[0] - vectors[1]).abs().max().item() > 1e-6
-    assert changed == decay
+    difference = (vectors[0] - vectors[1]).abs().max().item()
+    if erase_tau or state_decay:
+        assert difference > 1e-4
+    else:
+        assert difference == 0.0
+
+
+def documented_tadn_mixer(mixer: TemporalDeltaMixer, x: torch.Tensor, dt: torch.Tensor):
+    """The mixer's output computed from its weights by the module docstring's equations, in
+    float64 with explicit matrices (no kernel, no shared helper):
+
+        tau_t = exp(-dt_t / T)                          (1 when erase_tau is off)
+        g_t   = alpha * sigmoid(W_g [h_t ; h_t - mean_{i<=t} h_i] + b) * tau_t
+                + (1 - alpha) * g_static
+        S_t   = exp(-dt_t / T_h) (I - g_t beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+                                                        (no exp(...) when state_decay is off)
+        o_t   = S_t^T q_t,   then RMSNorm per head and the output projection."""
+    cfg, H, dh = mixer.cfg, mixer.heads, mixer.head_dim
+    w = {n: t.detach().double() for n, t in mixer.state_dict().items()}
+    h, dt = x.double()[0], dt.double()[0]  # [T, d], [T]
+    T = h.shape[0]
+    mean = h.cumsum(0) / torch.arange(1, T + 1, dtype=torch.float64)[:, None]
+    q = torch.nn.functional.normalize((h @ w["q_proj.weight"].T).view(T, H, dh), dim=-1)
+    k = torch.nn.functional.normalize((h @ w["k_proj.weight"].T).view(T, H, dh), dim=-1)
+    v = (h @ w["v_proj.weight"].T).view(T, H, dh)
+    beta = torch.sigmoid(h @ w["beta_proj.weight"].T + w["beta_proj.bias"])  # [T, H]
+    period = torch.nn.functional.softplus(w["period_raw"])  # [H, 2]: T, T_h
+    alpha, g_static = torch.sigmoid(w["alpha_logit"]), torch.sigmoid(w["static_logit"])
+    learned = torch.sigmoid(
+        torch.cat([h, h - mean], dim=-1) @ w["gate_proj.weight"].T + w["gate_proj.bias"]
+    )
+    out = torch.zeros(T, H, dh, dtype=torch.float64)
+    for head in range(H):
+        S = torch.zeros(dh, dh, dtype=torch.float64)
+        for t in range(T):
+            tau = torch.exp(-dt[t] / period[head, 0]) if cfg.erase_tau else 1.0
+            g = alpha[head] * learned[t, head] * tau + (1 - alpha[head]) * g_static[head]
+            kt, vt, b = k[t, head], v[t, head], beta[t, head]
+            erase = torch.eye(dh, dtype=torch.float64) - g * b * torch.outer(kt, kt)
+            decay = torch.exp(-dt[t] / period[head, 1]) if cfg.state_decay else 1.0
+            S = decay * erase @ S + b * torch.outer(kt, vt)
+            out[t, head] = S.T @ q[t, head]
+    normed = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)
+    normed = normed * w["out_norm.weight"]
+    return (normed.reshape(T, H * dh) @ w["o_proj.weight"].T)[None]
+
+
+@TEMPORAL_SWITCHES
+def test_tadn_mixer_computes_the_documented_equations(erase_tau, state_decay):
+    """Each temporal term, switched on or off alone, is exactly the docstring's arithmetic:
+    a gate that lost tau (or a state decay applied while switched off) fails here."""
+    cfg = HyTRecConfig(
+        num_items=10, d_model=16, long_heads=2, erase_tau=erase_tau, state_decay=state_decay
+    )
+    torch.manual_seed(0)
+    mixer = TemporalDeltaMixer(cfg).eval()
+    with torch.no_grad():  # weights far from their init, so every term moves the output
+        mixer.gate_proj.weight.normal_(0, 0.5)
+        mixer.beta_proj.weight.normal_(0, 0.5)
+        mixer.alpha_logit.fill_(2.0)  # alpha ~0.88: the learned, tau-scaled part dominates
+        mixer.period_raw.copy_(torch.tensor([[0.5, 1.0], [2.0, 3.0]]))  # T, T_h ~1-3 units
+    x = torch.randn(1, 37, 16)
+    dt = torch.rand(1, 37) * 4.0  # gaps up to 4 time units: tau from 1 down to ~0.02
+    dt[0, 0] = 0.0
+    expected = documented_tadn_mixer(mixer, x, dt)
+    torch.testing.assert_close(mixer(x, dt).double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_state_size_is_documented_and_within_budget():
