@@ -17,43 +17,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from hytrec.model.evaluate import (
     EvalConfig,
-    EvalSplit,
     ModelReport,
     evaluate,
     leave_one_out,
     write_reports,
 )
 from hytrec.model.events import EventLog
-from hytrec.model.hytrec import EventBatch, HyTRecConfig
+from hytrec.model.heuristics import Popularity
+from hytrec.model.hytrec import HyTRecConfig
 from hytrec.model.reports import git_commit
 from hytrec.model.sasrec import SASRecConfig
 from hytrec.model.train import ModelConfig, TrainConfig, train
-
-
-class Popularity(nn.Module):
-    """Scores every item by its count among the training events, the same for every user."""
-
-    def __init__(self, log: EventLog, split: EvalSplit):
-        super().__init__()
-        counts = torch.zeros(len(log.items))
-        for a, z in zip(split.start, split.train_stop, strict=True):
-            counts.index_add_(0, torch.from_numpy(log.item[a:z]), torch.ones(z - a))
-        self.register_buffer("counts", counts)
-
-    def forward(self, batch: EventBatch) -> torch.Tensor:
-        return torch.ones(*batch.item.shape, 1, device=batch.item.device)  # [B, T, 1]
-
-    def item_table(self) -> torch.Tensor:
-        return self.counts[:, None]  # [N, 1]: score = 1 * count
-
-    def score(self, user: torch.Tensor) -> torch.Tensor:
-        logits = user @ self.item_table().T
-        logits[..., 0] = float("-inf")
-        return logits
 
 
 def model_zoo(d_model: int = 64, max_len: int = 50) -> dict[str, ModelConfig | None]:

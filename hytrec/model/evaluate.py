@@ -90,9 +90,7 @@ def hit_rate(ranks: np.ndarray, k: int) -> float:
 
 def ndcg(ranks: np.ndarray, k: int) -> float:
     """Mean 1/log2(rank + 2) over targets in the top k, 0 for the others."""
-    if not len(ranks):
-        return float("nan")
-    return float(np.mean(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)))
+    return float(np.mean(ndcg_per_user(ranks, k))) if len(ranks) else float("nan")
 
 
 def mrr(ranks: np.ndarray) -> float:
@@ -104,6 +102,61 @@ def auc(ranks: np.ndarray, candidates: np.ndarray) -> float:
     if not len(ranks):
         return float("nan")
     return float(np.mean(1.0 - ranks / np.maximum(candidates - 1, 1)))
+
+
+def ndcg_per_user(ranks: np.ndarray, k: int) -> np.ndarray:
+    """float64 [U]: each target's NDCG@k (the values `ndcg` averages)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def paired_bootstrap(
+    a: np.ndarray,
+    b: np.ndarray | None = None,
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """Percentile bootstrap over users of the mean of per-user values `a` and, when `b` (the
+    same users under another model) is given, of mean(a) - mean(b) and mean(a) / mean(b),
+    resampling the users once for both so that the pairing is kept.
+
+    Returns {"mean", "ci"} for a alone, else also "mean_b", "diff", "diff_ci", "ratio",
+    "ratio_ci" and "share_a_ahead" (the share of resamples where mean(a) > mean(b)).
+    Intervals are the (1-level)/2 and (1+level)/2 quantiles of the resampled statistics.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    n = len(a)
+    if b is not None and len(b) != n:
+        raise ValueError(f"paired values need equal lengths, got {n} and {len(b)}")
+    if n == 0:
+        raise ValueError("nothing to resample: no users")
+    rng = np.random.default_rng(seed)
+    means_a, means_b = [], []
+    for lo in range(0, resamples, 256):  # [chunk, n] user indices at a time bounds memory
+        take = rng.integers(0, n, (min(256, resamples - lo), n))
+        means_a.append(a[take].mean(1))
+        if b is not None:
+            means_b.append(np.asarray(b, dtype=np.float64)[take].mean(1))
+    qs = ((1 - level) / 2, (1 + level) / 2)
+    ma = np.concatenate(means_a)
+    out = {"mean": float(a.mean()), "ci": [float(v) for v in np.quantile(ma, qs)]}
+    if b is None:
+        return out
+    b = np.asarray(b, dtype=np.float64)
+    mb = np.concatenate(means_b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = ma / mb
+        ratio = a.mean() / b.mean() if b.mean() else float("nan")
+    out.update(
+        mean_b=float(b.mean()),
+        diff=float(a.mean() - b.mean()),
+        diff_ci=[float(v) for v in np.quantile(ma - mb, qs)],
+        ratio=float(ratio),
+        ratio_ci=[float(v) for v in np.quantile(ratios, qs)],
+        share_a_ahead=float(np.mean(ma > mb)),
+    )
+    return out
 
 
 def ranking_metrics(
@@ -201,6 +254,24 @@ def cohort_name(low: int, high: int | None) -> str:
     return f"{low}+" if high is None else f"{low}-{high}"
 
 
+def ranking_scores(model: torch.nn.Module, batch: EventBatch) -> torch.Tensor:
+    """Scores [B, num_items] of every item after each row's last event.
+
+    A baseline that ranks without a user vector (`heuristics.py`) has `rank_scores(batch)`;
+    a model with a repeat head scores log P(i) of its repeat/explore mixture (`repeat.py`);
+    any other model scores u . item.
+    """
+    if hasattr(model, "rank_scores"):
+        return model.rank_scores(batch)
+    rows = torch.arange(len(batch.lengths), device=batch.lengths.device)
+    u = model(batch)[rows, batch.lengths - 1]  # [B, d]
+    scores = model.score(u)
+    head = getattr(model, "repeat_head", None)
+    if head is not None:
+        scores = head.rank_scores(batch, u, scores, model.item_table())
+    return scores
+
+
 @torch.no_grad()
 def rank_targets(
     model: torch.nn.Module,
@@ -229,14 +300,12 @@ def rank_targets(
     model.eval()
     context = context_length(model, cfg.max_len)
     out = {k: [] for k in ("rank", "candidates", "rank_filtered", "candidates_filtered")}
-    num_items = model.item_table().shape[0]
     for b in range(0, len(starts), cfg.batch_size):
         s, t = starts[b : b + cfg.batch_size], targets[b : b + cfg.batch_size]
         batch = history_batch(log, s, t, context).to(device)
-        u = model(batch)[torch.arange(len(s), device=device), batch.lengths - 1]  # [B, d]
-        scores = model.score(u)  # [B, N]
+        scores = ranking_scores(model, batch)  # [B, N]
         target = torch.from_numpy(log.item[t]).to(device)
-        seen = torch.zeros(len(s), num_items, dtype=torch.bool, device=device)
+        seen = torch.zeros_like(scores, dtype=torch.bool)
         for row, (a, z) in enumerate(zip(s, t, strict=True)):
             seen[row, torch.from_numpy(log.item[a:z]).to(device)] = True  # whole history
         for suffix, exclude in (("", None), ("_filtered", seen)):
