@@ -347,7 +347,11 @@ def evaluate(
 ) -> dict:
     """Full-ranking metrics of `model` on the `which` targets: {"protocol", "overall",
     "cohorts", and "overall_history_filtered" or "overall_unfiltered" for the other one}."""
-    ranked = rank_targets(model, log, split, which, cfg, device)
+    return report_of(rank_targets(model, log, split, which, cfg, device), split, which, cfg)
+
+
+def report_of(ranked: dict[str, np.ndarray], split: EvalSplit, which: str, cfg: EvalConfig) -> dict:
+    """`evaluate`'s report from the ranks `rank_targets` returned."""
     report = {"protocol": protocol(split, which, cfg), **summarize(ranked, cfg)}
     other = EvalConfig(**{**asdict(cfg), "filter_history": not cfg.filter_history})
     key = "overall_unfiltered" if cfg.filter_history else "overall_history_filtered"
@@ -430,15 +434,23 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
     names = [r.name for r in rows]
     x = np.arange(len(rows))
     width = 0.8 / len(metrics)
+    heuristic = [r.extra.get("kind") == "heuristic" for r in rows]
     for i, m in enumerate(metrics):
-        left.bar(x + i * width, [r.report["overall"][m] for r in rows], width, label=m)
-    left.set_xticks(x + width * (len(metrics) - 1) / 2, names, rotation=30, ha="right")
-    left.set_title("overall")
-    left.legend()
+        bars = left.bar(x + i * width, [r.report["overall"][m] for r in rows], width, label=m)
+        for bar, hatched in zip(bars, heuristic, strict=True):
+            bar.set_hatch("//" if hatched else None)
+    if any(heuristic):  # the bar a model has to clear
+        best = max(
+            r.report["overall"]["NDCG@10"] for r in rows if r.extra.get("kind") == "heuristic"
+        )
+        left.axhline(best, color="k", ls="--", lw=1, label="best heuristic NDCG@10")
+    left.set_xticks(x + width * (len(metrics) - 1) / 2, names, rotation=35, ha="right")
+    left.set_title("overall (hatched: heuristics)")
+    left.legend(fontsize=8)
     cohorts = list(rows[0].report["cohorts"]) if rows else []
     cx = np.arange(len(cohorts))
     cw = 0.8 / max(len(rows), 1)
@@ -460,8 +472,11 @@ def plot(
     return path
 
 
-def write_reports(rows: list[ModelReport], stem: Path, title: str, header: dict) -> list[Path]:
-    """`stem`.json (header + every model's report), `stem`.md and `stem`.png."""
+def write_reports(
+    rows: list[ModelReport], stem: Path, title: str, header: dict, notes: str = ""
+) -> list[Path]:
+    """`stem`.json (header + every model's report), `stem`.md (the tables, then `notes`)
+    and `stem`.png."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     payload = {**header, "models": {r.name: {**r.extra, **r.report} for r in rows}}
@@ -475,6 +490,7 @@ def write_reports(rows: list[ModelReport], stem: Path, title: str, header: dict)
         f"Protocol: {json.dumps(header.get('protocol', {}))}",
         "",
         markdown_table(rows),
+        notes,
     ]
     md_path = stem.with_suffix(".md")
     md_path.write_text("\n".join(md))

@@ -1,0 +1,58 @@
+"""Smoke test of `hytrec benchmark accuracy`'s harness on a tiny planted log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hytrec.model.benchmark import PRESETS, run_accuracy
+from hytrec.model.synthetic import revisiting_log
+from hytrec.model.train import TrainConfig
+
+
+def test_accuracy_harness_reports_heuristics_intervals_and_seeds(tmp_path):
+    log = revisiting_log(users=40, length=(8, 14))
+    tc = TrainConfig(epochs=1, batch_size=16, max_len=16, valid_users=None, seed=0)
+    run_accuracy(
+        "planted",
+        log,
+        PRESETS["taobao"],
+        tmp_path / "acc",
+        models=["SASRec", "SASRec + repeat head"],
+        d_model=16,
+        train_config=tc,
+        progress=False,
+        seeds=(0, 1),
+    )
+    report = json.loads((tmp_path / "acc.json").read_text())
+    models = report["models"]
+    assert list(models) == [
+        "popularity",
+        "recent-items",
+        "user-frequency",
+        "item-transition",
+        "SASRec",
+        "SASRec + repeat head",
+    ]
+    best = report["best_heuristic"]
+    assert best in ("recent-items", "user-frequency", "item-transition")
+    assert report["seeds"] == [0, 1] and "at most 1 epochs" in report["budget"]
+    for name, row in models.items():
+        low, high = row["NDCG@10_ci95"]
+        assert low <= row["overall"]["NDCG@10"] <= high, name
+    head = models["SASRec + repeat head"]
+    vs = head["vs_best_heuristic"]
+    assert vs["heuristic"] == best
+    assert vs["ratio"] == pytest.approx(
+        head["overall"]["NDCG@10"] / models[best]["overall"]["NDCG@10"]
+    )
+    assert [r["seed"] for r in head["seed_runs"]] == [0, 1]
+    assert head["seed_runs"][0]["NDCG@10"] == head["overall"]["NDCG@10"]
+    assert head["config"]["repeat_head"]["buffer_size"] == 100
+    assert "vs_best_heuristic" not in models["recent-items"]
+    md = (tmp_path / "acc.md").read_text()
+    assert "| recent-items |" in md and f"ratio to the best heuristic ({best})" in md
+    assert (tmp_path / "acc.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="unknown models"):
+        run_accuracy("planted", log, PRESETS["taobao"], tmp_path / "x", models=["GPT"])
