@@ -127,8 +127,10 @@ def paired_bootstrap(
     """
     a = np.asarray(a, dtype=np.float64)
     n = len(a)
-    if b is not None and len(b) != n:
-        raise ValueError(f"paired values need equal lengths, got {n} and {len(b)}")
+    if b is not None:
+        b = np.asarray(b, dtype=np.float64)
+        if len(b) != n:
+            raise ValueError(f"paired values need equal lengths, got {n} and {len(b)}")
     if n == 0:
         raise ValueError("nothing to resample: no users")
     rng = np.random.default_rng(seed)
@@ -137,13 +139,12 @@ def paired_bootstrap(
         take = rng.integers(0, n, (min(256, resamples - lo), n))
         means_a.append(a[take].mean(1))
         if b is not None:
-            means_b.append(np.asarray(b, dtype=np.float64)[take].mean(1))
+            means_b.append(b[take].mean(1))
     qs = ((1 - level) / 2, (1 + level) / 2)
     ma = np.concatenate(means_a)
     out = {"mean": float(a.mean()), "ci": [float(v) for v in np.quantile(ma, qs)]}
     if b is None:
         return out
-    b = np.asarray(b, dtype=np.float64)
     mb = np.concatenate(means_b)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = ma / mb

@@ -56,3 +56,34 @@ def test_accuracy_harness_reports_heuristics_intervals_and_seeds(tmp_path):
     assert (tmp_path / "acc.png").stat().st_size > 0
     with pytest.raises(ValueError, match="unknown models"):
         run_accuracy("planted", log, PRESETS["taobao"], tmp_path / "x", models=["GPT"])
+
+
+def test_train_and_evaluate_commands_with_the_head_and_reference_lines(tmp_path, capsys):
+    from hytrec.cli import main
+
+    revisiting_log(users=30, length=(8, 12)).save(tmp_path / "log")
+    head = '{"d_model": 16, "max_len": 16, "repeat_head": {"buffer_size": 10}}'
+    main(
+        [
+            "train",
+            "--dataset",
+            str(tmp_path / "log"),
+            "--out",
+            str(tmp_path / "ckpt"),
+            "--model",
+            "sasrec",
+            "--model-config",
+            head,
+            "--epochs",
+            "1",
+            "--max-len",
+            "16",
+        ]
+    )
+    args = ["evaluate", "--dataset", str(tmp_path / "log"), "--checkpoint", str(tmp_path / "ckpt")]
+    main([*args, "--output", str(tmp_path / "eval")])
+    out = capsys.readouterr().out
+    for name in ("popularity", "recent-items", "user-frequency", "item-transition"):
+        assert f"reference {name}: HR@10" in out
+    models = json.loads((tmp_path / "eval.json").read_text())["models"]
+    assert list(models)[0] == "SASRec + repeat head" and "recent-items" in models
