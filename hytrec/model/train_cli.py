@@ -87,6 +87,20 @@ def register(commands, benchmarks) -> None:
     _train_args(p)
     p.set_defaults(func=_benchmark)
 
+    p = benchmarks.add_parser(
+        "head-cost",
+        help="training-step and ranking time of SASRec and HyTRec with and without the "
+        "repeat head, side by side",
+        description="Times, in alternation, a training step over fixed batches of the "
+        "dataset's accuracy preset and the ranking of a batch of test users, for SASRec and "
+        "HyTRec 3:1 with and without the repeat head. Writes STEM.json and STEM.png.",
+    )
+    p.add_argument("--dataset", default="taobao", help="an accuracy preset's dataset")
+    for name in ("--batches", "--rank-users", "--repeats", "--d-model", "--seed"):
+        p.add_argument(name, type=int)
+    p.add_argument("--output", help="report stem (default: benchmarks/results/head-cost-cpu)")
+    p.set_defaults(func=_head_cost)
+
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -242,4 +256,25 @@ def _benchmark(args: argparse.Namespace) -> int:
     seeds = tuple(int(v) for v in args.seeds.split(",")) if args.seeds else None
     run_accuracy(args.dataset, log, preset, stem, args.models, args.d_model, tc, seeds=seeds)
     print(f"wrote {stem}.json, .md, .png")
+    return 0
+
+
+def _head_cost(args: argparse.Namespace) -> int:
+    import torch
+
+    from hytrec.model.head_benchmark import HeadCostConfig, run_head_cost
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    given = {
+        "dataset": args.dataset,
+        "batches": args.batches,
+        "rank_users": args.rank_users,
+        "repeats": args.repeats,
+        "d_model": args.d_model,
+        "seed": args.seed,
+    }
+    cfg = HeadCostConfig(**{k: v for k, v in given.items() if v is not None})
+    output = (args.output or str(RESULTS / "head-cost-cpu")).removesuffix(".json")
+    run_head_cost(cfg, load_dataset(cfg.dataset), output)
+    print(f"-> {output}.json and {output}.png")
     return 0

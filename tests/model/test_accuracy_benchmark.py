@@ -87,3 +87,24 @@ def test_train_and_evaluate_commands_with_the_head_and_reference_lines(tmp_path,
         assert f"reference {name}: HR@10" in out
     models = json.loads((tmp_path / "eval.json").read_text())["models"]
     assert list(models)[0] == "SASRec + repeat head" and "recent-items" in models
+
+
+def test_head_cost_benchmark_smoke(tmp_path):
+    from hytrec.model.head_benchmark import HeadCostConfig, run_head_cost
+
+    cfg = HeadCostConfig(batches=1, rank_users=16, repeats=1, d_model=16)
+    report = run_head_cost(cfg, revisiting_log(users=40, length=(8, 14)), str(tmp_path / "c"))
+    models = report["models"]
+    assert set(models) == {
+        "SASRec",
+        "SASRec + repeat head",
+        "HyTRec 3:1",
+        "HyTRec 3:1 + repeat head",
+    }
+    head = models["HyTRec 3:1 + repeat head"]
+    assert head["train_step_ratio"] == pytest.approx(
+        head["train_step_s"] / models["HyTRec 3:1"]["train_step_s"]
+    )
+    assert report["command"].startswith("hytrec benchmark head-cost --dataset taobao")
+    assert json.loads((tmp_path / "c.json").read_text())["positions_per_step"] > 0
+    assert (tmp_path / "c.png").stat().st_size > 0
