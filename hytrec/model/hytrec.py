@@ -14,6 +14,9 @@ short-term branch over the last K events:
             rank and bucketed age (t_query - t_i); the read-out is the newest position
     user  = LayerNorm(fuse(long_t, short_t)),     score(item) = user . item_vector
 
+With `repeat_head` set, ranking uses log P(i) of the repeat/explore mixture over the user's
+recent distinct items instead of the scores alone (`repeat.py`).
+
 TADN (Temporal-Aware Delta Network), per head with state S [K, V]:
 
     tau_t = exp(-(t_t - t_{t-1}) / T)                         the event's freshness
@@ -55,6 +58,7 @@ from safetensors.torch import load_file, save_file
 
 from hytrec.kernels import run_mask, tadn_parallel, tadn_step
 from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
+from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config, log2_bucket
 
 CHECKPOINT_FORMAT = "hytrec-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -95,8 +99,12 @@ class HyTRecConfig:
     ffn_mult: int = 4
     dropout: float = 0.1
     chunk_size: int = 64
+    # the repeat/explore head over the user's recent distinct items (`repeat.py`); None = off
+    repeat_head: RepeatConfig | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "repeat_head", as_repeat_config(self.repeat_head))
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(f"HyTRecConfig: {message}")
@@ -190,8 +198,7 @@ class PackedRuns:
 
 def gap_bucket(gap_s: torch.Tensor, has_prev: torch.Tensor, buckets: int) -> torch.Tensor:
     """Bucket 0 = no previous event; else 1 + floor(log2(1 + gap seconds)), capped."""
-    gap = gap_s.clamp(min=0).to(torch.float64)
-    bucket = 1 + torch.floor(torch.log2(1.0 + gap)).long().clamp(max=buckets - 2)
+    bucket = 1 + log2_bucket(gap_s, buckets - 1)
     return torch.where(has_prev, bucket, torch.zeros_like(bucket))
 
 
@@ -557,6 +564,7 @@ class HyTRec(nn.Module):
         self.user_norm = nn.LayerNorm(d)
         if not cfg.tie_item_embeddings:
             self.item_out = nn.Embedding(cfg.num_items, d, padding_idx=0)
+        self.repeat_head = RepeatHead(cfg.repeat_head, d) if cfg.repeat_head is not None else None
         # item -> category index, filled from training data; the index's category filter uses it
         self.register_buffer("item_category", torch.zeros(cfg.num_items, dtype=torch.long))
         self.apply(self._init_weights)

@@ -9,7 +9,9 @@ scores as dot products with the (shared) item embeddings:
     u_t   = LN(h_t),      score(item) = u_t . item
 
 It reads only item ids (no categories, behaviours or time), and at most `max_len` events:
-the harness feeds it each user's last `max_len`. Same interface as `HyTRec`:
+the harness feeds it each user's last `max_len`. With `repeat_head` set, ranking uses log
+P(i) of the repeat/explore mixture over the user's recent distinct items (`repeat.py`; the
+head reads the stages and times of the same events). Same interface as `HyTRec`:
 `forward(batch) -> [B, T, d]`, `score(u)`, `item_table()`, `user_vector(batch)`,
 `save(dir, extra)` / `load(dir)`.
 """
@@ -27,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from hytrec.model.events import Vocabulary
 from hytrec.model.hytrec import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, EventBatch
+from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,11 @@ class SASRecConfig:
     max_len: int = 50  # learned positions: the longest input it reads
     ffn_mult: int = 4
     dropout: float = 0.1
+    # the repeat/explore head over the user's recent distinct items (`repeat.py`); None = off
+    repeat_head: RepeatConfig | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "repeat_head", as_repeat_config(self.repeat_head))
 
 
 class CausalSelfAttention(nn.Module):
@@ -92,6 +100,9 @@ class SASRec(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.repeat_head = (
+            RepeatHead(cfg.repeat_head, cfg.d_model) if cfg.repeat_head is not None else None
+        )
         self.apply(self._init_weights)
 
     @staticmethod
