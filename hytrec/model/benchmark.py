@@ -30,7 +30,7 @@ from hytrec.model.events import EventLog
 from hytrec.model.hytrec import EventBatch, HyTRecConfig
 from hytrec.model.reports import machine_info, provenance
 from hytrec.model.sasrec import SASRecConfig
-from hytrec.model.train import ModelConfig, TrainConfig, train
+from hytrec.model.train import TrainConfig, train
 
 
 class Popularity(nn.Module):
@@ -55,7 +55,7 @@ class Popularity(nn.Module):
         return logits
 
 
-def model_zoo(d_model: int = 64, max_len: int = 50) -> dict[str, ModelConfig | None]:
+def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     """The compared models (None = popularity). HyTRec defaults: 4 long layers, 3 TADN : 1
     softmax, short branch over the last 20 events, gated fusion."""
     hytrec = HyTRecConfig(d_model=d_model)

@@ -48,16 +48,17 @@ event compute the same function.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from hytrec.kernels import tadn_parallel, tadn_step
+from hytrec.model.base import SequentialModel
 from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
 from hytrec.model.hytrec import EventBatch, PackedRuns, shift_window
+from hytrec.model.streaming import SlotState
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,6 @@ class RecGRELAConfig:
             )
         if self.layers < 1 or self.conv_kernel < 1:
             raise ValueError("RecGRELAConfig: layers and conv_kernel must be >= 1")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> RecGRELAConfig:
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"RecGRELAConfig: unknown fields {unknown}")
-        return cls(**values)
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -261,7 +255,7 @@ class GRELABlock(nn.Module):
 
 
 @dataclass
-class RecGRELAState:
+class RecGRELAState(SlotState):
     """Pooled per-user serving state; every tensor's first dimension is the slot.
 
     kv[l]:   [P, h, d_h, d_h] fp32  sum of (R_t k_t) v_t^T of layer l
@@ -277,56 +271,22 @@ class RecGRELAState:
     count: torch.Tensor
     last_ts: torch.Tensor
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.kv, *self.ksum, *self.conv, self.count, self.last_ts]
-
-    @property
-    def num_slots(self) -> int:
-        return self.count.shape[0]
-
-    def bytes_by_part(self) -> dict[str, int]:
-        def size(ts):
-            return sum(t[0].numel() * t.element_size() for t in ts)
-
-        return {
-            "linear_attention_states": size(self.kv),
-            "normaliser_sums": size(self.ksum),
-            "conv_windows": size(self.conv),
-            "counters": size([self.count, self.last_ts]),
-        }
-
-    def bytes_per_user(self) -> int:
-        return sum(self.bytes_by_part().values())
-
-    def reset(self, slots: torch.Tensor) -> None:
-        for t in self.tensors():
-            t[slots] = 0
-
-    def read(self, slots: torch.Tensor) -> list[torch.Tensor]:
-        return [t[slots].clone() for t in self.tensors()]
-
-    def write(self, slots: torch.Tensor, values: list[torch.Tensor]) -> None:
-        for t, v in zip(self.tensors(), values, strict=True):
-            t[slots] = v.to(t.device)
-
 
 # ---------------------------------------------------------------------------- the model
 
 
-class RecGRELA(nn.Module):
+class RecGRELA(SequentialModel):
+    NAME = "recgrela"
+    CONFIG = RecGRELAConfig
+
     def __init__(
         self,
         cfg: RecGRELAConfig,
         items: Vocabulary | None = None,
         categories: Vocabulary | None = None,
     ):
-        super().__init__()
-        if items is not None and len(items) != cfg.num_items:
-            raise ValueError(
-                f"item vocabulary has {len(items)} entries, config says num_items={cfg.num_items}"
-            )
+        super().__init__(cfg, items, categories)
         D = cfg.d_model
-        self.cfg, self.items, self.categories = cfg, items, categories
         self.item_emb = nn.Embedding(cfg.num_items, D, padding_idx=0)
         if cfg.side_features:
             self.category_emb = nn.Embedding(cfg.num_categories, D, padding_idx=0)
@@ -334,16 +294,7 @@ class RecGRELA(nn.Module):
         self.emb_norm = nn.LayerNorm(D, eps=1e-12)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(GRELABlock(cfg) for _ in range(cfg.layers))
-        # item -> category index (the index's category filter); filled from training data
-        self.register_buffer("item_category", torch.zeros(cfg.num_items, dtype=torch.long))
         self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def embed(self, item, category, behavior) -> torch.Tensor:
         x = self.item_emb(item)
@@ -405,25 +356,3 @@ class RecGRELA(nn.Module):
         state.count[slots] = count + batch.lengths
         state.last_ts[slots] = batch.ts[rows, batch.lengths - 1]
         return h[runs.newest]
-
-    # ------------------------------------------------------------------ scoring
-
-    def item_table(self) -> torch.Tensor:
-        return self.item_emb.weight
-
-    def score(self, user: torch.Tensor) -> torch.Tensor:
-        """[..., D] -> [..., num_items] logits; the padding item scores -inf."""
-        logits = user @ self.item_table().T
-        logits[..., 0] = float("-inf")
-        return logits
-
-    @torch.no_grad()
-    def user_vector(self, batch: EventBatch) -> torch.Tensor:
-        u = self(batch)
-        return u[torch.arange(u.shape[0], device=u.device), batch.lengths - 1]
-
-    def item_vectors(self) -> np.ndarray:
-        return self.item_table()[1:].detach().float().cpu().numpy()
-
-    def item_categories(self) -> np.ndarray:
-        return self.item_category[1:].cpu().numpy()

@@ -37,11 +37,12 @@ import numpy as np
 from tqdm import tqdm
 
 from hytrec.index import IndexConfig, build_from_checkpoint
+from hytrec.model.base import CheckpointError
 from hytrec.model.data import TAOBAO_WINDOW, cache_dir, load_named, select
 from hytrec.model.device import resolve_device
 from hytrec.model.evaluate import leave_one_out
 from hytrec.model.events import EventLog
-from hytrec.model.hytrec import CheckpointError, HyTRec, HyTRecConfig
+from hytrec.model.hytrec import HyTRec, HyTRecConfig
 from hytrec.model.reports import machine_info, provenance
 from hytrec.model.synthetic import generate
 from hytrec.model.train import TrainConfig, train
