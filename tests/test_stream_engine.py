@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from hytrec.index import IndexConfig, build_from_checkpoint
+from hytrec.model.batch import EventBatch
 from hytrec.model.events import Behavior, Vocabulary
-from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
+from hytrec.model.hytrec import HyTRec, HyTRecConfig
 from hytrec.stream.engine import EngineConfig, RecommendationEngine, build_engine
 from hytrec.stream.recent_engine import RecentItemsEngine
 from hytrec.stream.schemas import ENGINE_REASONS, REASONS, BehaviorEvent

@@ -118,6 +118,10 @@ class SequentialModel(nn.Module):
         """int64 [num_items - 1]: category index of items 1..num_items-1 (0 = unknown)."""
         return self.item_category[1:].cpu().numpy()
 
+    def state_bytes_per_user(self) -> int:
+        """Bytes of one user's serving state (streaming models: see `streaming.py`)."""
+        return self.new_state(1, "meta").bytes_per_user()
+
     # ------------------------------------------------------------------ checkpoints
 
     @property

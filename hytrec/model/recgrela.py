@@ -56,8 +56,8 @@ import torch.nn.functional as F
 
 from hytrec.kernels import tadn_parallel, tadn_step
 from hytrec.model.base import SequentialModel
+from hytrec.model.batch import EventBatch, PackedRuns, shift_window
 from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
-from hytrec.model.hytrec import EventBatch, PackedRuns, shift_window
 from hytrec.model.streaming import SlotState
 
 
@@ -329,9 +329,6 @@ class RecGRELA(SequentialModel):
             count=zeros(dtype=torch.long),
             last_ts=zeros(dtype=torch.long),
         )
-
-    def state_bytes_per_user(self) -> int:
-        return self.new_state(1, "meta").bytes_per_user()
 
     @torch.no_grad()
     def step(self, state: RecGRELAState, slots: torch.Tensor, batch: EventBatch) -> torch.Tensor:

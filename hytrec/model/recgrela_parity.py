@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from hytrec.kernels import naive_tadn, tadn_parallel, tadn_step
-from hytrec.model.hytrec import EventBatch
+from hytrec.model.batch import EventBatch
 from hytrec.model.parity import pad_batch, random_user, stream_vs_parallel_max_abs
 from hytrec.model.recgrela import RecGRELA, RecGRELAConfig
 

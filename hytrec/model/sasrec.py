@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hytrec.model.base import SequentialModel
+from hytrec.model.batch import EventBatch, shift_window
 from hytrec.model.events import Vocabulary
-from hytrec.model.hytrec import EventBatch, shift_window
 from hytrec.model.streaming import SlotState
 
 
@@ -136,8 +136,9 @@ class SASRec(SequentialModel):
 
         return SASRecState(window=zeros(self.cfg.max_len), count=zeros(), last_ts=zeros())
 
-    def state_bytes_per_user(self) -> int:
-        return self.new_state(1, "meta").bytes_per_user()
+    def recent_items(self, state: SASRecState, slots: torch.Tensor, n: int) -> torch.Tensor:
+        """[U, min(n, max_len)] the items of these users' last n events, oldest first."""
+        return state.window[slots, -n:]
 
     @torch.no_grad()
     def step(self, state: SASRecState, slots: torch.Tensor, batch: EventBatch) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hytrec.kernels import Backend, tadn_parallel, tadn_step
-from hytrec.model.hytrec import EventBatch
+from hytrec.model.batch import EventBatch
 from hytrec.model.parity import pad_batch, random_user, stream_vs_parallel_max_abs
 from hytrec.model.recgrela import RecGRELA, RecGRELAConfig, rotate
 from hytrec.model.recgrela_parity import (
