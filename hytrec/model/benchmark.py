@@ -41,12 +41,12 @@ from hytrec.model.hytrec import HyTRecConfig
 from hytrec.model.repeat import RepeatConfig
 from hytrec.model.reports import machine_info, provenance
 from hytrec.model.sasrec import SASRecConfig
-from hytrec.model.train import ModelConfig, TrainConfig, train
+from hytrec.model.train import TrainConfig, train
 
 HEAD = " + repeat head"
 
 
-def model_zoo(d_model: int = 64, max_len: int = 50) -> dict[str, ModelConfig]:
+def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     """The compared models. HyTRec defaults: 4 long layers, 3 TADN : 1 softmax, short branch
     over the last 20 events, gated fusion. SASRec and HyTRec 3:1 also run with the repeat
     head (`repeat.py`, default `RepeatConfig`: the last 100 distinct items)."""
@@ -186,7 +186,8 @@ def run_accuracy(
     seeds: tuple[int, ...] | None = None,
 ) -> dict:
     """Rank the test targets with the baselines and every model of `model_zoo` (or those in
-    `models`; [] for the baselines alone), trained once per seed (default: the train config's); write the reports."""
+    `models`; [] for the baselines alone), trained once per seed (default: the train
+    config's); write the reports."""
     tc = train_config or preset.train
     seeds = tuple(seeds or (tc.seed,))
     split = leave_one_out(log)

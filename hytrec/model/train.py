@@ -23,10 +23,9 @@ weights.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +42,7 @@ from hytrec.model.evaluate import (
     summarize,
 )
 from hytrec.model.events import EventLog
-from hytrec.model.hytrec import HyTRec, HyTRecConfig
-from hytrec.model.sasrec import SASRec, SASRecConfig
-
-ModelConfig = HyTRecConfig | SASRecConfig
+from hytrec.model.registry import build_model
 
 
 @dataclass(frozen=True)
@@ -77,40 +73,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # per epoch: loss, valid NDCG@10, time
     train_seconds: float = 0.0
     checkpoint: Path | None = None
-
-
-# ---------------------------------------------------------------------------- models
-
-
-def most_frequent_category(log: EventLog) -> np.ndarray:
-    """int64 [num_items]: each item's most frequent category in the log (0 if never seen)."""
-    out = np.zeros(len(log.items), dtype=np.int64)
-    if not len(log):
-        return out
-    pairs, counts = np.unique(np.stack([log.item, log.category], 1), axis=0, return_counts=True)
-    # sort by (item, count): the last row of each item holds its most frequent category
-    order = np.lexsort((counts, pairs[:, 0]))
-    pairs = pairs[order]
-    last = np.r_[pairs[1:, 0] != pairs[:-1, 0], True]
-    out[pairs[last, 0]] = pairs[last, 1]
-    return out
-
-
-def build_model(model_config: ModelConfig, log: EventLog) -> nn.Module:
-    """A fresh model sized to the log's vocabularies (the config's sizes are replaced)."""
-    if isinstance(model_config, SASRecConfig):
-        return SASRec(replace(model_config, num_items=len(log.items)), log.items)
-    cfg = replace(model_config, num_items=len(log.items), num_categories=len(log.categories))
-    model = HyTRec(cfg, log.items, log.categories)
-    model.item_category.copy_(torch.from_numpy(most_frequent_category(log)))
-    return model
-
-
-def load_model(directory: str | Path, map_location: str = "cpu") -> nn.Module:
-    """Load a HyTRec or SASRec checkpoint, whichever `checkpoint.json` names."""
-    meta = json.loads((Path(directory) / "checkpoint.json").read_text())
-    cls = SASRec if meta.get("model") == "sasrec" else HyTRec
-    return cls.load(directory, map_location=map_location)
 
 
 # ---------------------------------------------------------------------------- batches
@@ -219,7 +181,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train(
-    model_config: ModelConfig,
+    model_config,
     log: EventLog,
     split: EvalSplit,
     train_config: TrainConfig,

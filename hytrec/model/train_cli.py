@@ -20,20 +20,28 @@ def register(commands, benchmarks) -> None:
     """Add this module's subcommands to `hytrec` and `hytrec benchmark`."""
     p = commands.add_parser(
         "train",
-        help="train HyTRec (or SASRec) with early stopping",
+        help="train a registered model (HyTRec by default) with early stopping",
         description="Train on the training events of a leave-one-out "
         "split; save the best epoch (validation NDCG@10).",
     )
     _dataset_args(p)
     p.add_argument("--out", required=True, help="checkpoint directory")
-    p.add_argument("--model", choices=["hytrec", "sasrec"], default="hytrec")
+    p.add_argument(
+        "--model", default="hytrec", help="a registered model (`hytrec models` lists them)"
+    )
     p.add_argument(
         "--model-config",
         default="{}",
-        help="JSON overrides of HyTRecConfig / SASRecConfig, e.g. '{\"d_model\": 32}'",
+        help="JSON overrides of the model's config class, e.g. '{\"d_model\": 32}'",
     )
     _train_args(p)
     p.set_defaults(func=_train)
+
+    p = commands.add_parser(
+        "models",
+        help="the registered models: name, config, streaming, index query, fidelity",
+    )
+    p.set_defaults(func=_models)
 
     p = commands.add_parser(
         "evaluate",
@@ -175,15 +183,14 @@ def load_dataset(name_or_path: str):
 def _train(args: argparse.Namespace) -> int:
     import torch
 
+    from hytrec.model.base import config_from_dict
     from hytrec.model.evaluate import leave_one_out
-    from hytrec.model.hytrec import HyTRecConfig
-    from hytrec.model.sasrec import SASRecConfig
+    from hytrec.model.registry import spec
     from hytrec.model.train import TrainConfig, train
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    model_config = config_from_dict(spec(args.model).config, json.loads(args.model_config))
     log = load_dataset(args.dataset)
-    kind = SASRecConfig if args.model == "sasrec" else HyTRecConfig
-    model_config = kind(**json.loads(args.model_config))
     tc = _train_config(args, TrainConfig())
     result = train(model_config, log, leave_one_out(log), tc, args.out, dataset=args.dataset)
     print(
@@ -200,6 +207,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    from hytrec.model.registry import describe
+
+    print(json.dumps(describe(), indent=2))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from hytrec.model.benchmark import baselines
     from hytrec.model.evaluate import (
@@ -209,8 +223,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         leave_one_out,
         write_reports,
     )
+    from hytrec.model.registry import load_model
     from hytrec.model.reports import machine_info, provenance
-    from hytrec.model.train import load_model
 
     log = load_dataset(args.dataset)
     split = leave_one_out(log)
