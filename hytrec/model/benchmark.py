@@ -38,6 +38,7 @@ from hytrec.model.evaluate import (
 from hytrec.model.events import EventLog
 from hytrec.model.heuristics import Popularity, heuristics
 from hytrec.model.hytrec import HyTRecConfig
+from hytrec.model.recgrela import RecGRELAConfig
 from hytrec.model.repeat import RepeatConfig
 from hytrec.model.reports import machine_info, provenance
 from hytrec.model.sasrec import SASRecConfig
@@ -49,8 +50,10 @@ HEAD = " + repeat head"
 def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     """The compared models. HyTRec defaults: 4 long layers, 3 TADN : 1 softmax, short branch
     over the last 20 events, gated fusion. SASRec and HyTRec 3:1 also run with the repeat
-    head (`repeat.py`, default `RepeatConfig`: the last 100 distinct items)."""
+    head (`repeat.py`, default `RepeatConfig`: the last 100 distinct items). RecGRELA at
+    its published size (4 heads, 4 layers) with the paper's three ablations."""
     hytrec = HyTRecConfig(d_model=d_model)
+    recgrela = RecGRELAConfig(d_model=d_model)
     sasrec = SASRecConfig(d_model=d_model, layers=2, heads=2, max_len=max_len)
     return {
         "SASRec": sasrec,
@@ -62,6 +65,10 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
         "no temporal decay": replace(hytrec, state_decay=False, erase_tau=False),
         "hybrid 1:1": replace(hytrec, softmax_every=2),
         "hybrid 7:1": replace(hytrec, softmax_every=8, long_layers=8),
+        "RecGRELA": recgrela,
+        "RecGRELA no gate": replace(recgrela, gate=False),
+        "RecGRELA no conv": replace(recgrela, conv=False),
+        "RecGRELA no RoPE": replace(recgrela, rope=False),
     }
 
 

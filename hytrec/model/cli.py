@@ -16,8 +16,11 @@ def register(commands, benchmarks) -> None:
         help="kernel and train/serve parity figures as JSON",
         description="Max abs differences of chunked vs reference TADN (outputs and gradients), "
         "pooled step vs reference, and streaming vs parallel user vectors of the "
-        "whole model (default config, fp32), plus the per-user state size.",
+        "whole model (default config, fp32), plus the per-user state size. --model recgrela: "
+        "its kernel vs naive causal linear attention, streaming vs parallel, pad and shift "
+        "invariance, and the causal=False reference mode vs the authors' equations.",
     )
+    parity.add_argument("--model", choices=("hytrec", "recgrela"), default="hytrec")
     parity.add_argument("--seed", type=int, default=0)
     parity.add_argument("--output", help="also write the JSON to this file")
     parity.set_defaults(func=_check_parity)
@@ -164,7 +167,10 @@ def _benchmark_kernels(args: argparse.Namespace) -> int:
 
 
 def _check_parity(args: argparse.Namespace) -> int:
-    from hytrec.model.parity import parity_report
+    if args.model == "recgrela":
+        from hytrec.model.recgrela_parity import parity_report
+    else:
+        from hytrec.model.parity import parity_report
 
     report = parity_report(seed=args.seed)
     text = json.dumps(report, indent=2)

@@ -4,6 +4,7 @@ reference mode against an independent implementation of the authors' equations."
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 
 import pytest
@@ -200,3 +201,18 @@ def test_gradients_reach_every_parameter():
     model.score(out)[:, 1:].logsumexp(-1).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert not missing
+
+
+@pytest.mark.parametrize("name", ["hytrec", "recgrela"])
+def test_check_parity_runs_the_named_models_report(name, monkeypatch, capsys, tmp_path):
+    # the reports themselves are tested above and in test_parity; this is the dispatch
+    from hytrec import cli
+    from hytrec.model import parity, recgrela_parity
+
+    for module in (parity, recgrela_parity):
+        monkeypatch.setattr(module, "parity_report", lambda seed, m=module: {"from": m.__name__})
+    out = tmp_path / "parity.json"
+    assert cli.main(["check", "parity", "--model", name, "--output", str(out)]) == 0
+    expected = {"hytrec": parity, "recgrela": recgrela_parity}[name].__name__
+    assert json.loads(capsys.readouterr().out) == {"from": expected}
+    assert json.loads(out.read_text()) == {"from": expected}
