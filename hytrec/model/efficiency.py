@@ -1,14 +1,14 @@
 """`hytrec benchmark efficiency`: what one new event costs as a user's history grows.
 
-HyTRec serves from a fixed-size per-user state: a new event is one `HyTRec.step`, whatever
-the history length L. A softmax model (SASRec) keeps no such state and must recompute the
-user vector over all L+1 events for every new event. For each L this measures, side by
-side in one process:
+HyTRec and RecGRELA serve from a fixed-size per-user state: a new event is one `step`,
+whatever the history length L. A softmax model (SASRec) keeps no such state and must
+recompute the user vector over all L+1 events for every new event. For each L this
+measures, side by side in one process:
 
-    hytrec_step_us       one event stepped into a state that has absorbed L events
-    sasrec_recompute_us  SASRec's forward over the L+1 events (what it pays per event)
-    hytrec_recompute_us  HyTRec's parallel forward over the L+1 events (no state kept)
-    *_train_tokens_per_s forward+backward of the next-item loss over L events, batch 1
+    {hytrec,recgrela}_step_us       one event stepped into a state that has absorbed L events
+    sasrec_recompute_us             SASRec's forward over the L+1 events (its cost per event)
+    {hytrec,recgrela}_recompute_us  the parallel forward over the L+1 events (no state kept)
+    *_train_tokens_per_s            forward+backward of the next-item loss over L events
 
 Every figure is the median of repeated `time.perf_counter` timings after a warm-up call.
 A measurement stops repeating once it has used `budget_s` (a full forward over 12k events
@@ -34,16 +34,21 @@ from tqdm import tqdm
 
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
 from hytrec.model.parity import UserEvents, pad_batch, random_user
+from hytrec.model.recgrela import RecGRELA, RecGRELAConfig
 from hytrec.model.reports import cpu_info, machine_info, write_report
 from hytrec.model.sasrec import SASRec, SASRecConfig
 from hytrec.model.timing import report_header, synchronized, time_calls
 from hytrec.model.train import next_item_loss
 
+STREAMED = ("hytrec", "recgrela")  # the models with a per-user state, timed stepping
 MEASURES = (
     "hytrec_step_us",
+    "recgrela_step_us",
     "sasrec_recompute_us",
     "hytrec_recompute_us",
+    "recgrela_recompute_us",
     "hytrec_train_tokens_per_s",
+    "recgrela_train_tokens_per_s",
     "sasrec_train_tokens_per_s",
 )
 
@@ -53,7 +58,7 @@ class EfficiencyConfig:
     """One run; written into the JSON with the command that reproduces it."""
 
     lengths: tuple[int, ...] = (100, 500, 1000, 2000, 5000, 10000, 12000)
-    d_model: int = 64  # both models; HyTRec's other fields are its defaults
+    d_model: int = 64  # every model; HyTRec's and RecGRELA's other fields are their defaults
     sasrec_layers: int = 2  # the accuracy benchmark's SASRec
     sasrec_heads: int = 2
     build_chunk: int = 512  # events per `step` call while building the state up to L
@@ -80,6 +85,9 @@ class EfficiencyConfig:
 
     def hytrec(self) -> HyTRecConfig:
         return HyTRecConfig(d_model=self.d_model)
+
+    def recgrela(self) -> RecGRELAConfig:
+        return RecGRELAConfig(num_items=self.hytrec().num_items, d_model=self.d_model)
 
     def sasrec(self) -> SASRecConfig:
         # positions must cover the longest recompute (L + 1 events)
@@ -110,7 +118,7 @@ def _batch(user: UserEvents, start: int, stop: int, device, rows: int = 1) -> Ev
     return pad_batch([user.run(start, stop)] * rows).to(device)
 
 
-def _build_state(model: HyTRec, state, slot, user: UserEvents, start: int, stop: int, chunk: int):
+def _build_state(model, state, slot, user: UserEvents, start: int, stop: int, chunk: int):
     """Step events start..stop-1 into the slot, `chunk` per call: the state a server holds."""
     for a in range(start, stop, chunk):
         model.step(state, slot, _batch(user, a, min(a + chunk, stop), slot.device))
@@ -147,19 +155,22 @@ def run_efficiency(
     lengths = sorted(set(cfg.lengths))
     load_before = os.getloadavg()[0]  # other work on a shared machine skews timings
     device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    hytrec = HyTRec(cfg.hytrec()).eval().to(device)
-    torch.manual_seed(cfg.seed)
-    sasrec = SASRec(cfg.sasrec()).eval().to(device)
-    # the training figures use the same weights with dropout off (see EfficiencyConfig)
-    torch.manual_seed(cfg.seed)
-    hytrec_train = HyTRec(replace(cfg.hytrec(), dropout=cfg.train_dropout)).to(device)
-    torch.manual_seed(cfg.seed)
-    sasrec_train = SASRec(replace(cfg.sasrec(), dropout=cfg.train_dropout)).to(device)
+    classes = {
+        "hytrec": (HyTRec, cfg.hytrec()),
+        "recgrela": (RecGRELA, replace(cfg.recgrela(), drop_path=cfg.train_dropout)),
+        "sasrec": (SASRec, cfg.sasrec()),
+    }
+    models, trained = {}, {}
+    for name, (model_class, model_cfg) in classes.items():
+        torch.manual_seed(cfg.seed)
+        models[name] = model_class(model_cfg).eval().to(device)
+        # the training figures use the same weights with dropout off (see EfficiencyConfig)
+        torch.manual_seed(cfg.seed)
+        trained[name] = model_class(replace(model_cfg, dropout=cfg.train_dropout)).to(device)
     # one user, one history: length L uses its first L events, event L is the new one
     user = random_user(max(lengths) + 1, cfg.hytrec(), torch.Generator().manual_seed(cfg.seed))
 
-    state = hytrec.new_state(2, device)
+    states = {name: models[name].new_state(2, device) for name in STREAMED}
     slot = torch.tensor([0], device=device)
     built = 0
     rows, notes, repeats = [], [], []
@@ -190,42 +201,42 @@ def run_efficiency(
         return [t * 1e6 for t in time_calls(synchronized(device, fn), calls, cfg.budget_s, setup)]
 
     for L in lengths:
-        # (a) the stream: extend the held state from `built` to L events, then time the
-        # (L+1)-th event; every timed call starts from the same saved state
-        _build_state(hytrec, state, slot, user, built, L, cfg.build_chunk)
-        built = L
-        saved = state.read(slot)
         new_event = _batch(user, L, L + 1, device)
-
-        def restore(saved=saved):  # untimed: every timed step sees exactly L events
-            state.write(slot, saved)
-
         history = _batch(user, 0, L + 1, device)
         row: dict = {"length": L}
-        row["hytrec_step_us"] = measure(
-            L,
-            "hytrec_step_us",
-            per_event_us,
-            partial(hytrec.step, state, slot, new_event),
-            cfg.step_repeats,
-            restore,
-        )
-        state.write(slot, saved)  # back to exactly L events for the next length
+        # (a) the stream: extend each held state from `built` to L events, then time the
+        # (L+1)-th event; every timed call starts from the same saved state
+        for name in STREAMED:
+            model, state = models[name], states[name]
+            _build_state(model, state, slot, user, built, L, cfg.build_chunk)
+            saved = state.read(slot)
+
+            def restore(state=state, saved=saved):  # untimed: every step sees exactly L events
+                state.write(slot, saved)
+
+            row[f"{name}_step_us"] = measure(
+                L,
+                f"{name}_step_us",
+                per_event_us,
+                partial(model.step, state, slot, new_event),
+                cfg.step_repeats,
+                restore,
+            )
+            restore()  # back to exactly L events for the next length
+        built = L
         # (b), (c) no state: the whole history again for the new event
         with torch.no_grad():
-            for name, model in (("sasrec_recompute_us", sasrec), ("hytrec_recompute_us", hytrec)):
-                row[name] = measure(
+            for name in ("sasrec", *STREAMED):
+                row[f"{name}_recompute_us"] = measure(
                     L,
-                    name,
+                    f"{name}_recompute_us",
                     per_event_us,
-                    partial(model.user_vector, history),
+                    partial(models[name].user_vector, history),
                     cfg.recompute_repeats,
                 )
-        for name, model in (
-            ("hytrec_train_tokens_per_s", hytrec_train),
-            ("sasrec_train_tokens_per_s", sasrec_train),
-        ):
-            row[name] = measure(L, name, _train_tokens_per_s, model, user, L, cfg)
+        for name in (*STREAMED, "sasrec"):
+            key = f"{name}_train_tokens_per_s"
+            row[key] = measure(L, key, _train_tokens_per_s, trained[name], user, L, cfg)
         rows.append(row)
     bar.close()
 
@@ -239,16 +250,20 @@ def run_efficiency(
         },
         "config": asdict(cfg),
         "hytrec_config": asdict(cfg.hytrec()),
+        "recgrela_config": asdict(classes["recgrela"][1]),
         "sasrec_config": asdict(cfg.sasrec()),
-        "state_bytes_per_user": hytrec.state_bytes_per_user(),
+        "state_bytes_per_user": models["hytrec"].state_bytes_per_user(),
+        "recgrela_state_bytes_per_user": models["recgrela"].state_bytes_per_user(),
         "method": {
-            "hytrec_step_us": "median us of one HyTRec.step of a single event for one user "
-            "whose state holds L events (built by stepping them, "
-            f"{cfg.build_chunk} per call); fp32, eval, no_grad",
+            "step_us": "median us of one step of a single event for one user whose state "
+            f"holds L events (built by stepping them, {cfg.build_chunk} per call); fp32, "
+            "eval, no_grad",
             "sasrec_recompute_us": "median us of SASRec.user_vector over the L+1 events",
             "hytrec_recompute_us": "median us of HyTRec.user_vector (parallel, chunked "
             "TADN) over the L+1 events; it runs the whole forward, short branch at every "
             "position included",
+            "recgrela_recompute_us": "median us of RecGRELA.user_vector (parallel, chunked "
+            "linear attention) over the L+1 events",
             "train_tokens_per_s": f"batch {cfg.train_batch} x L tokens / median seconds of "
             "forward + backward of the full-softmax next-item loss (no optimizer step)",
             "kernels": "Backend.AUTO: the PyTorch forms on CPU; on CUDA the Triton step and, "
@@ -267,33 +282,35 @@ def run_efficiency(
 
 
 def derived(rows: list[dict]) -> dict:
-    """Headline ratios: step vs SASRec recompute at the longest length, and how flat the
-    step cost is across lengths (max / min; 1.0 = independent of the history)."""
+    """Headline ratios per streamed model: its step vs SASRec's recompute and vs its own
+    recompute at the longest length, and how flat its step cost is across lengths
+    (max / min; 1.0 = independent of the history)."""
     last = rows[-1]
-    steps = [r["hytrec_step_us"] for r in rows if r["hytrec_step_us"]]
-    speedup = (
-        last["sasrec_recompute_us"] / last["hytrec_step_us"]
-        if last["sasrec_recompute_us"] and last["hytrec_step_us"]
-        else None
-    )
-    recompute = (
-        last["hytrec_recompute_us"] / last["hytrec_step_us"]
-        if last["hytrec_recompute_us"] and last["hytrec_step_us"]
-        else None
-    )
-    return {
-        "max_length": last["length"],
-        "step_speedup_vs_sasrec_at_max_length": round(speedup, 1) if speedup else None,
-        "step_speedup_vs_hytrec_recompute_at_max_length": round(recompute, 1)
-        if recompute
-        else None,
-        "hytrec_step_flatness_max_over_min": round(max(steps) / min(steps), 3) if steps else None,
-    }
+
+    def ratio(a, b):
+        return round(a / b, 1) if a and b else None
+
+    out: dict = {"max_length": last["length"]}
+    for name in STREAMED:
+        step = f"{name}_step_us"
+        steps = [r[step] for r in rows if r[step]]
+        prefix = "step" if name == "hytrec" else f"{name}_step"
+        out[f"{prefix}_speedup_vs_sasrec_at_max_length"] = ratio(
+            last["sasrec_recompute_us"], last[step]
+        )
+        out[f"{prefix}_speedup_vs_{name}_recompute_at_max_length"] = ratio(
+            last[f"{name}_recompute_us"], last[step]
+        )
+        out[f"{name}_step_flatness_max_over_min"] = (
+            round(max(steps) / min(steps), 3) if steps else None
+        )
+    return out
 
 
 def format_table(rows: list[dict]) -> str:
-    heads = ("L", "step us", "SASRec recompute us", "HyTRec recompute us", "HyTRec train tok/s")
-    heads += ("SASRec train tok/s",)
+    heads = ("L", "HyTRec step us", "RecGRELA step us", "SASRec recompute us")
+    heads += ("HyTRec recompute us", "RecGRELA recompute us", "HyTRec train tok/s")
+    heads += ("RecGRELA train tok/s", "SASRec train tok/s")
 
     def cell(v):
         return "null" if v is None else f"{v:,.1f}"
@@ -320,7 +337,9 @@ def plot(report: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, label, style in (
         ("hytrec_step_us", "HyTRec step (streaming state)", "o-"),
+        ("recgrela_step_us", "RecGRELA step (streaming state)", "D-"),
         ("hytrec_recompute_us", "HyTRec recompute over L+1", "s--"),
+        ("recgrela_recompute_us", "RecGRELA recompute over L+1", "x--"),
         ("sasrec_recompute_us", "SASRec recompute over L+1", "^-"),
     ):
         left.plot(*series(key), style, label=label)
@@ -330,6 +349,7 @@ def plot(report: dict, path: Path) -> None:
     left.legend(fontsize=8)
     for key, label, style in (
         ("hytrec_train_tokens_per_s", "HyTRec (chunked TADN)", "o-"),
+        ("recgrela_train_tokens_per_s", "RecGRELA (chunked linear attention)", "D-"),
         ("sasrec_train_tokens_per_s", "SASRec (SDPA)", "^-"),
     ):
         right.plot(*series(key), style, label=label)

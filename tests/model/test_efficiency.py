@@ -47,6 +47,10 @@ def test_run_efficiency_writes_rows_json_and_png(tmp_path):
     speedup = round(last["sasrec_recompute_us"] / last["hytrec_step_us"], 1)
     assert written["step_speedup_vs_sasrec_at_max_length"] == speedup
     assert written["hytrec_step_flatness_max_over_min"] >= 1.0
+    recgrela = round(last["sasrec_recompute_us"] / last["recgrela_step_us"], 1)
+    assert written["recgrela_step_speedup_vs_sasrec_at_max_length"] == recgrela
+    assert written["recgrela_step_flatness_max_over_min"] >= 1.0
+    assert written["recgrela_state_bytes_per_user"] > 0
     assert written["sasrec_config"]["max_len"] >= 33  # covers the L+1 recompute
     assert "--lengths 32,8" in written["command"]
 
