@@ -23,6 +23,8 @@ from hytrec.model.data import (
     load_dataset,
     load_with_report,
     read_events,
+    read_foursquare,
+    read_movielens,
     read_s3rec,
     read_table,
     read_taobao,
@@ -124,6 +126,8 @@ README_COUNTS = {
     "beauty": (198502, 22363, 12101),
     "sports": (296337, 35598, 18357),
     "ml100k": (100000, 943, 1682),
+    "ml-latest": (100004, 671, 9066),
+    "foursquare": (147938, 1083, 5135),
 }
 
 
@@ -151,6 +155,89 @@ def test_movielens_genre_sets_and_s3rec_positions(shared_data, tmp_path):
     assert [log.items.raw(int(i)) for i in log.item[mine]] == first[1:]
     assert log.ts[mine].tolist() == list(range(len(first) - 1))
     assert (log.category == 0).all() and len(log.categories) == 1
+
+
+def write_npy_gz(path: Path, table: np.ndarray) -> Path:
+    with gzip.open(path, "wb") as f:
+        np.save(f, table)
+    return path
+
+
+def test_foursquare_sorts_within_users_stably_and_makes_seconds(tmp_path):
+    # user 7's rows out of time order, two check-ins in the same minute (file order kept)
+    table = np.array(
+        [[7, 30, 500], [7, 10, 20], [7, 20, 500], [3, 10, 9], [7, 40, 20]], dtype=np.int32
+    )
+    log, report = read_foursquare(write_npy_gz(tmp_path / "NYC.npy.gz", table))
+    assert report.rows == report.events == 5 and report.bad_rows == 0
+    assert [r[:2] + r[3:] for r in raw_rows(log)] == [
+        ("3", "10", Behavior.CLICK, 540),
+        ("7", "10", Behavior.CLICK, 1200),
+        ("7", "40", Behavior.CLICK, 1200),
+        ("7", "30", Behavior.CLICK, 30000),
+        ("7", "20", Behavior.CLICK, 30000),
+    ]
+    assert (log.category == 0).all() and len(log.categories) == 1
+    assert log.items.raw_ids() == ["10", "20", "30", "40"]  # ascending numeric ids
+
+
+def test_foursquare_bad_rows_and_bad_files(tmp_path):
+    table = np.array([[1, 5, 10], [1, 0, 20], [2, 6, -3], [2, 6, 4]], dtype=np.int32)
+    path = write_npy_gz(tmp_path / "NYC.npy.gz", table)
+    with pytest.raises(BadRowError) as err:
+        read_foursquare(path)
+    assert "NYC.npy.gz:2: id below 1" in str(err.value)
+    log, report = read_foursquare(path, on_bad_row="skip")
+    assert (
+        report.bad_lines == [2, 3]
+        and len(log) == 2
+        and "line 3: minute is negative" in (report.problems[1])
+    )
+    with pytest.raises(ValueError, match=r"wide.npy.gz: expected an integer array \[N, 3\]"):
+        read_foursquare(write_npy_gz(tmp_path / "wide.npy.gz", np.zeros((3, 4), np.int32)))
+    (tmp_path / "junk.npy.gz").write_bytes(gzip.compress(b"not numpy"))
+    with pytest.raises(ValueError, match="junk.npy.gz: not a numpy array file"):
+        read_foursquare(tmp_path / "junk.npy.gz")
+
+
+def test_ml_latest_csv_header_genres_and_bad_rows(tmp_path):
+    write(
+        tmp_path / "movies.csv.gz",
+        [
+            "movieId,title,genres",
+            "1,Toy Story (1995),Adventure|Animation",
+            '11,"American President, The (1995)",Comedy|Drama|Romance',
+            "12,Nothing (2016),(no genres listed)",
+        ],
+    )
+    lines = [
+        "userId,movieId,rating,timestamp",
+        "2,11,4.0,200",
+        "2,1,3.5,100",
+        "2,12,1.0,300",
+        "3,99,5.0,50",
+    ]
+    log, report = read_movielens(write(tmp_path / "ratings.csv.gz", lines))
+    assert report.rows == 4 and report.bad_rows == 0
+    assert [(r[0], r[1], r[2], r[4]) for r in raw_rows(log)] == [
+        ("2", "1", "Adventure|Animation", 100),
+        ("2", "11", "Comedy|Drama|Romance", 200),
+        ("2", "12", "(no genres listed)", 300),
+        ("3", "99", "<pad>", 50),  # not in movies.csv: category 0
+    ]
+    bad = write(tmp_path / "ratings.csv", [*lines, "3,7,2.0", "3,x,1.0,60"])
+    with pytest.raises(BadRowError, match="ratings.csv:6: expected 4 fields"):
+        read_movielens(bad)
+    log, report = read_movielens(bad, on_bad_row="skip")
+    assert report.bad_lines == [6, 7] and "item id 'x'" in report.problems[1] and len(log) == 4
+
+
+def test_ml_latest_real_genres(shared_data, tmp_path):
+    log = load_dataset("ml-latest", shared_data=shared_data, cache_path=tmp_path, progress=False)
+    toy_story = log.items.get("1")
+    cats = {log.categories.raw(int(c)) for c in log.category[log.item == toy_story]}
+    assert cats == {"Adventure|Animation|Children|Comedy|Fantasy"}
+    assert (log.behavior == Behavior.CLICK).all() and (log.category > 0).all()
 
 
 # ---------------------------------------------------------------------------- properties

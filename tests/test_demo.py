@@ -77,11 +77,11 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
         mine.append(item)
     return {
         "scored_events": n["scored"],
-        f"hytrec_hit@{top_k}": n["hytrec"] / n["scored"],
+        f"model_hit@{top_k}": n["hytrec"] / n["scored"],
         f"popularity_hit@{top_k}": n["popular"] / n["scored"],
         f"recent_items_hit@{top_k}": n["recent"] / n["scored"],
         "new_item_events": n["new"],
-        f"hytrec_hit@{top_k}_new_items": n["new_hits"] / n["new"],
+        f"model_hit@{top_k}_new_items": n["new_hits"] / n["new"],
     }
 
 
@@ -102,11 +102,11 @@ def test_each_held_out_event_is_scored_against_the_recommendation_before_it():
     received = [rec("u", 1, ["a"]), rec("u", 2, ["x"]), rec("u", 3, ["c"]), rec("v", 4, ["a"])]
     assert demo.hit_rates(received, history, heldout, sent, top_k=2) == {
         "scored_events": 2,
-        "hytrec_hit@2": 0.5,
+        "model_hit@2": 0.5,
         "popularity_hit@2": 0.5,  # a and b, once each: "a" hits
         "recent_items_hit@2": 0.5,  # u's two latest distinct items before "a": b, a
         "new_item_events": 1,  # "c" is new to u, and missed
-        "hytrec_hit@2_new_items": 0.0,
+        "model_hit@2_new_items": 0.0,
     }
 
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from hytrec.index import IndexConfig, build_from_checkpoint
+from hytrec.model.batch import EventBatch
 from hytrec.model.events import Behavior, Vocabulary
-from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
+from hytrec.model.hytrec import HyTRec, HyTRecConfig
 from hytrec.stream.engine import EngineConfig, RecommendationEngine, build_engine
 from hytrec.stream.recent_engine import RecentItemsEngine
 from hytrec.stream.schemas import ENGINE_REASONS, REASONS, BehaviorEvent
@@ -198,6 +199,19 @@ def test_late_events_within_the_tolerance_apply_at_the_newest_time_and_older_one
     got = result.recommendations[-1]
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-5)
     assert engine.store.newest_ts("u0") == newest
+
+
+def test_events_after_a_refused_one_in_the_same_batch_are_still_applied(checkpoint):
+    """A refused event is dead-lettered alone: the user's and other users' later events of
+    the batch go on (mutmut's _admit__mutmut_44 stopped the batch there)."""
+    engine = engine_of(checkpoint)
+    events = random_events(num_users=2, per_user=4, seed=10)
+    stale = replace(events[0], offset=50, ts=events[0].ts - 10**6)
+    later = [replace(e, offset=60 + i) for i, e in enumerate(events[4:])]
+    result = engine.process([*events[:4], stale, *later])
+    assert [e.offset for e, _, _ in result.rejected] == [50]
+    assert len(result.applied) == len(events)
+    assert count_of(engine, "u0") + count_of(engine, "u1") == len(events)
 
 
 # every reason code the engine can give, with an event that makes it give it

@@ -25,9 +25,10 @@ from test_stream_support import (
     wait_for,
 )
 
+from hytrec.model.base import CheckpointError
 from hytrec.model.data import load_dataset, select
 from hytrec.model.events import Vocabulary
-from hytrec.model.hytrec import CheckpointError, HyTRec, HyTRecConfig
+from hytrec.model.hytrec import HyTRec, HyTRecConfig
 from hytrec.stream.app import WorkerConfig
 from hytrec.stream.hotswap import LoadedEngine, ModelWatcher, checkpoint_loader, publish_model
 from hytrec.stream.worker import BatchingWorker

@@ -13,9 +13,10 @@ import pytest
 import torch
 from test_stream_support import start_worker, stop_worker, wait_for
 
+from hytrec.model.batch import EventBatch
 from hytrec.model.data import load_dataset, select
 from hytrec.model.events import Behavior
-from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
+from hytrec.model.hytrec import HyTRec, HyTRecConfig
 from hytrec.stream.broker import EmbeddedBroker
 from hytrec.stream.replay import ReplayConfig, log_events, publish_events
 from hytrec.stream.schemas import Recommendation

@@ -491,11 +491,11 @@ def build_index(
 def build_from_checkpoint(
     path: str | Path, config: IndexConfig | None = None, queries: np.ndarray | None = None
 ) -> ItemIndex:
-    """Build over a HyTRec checkpoint's item embeddings: ids are vocabulary indices
-    1..num_items-1 (0 is padding), categories and model version come from the checkpoint."""
-    from hytrec.model.hytrec import HyTRec  # model (torch) only when a checkpoint is used
+    """Build over a checkpoint's item embeddings (any registered model): ids are vocabulary
+    indices 1..num_items-1 (0 is padding), categories and model version come from it."""
+    from hytrec.model.registry import load_model  # model (torch) only when a checkpoint is used
 
-    model = HyTRec.load(path)
+    model = load_model(path)
     vectors = model.item_vectors()  # float32 [num_items - 1, d]
     ids = np.arange(1, len(vectors) + 1, dtype=np.int64)
     return build_index(vectors, ids, model.item_categories(), config, queries, model.version)

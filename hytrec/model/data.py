@@ -22,6 +22,15 @@ Formats (plain or gzipped; the reader chooses by the `.gz` suffix):
   "Comedy|Romance" (ML-100K: 216 sets): taking the first genre flag would make every
   "Action|..." movie an Action movie because of the alphabetical column order. Movies absent
   from the genre file get category 0.
+- MovieLens latest (`ratings.csv`: a header, then `userId,movieId,rating,timestamp`), genre
+  sets from `movies.csv` beside it (`movieId,title,genres`, titles quoted where they hold
+  commas) as categories, exactly as for ML-100K; "(no genres listed)" is a category of its own.
+- Foursquare check-ins as the STAN repository ships them (`NYC.npy`, gzipped): a numpy
+  integer array [N, 3] of `user_id, poi_id, minutes since the first check-in of the data
+  set`, grouped by user but not time-sorted within a user. ts = minutes * 60 (seconds since
+  that first check-in, not unix time); category 0 (the file has none); behaviour CLICK (a
+  check-in). A row is bad when an id is below 1 or the minute is negative; its "line" is
+  its 1-based row number.
 - Any CSV/Parquet table through a `ColumnMap` (which column holds what; missing category ->
   0, missing behaviour -> a default, missing ts -> position in the file).
 
@@ -73,8 +82,10 @@ DATASETS: dict[str, tuple[str, str]] = {
     "beauty": ("amazon/Beauty.txt.gz", "s3rec"),
     "sports": ("amazon/Sports_and_Outdoors.txt.gz", "s3rec"),
     "ml100k": ("movielens/u.data.gz", "movielens"),
+    "ml-latest": ("movielens/ml-latest-small/ratings.csv.gz", "movielens"),
+    "foursquare": ("foursquare/NYC.npy.gz", "foursquare"),
 }
-FORMATS = ("taobao", "s3rec", "movielens", "table")
+FORMATS = ("taobao", "s3rec", "movielens", "foursquare", "table")
 BadRowPolicy = Literal["raise", "skip"]
 
 # The official Taobao UserBehavior window, 2017-11-25 00:00 to 2017-12-04 00:00 (UTC+8),
@@ -296,16 +307,31 @@ def read_s3rec(
 
 
 def _movie_genres(ratings: Path) -> dict[int, str]:
-    """Movie id -> genre set ("Comedy|Romance") from u.item / movies.dat beside `ratings`."""
+    """Movie id -> genre set ("Comedy|Romance") from u.item / movies.dat / movies.csv beside
+    `ratings`."""
     folder = ratings.parent
-    for name in ("u.item", "u.item.gz", "movies.dat", "movies.dat.gz"):
+    names = ("u.item", "u.item.gz", "movies.dat", "movies.dat.gz", "movies.csv", "movies.csv.gz")
+    for name in names:
         path = folder / name
         if path.is_file():
             break
     else:
-        log.warning("no u.item or movies.dat beside %s: every category is 0", ratings)
+        log.warning("no u.item, movies.dat or movies.csv beside %s: every category is 0", ratings)
         return {}
     genres: dict[int, str] = {}
+    if name.startswith("movies.csv"):  # ML latest: a header, then movieId,title,genres
+        bad = []
+        with _open_text(path) as f:
+            for number, parts in enumerate(csv.reader(f), start=1):
+                if number == 1:
+                    continue
+                if len(parts) == 3 and parts[0].isdigit():
+                    genres[int(parts[0])] = parts[2]
+                else:
+                    bad.append(number)
+        if bad:  # those movies' ratings keep category 0
+            log.warning("%s: %d malformed line(s) skipped: %s", path, len(bad), bad[:20])
+        return genres
     if name.startswith("movies"):  # ML-1M: id::title::Genre1|Genre2
         with _open_text(path) as f:
             for line in f:
@@ -354,13 +380,20 @@ def _movie_genres(ratings: Path) -> dict[int, str]:
 def read_movielens(
     path: Path | str, on_bad_row: BadRowPolicy = "raise", progress: bool = True
 ) -> tuple[EventLog, LoadReport]:
-    """MovieLens ratings: `user<TAB>item<TAB>rating<TAB>ts` (u.data) or `::`-separated
-    (ratings.dat). Behaviour CLICK; category = the movie's genre set (see the module doc)."""
+    """MovieLens ratings: `user<TAB>item<TAB>rating<TAB>ts` (u.data), `::`-separated
+    (ratings.dat) or `userId,movieId,rating,timestamp` after a header (ratings.csv, ML latest).
+    Behaviour CLICK; category = the movie's genre set (see the module doc)."""
     path = Path(path)
     genres = _movie_genres(path)
     rows = _Rows(path, "movielens", on_bad_row)
+    is_csv = path.name.removesuffix(".gz").endswith(".csv")
     for number, line in _lines(path, progress):
-        parts = line.split("::") if "::" in line else line.split("\t")
+        if is_csv and number == 1 and line == "userId,movieId,rating,timestamp":
+            continue
+        if is_csv:
+            parts = line.split(",")
+        else:
+            parts = line.split("::") if "::" in line else line.split("\t")
         rows.report.rows += 1
         if len(parts) != 4:
             rows.bad(number, f"expected 4 fields (user item rating ts), got {len(parts)}", line)
@@ -377,6 +410,52 @@ def read_movielens(
         except ValueError as e:
             rows.bad(number, str(e), line)
     return _to_log(rows), rows.report
+
+
+def read_foursquare(
+    path: Path | str, on_bad_row: BadRowPolicy = "raise", progress: bool = True
+) -> tuple[EventLog, LoadReport]:
+    """Foursquare check-ins as a numpy array [N, 3] (`user_id, poi_id, minutes`), `.npy` or
+    `.npy.gz`: ts = minutes * 60, category 0, CLICK (see the module doc). Rows need not be
+    time-sorted: the log is sorted by (user, ts), stably by row."""
+    path = Path(path)
+    rows = _Rows(path, "foursquare", on_bad_row)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            table = np.load(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"{path}: not a numpy array file ({err})") from err
+    if table.ndim != 2 or table.shape[1] != 3 or not np.issubdtype(table.dtype, np.integer):
+        raise ValueError(
+            f"{path}: expected an integer array [N, 3] (user_id, poi_id, minutes), "
+            f"got {table.dtype} {list(table.shape)}"
+        )
+    table = table.astype(np.int64)
+    rows.report.rows = len(table)
+    ok = (table[:, 0] >= 1) & (table[:, 1] >= 1) & (table[:, 2] >= 0)
+    for number in np.flatnonzero(~ok) + 1:
+        user, poi, minutes = table[number - 1]
+        problem = "minute is negative" if user >= 1 and poi >= 1 else "id below 1"
+        rows.bad(int(number), problem, f"{user},{poi},{minutes}")
+    table = table[ok]
+    user, users = _vocab_column(table[:, 0])
+    item, items = _vocab_column(table[:, 1])
+    ts = table[:, 2] * 60
+    order = np.lexsort((ts, user))
+    rows.report.events = len(order)
+    n = len(order)
+    events = EventLog(
+        user=user[order],
+        item=item[order],
+        category=np.zeros(n, np.int64),
+        behavior=np.full(n, int(Behavior.CLICK), np.int64),
+        ts=ts[order],
+        users=users,
+        items=items,
+        categories=Vocabulary(),
+    )
+    return events, rows.report
 
 
 def read_table(
@@ -459,17 +538,25 @@ def _csv_records(
             yield number, {k: fields[i] for k, i in where.items()}
 
 
-READERS = {"taobao": read_taobao, "s3rec": read_s3rec, "movielens": read_movielens}
+READERS = {
+    "taobao": read_taobao,
+    "s3rec": read_s3rec,
+    "movielens": read_movielens,
+    "foursquare": read_foursquare,
+}
 
 
 def detect_format(path: Path | str) -> str:
-    """Format from the file name: *.parquet -> table, u.data*/ratings.dat* -> movielens,
-    *.txt -> s3rec, *.csv -> taobao (pass fmt="table" with a ColumnMap for other CSVs)."""
+    """Format from the file name: *.parquet -> table, u.data*/ratings.dat*/ratings.csv ->
+    movielens, *.npy -> foursquare, *.txt -> s3rec, *.csv -> taobao (pass fmt="table" with a
+    ColumnMap for other CSVs)."""
     name = Path(path).name.removesuffix(".gz")
     if name.endswith(".parquet"):
         return "table"
-    if name.startswith(("u.data", "ratings.dat")):
+    if name.startswith(("u.data", "ratings.dat")) or name == "ratings.csv":
         return "movielens"
+    if name.endswith(".npy"):
+        return "foursquare"
     if name.endswith(".txt"):
         return "s3rec"
     if name.endswith(".csv"):

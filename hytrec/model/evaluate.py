@@ -95,9 +95,7 @@ def hit_rate(ranks: np.ndarray, k: int) -> float:
 
 def ndcg(ranks: np.ndarray, k: int) -> float:
     """Mean 1/log2(rank + 2) over targets in the top k, 0 for the others."""
-    if not len(ranks):
-        return float("nan")
-    return float(np.mean(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)))
+    return float(np.mean(ndcg_per_user(ranks, k))) if len(ranks) else float("nan")
 
 
 def mrr(ranks: np.ndarray) -> float:
@@ -109,6 +107,62 @@ def auc(ranks: np.ndarray, candidates: np.ndarray) -> float:
     if not len(ranks):
         return float("nan")
     return float(np.mean(1.0 - ranks / np.maximum(candidates - 1, 1)))
+
+
+def ndcg_per_user(ranks: np.ndarray, k: int) -> np.ndarray:
+    """float64 [U]: each target's NDCG@k (the values `ndcg` averages)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def paired_bootstrap(
+    a: np.ndarray,
+    b: np.ndarray | None = None,
+    resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """Percentile bootstrap over users of the mean of per-user values `a` and, when `b` (the
+    same users under another model) is given, of mean(a) - mean(b) and mean(a) / mean(b),
+    resampling the users once for both so that the pairing is kept.
+
+    Returns {"mean", "ci"} for a alone, else also "mean_b", "diff", "diff_ci", "ratio",
+    "ratio_ci" and "share_a_ahead" (the share of resamples where mean(a) > mean(b)).
+    Intervals are the (1-level)/2 and (1+level)/2 quantiles of the resampled statistics.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    n = len(a)
+    if b is not None:
+        b = np.asarray(b, dtype=np.float64)
+        if len(b) != n:
+            raise ValueError(f"paired values need equal lengths, got {n} and {len(b)}")
+    if n == 0:
+        raise ValueError("nothing to resample: no users")
+    rng = np.random.default_rng(seed)
+    means_a, means_b = [], []
+    for lo in range(0, resamples, 256):  # [chunk, n] user indices at a time bounds memory
+        take = rng.integers(0, n, (min(256, resamples - lo), n))
+        means_a.append(a[take].mean(1))
+        if b is not None:
+            means_b.append(b[take].mean(1))
+    qs = ((1 - level) / 2, (1 + level) / 2)
+    ma = np.concatenate(means_a)
+    out = {"mean": float(a.mean()), "ci": [float(v) for v in np.quantile(ma, qs)]}
+    if b is None:
+        return out
+    mb = np.concatenate(means_b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = ma / mb
+        ratio = a.mean() / b.mean() if b.mean() else float("nan")
+    out.update(
+        mean_b=float(b.mean()),
+        diff=float(a.mean() - b.mean()),
+        diff_ci=[float(v) for v in np.quantile(ma - mb, qs)],
+        ratio=float(ratio),
+        ratio_ci=[float(v) for v in np.quantile(ratios, qs)],
+        share_a_ahead=float(np.mean(ma > mb)),
+    )
+    return out
 
 
 def ranking_metrics(
@@ -206,6 +260,24 @@ def cohort_name(low: int, high: int | None) -> str:
     return f"{low}+" if high is None else f"{low}-{high}"
 
 
+def ranking_scores(model: torch.nn.Module, batch: EventBatch) -> torch.Tensor:
+    """Scores [B, num_items] of every item after each row's last event.
+
+    A baseline that ranks without a user vector (`heuristics.py`) has `rank_scores(batch)`;
+    a model with a repeat head scores log P(i) of its repeat/explore mixture (`repeat.py`);
+    any other model scores u . item.
+    """
+    if hasattr(model, "rank_scores"):
+        return model.rank_scores(batch)
+    rows = torch.arange(len(batch.lengths), device=batch.lengths.device)
+    u = model(batch)[rows, batch.lengths - 1]  # [B, d]
+    scores = model.score(u)
+    head = getattr(model, "repeat_head", None)
+    if head is not None:
+        scores = head.rank_scores(batch, u, scores, model.item_table())
+    return scores
+
+
 @torch.no_grad()
 def rank_targets(
     model: torch.nn.Module,
@@ -234,14 +306,12 @@ def rank_targets(
     model.eval()
     context = context_length(model, cfg.max_len)
     out = {k: [] for k in ("rank", "candidates", "rank_filtered", "candidates_filtered")}
-    num_items = model.item_table().shape[0]
     for b in range(0, len(starts), cfg.batch_size):
         s, t = starts[b : b + cfg.batch_size], targets[b : b + cfg.batch_size]
         batch = history_batch(log, s, t, context).to(device)
-        u = model(batch)[torch.arange(len(s), device=device), batch.lengths - 1]  # [B, d]
-        scores = model.score(u)  # [B, N]
+        scores = ranking_scores(model, batch)  # [B, N]
         target = torch.from_numpy(log.item[t]).to(device)
-        seen = torch.zeros(len(s), num_items, dtype=torch.bool, device=device)
+        seen = torch.zeros_like(scores, dtype=torch.bool)
         for row, (a, z) in enumerate(zip(s, t, strict=True)):
             seen[row, torch.from_numpy(log.item[a:z]).to(device)] = True  # whole history
         for suffix, exclude in (("", None), ("_filtered", seen)):
@@ -283,7 +353,11 @@ def evaluate(
 ) -> dict:
     """Full-ranking metrics of `model` on the `which` targets: {"protocol", "overall",
     "cohorts", and "overall_history_filtered" or "overall_unfiltered" for the other one}."""
-    ranked = rank_targets(model, log, split, which, cfg, device)
+    return report_of(rank_targets(model, log, split, which, cfg, device), split, which, cfg)
+
+
+def report_of(ranked: dict[str, np.ndarray], split: EvalSplit, which: str, cfg: EvalConfig) -> dict:
+    """`evaluate`'s report from the ranks `rank_targets` returned."""
     report = {"protocol": protocol(split, which, cfg), **summarize(ranked, cfg)}
     other = EvalConfig(**{**asdict(cfg), "filter_history": not cfg.filter_history})
     key = "overall_unfiltered" if cfg.filter_history else "overall_history_filtered"
@@ -366,15 +440,23 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
     names = [r.name for r in rows]
     x = np.arange(len(rows))
     width = 0.8 / len(metrics)
+    heuristic = [r.extra.get("kind") == "heuristic" for r in rows]
     for i, m in enumerate(metrics):
-        left.bar(x + i * width, [r.report["overall"][m] for r in rows], width, label=m)
-    left.set_xticks(x + width * (len(metrics) - 1) / 2, names, rotation=30, ha="right")
-    left.set_title("overall")
-    left.legend()
+        bars = left.bar(x + i * width, [r.report["overall"][m] for r in rows], width, label=m)
+        for bar, hatched in zip(bars, heuristic, strict=True):
+            bar.set_hatch("//" if hatched else None)
+    if any(heuristic):  # the bar a model has to clear
+        best = max(
+            r.report["overall"]["NDCG@10"] for r in rows if r.extra.get("kind") == "heuristic"
+        )
+        left.axhline(best, color="k", ls="--", lw=1, label="best heuristic NDCG@10")
+    left.set_xticks(x + width * (len(metrics) - 1) / 2, names, rotation=35, ha="right")
+    left.set_title("overall (hatched: heuristics)")
+    left.legend(fontsize=8)
     cohorts = list(rows[0].report["cohorts"]) if rows else []
     cx = np.arange(len(cohorts))
     cw = 0.8 / max(len(rows), 1)
@@ -396,8 +478,11 @@ def plot(
     return path
 
 
-def write_reports(rows: list[ModelReport], stem: Path, title: str, header: dict) -> list[Path]:
-    """`stem`.json (header + every model's report), `stem`.md and `stem`.png."""
+def write_reports(
+    rows: list[ModelReport], stem: Path, title: str, header: dict, notes: str = ""
+) -> list[Path]:
+    """`stem`.json (header + every model's report), `stem`.md (the tables, then `notes`)
+    and `stem`.png."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     payload = {**header, "models": {r.name: {**r.extra, **r.report} for r in rows}}
@@ -411,6 +496,7 @@ def write_reports(rows: list[ModelReport], stem: Path, title: str, header: dict)
         f"Protocol: {json.dumps(header.get('protocol', {}))}",
         "",
         markdown_table(rows),
+        notes,
     ]
     md_path = stem.with_suffix(".md")
     md_path.write_text("\n".join(md))

@@ -14,6 +14,9 @@ short-term branch over the last K events:
             rank and bucketed age (t_query - t_i); the read-out is the newest position
     user  = LayerNorm(fuse(long_t, short_t)),     score(item) = user . item_vector
 
+With `repeat_head` set, ranking uses log P(i) of the repeat/explore mixture over the user's
+recent distinct items instead of the scores alone (`repeat.py`).
+
 TADN (Temporal-Aware Delta Network), per head with state S [K, V]:
 
     tau_t = exp(-(t_t - t_{t-1}) / T)                         the event's freshness
@@ -40,24 +43,19 @@ proves they agree.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from hytrec.kernels import run_mask, tadn_parallel, tadn_step
+from hytrec.kernels import tadn_parallel, tadn_step
+from hytrec.model.base import SequentialModel
+from hytrec.model.batch import EventBatch, PackedRuns, shift_window
 from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
-
-CHECKPOINT_FORMAT = "hytrec-checkpoint"
-CHECKPOINT_VERSION = 1
+from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config, log2_bucket
+from hytrec.model.streaming import SlotState
 
 
 @dataclass(frozen=True)
@@ -95,8 +93,12 @@ class HyTRecConfig:
     ffn_mult: int = 4
     dropout: float = 0.1
     chunk_size: int = 64
+    # the repeat/explore head over the user's recent distinct items (`repeat.py`); None = off
+    repeat_head: RepeatConfig | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "repeat_head", as_repeat_config(self.repeat_head))
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(f"HyTRecConfig: {message}")
@@ -123,75 +125,13 @@ class HyTRecConfig:
     def is_softmax_layer(self, layer: int) -> bool:
         return self.softmax_every > 0 and (layer + 1) % self.softmax_every == 0
 
-    @classmethod
-    def from_dict(cls, values: dict) -> HyTRecConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"HyTRecConfig: unknown fields {unknown}")
-        return cls(**values)
-
-
-@dataclass
-class EventBatch:
-    """Right-padded event sequences. item/category/behavior/ts: [B, T] int64; lengths: [B]."""
-
-    item: torch.Tensor
-    category: torch.Tensor
-    behavior: torch.Tensor
-    ts: torch.Tensor  # unix seconds (int64 keeps second precision; fp32 would not)
-    lengths: torch.Tensor
-
-    def to(self, device: torch.device | str) -> EventBatch:
-        return EventBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return run_mask(self.lengths, self.item.shape[1])  # [B, T]
-
-
-@dataclass(frozen=True)
-class PackedRuns:
-    """Where the N real events of a micro-batch sit in its right-padded [U, M] grid (every
-    run holds at least one event: the engine never builds an empty one).
-
-    The serving step runs every per-event layer (embeddings, projections, norms, FFN) on the
-    N events only and pads just around the recurrences: a batch of 256 Taobao events over
-    ~59 users pads to ~5.5x as many positions.
-    """
-
-    lengths: torch.Tensor  # [U] events per run
-    max_len: int  # M
-    index: torch.Tensor  # [N] flat positions u * M + m of the real events, run after run
-
-    @classmethod
-    def of(cls, lengths: torch.Tensor, max_len: int) -> PackedRuns:
-        index = run_mask(lengths, max_len).flatten().nonzero().squeeze(1)  # one host sync
-        return cls(lengths, max_len, index)
-
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """[U, M, ...] -> [N, ...]"""
-        return x.flatten(0, 1).index_select(0, self.index)
-
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, ...] -> [U, M, ...], zeros at the padded positions."""
-        U = self.lengths.shape[0]
-        out = x.new_zeros(U * self.max_len, *x.shape[1:])
-        return out.index_copy_(0, self.index, x).view(U, self.max_len, *x.shape[1:])
-
-    @property
-    def newest(self) -> torch.Tensor:
-        """[U] packed position of each run's newest event."""
-        return self.lengths.cumsum(0) - 1
-
 
 # ---------------------------------------------------------------------------- time features
 
 
 def gap_bucket(gap_s: torch.Tensor, has_prev: torch.Tensor, buckets: int) -> torch.Tensor:
     """Bucket 0 = no previous event; else 1 + floor(log2(1 + gap seconds)), capped."""
-    gap = gap_s.clamp(min=0).to(torch.float64)
-    bucket = 1 + torch.floor(torch.log2(1.0 + gap)).long().clamp(max=buckets - 2)
+    bucket = 1 + log2_bucket(gap_s, buckets - 1)
     return torch.where(has_prev, bucket, torch.zeros_like(bucket))
 
 
@@ -208,7 +148,7 @@ def sequence_gaps(ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
-class StreamState:
+class StreamState(SlotState):
     """Pooled per-user serving state; every tensor's first dimension is the slot.
 
     tadn[l]:     [P, H, dk, dv] fp32  delta-rule state of each TADN layer
@@ -225,52 +165,6 @@ class StreamState:
     window: torch.Tensor
     count: torch.Tensor
     last_ts: torch.Tensor
-
-    def parts(self) -> dict[str, torch.Tensor]:
-        """Every tensor by name: `tadn.{i}`, `mean_sum.{i}`, `kv.{i}` (i: the layer's index
-        among its kind), `window`, `count`, `last_ts`. Snapshots and the state store address
-        the state through these names, never by position."""
-        named = {f"tadn.{i}": t for i, t in enumerate(self.tadn)}
-        named |= {f"mean_sum.{i}": t for i, t in enumerate(self.mean_sum)}
-        named |= {f"kv.{i}": t for i, t in enumerate(self.kv)}
-        return named | {"window": self.window, "count": self.count, "last_ts": self.last_ts}
-
-    @property
-    def num_slots(self) -> int:
-        return self.count.shape[0]
-
-    def bytes_by_part(self) -> dict[str, int]:
-        """Bytes one user's slot takes, per part of the state."""
-
-        def size(ts):
-            return sum(t[0].numel() * t.element_size() for t in ts)
-
-        return {
-            "tadn_states": size(self.tadn),
-            "tadn_running_sums": size(self.mean_sum),
-            "softmax_kv_windows": size(self.kv),
-            "short_window": size([self.window]),
-            "counters": size([self.count, self.last_ts]),
-        }
-
-    def bytes_per_user(self) -> int:
-        return sum(self.bytes_by_part().values())
-
-    def reset(self, slots: torch.Tensor) -> None:
-        for t in self.parts().values():
-            t[slots] = 0
-
-    def read(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Copies of the given slots' tensors by name (e.g. to evict users to host memory)."""
-        return {name: t[slots].clone() for name, t in self.parts().items()}
-
-    def write(self, slots: torch.Tensor, values: Mapping[str, torch.Tensor]) -> None:
-        """Write `values` (every part by name, slot dimension first) into the given slots."""
-        parts = self.parts()
-        if values.keys() != parts.keys():
-            raise ValueError(f"state parts {sorted(values)} != this state's {sorted(parts)}")
-        for name, t in parts.items():
-            t[slots] = values[name].to(t.device)
 
 
 # ---------------------------------------------------------------------------- layers
@@ -466,18 +360,6 @@ def blocks_with_previous(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torc
     return own, torch.cat([previous, own], dim=2)
 
 
-def shift_window(window: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Append each row's first lengths[u] entries of `new` [U, M, ...] to `window`
-    [U, W, ...] (oldest first) and keep the last W."""
-    W = window.shape[1]
-    combined = torch.cat([window, new], dim=1)  # [U, W + M, ...]
-    index = lengths[:, None] + torch.arange(W, device=window.device)[None, :]  # [U, W]
-    index = index.view(*index.shape, *([1] * (combined.dim() - 2))).expand(
-        -1, -1, *combined.shape[2:]
-    )
-    return combined.gather(1, index)
-
-
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(LN x), then x + FFN(LN x)."""
 
@@ -536,26 +418,18 @@ def _logit(p: float) -> float:
 # ---------------------------------------------------------------------------- the model
 
 
-class HyTRec(nn.Module):
+class HyTRec(SequentialModel):
+    NAME = "hytrec"
+    CONFIG = HyTRecConfig
+
     def __init__(
         self,
         cfg: HyTRecConfig,
         items: Vocabulary | None = None,
         categories: Vocabulary | None = None,
     ):
-        super().__init__()
+        super().__init__(cfg, items, categories)
         d = cfg.d_model
-        self.cfg = cfg
-        self.items, self.categories = items, categories
-        if items is not None and len(items) != cfg.num_items:
-            raise ValueError(
-                f"item vocabulary has {len(items)} entries, config says num_items={cfg.num_items}"
-            )
-        if categories is not None and len(categories) != cfg.num_categories:
-            raise ValueError(
-                f"category vocabulary has {len(categories)} entries, config says "
-                f"num_categories={cfg.num_categories}"
-            )
         self.item_emb = nn.Embedding(cfg.num_items, d, padding_idx=0)
         self.category_emb = nn.Embedding(cfg.num_categories, d, padding_idx=0)
         self.behavior_emb = nn.Embedding(NUM_BEHAVIORS, d, padding_idx=0)
@@ -583,18 +457,8 @@ class HyTRec(nn.Module):
         self.user_norm = nn.LayerNorm(d)
         if not cfg.tie_item_embeddings:
             self.item_out = nn.Embedding(cfg.num_items, d, padding_idx=0)
-        # item -> category index, filled from training data; the index's category filter uses it
-        self.register_buffer("item_category", torch.zeros(cfg.num_items, dtype=torch.long))
+        self.repeat_head = RepeatHead(cfg.repeat_head, d) if cfg.repeat_head is not None else None
         self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
 
     # ------------------------------------------------------------------ shared pieces
 
@@ -810,8 +674,9 @@ class HyTRec(nn.Module):
             last_ts=zeros(dtype=torch.long),
         )
 
-    def state_bytes_per_user(self) -> int:
-        return self.new_state(1, "meta").bytes_per_user()
+    def recent_items(self, state: StreamState, slots: torch.Tensor, n: int) -> torch.Tensor:
+        """[U, min(n, K)] the items of these users' last n events, oldest first (0: none)."""
+        return state.window[slots, -n:, 0]
 
     @torch.no_grad()
     def step(self, state: StreamState, slots: torch.Tensor, batch: EventBatch) -> torch.Tensor:
@@ -866,113 +731,3 @@ class HyTRec(nn.Module):
     def item_table(self) -> torch.Tensor:
         """[num_items, d] output item vectors (row 0 is padding)."""
         return self.item_emb.weight if self.cfg.tie_item_embeddings else self.item_out.weight
-
-    def score(self, user: torch.Tensor) -> torch.Tensor:
-        """Dot products of user vectors [..., d] with every item: [..., num_items]; the
-        padding item scores -inf."""
-        logits = user @ self.item_table().T
-        logits[..., 0] = float("-inf")
-        return logits
-
-    @torch.no_grad()
-    def user_vector(self, batch: EventBatch) -> torch.Tensor:
-        """The vector the index is queried with, after each row's last real event: [B, d]."""
-        u = self(batch)
-        return u[torch.arange(u.shape[0], device=u.device), batch.lengths - 1]
-
-    def item_vectors(self) -> np.ndarray:
-        """float32 [num_items - 1, d]: rows for vocabulary indices 1..num_items-1."""
-        return self.item_table()[1:].detach().float().cpu().numpy()
-
-    def item_categories(self) -> np.ndarray:
-        """int64 [num_items - 1]: category index of items 1..num_items-1 (0 = unknown)."""
-        return self.item_category[1:].cpu().numpy()
-
-    # ------------------------------------------------------------------ checkpoints
-
-    @property
-    def version(self) -> str:
-        """Content hash of the weights: equal weights, equal version."""
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:12]
-
-    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
-        """Write `model.safetensors` and `checkpoint.json` (format, config, vocabularies)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        weights = {n: t.detach().cpu().contiguous() for n, t in self.state_dict().items()}
-        save_file(weights, directory / "model.safetensors")
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": CHECKPOINT_VERSION,
-            "model": "hytrec",
-            "version": self.version,
-            "config": asdict(self.cfg),
-            "items": self.items.to_json() if self.items is not None else None,
-            "categories": self.categories.to_json() if self.categories is not None else None,
-            "extra": extra or {},
-        }
-        (directory / "checkpoint.json").write_text(json.dumps(meta))
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> HyTRec:
-        """Load a checkpoint written by `save`; refuse a mismatched one with a clear message."""
-        directory = Path(directory)
-        meta_path, weights_path = directory / "checkpoint.json", directory / "model.safetensors"
-        for path in (meta_path, weights_path):
-            if not path.is_file():
-                raise CheckpointError(f"{path}: missing (not a HyTRec checkpoint directory?)")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{meta_path}: not valid JSON ({err})") from err
-        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("model") != "hytrec":
-            raise CheckpointError(
-                f"{meta_path}: format {meta.get('format')!r} model "
-                f"{meta.get('model')!r}, expected {CHECKPOINT_FORMAT!r} hytrec"
-            )
-        if meta.get("format_version") != CHECKPOINT_VERSION:
-            raise CheckpointError(
-                f"{meta_path}: format_version {meta.get('format_version')}, "
-                f"this code reads version {CHECKPOINT_VERSION}"
-            )
-        try:
-            cfg = HyTRecConfig.from_dict(meta["config"])
-            items = Vocabulary(meta["items"]) if meta.get("items") is not None else None
-            categories = (
-                Vocabulary(meta["categories"]) if meta.get("categories") is not None else None
-            )
-            model = cls(cfg, items, categories)
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{meta_path}: {err}") from err
-        weights = load_file(weights_path, device=str(map_location))
-        expected = model.state_dict()
-        missing, unexpected = expected.keys() - weights, weights.keys() - expected
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{weights_path}: weights do not fit the config: missing "
-                f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-            )
-        for name, tensor in expected.items():
-            if weights[name].shape != tensor.shape:
-                raise CheckpointError(
-                    f"{weights_path}: {name} has shape "
-                    f"{tuple(weights[name].shape)}, config needs "
-                    f"{tuple(tensor.shape)}"
-                )
-        model.load_state_dict(weights)
-        if meta.get("version") not in (None, model.version):
-            raise CheckpointError(
-                f"{weights_path}: weights hash to {model.version}, checkpoint"
-                f".json says {meta['version']} (corrupt or mixed files)"
-            )
-        model.checkpoint_extra = meta.get("extra", {})
-        return model.to(map_location).eval()
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded, with the file and the reason."""

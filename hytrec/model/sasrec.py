@@ -9,24 +9,27 @@ scores as dot products with the (shared) item embeddings:
     u_t   = LN(h_t),      score(item) = u_t . item
 
 It reads only item ids (no categories, behaviours or time), and at most `max_len` events:
-the harness feeds it each user's last `max_len`. Same interface as `HyTRec`:
-`forward(batch) -> [B, T, d]`, `score(u)`, `item_table()`, `user_vector(batch)`,
-`save(dir, extra)` / `load(dir)`.
+the harness feeds it each user's last `max_len`. Served, it keeps each user's last `max_len`
+item ids and recomputes the whole window for every micro-batch (`step`): exact, and the
+cost a softmax model pays per event that a recurrent state avoids. With `repeat_head` set,
+ranking uses log P(i) of the repeat/explore mixture over the user's recent distinct items
+(`repeat.py`; the head reads the stages and times of the same events). Scoring, checkpoints and
+vocabularies come from `base.SequentialModel`, as for every registered model.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
+from hytrec.model.base import SequentialModel
+from hytrec.model.batch import EventBatch, shift_window
 from hytrec.model.events import Vocabulary
-from hytrec.model.hytrec import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, EventBatch
+from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config
+from hytrec.model.streaming import SlotState
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,25 @@ class SASRecConfig:
     max_len: int = 50  # learned positions: the longest input it reads
     ffn_mult: int = 4
     dropout: float = 0.1
+    # the repeat/explore head over the user's recent distinct items (`repeat.py`); None = off
+    repeat_head: RepeatConfig | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "repeat_head", as_repeat_config(self.repeat_head))
+
+
+@dataclass
+class SASRecState(SlotState):
+    """Pooled per-user serving state; every tensor's first dimension is the slot.
+
+    window:  [P, max_len] int64  the last max_len item ids, oldest first, newest at the end
+    count:   [P]          int64  events applied
+    last_ts: [P]          int64  time of the newest applied event
+    """
+
+    window: torch.Tensor
+    count: torch.Tensor
+    last_ts: torch.Tensor
 
 
 class CausalSelfAttention(nn.Module):
@@ -79,27 +101,26 @@ class Block(nn.Module):
         return x + self.ffn(self.ln2(x))
 
 
-class SASRec(nn.Module):
-    def __init__(self, cfg: SASRecConfig, items: Vocabulary | None = None):
-        super().__init__()
-        if items is not None and len(items) != cfg.num_items:
-            raise ValueError(
-                f"item vocabulary has {len(items)} entries, config says num_items={cfg.num_items}"
-            )
-        self.cfg, self.items = cfg, items
+class SASRec(SequentialModel):
+    NAME = "sasrec"
+    CONFIG = SASRecConfig
+
+    def __init__(
+        self,
+        cfg: SASRecConfig,
+        items: Vocabulary | None = None,
+        categories: Vocabulary | None = None,
+    ):
+        super().__init__(cfg, items, categories)
         self.item_emb = nn.Embedding(cfg.num_items, cfg.d_model, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.repeat_head = (
+            RepeatHead(cfg.repeat_head, cfg.d_model) if cfg.repeat_head is not None else None
+        )
         self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     @property
     def max_len(self) -> int:
@@ -118,49 +139,35 @@ class SASRec(nn.Module):
             x = block(x)
         return self.ln_f(x)
 
-    def item_table(self) -> torch.Tensor:
-        return self.item_emb.weight
+    # ------------------------------------------------------------------ serving form
 
-    def score(self, user: torch.Tensor) -> torch.Tensor:
-        """[..., d] -> [..., num_items] logits; the padding item scores -inf."""
-        logits = user @ self.item_table().T
-        logits[..., 0] = float("-inf")
-        return logits
+    def new_state(self, num_slots: int, device: torch.device | str = "cpu") -> SASRecState:
+        def zeros(*shape):
+            return torch.zeros(num_slots, *shape, dtype=torch.long, device=device)
+
+        return SASRecState(window=zeros(self.cfg.max_len), count=zeros(), last_ts=zeros())
+
+    def recent_items(self, state: SASRecState, slots: torch.Tensor, n: int) -> torch.Tensor:
+        """[U, min(n, max_len)] the items of these users' last n events, oldest first."""
+        return state.window[slots, -n:]
 
     @torch.no_grad()
-    def user_vector(self, batch: EventBatch) -> torch.Tensor:
-        u = self(batch)
-        return u[torch.arange(u.shape[0], device=u.device), batch.lengths - 1]
-
-    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
-        """`model.safetensors` + `checkpoint.json` in the HyTRec checkpoint format."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {n: t.detach().cpu().contiguous() for n, t in self.state_dict().items()},
-            directory / "model.safetensors",
-        )
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": CHECKPOINT_VERSION,
-            "model": "sasrec",
-            "config": asdict(self.cfg),
-            "items": self.items.to_json() if self.items is not None else None,
-            "extra": extra or {},
-        }
-        (directory / "checkpoint.json").write_text(json.dumps(meta))
-        return directory
-
-    @classmethod
-    def load(cls, directory: str | Path, map_location: str = "cpu") -> SASRec:
-        directory = Path(directory)
-        meta = json.loads((directory / "checkpoint.json").read_text())
-        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("model") != "sasrec":
-            raise CheckpointError(
-                f"{directory}: not a SASRec checkpoint (model {meta.get('model')!r})"
-            )
-        items = Vocabulary(meta["items"]) if meta.get("items") is not None else None
-        model = cls(SASRecConfig(**meta["config"]), items)
-        model.load_state_dict(load_file(directory / "model.safetensors", device=map_location))
-        model.checkpoint_extra = meta.get("extra", {})
-        return model.to(map_location).eval()
+    def step(self, state: SASRecState, slots: torch.Tensor, batch: EventBatch) -> torch.Tensor:
+        """Append each user's run of new events to its window and recompute the user vector
+        over the window: [U, d], equal to `forward` over the user's last max_len events."""
+        if self.training:
+            raise RuntimeError("SASRec.step serves a trained model: call model.eval() first")
+        W, lengths = self.cfg.max_len, batch.lengths
+        window = shift_window(state.window[slots], batch.item, lengths)  # [U, W], newest last
+        count = state.count[slots] + lengths
+        n = count.clamp(max=W)  # real events in the window, right-aligned
+        offsets = torch.arange(W, device=window.device)[None]  # [1, W]
+        real = offsets < n[:, None]
+        left = window.gather(1, ((W - n)[:, None] + offsets).clamp(max=W - 1)) * real
+        zeros = torch.zeros_like(left)
+        u = self(EventBatch(left, zeros, zeros, zeros, lengths=n))  # [U, W, d]
+        rows = torch.arange(len(slots), device=u.device)
+        state.window[slots] = window
+        state.count[slots] = count
+        state.last_ts[slots] = batch.ts[rows, lengths - 1]
+        return u[rows, n - 1]

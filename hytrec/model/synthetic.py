@@ -27,6 +27,9 @@ Planted signals (what a model test can check; `SyntheticTruth` holds the ground 
 5. Items. `items_per_category` items per category, popularity Zipf (`item_skew`) within
    the category. Item raw id "i{c}_{r}" is the rank-r item of category c.
 
+`revisiting_log` is a much smaller, separate log of planted repeats (users returning to
+their last few items), for the repeat head's tests.
+
 Raw ids are "u{n}", "c{n}", "i{c}_{r}"; vocabularies list every category and item of the
 catalogue (index = 1 + position), users in order. Events are sorted by (user, ts) as
 `EventLog` requires (ts strictly increases within a user).
@@ -181,3 +184,35 @@ def generate_with_truth(
 def generate(config: SyntheticConfig = SyntheticConfig()) -> EventLog:
     """The synthetic `EventLog` (see `generate_with_truth` for the planted structure)."""
     return generate_with_truth(config)[0]
+
+
+def revisiting_log(users=120, items=200, length=(15, 30), seed=0) -> EventLog:
+    """A small log of planted repeats, for the repeat head's tests: 70% of each user's events
+    revisit one of its last three distinct items (the newest most often, geometrically),
+    the rest are uniformly random items, ten minutes apart. Nothing but the user's own
+    history predicts a revisit. (A per-event loop: meant for a few thousand events.)"""
+    rng = np.random.default_rng(seed)
+    cols = {k: [] for k in ("user", "item", "ts")}
+    for u in range(users):
+        seen: list[int] = []
+        for t in range(rng.integers(*length)):
+            recent = list(dict.fromkeys(reversed(seen)))[:3]
+            if recent and rng.random() < 0.7:
+                item = recent[min(int(rng.geometric(0.6)) - 1, len(recent) - 1)]
+            else:
+                item = int(rng.integers(1, items + 1))
+            seen.append(item)
+            cols["user"].append(u + 1)
+            cols["item"].append(item)
+            cols["ts"].append(1_500_000_000 + 600 * t)
+    n = len(cols["user"])
+    return EventLog(
+        user=np.array(cols["user"]),
+        item=np.array(cols["item"]),
+        category=np.zeros(n, np.int64),
+        behavior=np.full(n, 5, np.int64),
+        ts=np.array(cols["ts"]),
+        users=Vocabulary(str(u) for u in range(1, users + 1)),
+        items=Vocabulary(str(i) for i in range(1, items + 1)),
+        categories=Vocabulary(),
+    )

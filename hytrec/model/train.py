@@ -9,6 +9,9 @@ predicts the item of event t + 1:
     sampled softmax:  loss = -log softmax([u_t . e_{i_{t+1}}, u_t . e_{n_1}, ...])
                       with N negatives n_j drawn uniformly for the whole batch (a
                       negative equal to the target is masked out)
+    repeat head:      loss = -log P(i_{t+1}) of the repeat/explore mixture (`repeat.py`),
+                      P_explore from the full softmax or the sampled one above with its
+                      negatives' logits shifted by log((N - 1) / S)
 
 After every epoch the model ranks the validation targets (full ranking, `evaluate.py`)
 and the best NDCG@10 so far is kept and saved, ties broken by MRR; training stops after
@@ -20,16 +23,14 @@ weights.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from hytrec.model.evaluate import (
@@ -41,10 +42,7 @@ from hytrec.model.evaluate import (
     summarize,
 )
 from hytrec.model.events import EventLog
-from hytrec.model.hytrec import HyTRec, HyTRecConfig
-from hytrec.model.sasrec import SASRec, SASRecConfig
-
-ModelConfig = HyTRecConfig | SASRecConfig
+from hytrec.model.registry import build_model
 
 
 @dataclass(frozen=True)
@@ -77,40 +75,6 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-# ---------------------------------------------------------------------------- models
-
-
-def most_frequent_category(log: EventLog) -> np.ndarray:
-    """int64 [num_items]: each item's most frequent category in the log (0 if never seen)."""
-    out = np.zeros(len(log.items), dtype=np.int64)
-    if not len(log):
-        return out
-    pairs, counts = np.unique(np.stack([log.item, log.category], 1), axis=0, return_counts=True)
-    # sort by (item, count): the last row of each item holds its most frequent category
-    order = np.lexsort((counts, pairs[:, 0]))
-    pairs = pairs[order]
-    last = np.r_[pairs[1:, 0] != pairs[:-1, 0], True]
-    out[pairs[last, 0]] = pairs[last, 1]
-    return out
-
-
-def build_model(model_config: ModelConfig, log: EventLog) -> nn.Module:
-    """A fresh model sized to the log's vocabularies (the config's sizes are replaced)."""
-    if isinstance(model_config, SASRecConfig):
-        return SASRec(replace(model_config, num_items=len(log.items)), log.items)
-    cfg = replace(model_config, num_items=len(log.items), num_categories=len(log.categories))
-    model = HyTRec(cfg, log.items, log.categories)
-    model.item_category.copy_(torch.from_numpy(most_frequent_category(log)))
-    return model
-
-
-def load_model(directory: str | Path, map_location: str = "cpu") -> nn.Module:
-    """Load a HyTRec or SASRec checkpoint, whichever `checkpoint.json` names."""
-    meta = json.loads((Path(directory) / "checkpoint.json").read_text())
-    cls = SASRec if meta.get("model") == "sasrec" else HyTRec
-    return cls.load(directory, map_location=map_location)
-
-
 # ---------------------------------------------------------------------------- batches
 
 
@@ -138,6 +102,36 @@ def epoch_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def target_log_prob(
+    model: nn.Module,
+    u: torch.Tensor,
+    target: torch.Tensor,
+    negatives: int,
+    generator: torch.Generator,
+    estimate_full: bool = False,
+) -> torch.Tensor:
+    """log softmax(u . E)[target] per position [P]; u [P, d], target [P] item ids.
+
+    negatives = 0: over all items. N > 0: over the target and N negatives drawn uniformly
+    for the whole batch (a negative equal to the target is masked out); with
+    `estimate_full` their logits are shifted by log((num_items - 1) / N), so that the
+    denominator estimates the full softmax's (the repeat head needs P_explore on the scale
+    that full ranking uses: `repeat.py`).
+    """
+    table = model.item_table()  # [N, d]
+    if negatives == 0:
+        logits = u @ table.T  # [P, N]
+        logits[:, 0] = float("-inf")  # padding is never an answer
+        return logits.log_softmax(-1).gather(1, target[:, None])[:, 0]
+    neg = torch.randint(1, table.shape[0], (negatives,), generator=generator).to(u.device)
+    pos_logit = (u * table[target]).sum(-1, keepdim=True)  # [P, 1]
+    neg_logit = u @ table[neg].T  # [P, S]
+    if estimate_full:
+        neg_logit = neg_logit + math.log((table.shape[0] - 1) / negatives)
+    neg_logit = neg_logit.masked_fill(neg[None, :] == target[:, None], float("-inf"))
+    return torch.cat([pos_logit, neg_logit], dim=1).log_softmax(-1)[:, 0]
+
+
 def next_item_loss(
     model: nn.Module,
     u: torch.Tensor,
@@ -146,17 +140,34 @@ def next_item_loss(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Mean cross-entropy of the next item. u [P, d] user vectors, target [P] item ids."""
-    table = model.item_table()  # [N, d]
-    if negatives == 0:
-        logits = u @ table.T  # [P, N]
-        logits[:, 0] = float("-inf")  # padding is never an answer
-        return F.cross_entropy(logits, target)
-    neg = torch.randint(1, table.shape[0], (negatives,), generator=generator).to(u.device)
-    pos_logit = (u * table[target]).sum(-1, keepdim=True)  # [P, 1]
-    neg_logit = u @ table[neg].T  # [P, S]
-    neg_logit = neg_logit.masked_fill(neg[None, :] == target[:, None], float("-inf"))
-    logits = torch.cat([pos_logit, neg_logit], dim=1)
-    return F.cross_entropy(logits, torch.zeros_like(target))
+    return -target_log_prob(model, u, target, negatives, generator).mean()
+
+
+def batch_loss(
+    model: nn.Module, batch, negatives: int, generator: torch.Generator
+) -> tuple[torch.Tensor, int]:
+    """(mean loss, positions) of a batch of training windows: every position t of each
+    row's events 0..T-2 predicts the item of event t + 1. With a repeat head the loss is the
+    mixture's -log P(target) (`repeat.py`), else the plain next-item cross-entropy."""
+    T = batch.item.shape[1]
+    inputs = type(batch)(
+        batch.item[:, :-1],
+        batch.category[:, :-1],
+        batch.behavior[:, :-1],
+        batch.ts[:, :-1],
+        batch.lengths - 1,
+    )
+    target = batch.item[:, 1:]  # [B, T-1]
+    real = torch.arange(T - 1, device=target.device)[None] < inputs.lengths[:, None]
+    u = model(inputs)  # [B, T-1, d]
+    head = getattr(model, "repeat_head", None)
+    if head is None:
+        return next_item_loss(model, u[real], target[real], negatives, generator), int(real.sum())
+    log_explore = target_log_prob(
+        model, u[real], target[real], negatives, generator, estimate_full=True
+    )
+    log_p = head.training_log_prob(batch, u, real, log_explore, model.item_table())
+    return -log_p.mean(), int(real.sum())
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -170,7 +181,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train(
-    model_config: ModelConfig,
+    model_config,
     log: EventLog,
     split: EvalSplit,
     train_config: TrainConfig,
@@ -211,25 +222,13 @@ def train(
         )
         for rows in bar:
             batch = history_batch(log, starts[rows], stops[rows]).to(device)
-            T = batch.item.shape[1]
-            # inputs: events 0..T-2 of each window; target of position t: item of event t+1
-            inputs = type(batch)(
-                batch.item[:, :-1],
-                batch.category[:, :-1],
-                batch.behavior[:, :-1],
-                batch.ts[:, :-1],
-                batch.lengths - 1,
-            )
-            target = batch.item[:, 1:]  # [B, T-1]
-            real = torch.arange(T - 1, device=device)[None] < inputs.lengths[:, None]
-            u = model(inputs)[real]  # [P, d], real positions only
-            loss = next_item_loss(model, u, target[real], tc.negatives, generator)
+            loss, positions = batch_loss(model, batch, tc.negatives, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
-            total, count = total + loss.item() * len(u), count + len(u)
+            total, count = total + loss.item() * positions, count + positions
             bar.set_postfix(loss=f"{total / count:.4f}")
             if tc.time_budget_s is not None and time.perf_counter() - began > tc.time_budget_s:
                 out_of_time = True

@@ -20,20 +20,28 @@ def register(commands, benchmarks) -> None:
     """Add this module's subcommands to `hytrec` and `hytrec benchmark`."""
     p = commands.add_parser(
         "train",
-        help="train HyTRec (or SASRec) with early stopping",
+        help="train a registered model (HyTRec by default) with early stopping",
         description="Train on the training events of a leave-one-out "
         "split; save the best epoch (validation NDCG@10).",
     )
     _dataset_args(p)
     p.add_argument("--out", required=True, help="checkpoint directory")
-    p.add_argument("--model", choices=["hytrec", "sasrec"], default="hytrec")
+    p.add_argument(
+        "--model", default="hytrec", help="a registered model (`hytrec models` lists them)"
+    )
     p.add_argument(
         "--model-config",
         default="{}",
-        help="JSON overrides of HyTRecConfig / SASRecConfig, e.g. '{\"d_model\": 32}'",
+        help="JSON overrides of the model's config class, e.g. '{\"d_model\": 32}'",
     )
     _train_args(p)
     p.set_defaults(func=_train)
+
+    p = commands.add_parser(
+        "models",
+        help="the registered models: name, config, streaming, index query, fidelity",
+    )
+    p.set_defaults(func=_models)
 
     p = commands.add_parser(
         "evaluate",
@@ -61,24 +69,52 @@ def register(commands, benchmarks) -> None:
         description="Train and evaluate every model with the same "
         "budget; write benchmarks/results/accuracy-NAME.*",
     )
-    p.add_argument("--dataset", required=True, choices=["beauty", "ml100k", "sports", "taobao"])
+    p.add_argument(
+        "--dataset",
+        required=True,
+        choices=["beauty", "foursquare", "ml-latest", "ml100k", "sports", "taobao"],
+    )
     p.add_argument(
         "--log",
         help="a saved EventLog to use instead of reading the dataset's "
         "shared file (e.g. one filtered elsewhere)",
     )
-    p.add_argument("--models", nargs="*", help="subset of the models (default: all)")
+    p.add_argument(
+        "--models",
+        nargs="*",
+        help="subset of the trained models (default: all); popularity and the heuristics "
+        "(recent-items, user-frequency, item-transition) always run",
+    )
+    p.add_argument(
+        "--seeds",
+        help="comma-separated seeds: train every selected model once per seed and report "
+        "the spread (default: --seed)",
+    )
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--output", help="report stem (default: benchmarks/results/accuracy-NAME)")
     _train_args(p)
     p.set_defaults(func=_benchmark)
+
+    p = benchmarks.add_parser(
+        "head-cost",
+        help="training-step and ranking time of SASRec and HyTRec with and without the "
+        "repeat head, side by side",
+        description="Times, in alternation, a training step over fixed batches of the "
+        "dataset's accuracy preset and the ranking of a batch of test users, for SASRec and "
+        "HyTRec 3:1 with and without the repeat head. Writes STEM.json and STEM.png.",
+    )
+    p.add_argument("--dataset", default="taobao", help="an accuracy preset's dataset")
+    for name in ("--batches", "--rank-users", "--repeats", "--d-model", "--seed"):
+        p.add_argument(name, type=int)
+    p.add_argument("--output", help="report stem (default: benchmarks/results/head-cost-cpu)")
+    p.set_defaults(func=_head_cost)
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset",
         required=True,
-        help="taobao, beauty, sports, ml100k, or a path to a saved EventLog",
+        help="taobao, foursquare, beauty, sports, ml100k, ml-latest, or a path to a saved EventLog",
     )
 
 
@@ -147,15 +183,14 @@ def load_dataset(name_or_path: str):
 def _train(args: argparse.Namespace) -> int:
     import torch
 
+    from hytrec.model.base import config_from_dict
     from hytrec.model.evaluate import leave_one_out
-    from hytrec.model.hytrec import HyTRecConfig
-    from hytrec.model.sasrec import SASRecConfig
+    from hytrec.model.registry import spec
     from hytrec.model.train import TrainConfig, train
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    model_config = config_from_dict(spec(args.model).config, json.loads(args.model_config))
     log = load_dataset(args.dataset)
-    kind = SASRecConfig if args.model == "sasrec" else HyTRecConfig
-    model_config = kind(**json.loads(args.model_config))
     tc = _train_config(args, TrainConfig())
     result = train(model_config, log, leave_one_out(log), tc, args.out, dataset=args.dataset)
     print(
@@ -172,7 +207,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    from hytrec.model.registry import describe
+
+    print(json.dumps(describe(), indent=2))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    from hytrec.model.benchmark import baselines
     from hytrec.model.evaluate import (
         EvalConfig,
         ModelReport,
@@ -180,17 +223,26 @@ def _evaluate(args: argparse.Namespace) -> int:
         leave_one_out,
         write_reports,
     )
+    from hytrec.model.registry import load_model
     from hytrec.model.reports import machine_info, provenance
-    from hytrec.model.train import load_model
 
     log = load_dataset(args.dataset)
+    split = leave_one_out(log)
     model = load_model(args.checkpoint)
     cfg = EvalConfig(filter_history=args.filter_history, max_len=args.max_len)
-    report = evaluate(model, log, leave_one_out(log), args.which, cfg)
+    report = evaluate(model, log, split, args.which, cfg)
+    name = type(model).__name__ + (" + repeat head" if model.cfg.repeat_head else "")
+    rows = [ModelReport(name, report, {"kind": "model"})]
+    # the reference lines: what a model has to beat, in the same protocol
+    reference = EvalConfig(filter_history=args.filter_history)
+    for base, ranker in baselines(log, split).items():
+        kind = "baseline" if base == "popularity" else "heuristic"
+        rows.append(
+            ModelReport(base, evaluate(ranker, log, split, args.which, reference), {"kind": kind})
+        )
     stem = Path(args.output or Path(args.checkpoint) / f"eval-{args.which}")
-    name = type(model).__name__
     write_reports(
-        [ModelReport(name, report)],
+        rows,
         stem,
         f"{name} on {args.dataset}",
         {
@@ -202,6 +254,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         },
     )
     print(json.dumps(report["overall"], indent=2))
+    for row in rows[1:]:
+        o = row.report["overall"]
+        print(f"reference {row.name}: HR@10 {o['HR@10']:.4f} NDCG@10 {o['NDCG@10']:.4f}")
     return 0
 
 
@@ -215,6 +270,28 @@ def _benchmark(args: argparse.Namespace) -> int:
     tc = _train_config(args, preset.train)
     stem = Path(args.output or RESULTS / f"accuracy-{args.dataset}")
     log = load_dataset(args.log or args.dataset)
-    run_accuracy(args.dataset, log, preset, stem, args.models, args.d_model, tc)
+    seeds = tuple(int(v) for v in args.seeds.split(",")) if args.seeds else None
+    run_accuracy(args.dataset, log, preset, stem, args.models, args.d_model, tc, seeds=seeds)
     print(f"wrote {stem}.json, .md, .png")
+    return 0
+
+
+def _head_cost(args: argparse.Namespace) -> int:
+    import torch
+
+    from hytrec.model.head_benchmark import HeadCostConfig, run_head_cost
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    given = {
+        "dataset": args.dataset,
+        "batches": args.batches,
+        "rank_users": args.rank_users,
+        "repeats": args.repeats,
+        "d_model": args.d_model,
+        "seed": args.seed,
+    }
+    cfg = HeadCostConfig(**{k: v for k, v in given.items() if v is not None})
+    output = (args.output or str(RESULTS / "head-cost-cpu")).removesuffix(".json")
+    run_head_cost(cfg, load_dataset(cfg.dataset), output)
+    print(f"-> {output}.json and {output}.png")
     return 0

@@ -63,6 +63,7 @@ class ChaosConfig:
     chaos_seconds: float = 45.0  # events are published over this span, kills happen in it
     chunks: int = 40  # the events go out in this many paced chunks
     seed: int = 0
+    model: str = "hytrec"  # a registered streaming model, untrained, seeded weights
     d_model: int = 32
     batch_size: int = 64
     batch_wait_ms: float = 20.0
@@ -259,16 +260,11 @@ def _schedule(config: ChaosConfig, rng: random.Random) -> list[tuple[float, str]
 def _model(events, config: ChaosConfig, directory: Path) -> Path:
     import torch
 
-    from hytrec.model.hytrec import HyTRec, HyTRecConfig
+    from hytrec.model.registry import build_model, spec
 
     torch.manual_seed(config.seed)
-    cfg = HyTRecConfig(
-        num_items=len(events.items),
-        num_categories=len(events.categories),
-        d_model=config.d_model,
-        dropout=0,
-    )
-    return HyTRec(cfg, events.items, events.categories).save(directory / "checkpoint")
+    model = build_model(spec(config.model).config(d_model=config.d_model), events)
+    return model.save(directory / "checkpoint")
 
 
 def _events(config: ChaosConfig):
@@ -465,8 +461,8 @@ def _offline(model, payloads: list[dict], offsets: list[int]):
     the user vector after each of its events (by offset)."""
     import torch
 
+    from hytrec.model.batch import EventBatch
     from hytrec.model.events import Behavior
-    from hytrec.model.hytrec import EventBatch
 
     by_user: dict[str, list[tuple[dict, int]]] = defaultdict(list)
     for p, offset in zip(payloads, offsets, strict=True):
@@ -511,10 +507,10 @@ def _runs(directory: Path) -> list[dict]:
 def _check(config, checkpoint, payloads, positions, latest, directory) -> ChaosReport:
     import torch
 
-    from hytrec.model.hytrec import HyTRec
+    from hytrec.model.registry import load_model
     from hytrec.stream.snapshots import decode_snapshot
 
-    model = HyTRec.load(checkpoint).eval()
+    model = load_model(checkpoint).eval()
     offsets = [positions[i][1] for i in range(len(payloads))]
     finals, vectors, counts = _offline(model, payloads, offsets)
     tol = config.tolerance
@@ -644,6 +640,9 @@ def add_parser(benchmarks) -> None:
     parser.add_argument("--chaos-seconds", type=float, default=90.0)
     parser.add_argument("--chunks", type=int, default=90)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--model", default=d.model, help="a registered streaming model (`hytrec models`)"
+    )
     parser.add_argument("--snapshot-interval", type=float, default=d.snapshot_interval_s)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--output", default=str(d.output), help="logs, checkpoints")
@@ -652,7 +651,8 @@ def add_parser(benchmarks) -> None:
 
 
 def _run(args) -> int:
-    from hytrec.model.reports import git_commit, machine_info
+    from hytrec.model.registry import spec
+    from hytrec.model.reports import machine_info, provenance
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.ERROR)
@@ -666,6 +666,7 @@ def _run(args) -> int:
         chaos_seconds=args.chaos_seconds,
         chunks=args.chunks,
         seed=args.seed,
+        model=args.model,
         snapshot_interval_s=args.snapshot_interval,
         batch_size=args.batch_size,
         output=Path(args.output),
@@ -680,20 +681,16 @@ def _run(args) -> int:
                 file=sys.stderr,
             )
             return 2
-    commit = git_commit()
+    if not spec(config.model).streams:
+        print(f"hytrec benchmark chaos: model {config.model!r} does not stream", file=sys.stderr)
+        return 2
+    source = provenance()
     started = time.time()
     result = run_benchmark(config, args.trials)
     result["command"] = " ".join(["hytrec benchmark chaos", *sys.argv[3:]])
     result["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result["seconds"] = round(time.time() - started, 1)
-    result["commit"] = commit
-    if commit is None or commit.endswith("-dirty"):
-        result["provenance_warning"] = (
-            "NOT FROM A CLEAN COMMIT: "
-            + ("no git checkout" if commit is None else "the tree had uncommitted changes")
-            + "; do not cite these figures"
-        )
-        print(result["provenance_warning"], file=sys.stderr)
+    result.update(source)
     result["machine"] = machine_info()
     path = Path(args.result)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ def register(commands, benchmarks) -> None:
         "`recommendations`; bad input goes to `behaviors-dlq`.",
     )
     source = worker.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", help="HyTRec checkpoint directory")
+    source.add_argument("--checkpoint", help="a checkpoint directory (any registered model)")
     source.add_argument(
         "--engine",
         help="an engine factory MODULE:CALLABLE instead, called with no arguments (--top-k, "
@@ -152,7 +152,7 @@ def register(commands, benchmarks) -> None:
         "then rename it to NAME in one step, so a watching worker never sees half of it. "
         "The newest checkpoint is the one whose name sorts last.",
     )
-    publish.add_argument("checkpoint", help="HyTRec checkpoint directory (as HyTRec.save writes)")
+    publish.add_argument("checkpoint", help="a checkpoint directory (as a model's save writes)")
     publish.add_argument("--models-dir", required=True, help="the workers' --models-dir")
     publish.add_argument(
         "--name", help="subdirectory name (default: UTC time and model version, sorts last)"
@@ -178,10 +178,16 @@ def register(commands, benchmarks) -> None:
     demo = commands.add_parser(
         "demo",
         help="the main job end to end: train, index, broker, worker, replay, summary",
-        description="Train (or reuse) a HyTRec on the earlier part of a log, replay the log "
+        description="Train (or reuse) a model on the earlier part of a log, replay the log "
         "through the embedded broker and a worker, and score the held-out part.",
     )
     demo.add_argument("--dataset", default="taobao", help="dataset name, file, or 'synthetic'")
+    demo.add_argument(
+        "--model",
+        default="hytrec",
+        help="a registered streaming model (`hytrec models`); HyTRec uses the demo's own "
+        "config (d_model 64, dropout 0.2), others their defaults at d_model 64",
+    )
     demo.add_argument("--heldout-fraction", type=float, default=0.2)
     demo.add_argument("--train-seconds", type=float, default=120.0)
     demo.add_argument("--heldout-seconds", type=float, default=30.0)
@@ -331,13 +337,19 @@ def _publish_model(args) -> int:
 def _demo(args) -> int:
     from pathlib import Path
 
+    from hytrec.model.registry import spec
     from hytrec.stream.demo import DemoConfig, run_demo
 
+    line = spec(args.model)
+    if not line.streams:
+        raise SystemExit(f"hytrec demo: model {args.model!r} does not stream")
+    model = DemoConfig.model if line.name == "hytrec" else line.config(d_model=64)
     _logging("warning")
     logging.getLogger("kafka").setLevel(logging.ERROR)  # the producer's event-loop chatter
     run_demo(
         DemoConfig(
             dataset=args.dataset,
+            model=model,
             heldout_fraction=args.heldout_fraction,
             train_seconds=args.train_seconds,
             heldout_seconds=args.heldout_seconds,

@@ -2,8 +2,9 @@
 
 1. Load the Taobao sample from the shared data folder (else synthetic events) and cut it in
    time: the earlier part trains the model, the last `heldout_fraction` is held out.
-2. Train a small HyTRec on the earlier part, or reuse the cached checkpoint of the same data
-   and configuration; build and save the exact FAISS index of its items.
+2. Train a small model (HyTRec, or another registered one) on the earlier part, or reuse
+   the cached checkpoint of the same data and configuration; build and save the exact
+   FAISS index of its items.
 3. Start the embedded broker and a worker process, and wait until a probe event comes back
    as a recommendation (so start-up time is not counted as latency).
 4. Replay the earlier part at full speed (the users' long-term state builds up through the
@@ -37,11 +38,13 @@ import numpy as np
 from tqdm import tqdm
 
 from hytrec.index import IndexConfig, build_from_checkpoint
+from hytrec.model.base import CheckpointError
 from hytrec.model.data import TAOBAO_WINDOW, cache_dir, load_named, select
 from hytrec.model.device import resolve_device
 from hytrec.model.evaluate import leave_one_out
 from hytrec.model.events import EventLog
-from hytrec.model.hytrec import CheckpointError, HyTRec, HyTRecConfig
+from hytrec.model.hytrec import HyTRecConfig
+from hytrec.model.registry import load_model, spec_of
 from hytrec.model.reports import machine_info, provenance
 from hytrec.model.synthetic import generate
 from hytrec.model.train import TrainConfig, train
@@ -58,7 +61,8 @@ PROBE_USER = "demo-probe"  # the readiness probe's user; left out of every figur
 class DemoConfig:
     dataset: str = "taobao"  # a dataset name or file; "synthetic", or a missing one, generates
     heldout_fraction: float = 0.2  # the last part of the log's time span, replayed and scored
-    model: HyTRecConfig = HyTRecConfig(d_model=64, dropout=0.2)  # sizes come from the data
+    # any registered model's config; its vocabulary sizes come from the data
+    model: object = HyTRecConfig(d_model=64, dropout=0.2)
     train: TrainConfig = TrainConfig(epochs=40, patience=3, valid_users=None, negatives=1024)
     train_seconds: float = 120.0  # training stops after this long (first run only: cached)
     top_k: int = 20
@@ -154,9 +158,7 @@ def trained_checkpoint(
 ) -> tuple[Path, bool]:
     """(checkpoint directory, reused): train on `history`, or reuse the cached result of the
     same data and configuration."""
-    model_config = replace(
-        config.model, num_items=len(events.items), num_categories=len(events.categories)
-    )
+    model_config, name = config.model, spec_of(config.model).name  # train() sizes it
     train_config = replace(
         config.train,
         time_budget_s=config.train_seconds,
@@ -167,19 +169,19 @@ def trained_checkpoint(
         {
             "events": [len(history), int(history.ts.sum()), int(history.item.sum())],
             "items": len(events.items),
-            "model": asdict(model_config),
+            "model": [name, asdict(model_config)],
             "train": asdict(replace(train_config, device="")),
         },
         sort_keys=True,
     )
     directory = cache_dir() / "demo" / hashlib.sha256(identity.encode()).hexdigest()[:16]
     try:
-        HyTRec.load(directory)
+        load_model(directory)
         return directory, True
     except CheckpointError:
         pass
     print(
-        f"training HyTRec on {len(history):,} events for up to {config.train_seconds:.0f} s "
+        f"training {name} on {len(history):,} events for up to {config.train_seconds:.0f} s "
         f"on {device} (cached for the next run in {directory})",
         flush=True,
     )
@@ -322,11 +324,11 @@ def hit_rates(
     rate = lambda n, d: n / d if d else float("nan")  # noqa: E731
     return {
         "scored_events": scored,
-        f"hytrec_hit@{top_k}": rate(hits, scored),
+        f"model_hit@{top_k}": rate(hits, scored),
         f"popularity_hit@{top_k}": rate(popular_hits, scored),
         f"recent_items_hit@{top_k}": rate(recent_hits, scored),
         "new_item_events": new_scored,
-        f"hytrec_hit@{top_k}_new_items": rate(new_hits, new_scored),
+        f"model_hit@{top_k}_new_items": rate(new_hits, new_scored),
     }
 
 
@@ -387,9 +389,9 @@ def plot(summary: dict, latencies: np.ndarray, path: Path) -> None:
     latency_histogram(left, latencies)
     left.set_title(f"latency, held-out replay at {summary['heldout_rate_eps']:.0f} events/s")
     k = summary["top_k"]
-    names = ["hytrec", "popularity", "recent_items"]
+    names = ["model", "popularity", "recent_items"]
     rates = [summary["quality"][f"{n}_hit@{k}"] for n in names]
-    right.bar(names, rates, color=["tab:orange", "tab:gray", "tab:green"])
+    right.bar([summary["model"], *names[1:]], rates, color=["tab:orange", "tab:gray", "tab:green"])
     right.set_ylabel(f"hit@{k} of the next event")
     right.set_title(f"{summary['quality']['scored_events']:,} held-out events")
     fig.suptitle(f"hytrec demo on {summary['dataset']} ({summary['device']})")
@@ -469,6 +471,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     latencies = latency_ms(heldout_received, heldout, heldout_sent)
     summary = {
         "dataset": dataset,
+        "model": spec_of(config.model).name,
         "device": device,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         **provenance(),
@@ -515,10 +518,10 @@ def summary_lines(s: dict) -> list[str]:
         f"= {s['history_rate_eps']:,.0f} events/s end to end",
         f"paced replay         {s['heldout_events']:,} events at {s['heldout_rate_eps']:,.0f} "
         f"events/s: latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms",
-        f"next-event hit@{k}    HyTRec {q[f'hytrec_hit@{k}']:.3f} | popularity "
+        f"next-event hit@{k}    {s['model']} {q[f'model_hit@{k}']:.3f} | popularity "
         f"{q[f'popularity_hit@{k}']:.3f} | user's recent items {q[f'recent_items_hit@{k}']:.3f} "
         f"({q['scored_events']:,} held-out events)",
-        f"  items new to the user: HyTRec {q[f'hytrec_hit@{k}_new_items']:.3f} "
+        f"  items new to the user: {s['model']} {q[f'model_hit@{k}_new_items']:.3f} "
         f"({q['new_item_events']:,} events)",
     ]
 

@@ -4,9 +4,10 @@ one recommendation per user whose state changed out.
 For each batch: group events by user (each user's events stay in arrival order), skip
 replays (offset at or below the last one applied to the user from the same partition),
 reject events older than the user's newest by more than `out_of_order_tolerance_s`, apply
-every user's run in one `HyTRec.step` over the slot store, search the item index once for
-all changed users, and build their recommendations. Knows nothing of Kafka: the Faust
-worker feeds it.
+every user's run in one `model.step` over the slot store, search the item index once for
+all changed users, and build their recommendations. The model is any registered streaming
+model (`hytrec.model.streaming.StreamingModel`; the checkpoint names it). Knows nothing of
+Kafka: the Faust worker feeds it.
 
 Time runs forward in a user's state. An event up to the tolerance older than the user's
 newest (events sharing a timestamp included) is applied at the newest time: a late click
@@ -14,8 +15,8 @@ still counts, and one event from a client whose clock ran ahead cannot block its
 later events. The tolerance is at least the parser's future allowance (the worker checks).
 
 Items the model does not know (new in the shop since it trained) are applied all the same:
-they embed through the item table's row 0, the unknown-item row (zero, never trained), plus
-their category and behaviour, so the user's state and short window still move. They cannot
+they embed through the item table's row 0, the padding row (never trained), plus their
+category and behaviour where the model reads them, so the user's state still moves. They cannot
 be recommended until a checkpoint that knows them is published (`hytrec publish-model`,
 README "Hot swap"): its vocabulary and index then hold them.
 """
@@ -32,9 +33,11 @@ import numpy as np
 import torch
 
 from hytrec.index import IndexConfig, ItemIndex, build_from_checkpoint
+from hytrec.model.batch import EventBatch
 from hytrec.model.device import resolve_device
 from hytrec.model.events import Behavior
-from hytrec.model.hytrec import EventBatch, HyTRec
+from hytrec.model.registry import load_model
+from hytrec.model.streaming import StreamingModel
 from hytrec.stream.schemas import BehaviorEvent, EngineResult, Recommendation
 from hytrec.stream.snapshots import UserSnapshot
 from hytrec.stream.state_store import UserStateStore
@@ -76,9 +79,16 @@ class _Step:
 
 
 class RecommendationEngine:
-    def __init__(self, model: HyTRec, index: ItemIndex, config: EngineConfig = EngineConfig()):
+    def __init__(
+        self, model: StreamingModel, index: ItemIndex, config: EngineConfig = EngineConfig()
+    ):
         if model.items is None:
             raise ValueError("the model has no item vocabulary: load a trained checkpoint")
+        if config.exclude_recent and not hasattr(model, "recent_items"):
+            raise ValueError(
+                f"exclude_recent needs a model that keeps its users' recent items; "
+                f"{type(model).__name__} does not"
+            )
         self.device = resolve_device(config.device)
         self.model = model.to(self.device).eval()
         self.index = index
@@ -189,10 +199,10 @@ class RecommendationEngine:
         started = time.perf_counter()
         exclude = None
         if self.config.exclude_recent:
-            window = self.store.state.window[slots.to(self.device)]  # [U, K, 5]
-            exclude = [
-                sorted(set(w[-self.config.exclude_recent :, 0].tolist()) - {0}) for w in window
-            ]
+            recent = self.model.recent_items(
+                self.store.state, slots.to(self.device), self.config.exclude_recent
+            )  # [U, n] item indices, 0 = none
+            exclude = [sorted(set(row) - {0}) for row in recent.tolist()]
         found = self.index.search(vectors.float().cpu().numpy(), self.config.top_k, exclude=exclude)
         self.stats.search_seconds += time.perf_counter() - started
         produced_at = time.time()
@@ -279,7 +289,7 @@ def build_engine(
 ) -> RecommendationEngine:
     """Load a checkpoint and its item index (built now, exact, when no index_dir is given)."""
     config = config or EngineConfig(device=device)
-    model = HyTRec.load(checkpoint_dir)
+    model = load_model(checkpoint_dir)
     if index_dir is None:
         index = build_from_checkpoint(checkpoint_dir, IndexConfig())
     else:

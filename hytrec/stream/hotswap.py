@@ -1,7 +1,7 @@
 """Hot swap of model and index (issue 5): a models directory the worker watches, and the
 atomic way to publish a checkpoint into it.
 
-The directory. Each subdirectory is a HyTRec checkpoint as `HyTRec.save` writes it
+The directory. Each subdirectory is a checkpoint of a registered model as its `save` writes it
 (`checkpoint.json`, `model.safetensors`, optionally a saved item index in `index/`). A
 subdirectory counts once it is complete: its name does not start with "." (temporary
 names do) and both files are there. Names sort in publish order: the newest checkpoint is
@@ -194,11 +194,12 @@ def publish_model(checkpoint: str | Path, models_dir: str | Path, name: str | No
     """Copy a checkpoint into the models directory atomically (hidden temporary copy, then
     one rename); the published path. The checkpoint is loaded first, so a broken one is
     refused here rather than skipped by every worker."""
-    from hytrec.model.hytrec import CheckpointError, HyTRec  # torch only when publishing
+    from hytrec.model.base import CheckpointError  # torch only when publishing
+    from hytrec.model.registry import load_model
 
     source, models_dir = Path(checkpoint), Path(models_dir)
     try:
-        version = HyTRec.load(source).version
+        version = load_model(source).version
     except CheckpointError:
         raise
     except Exception as exc:  # safetensors' own error for broken weights, and the like

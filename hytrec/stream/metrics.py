@@ -53,7 +53,7 @@ time; neither the producer's nor the broker's time (Kafka record timestamps are 
 
 Consumer lag is approximate on the embedded broker: Tansu misreports a partition's end
 offset (the base offset of its last record batch + 1 when that batch holds several records,
-see ARCHITECTURE.md), so lag there can read low, even 0 while records wait. On Apache Kafka
+see docs/ARCHITECTURE.md), so lag there can read low, even 0 while records wait. On Apache Kafka
 it is exact up to the consumer's last fetch.
 """
 

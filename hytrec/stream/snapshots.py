@@ -4,7 +4,7 @@ A snapshot record holds one user's whole serving state after some prefix of its 
 
     key    user id (UTF-8)
     value  b"HYS1", a 4-byte little-endian header size, a JSON header, then the raw
-           little-endian bytes of the user's state tensors (`StreamState.parts()`), in the
+           little-endian bytes of the user's state tensors (`SlotState.parts()`), in the
            header's order. The header: format, user, partition (where the record is),
            applied_offsets ({behaviours partition: last offset applied to the state}),
            log (the identity of the `behaviors` log those offsets belong to: its Kafka
@@ -66,7 +66,7 @@ class UserSnapshot:
     partition: int  # the user's behaviours partition (= its user-state partition)
     applied: dict[int, int]  # behaviours partition -> the last offset applied to `parts`
     model_version: str
-    parts: dict[str, torch.Tensor]  # StreamState.parts() by name, without the slot dimension
+    parts: dict[str, torch.Tensor]  # SlotState.parts() by name, without the slot dimension
     log: str = ""  # identity of the behaviours log the offsets belong to (its topic id)
     written_at: float = 0.0
 

@@ -1,8 +1,9 @@
 """Per-user serving state: a slab of fixed-size slots on the device, an index user -> slot,
 and eviction of the least recently used users to host memory when the slab is full.
 
-Each slot holds the model's `StreamState` for one user (TADN matrices, the long softmax
-layers' key/value window, the short-term window, event count, last event time). Beside the
+Each slot holds the model's serving state for one user (a `SlotState`: for HyTRec the TADN
+matrices, the long softmax layers' key/value window, the short-term window, event count and
+last event time; each registered model has its own parts). Beside the
 slots, in host memory, the store keeps for each user the last source offset applied per
 `behaviors` partition, so that a replayed event is recognised and skipped: per partition,
 because offsets of two partitions cannot be compared (a user's events may come from two
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hytrec.model.hytrec import HyTRec, StreamState
+from hytrec.model.streaming import SlotState, StreamingModel
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ NO_OFFSET = -1
 
 @dataclass
 class UserState:
-    """A user's state copied to host memory: `StreamState.parts()` by name, without the slot
+    """A user's state copied to host memory: `SlotState.parts()` by name, without the slot
     dimension, and the last offset applied per behaviours partition."""
 
     parts: dict[str, torch.Tensor]
@@ -42,10 +43,10 @@ class UserStateStore:
     per user, host memory) are not part of the budget.
     """
 
-    def __init__(self, model: HyTRec, num_slots: int, device: torch.device | str = "cpu"):
+    def __init__(self, model: StreamingModel, num_slots: int, device: torch.device | str = "cpu"):
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-        self.state: StreamState = model.new_state(num_slots, device)
+        self.state: SlotState = model.new_state(num_slots, device)
         self.applied: dict[str, dict[int, int]] = {}  # user -> partition -> last offset
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self.free = list(range(num_slots - 1, -1, -1))
@@ -58,7 +59,7 @@ class UserStateStore:
 
     @property
     def bytes_per_user(self) -> int:
-        """Device bytes of one slot: the model's state (`StreamState.bytes_by_part`)."""
+        """Device bytes of one slot: the model's state (`SlotState.bytes_by_part`)."""
         return self.state.bytes_per_user()
 
     @property

@@ -186,7 +186,7 @@ def run_benchmark(
     with a latency histogram beside it)."""
     # the demo's pieces (and torch, FAISS) load only here: `hytrec --help` stays quick
     from hytrec.index import IndexConfig, build_from_checkpoint
-    from hytrec.model.reports import git_commit, machine_info
+    from hytrec.model.reports import machine_info, provenance
     from hytrec.stream.broker import EmbeddedBroker, stop_process
     from hytrec.stream.demo import (
         Collector,
@@ -291,7 +291,7 @@ def run_benchmark(
         "device": config.device,
         "command": command or "hytrec benchmark stream",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-        "git_commit": git_commit(),
+        **provenance(),
         "machine": {**machine_before, "load_average_1m_after": machine_info()["load_average_1m"]},
         "config": {
             **{k: v for k, v in asdict(config).items() if k != "output"},

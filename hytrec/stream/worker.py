@@ -36,7 +36,7 @@ rebalance (`checkpoints.py`), hot swap (`hotswap.py`). The rules between them:
   engine's lists settle it as applied, dead-lettered or a replay skipped.
 
 Faust's own batching (`stream.take`) lost acknowledged-but-unprocessed events during
-rebalances here (see ARCHITECTURE.md), hence per-event iteration and explicit acks.
+rebalances here (see docs/ARCHITECTURE.md), hence per-event iteration and explicit acks.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hytrec.model.base import CheckpointError
 from hytrec.model.events import Vocabulary
 from hytrec.model.hytrec import (
-    CheckpointError,
     HyTRec,
     HyTRecConfig,
     TemporalDeltaMixer,
@@ -166,9 +166,9 @@ def test_state_size_is_documented_and_within_budget():
     assert model.state_bytes_per_user() == sum(parts.values()) <= 64 * 1024
     cfg = model.cfg
     dh = cfg.d_model // cfg.long_heads
-    assert parts["tadn_states"] == 3 * cfg.long_heads * dh * dh * 4  # 3 TADN layers, fp32
-    assert parts["softmax_kv_windows"] == 2 * cfg.long_window * cfg.d_model * 4
-    assert max(parts, key=parts.get) == "tadn_states"
+    assert parts["tadn"] == 3 * cfg.long_heads * dh * dh * 4  # 3 TADN layers, fp32
+    assert parts["kv"] == 2 * cfg.long_window * cfg.d_model * 4
+    assert max(parts, key=parts.get) == "tadn"
 
 
 def test_streaming_requires_eval_mode_and_bounded_window():

@@ -13,14 +13,9 @@ from hytrec.model.evaluate import EvalConfig, evaluate, leave_one_out
 from hytrec.model.events import EventLog, Vocabulary
 from hytrec.model.hytrec import HyTRecConfig
 from hytrec.model.parity import pad_batch, random_user
+from hytrec.model.registry import load_model, most_frequent_category
 from hytrec.model.sasrec import SASRec, SASRecConfig
-from hytrec.model.train import (
-    TrainConfig,
-    load_model,
-    most_frequent_category,
-    train,
-    training_rows,
-)
+from hytrec.model.train import TrainConfig, train, training_rows
 
 TINY = HyTRecConfig(d_model=32, long_layers=2, softmax_every=2, short_window=8, dropout=0.0)
 

@@ -1,0 +1,110 @@
+"""Smoke test of `hytrec benchmark accuracy`'s harness on a tiny planted log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hytrec.model.benchmark import PRESETS, run_accuracy
+from hytrec.model.synthetic import revisiting_log
+from hytrec.model.train import TrainConfig
+
+
+def test_accuracy_harness_reports_heuristics_intervals_and_seeds(tmp_path):
+    log = revisiting_log(users=40, length=(8, 14))
+    tc = TrainConfig(epochs=1, batch_size=16, max_len=16, valid_users=None, seed=0)
+    run_accuracy(
+        "planted",
+        log,
+        PRESETS["taobao"],
+        tmp_path / "acc",
+        models=["SASRec", "SASRec + repeat head"],
+        d_model=16,
+        train_config=tc,
+        progress=False,
+        seeds=(0, 1),
+    )
+    report = json.loads((tmp_path / "acc.json").read_text())
+    models = report["models"]
+    assert list(models) == [
+        "popularity",
+        "recent-items",
+        "user-frequency",
+        "item-transition",
+        "SASRec",
+        "SASRec + repeat head",
+    ]
+    best = report["best_heuristic"]
+    assert best in ("recent-items", "user-frequency", "item-transition")
+    assert report["seeds"] == [0, 1] and "at most 1 epochs" in report["budget"]
+    for name, row in models.items():
+        low, high = row["NDCG@10_ci95"]
+        assert low <= row["overall"]["NDCG@10"] <= high, name
+    head = models["SASRec + repeat head"]
+    vs = head["vs_best_heuristic"]
+    assert vs["heuristic"] == best
+    assert vs["ratio"] == pytest.approx(
+        head["overall"]["NDCG@10"] / models[best]["overall"]["NDCG@10"]
+    )
+    assert [r["seed"] for r in head["seed_runs"]] == [0, 1]
+    assert head["seed_runs"][0]["NDCG@10"] == head["overall"]["NDCG@10"]
+    assert head["config"]["repeat_head"]["buffer_size"] == 100
+    assert "vs_best_heuristic" not in models["recent-items"]
+    md = (tmp_path / "acc.md").read_text()
+    assert "| recent-items |" in md and f"ratio to the best heuristic ({best})" in md
+    assert (tmp_path / "acc.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="unknown models"):
+        run_accuracy("planted", log, PRESETS["taobao"], tmp_path / "x", models=["GPT"])
+
+
+def test_train_and_evaluate_commands_with_the_head_and_reference_lines(tmp_path, capsys):
+    from hytrec.cli import main
+
+    revisiting_log(users=30, length=(8, 12)).save(tmp_path / "log")
+    head = '{"d_model": 16, "max_len": 16, "repeat_head": {"buffer_size": 10}}'
+    main(
+        [
+            "train",
+            "--dataset",
+            str(tmp_path / "log"),
+            "--out",
+            str(tmp_path / "ckpt"),
+            "--model",
+            "sasrec",
+            "--model-config",
+            head,
+            "--epochs",
+            "1",
+            "--max-len",
+            "16",
+        ]
+    )
+    args = ["evaluate", "--dataset", str(tmp_path / "log"), "--checkpoint", str(tmp_path / "ckpt")]
+    main([*args, "--output", str(tmp_path / "eval")])
+    out = capsys.readouterr().out
+    for name in ("popularity", "recent-items", "user-frequency", "item-transition"):
+        assert f"reference {name}: HR@10" in out
+    models = json.loads((tmp_path / "eval.json").read_text())["models"]
+    assert list(models)[0] == "SASRec + repeat head" and "recent-items" in models
+
+
+def test_head_cost_benchmark_smoke(tmp_path):
+    from hytrec.model.head_benchmark import HeadCostConfig, run_head_cost
+
+    cfg = HeadCostConfig(batches=1, rank_users=16, repeats=1, d_model=16)
+    report = run_head_cost(cfg, revisiting_log(users=40, length=(8, 14)), str(tmp_path / "c"))
+    models = report["models"]
+    assert set(models) == {
+        "SASRec",
+        "SASRec + repeat head",
+        "HyTRec 3:1",
+        "HyTRec 3:1 + repeat head",
+    }
+    head = models["HyTRec 3:1 + repeat head"]
+    assert head["train_step_ratio"] == pytest.approx(
+        head["train_step_s"] / models["HyTRec 3:1"]["train_step_s"]
+    )
+    assert report["command"].startswith("hytrec benchmark head-cost --dataset taobao")
+    assert json.loads((tmp_path / "c.json").read_text())["positions_per_step"] > 0
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -1,0 +1,54 @@
+"""The paired bootstrap over users against answers known in closed form."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from hytrec.model.evaluate import ndcg, ndcg_per_user, paired_bootstrap
+
+
+def test_per_user_ndcg_averages_to_ndcg():
+    ranks = np.array([0, 1, 9, 10, 49])
+    values = ndcg_per_user(ranks, 10)
+    assert values[0] == 1.0 and values[3] == values[4] == 0.0
+    assert values.mean() == pytest.approx(ndcg(ranks, 10))
+
+
+def test_a_constant_difference_has_a_zero_width_interval():
+    rng = np.random.default_rng(1)
+    b = rng.random(500)
+    out = paired_bootstrap(b + 0.25, b, resamples=300)
+    assert out["diff"] == pytest.approx(0.25)
+    assert out["diff_ci"] == pytest.approx([0.25, 0.25])  # pairing removes all the noise
+    assert out["share_a_ahead"] == 1.0
+    assert out["ratio"] == pytest.approx((b.mean() + 0.25) / b.mean())
+
+
+def test_interval_widths_match_the_normal_approximation():
+    """Mean of n Bernoulli(0.3): standard error sqrt(p(1-p)/n); a paired difference whose
+    users differ by independent N(0.1, 0.2^2) has standard error 0.2/sqrt(n)."""
+    n, p = 20_000, 0.3
+    rng = np.random.default_rng(2)
+    a = (rng.random(n) < p).astype(float)
+    single = paired_bootstrap(a, resamples=2000, seed=3)
+    half = (single["ci"][1] - single["ci"][0]) / 2
+    assert half == pytest.approx(1.96 * math.sqrt(p * (1 - p) / n), rel=0.1)
+    assert single["ci"][0] < a.mean() < single["ci"][1]
+
+    noise = rng.normal(0.1, 0.2, n)
+    paired = paired_bootstrap(a + noise, a, resamples=2000, seed=3)
+    half = (paired["diff_ci"][1] - paired["diff_ci"][0]) / 2
+    assert half == pytest.approx(1.96 * 0.2 / math.sqrt(n), rel=0.1)  # not the unpaired width
+    assert paired["diff_ci"][0] < noise.mean() < paired["diff_ci"][1]
+
+
+def test_same_seed_same_interval_and_errors():
+    a = np.arange(10.0)
+    assert paired_bootstrap(a, seed=5) == paired_bootstrap(a, seed=5)
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_bootstrap(a, a[:3])
+    with pytest.raises(ValueError, match="no users"):
+        paired_bootstrap(np.zeros(0))
