@@ -258,15 +258,18 @@ class TemporalDeltaMixer(nn.Module):
 
     def step(self, x, dt, runs, slots, count, tadn_pool, mean_pool) -> torch.Tensor:
         """x [N, d] and dt [N]: the new events, packed (see PackedRuns); count [U] events
-        applied before them."""
-        sums = mean_pool[slots][:, None] + runs.unpack(x).cumsum(1)  # [U, M, d]
+        applied before them; mean_pool [P, d] each user's sum of x so far."""
+        H = self.heads
+        proj = runs.unpack(self._projections(x))  # [U, M, 3d + 3H]
         seen = count[:, None] + torch.arange(1, runs.max_len + 1, device=x.device)  # [U, M]
-        running_mean = runs.pack(sums / seen[..., None].to(x.dtype))  # [N, d]
-        gate_of_mean = F.linear(running_mean, self.gate_proj.weight[:, self.cfg.d_model :])
-        inputs = self._inputs(self._projections(x)[None], gate_of_mean[None], dt[None])
-        o = tadn_step(tadn_pool, slots, runs.lengths, *(runs.unpack(t[0]) for t in inputs))
-        mean_pool[slots] = sums[torch.arange(len(slots), device=x.device), runs.lengths - 1]
-        return self._output(runs.pack(o)[None])[0]  # [U, M, H, dh] -> [N, d]
+        # W_m times the running mean, as in forward: the sum before the run, then the run's
+        prior = F.linear(mean_pool[slots], self.gate_proj.weight[:, self.cfg.d_model :])  # [U, H]
+        gate_of_mean = (prior[:, None] + proj[..., -H:].cumsum(1)) / seen[..., None]
+        inputs = self._inputs(proj, gate_of_mean, runs.unpack(dt))  # each [U, M, ...]
+        o = tadn_step(tadn_pool, slots, runs.lengths, *inputs)  # [U, M, H, dh]
+        owner = slots.repeat_interleave(runs.lengths, output_size=x.shape[0])  # [N]
+        mean_pool.index_add_(0, owner, x)
+        return self._output(runs.pack(o)[None])[0]  # [N, d]
 
 
 class WindowAttention(nn.Module):

@@ -99,9 +99,12 @@ def test_continuous_gaps_matter_only_through_the_decays(erase_tau, state_decay):
         assert difference == 0.0
 
 
-def documented_tadn_mixer(mixer: TemporalDeltaMixer, x: torch.Tensor, dt: torch.Tensor):
-    """The mixer's output computed from its weights by the module docstring's equations, in
-    float64 with explicit matrices (no kernel, no shared helper):
+def documented_tadn_mixer(
+    mixer: TemporalDeltaMixer, x: torch.Tensor, dt: torch.Tensor, weights: dict | None = None
+):
+    """The mixer's output computed from its weights (or from `weights` by the same names,
+    to differentiate through them) by the module docstring's equations, in float64 with
+    explicit matrices (no kernel, no shared helper):
 
         tau_t = exp(-dt_t / T)                          (1 when erase_tau is off)
         g_t   = alpha * sigmoid(W_g [h_t ; h_t - mean_{i<=t} h_i] + b) * tau_t
@@ -110,7 +113,9 @@ def documented_tadn_mixer(mixer: TemporalDeltaMixer, x: torch.Tensor, dt: torch.
                                                         (no exp(...) when state_decay is off)
         o_t   = S_t^T q_t,   then RMSNorm per head and the output projection."""
     cfg, H, dh = mixer.cfg, mixer.heads, mixer.head_dim
-    w = {n: t.detach().double() for n, t in mixer.state_dict().items()}
+    if weights is None:
+        weights = {n: t.detach() for n, t in mixer.state_dict().items()}
+    w = {n: t.double() for n, t in weights.items()}
     h, dt = x.double()[0], dt.double()[0]  # [T, d], [T]
     T = h.shape[0]
     mean = h.cumsum(0) / torch.arange(1, T + 1, dtype=torch.float64)[:, None]
@@ -158,6 +163,27 @@ def test_tadn_mixer_computes_the_documented_equations(erase_tau, state_decay):
     dt[0, 0] = 0.0
     expected = documented_tadn_mixer(mixer, x, dt)
     torch.testing.assert_close(mixer(x, dt).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tadn_mixer_gradients_are_those_of_the_documented_equations():
+    """The fused projection (q, k, v, beta and both halves of the gate in one product, the
+    causal mean entering through W_m) must pass every weight its true gradient: a weight
+    block detached or mis-sliced in the fusion leaves the output right and fails here."""
+    cfg = HyTRecConfig(num_items=10, d_model=16, long_heads=2)
+    torch.manual_seed(1)
+    mixer = TemporalDeltaMixer(cfg).double()
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(1, 29, 16, dtype=torch.float64)
+    dt = torch.rand(1, 29, dtype=torch.float64) * 4.0
+    weights = torch.randn(1, 29, 16, dtype=torch.float64)
+    (mixer(x, dt) * weights).sum().backward()
+    fast = {n: p.grad for n, p in mixer.named_parameters()}
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in mixer.named_parameters()}
+    (documented_tadn_mixer(mixer, x, dt, params) * weights).sum().backward()
+    for name, p in params.items():
+        torch.testing.assert_close(fast[name], p.grad, rtol=1e-6, atol=1e-9, msg=name)
 
 
 def test_state_size_is_documented_and_within_budget():
