@@ -7,13 +7,21 @@ recurrence of `reference.naive_tadn` gives, for the "pseudo-values" u_t,
     u_t + sum_{i<t} erase_t beta_t (gamma_t / gamma_i) (k_t . k_i) u_i
         = beta_t v_t - erase_t beta_t gamma_t S_0^T k_t
 
-a unit lower-triangular system (I + A) U = beta V - diag(erase beta gamma) K S_0 solved for
-every chunk at once. Then, with D_ti = gamma_t / gamma_i for i <= t,
+a unit lower-triangular system (I + A) [U | W] = [beta V | diag(erase beta gamma) K], solved
+for every chunk at once, with u = U - W S_0. Then, with D_ti = gamma_t / gamma_i for i <= t,
 
     o_t  = gamma_t S_0^T q_t + sum_{i<=t} D_ti (q_t . k_i) u_i
     S_C  = gamma_C S_0 + sum_i (gamma_C / gamma_i) k_i u_i^T
 
-Only the last two lines run chunk after chunk. Everything is differentiable by autograd.
+Substituting u, both are linear in S_0 with matrices known for every chunk in advance:
+
+    S_C = (gamma_C I - Kc^T W) S_0 + Kc^T U          Kc_i = (gamma_C / gamma_i) k_i
+    O   = (gamma Q - (Q K^T * D) W) S_0 + (Q K^T * D) U
+
+so the only sequential part is S_{n+1} = M_n S_n + R_n, one batched matrix product per
+chunk; everything else runs over all chunks at once. Everything is differentiable by
+autograd, and the loop reads its inputs through `unbind` (the gradient of a slice
+`x[:, :, n]` would be a zero tensor of x's full size per chunk: quadratic in the chunks).
 Decay ratios are formed as exp(g_t - g_i) on the causal triangle only, so they never overflow.
 """
 
@@ -61,47 +69,47 @@ def chunk_tadn(
     def to_chunks(x: torch.Tensor) -> torch.Tensor:
         # [B, T, H, ...] -> [B, H, N, C, ...]; zero padding is an identity step
         # (beta = erase = 0, log_decay = 0), so the final state is unaffected.
-        x = x.to(dtype)
+        x = x.to(dtype).transpose(1, 2)  # [B, H, T, ...]
         if x.dim() == 3:
-            x = F.pad(x, (0, 0, 0, pad))
-            return x.view(B, N, C, H).permute(0, 3, 1, 2)
-        x = F.pad(x, (0, 0, 0, 0, 0, pad))
-        return x.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4)
+            return F.pad(x, (0, pad)).reshape(B, H, N, C)
+        return F.pad(x, (0, 0, 0, pad)).reshape(B, H, N, C, -1)
 
     q, k, v = to_chunks(q), to_chunks(k), to_chunks(v)  # [B, H, N, C, K|V]
     beta, erase, log_decay = to_chunks(beta), to_chunks(erase), to_chunks(log_decay)  # [B,H,N,C]
-
     g = log_decay.cumsum(-1)  # [B, H, N, C] log gamma within each chunk
-    causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
-    strict = causal.tril(-1)
-    # [B, H, N, C, C]: D[t, i] = gamma_t / gamma_i on the causal triangle, 0 above it
-    decay_ratio = (g[..., :, None] - g[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    # [B, H, N, C, C]: D[t, i] = gamma_t / gamma_i on the causal triangle, 0 above it. Above
+    # it the exponent is zeroed first: exp(-inf) (or of anything that underflows) takes a
+    # slow path on CPU, ~100x slower, and exp of a large positive exponent would make
+    # inf * 0 = nan in the backward pass.
+    causal = torch.ones(C, C, dtype=dtype, device=k.device).tril()
+    decay_ratio = ((g[..., :, None] - g[..., None, :]) * causal).exp().tril()
+    gamma = g.exp()  # [B, H, N, C]
 
     erase_strength = erase * beta  # [B, H, N, C]
     kk = k @ k.transpose(-1, -2)  # [B, H, N, C, C]
-    A = (erase_strength[..., None] * kk * decay_ratio).masked_fill(~strict, 0.0)
-    I_plus_A = A + torch.eye(C, dtype=dtype, device=k.device)
-    u_from_values = torch.linalg.solve_triangular(
-        I_plus_A, beta[..., None] * v, upper=False, unitriangular=True
-    )  # [B, H, N, C, V]
-    u_from_state = torch.linalg.solve_triangular(
-        I_plus_A, (erase_strength * g.exp())[..., None] * k, upper=False, unitriangular=True
-    )  # [B, H, N, C, K]; u = u_from_values - u_from_state @ S_0
+    I_plus_A = (erase_strength[..., None] * kk * decay_ratio).tril(-1) + torch.eye(
+        C, dtype=dtype, device=k.device
+    )
+    rhs = torch.cat([beta[..., None] * v, (erase_strength * gamma)[..., None] * k], dim=-1)
+    UW = torch.linalg.solve_triangular(I_plus_A, rhs, upper=False, unitriangular=True)
+    U, W = UW.split([V, K], dim=-1)  # [B, H, N, C, V], [B, H, N, C, K]; u = U - W S_0
     qk = (q @ k.transpose(-1, -2)) * decay_ratio  # [B, H, N, C, C]
-    gamma = g.exp()[..., None]  # [B, H, N, C, 1]
-    decay_to_end = (g[..., -1:] - g).exp()[..., None]  # [B, H, N, C, 1] gamma_C / gamma_i
 
-    state = (
-        q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
-    )  # [B, H, K, V]
-    outputs = []
-    for n in range(N):
-        u = u_from_values[:, :, n] - u_from_state[:, :, n] @ state  # [B, H, C, V]
-        outputs.append(gamma[:, :, n] * (q[:, :, n] @ state) + qk[:, :, n] @ u)
-        state = (
-            g[:, :, n, -1].exp()[..., None, None] * state
-            + (k[:, :, n] * decay_to_end[:, :, n]).transpose(-1, -2) @ u
-        )
-    o = torch.stack(outputs, dim=2)  # [B, H, N, C, V]
+    # every chunk's state update S_{n+1} = M_n S_n + R_n, all chunks at once
+    k_to_end_T = (k * (g[..., -1:] - g).exp()[..., None]).transpose(-1, -2)  # [B, H, N, K, C]
+    gamma_end = gamma[..., -1, None, None]  # [B, H, N, 1, 1]
+    M = gamma_end * torch.eye(K, dtype=dtype, device=k.device) - k_to_end_T @ W  # [B,H,N,K,K]
+    R = k_to_end_T @ U  # [B, H, N, K, V]
+
+    state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dtype)
+    states = []  # the state before each chunk, [B, H, K, V] each
+    for M_n, R_n in zip(M.unbind(2), R.unbind(2), strict=True):
+        states.append(state)
+        state = torch.baddbmm(R_n.flatten(0, 1), M_n.flatten(0, 1), state.flatten(0, 1))
+        state = state.view(B, H, K, V)
+    S = torch.stack(states, dim=2)  # [B, H, N, K, V]
+
+    # read-outs of every chunk from the state before it: (gamma Q - qk W) S_n + qk U
+    o = (gamma[..., None] * q - qk @ W) @ S + qk @ U  # [B, H, N, C, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
     return o.to(out_dtype), state

@@ -47,11 +47,15 @@ def step_tadn(
     Returns:
         o: [U, M, H, V] read-outs after each event (zeros at padded positions).
     """
-    if slots.numel() != torch.unique(slots).numel():
+    if slots.numel() > 1 and slots.numel() != torch.unique(slots).numel():
         raise ValueError("step_tadn: slots must be distinct (one run per user per call)")
     if state_pool.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"step_tadn: the state pool must be fp32 or fp64, got {state_pool.dtype}")
     M = k.shape[1]
+    if M == 1:  # one event per user: every run is full (runs are never empty), no padding
+        o, final = naive_tadn(q, k, v, beta, erase, log_decay, initial_state=state_pool[slots])
+        state_pool[slots] = final.to(state_pool.dtype)
+        return o
     real = run_mask(lengths, M)[..., None].to(beta.dtype)  # [U, M, 1]
     # Padded positions become identity steps: nothing written, erased or decayed.
     gates = (beta * real, erase * real, log_decay * real)

@@ -50,10 +50,14 @@ class PackedRuns:
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[U, M, ...] -> [N, ...]"""
+        if self.max_len == 1:  # one event per run (the common serving call): N = U, a view
+            return x.flatten(0, 1)
         return x.flatten(0, 1).index_select(0, self.index)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """[N, ...] -> [U, M, ...], zeros at the padded positions."""
+        if self.max_len == 1:  # no padded position: a view
+            return x.unsqueeze(1)
         U = self.lengths.shape[0]
         out = x.new_zeros(U * self.max_len, *x.shape[1:])
         return out.index_copy_(0, self.index, x).view(U, self.max_len, *x.shape[1:])

@@ -114,6 +114,31 @@ def register(commands, benchmarks) -> None:
     )
     kernels.set_defaults(func=_benchmark_kernels)
 
+    # defaults live in ProfileConfig
+    prof = benchmarks.add_parser(
+        "profile",
+        help="where a HyTRec training step and a streaming step spend their time",
+        description="torch profiler (CPU) of one training step (forward + backward of the "
+        "next-item loss over L events) per length and of one streaming step, by module and "
+        "by operator. Writes STEM.json, STEM.md and STEM.png.",
+    )
+    prof.add_argument("--lengths", type=_ints, help="sequence lengths, e.g. 100,1000,12000")
+    for name, kind in (
+        ("--d-model", int),
+        ("--batch", int),
+        ("--step-users", int),
+        ("--top-ops", int),
+        ("--repeats", int),
+        ("--threads", int),
+        ("--seed", int),
+    ):
+        prof.add_argument(name, type=kind)
+    prof.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    prof.add_argument(
+        "--output", help="report stem (default: benchmarks/results/profile-train-cpu)"
+    )
+    prof.set_defaults(func=_benchmark_profile)
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v)
@@ -164,6 +189,16 @@ def _benchmark_kernels(args: argparse.Namespace) -> int:
     from hytrec.model.kernel_benchmark import QUICK, KernelBenchConfig, run_kernel_benchmark
 
     return _run_benchmark(args, "kernels", KernelBenchConfig(), QUICK, run_kernel_benchmark)
+
+
+def _benchmark_profile(args: argparse.Namespace) -> int:
+    from hytrec.model.profiling import QUICK, ProfileConfig, run_profile
+
+    config = _config(args, ProfileConfig(), QUICK)
+    output = (args.output or "benchmarks/results/profile-train-cpu").removesuffix(".json")
+    run_profile(config, output)
+    print(f"-> {output}.json, {output}.md and {output}.png")
+    return 0
 
 
 def _check_parity(args: argparse.Namespace) -> int:

@@ -208,43 +208,68 @@ class TemporalDeltaMixer(nn.Module):
         self.out_norm = nn.RMSNorm(self.head_dim)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def _inputs(self, x: torch.Tensor, running_mean: torch.Tensor, dt: torch.Tensor):
-        """Kernel inputs from x [B, T, d], the causal mean of x, and gaps dt [B, T] (units)."""
-        B, T, _ = x.shape
-        H, dh = self.heads, self.head_dim
-        q = F.normalize(self.q_proj(x).view(B, T, H, dh), dim=-1)  # [B, T, H, dh]
-        k = F.normalize(self.k_proj(x).view(B, T, H, dh), dim=-1)
-        v = self.v_proj(x).view(B, T, H, dh)
-        beta = torch.sigmoid(self.beta_proj(x))  # [B, T, H]
+    def _projections(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything the mixer reads from x [..., d] in one matrix product: q, k, v (d
+        each), then the write strength's logit, the gate's x part and its mean part (H each).
+        The gate splits as W_g [h ; h - m] = (W_x + W_m) h - W_m m, so the causal mean m
+        enters through W_m's H outputs, not through a [d]-wide mean per position."""
+        d = self.cfg.d_model
+        w_x, w_m = self.gate_proj.weight.split(d, dim=1)  # [H, d] each
+        weight = torch.cat(
+            [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.beta_proj.weight]
+            + [w_x + w_m, w_m]
+        )  # [3d + 3H, d]
+        zeros = self.beta_proj.bias.new_zeros(3 * d)
+        bias = torch.cat([zeros, self.beta_proj.bias, self.gate_proj.bias, zeros[: self.heads]])
+        return F.linear(x, weight, bias)
+
+    def _inputs(self, proj: torch.Tensor, gate_of_mean: torch.Tensor, dt: torch.Tensor):
+        """Kernel inputs from the projections [B, T, 3d + 3H] of x, W_m times the causal mean
+        of x [B, T, H], and gaps dt [B, T] (time units)."""
+        B, T, _ = proj.shape
+        H, dh, d = self.heads, self.head_dim, self.cfg.d_model
+        qkv, gates = proj.split([3 * d, 3 * H], dim=-1)
+        qk, v = qkv.view(B, T, 3, H, dh).split([2, 1], dim=2)
+        q, k = F.normalize(qk, dim=-1).unbind(2)  # [B, T, H, dh] each
+        beta_logit, gate_of_x, _ = gates.split(H, dim=-1)  # [B, T, H] each
+        beta = torch.sigmoid(beta_logit)
         period = F.softplus(self.period_raw)  # [H, 2]: erase T, state T_h
         dt = dt[..., None]  # [B, T, 1]
         tau = torch.exp(-dt / period[:, 0]) if self.cfg.erase_tau else torch.ones_like(beta)
         alpha = torch.sigmoid(self.alpha_logit)
-        learned = torch.sigmoid(self.gate_proj(torch.cat([x, x - running_mean], dim=-1)))
+        learned = torch.sigmoid(gate_of_x - gate_of_mean)
         erase = alpha * learned * tau + (1 - alpha) * torch.sigmoid(self.static_logit)
         log_decay = -dt / period[:, 1] if self.cfg.state_decay else torch.zeros_like(beta)
-        return q, k, v, beta, erase, log_decay
+        return q, k, v.squeeze(2), beta, erase, log_decay
 
     def _output(self, o: torch.Tensor) -> torch.Tensor:
         B, T = o.shape[:2]
         return self.o_proj(self.out_norm(o).reshape(B, T, -1))
 
     def forward(self, x: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-        count = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)
-        running_mean = x.cumsum(1) / count[:, None]
-        o, _ = tadn_parallel(*self._inputs(x, running_mean, dt), chunk_size=self.cfg.chunk_size)
+        T, H = x.shape[1], self.heads
+        proj = self._projections(x)  # [B, T, 3d + 3H]
+        count = torch.arange(1, T + 1, device=x.device, dtype=x.dtype)
+        gate_of_mean = proj[..., -H:].cumsum(1) / count[:, None]  # W_m mean_{i<=t} x_i
+        # chunks of at most chunk_size, as equal as possible: the least padding
+        chunks = -(-T // self.cfg.chunk_size)
+        o, _ = tadn_parallel(*self._inputs(proj, gate_of_mean, dt), chunk_size=-(-T // chunks))
         return self._output(o)
 
     def step(self, x, dt, runs, slots, count, tadn_pool, mean_pool) -> torch.Tensor:
         """x [N, d] and dt [N]: the new events, packed (see PackedRuns); count [U] events
-        applied before them."""
-        sums = mean_pool[slots][:, None] + runs.unpack(x).cumsum(1)  # [U, M, d]
+        applied before them; mean_pool [P, d] each user's sum of x so far."""
+        H = self.heads
+        proj = runs.unpack(self._projections(x))  # [U, M, 3d + 3H]
         seen = count[:, None] + torch.arange(1, runs.max_len + 1, device=x.device)  # [U, M]
-        running_mean = runs.pack(sums / seen[..., None].to(x.dtype))  # [N, d]
-        inputs = self._inputs(x[None], running_mean[None], dt[None])  # each [1, N, ...]
-        o = tadn_step(tadn_pool, slots, runs.lengths, *(runs.unpack(t[0]) for t in inputs))
-        mean_pool[slots] = sums[torch.arange(len(slots), device=x.device), runs.lengths - 1]
-        return self._output(runs.pack(o)[None])[0]  # [U, M, H, dh] -> [N, d]
+        # W_m times the running mean, as in forward: the sum before the run, then the run's
+        prior = F.linear(mean_pool[slots], self.gate_proj.weight[:, self.cfg.d_model :])  # [U, H]
+        gate_of_mean = (prior[:, None] + proj[..., -H:].cumsum(1)) / seen[..., None]
+        inputs = self._inputs(proj, gate_of_mean, runs.unpack(dt))  # each [U, M, ...]
+        o = tadn_step(tadn_pool, slots, runs.lengths, *inputs)  # [U, M, H, dh]
+        owner = slots.repeat_interleave(runs.lengths, output_size=x.shape[0])  # [N]
+        mean_pool.index_add_(0, owner, x)
+        return self._output(runs.pack(o)[None])[0]  # [N, d]
 
 
 class WindowAttention(nn.Module):
@@ -295,24 +320,16 @@ class WindowAttention(nn.Module):
         queries sees only its own block and the previous one."""
         B, T, d = x.shape
         W = self.window
-        N = -(-T // W)
-        q, k, v = self.qkv(F.pad(x, (0, 0, 0, N * W - T))).chunk(3, dim=-1)  # [B, N*W, d]
-
-        def with_previous_block(t):
-            blocks = t.view(B, N, W, d)
-            previous = F.pad(blocks, (0, 0, 0, 0, 1, 0))[:, :-1]  # zeros before block 0
-            return torch.cat([previous, blocks], dim=2).view(B * N, 2 * W, d)
-
-        i = torch.arange(W, device=x.device)[:, None]  # query at N*W + i ...
+        q, kv = self.qkv(x).split([d, 2 * d], dim=-1)
+        q, _ = blocks_with_previous(q, W)  # [B, N, W, d]
+        _, kv = blocks_with_previous(kv, W)  # [B, N, 2W, 2d]
+        N = q.shape[1]
+        i = torch.arange(W, device=x.device)[:, None]  # query at n*W + i ...
         j = torch.arange(2 * W, device=x.device)[None, :]  # ... key at (n-1)*W + j
         allowed = ((j <= W + i) & (j > i)).expand(N, W, 2 * W).clone()  # [N, W, 2W]
         allowed[0, :, :W] = False  # block 0 has no previous block
-        out = self._attend(
-            q.reshape(B * N, W, d),
-            with_previous_block(k),
-            with_previous_block(v),
-            allowed.repeat(B, 1, 1),
-        )
+        k, v = kv.flatten(0, 1).chunk(2, dim=-1)  # [B*N, 2W, d] each
+        out = self._attend(q.flatten(0, 1), k, v, allowed.expand(B, -1, -1, -1).flatten(0, 1))
         return out.view(B, N * W, d)[:, :T]
 
     def step(self, x, runs, slots, count, kv_pool) -> torch.Tensor:
@@ -332,6 +349,18 @@ class WindowAttention(nn.Module):
             [shift_window(cached[:, 0], k, lengths), shift_window(cached[:, 1], v, lengths)], dim=1
         )
         return runs.pack(out)
+
+
+def blocks_with_previous(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, T, ...] cut into N = ceil(T / size) blocks (zeros pad the last one): the blocks
+    [B, N, size, ...], and each block after the one before it [B, N, 2 size, ...] (zeros
+    before the first), what a query of the block may see in windowed attention."""
+    B, T = x.shape[:2]
+    N = -(-T // size)
+    features = [0, 0] * (x.dim() - 2)
+    own = F.pad(x, [*features, 0, N * size - T]).view(B, N, size, *x.shape[2:])
+    previous = F.pad(own, [*features, 0, 0, 1, 0])[:, :-1]
+    return own, torch.cat([previous, own], dim=2)
 
 
 class Block(nn.Module):
@@ -478,9 +507,9 @@ class HyTRec(SequentialModel):
 
     def forward(self, batch: EventBatch) -> torch.Tensor:
         """User vectors after every event: [B, T, d] (garbage at padded positions)."""
-        B, T = batch.item.shape
         gap_s, has_prev = sequence_gaps(batch.ts)
-        x = self.dropout(self.embed(batch.item, batch.category, batch.behavior, gap_s, has_prev))
+        events = self.embed(batch.item, batch.category, batch.behavior, gap_s, has_prev)
+        x = self.dropout(events)
         dt = self._gap_units(gap_s, has_prev)
         for block in self.long_blocks:
             args = {"dt": dt} if isinstance(block.mixer, TemporalDeltaMixer) else {}
@@ -488,7 +517,15 @@ class HyTRec(SequentialModel):
         long = self.long_norm(x)  # [B, T, d]
         if not self.cfg.use_short:
             return self._fuse(long, None)
-        # every position's short window: events t-K+1 .. t, oldest first
+        if len(self.short_blocks) == 1:
+            return self._fuse(long, self._short_readouts(events, batch.ts))
+        return self._fuse(long, self._short_readouts_windowed(batch, gap_s, has_prev))
+
+    def _short_readouts_windowed(self, batch: EventBatch, gap_s, has_prev) -> torch.Tensor:
+        """The short branch's read-out after every event [B, T, d]: `_short_readout` of every
+        position's window (events t-K+1 .. t, oldest first), built as [B, T, K] copies. Any
+        number of short layers; O(T K) memory and O(T K^2) work."""
+        B, T = batch.item.shape
         K = self.cfg.short_window
         bucket = gap_bucket(gap_s, has_prev, self.cfg.time_buckets)
         raw = torch.stack([batch.item, batch.category, batch.behavior, bucket, batch.ts], -1)
@@ -500,7 +537,123 @@ class HyTRec(SequentialModel):
         valid = (index >= 0)[None].expand(B, -1, -1)  # [B, T, K]
         windows = raw[:, index.clamp(min=0)] * valid[..., None]  # [B, T, K, 5]
         short = self._short_readout(windows.view(B * T, K, 5), valid.reshape(B * T, K))
-        return self._fuse(long, short.view(B, T, -1))
+        return short.view(B, T, -1)
+
+    def _short_readouts(self, events: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """The short branch's read-out after every event [B, T, d], from the event
+        embeddings [B, T, d] and times [B, T], for one short layer: what
+        `_short_readouts_windowed` gives (tests/model/test_hytrec.py), without its windows.
+
+        Query t reads window events j = t - m (m = 0..K-1) as x_tj = e_j + age[b_tj] +
+        rec[m], b_tj the bucket of t_t - t_j. LayerNorm centres each term on its own
+        (centring is linear); with c(.) the centred terms and g, beta its gain and bias,
+
+            LN(x_tj) = s_tj g * (c(e_j) + c(age[b_tj]) + c(rec[m])) + beta
+            d / s_tj^2 = |c(e_j)|^2 + |c(age_b) + c(rec_m)|^2
+                         + 2 c(e_j).c(age_b) + 2 c(e_j).c(rec_m)          (+ d eps)
+
+        so every key and value is s_tj times a sum of three projected vectors (one per
+        event, one per age bucket, one per recency) plus a constant: the attention needs
+        [T, K] scalars and per-event vectors, never a [T, K, d] tensor, and the key's
+        constant drops out of the softmax. Only the newest position of a window is read out,
+        so the output projection and the FFN run once per event instead of K times. Queries
+        go in blocks of K that see their own block and the one before (as
+        `WindowAttention.forward_blocked`), so the products are batched matrix products.
+        Dropout falls on each event's embedding (one mask for every window that holds it)
+        and on the attention weights; the windowed form draws a mask per window position.
+        """
+        cfg, d = self.cfg, self.cfg.d_model
+        K, buckets = cfg.short_window, cfg.time_buckets
+        (block,) = self.short_blocks
+        attn, norm = block.mixer, block.norm1
+        H = attn.heads
+        dh = d // H
+        B, T, _ = events.shape
+        device = events.device
+        e = self.dropout(events)
+        # the query is its window's newest event: the age of a zero gap, recency 0
+        zero_gap = gap_bucket(
+            ts.new_zeros(1), torch.ones(1, dtype=torch.bool, device=device), buckets
+        )
+        x_query = e + self.age_emb(zero_gap) + self.recency_emb.weight[0]  # [B, T, d]
+        w_q, w_k, w_v = attn.qkv.weight.split(d)
+        b_q, _, b_v = attn.qkv.bias.split(d)
+        q = F.linear(norm(x_query), w_q, b_q)  # [B, T, d]
+
+        def centred(x):
+            return x - x.mean(-1, keepdim=True)
+
+        c_event, c_age = centred(e), centred(self.age_emb.weight)  # [B, T, d], [buckets, d]
+        c_rec = centred(self.recency_emb.weight)  # [K, d]
+        w_kv = torch.cat([w_k, w_v]) * norm.weight  # [2d, d]: LayerNorm's gain folded in
+        kv_age, kv_rec = F.linear(c_age, w_kv), F.linear(c_rec, w_kv)  # [buckets|K, 2d]
+        v_const = F.linear(norm.bias, w_v, b_v)  # [d]
+        per_event = torch.cat(
+            [
+                F.linear(c_event, w_kv),  # keys and values of the events' own terms
+                c_event @ c_age.T,  # [B, T, buckets]
+                c_event @ c_rec.T,  # [B, T, K]
+                c_event.pow(2).sum(-1, keepdim=True),  # [B, T, 1]
+            ],
+            dim=-1,
+        )
+        # pairs: query t = nK + i, key j = (n-1)K + jj (jj < 2K), window offset m = t - j
+        q_blocks, _ = blocks_with_previous(q, K)  # [B, N, K, d]
+        _, key_blocks = blocks_with_previous(per_event, K)  # [B, N, 2K, 2d + buckets + K + 1]
+        ts_query, ts_key = blocks_with_previous(ts, K)  # [B, N, K], [B, N, 2K]
+        N = q_blocks.shape[1]
+        k_event, v_event, event_age, event_rec, event_sq = key_blocks.split(
+            [d, d, buckets, K, 1], dim=-1
+        )
+        i = torch.arange(K, device=device)[:, None]
+        jj = torch.arange(2 * K, device=device)[None, :]
+        offset = K + i - jj  # [K, 2K]
+        valid = ((offset >= 0) & (offset < K)).expand(N, K, 2 * K).clone()  # [N, K, 2K]
+        valid[0, :, :K] = False  # block 0 has no previous block
+        m = offset.clamp(0, K - 1).expand(N, K, 2 * K)
+        age = gap_bucket(ts_query[..., None] - ts_key[..., None, :], valid, buckets)  # [B,N,K,2K]
+
+        def pick(table, column):
+            """table [B, N, 2K, X] at each pair's key and column [B|1, N, K, 2K]."""
+            X = table.shape[-1]
+            rows = torch.arange(N * 2 * K, device=device).view(N, 1, 2 * K) * X
+            flat = (rows + column).expand(B, N, K, 2 * K).reshape(B, -1)
+            return table.reshape(B, -1).gather(1, flat).view(B, N, K, 2 * K)
+
+        age_rec = (c_age[:, None] + c_rec[None]).pow(2).sum(-1)  # [buckets, K]
+        var = event_sq.transpose(-1, -2) + age_rec[age, m]  # [B, N, K, 2K]
+        var = var + 2 * (pick(event_age, age) + pick(event_rec, m))
+        scale = torch.rsqrt(var / d + norm.eps)[:, None]  # [B, 1, N, K, 2K]: s_tj
+
+        def heads(x):  # [..., rows, d] -> [..., H, rows, dh]
+            return x.unflatten(-1, (H, dh)).transpose(-2, -3)
+
+        qh = heads(q_blocks).transpose(1, 2)  # [B, H, N, K, dh]
+        # [H, 1, rows, dh] each: broadcast over the batch and the blocks
+        k_age, v_age = kv_age.view(buckets, 2, H, 1, dh).permute(1, 2, 3, 0, 4).unbind(0)
+        k_rec, v_rec = kv_rec.view(K, 2, H, 1, dh).permute(1, 2, 3, 0, 4).unbind(0)
+        pairs = (B, H, N, K, 2 * K)
+        age_h, m_h = age[:, None].expand(pairs), m.expand(pairs)
+        score = qh @ heads(k_event).transpose(1, 2).transpose(-1, -2)  # [B, H, N, K, 2K]
+        score = score + (qh @ k_age.transpose(-1, -2)).gather(-1, age_h)
+        score = score + (qh @ k_rec.transpose(-1, -2)).gather(-1, m_h)
+        mask = torch.zeros(N, K, 2 * K, device=device).masked_fill_(~valid, float("-inf"))
+        p = (score * scale * dh**-0.5 + mask).softmax(-1)
+        p = F.dropout(p, attn.dropout, self.training)
+        weight = p * scale  # [B, H, N, K, 2K]
+        out = weight @ heads(v_event).transpose(1, 2)  # [B, H, N, K, dh]
+        by_age = weight.new_zeros(B, H, N, K, buckets).scatter_add(-1, age_h, weight)
+        key_at_offset = (K + i - torch.arange(K, device=device)).expand(B, H, N, K, K)
+        by_offset = weight.gather(-1, key_at_offset)  # [B, H, N, K, K(m)]
+        out = (
+            out
+            + by_age @ v_age
+            + by_offset @ v_rec
+            + p.sum(-1, keepdim=True) * v_const.view(H, 1, 1, dh)
+        )
+        out = out.permute(0, 2, 3, 1, 4).reshape(B, N * K, d)[:, :T]
+        y = x_query + block.dropout(attn.o_proj(out))
+        return self.short_norm(y + block.ffn(block.norm2(y)))
 
     # ------------------------------------------------------------------ serving form
 

@@ -17,6 +17,7 @@ from hytrec.model.hytrec import (
     TemporalDeltaMixer,
     WindowAttention,
     gap_bucket,
+    sequence_gaps,
     shift_window,
 )
 from hytrec.model.parity import pad_batch, random_user
@@ -98,9 +99,12 @@ def test_continuous_gaps_matter_only_through_the_decays(erase_tau, state_decay):
         assert difference == 0.0
 
 
-def documented_tadn_mixer(mixer: TemporalDeltaMixer, x: torch.Tensor, dt: torch.Tensor):
-    """The mixer's output computed from its weights by the module docstring's equations, in
-    float64 with explicit matrices (no kernel, no shared helper):
+def documented_tadn_mixer(
+    mixer: TemporalDeltaMixer, x: torch.Tensor, dt: torch.Tensor, weights: dict | None = None
+):
+    """The mixer's output computed from its weights (or from `weights` by the same names,
+    to differentiate through them) by the module docstring's equations, in float64 with
+    explicit matrices (no kernel, no shared helper):
 
         tau_t = exp(-dt_t / T)                          (1 when erase_tau is off)
         g_t   = alpha * sigmoid(W_g [h_t ; h_t - mean_{i<=t} h_i] + b) * tau_t
@@ -109,7 +113,9 @@ def documented_tadn_mixer(mixer: TemporalDeltaMixer, x: torch.Tensor, dt: torch.
                                                         (no exp(...) when state_decay is off)
         o_t   = S_t^T q_t,   then RMSNorm per head and the output projection."""
     cfg, H, dh = mixer.cfg, mixer.heads, mixer.head_dim
-    w = {n: t.detach().double() for n, t in mixer.state_dict().items()}
+    if weights is None:
+        weights = {n: t.detach() for n, t in mixer.state_dict().items()}
+    w = {n: t.double() for n, t in weights.items()}
     h, dt = x.double()[0], dt.double()[0]  # [T, d], [T]
     T = h.shape[0]
     mean = h.cumsum(0) / torch.arange(1, T + 1, dtype=torch.float64)[:, None]
@@ -157,6 +163,27 @@ def test_tadn_mixer_computes_the_documented_equations(erase_tau, state_decay):
     dt[0, 0] = 0.0
     expected = documented_tadn_mixer(mixer, x, dt)
     torch.testing.assert_close(mixer(x, dt).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tadn_mixer_gradients_are_those_of_the_documented_equations():
+    """The fused projection (q, k, v, beta and both halves of the gate in one product, the
+    causal mean entering through W_m) must pass every weight its true gradient: a weight
+    block detached or mis-sliced in the fusion leaves the output right and fails here."""
+    cfg = HyTRecConfig(num_items=10, d_model=16, long_heads=2)
+    torch.manual_seed(1)
+    mixer = TemporalDeltaMixer(cfg).double()
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(1, 29, 16, dtype=torch.float64)
+    dt = torch.rand(1, 29, dtype=torch.float64) * 4.0
+    weights = torch.randn(1, 29, 16, dtype=torch.float64)
+    (mixer(x, dt) * weights).sum().backward()
+    fast = {n: p.grad for n, p in mixer.named_parameters()}
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in mixer.named_parameters()}
+    (documented_tadn_mixer(mixer, x, dt, params) * weights).sum().backward()
+    for name, p in params.items():
+        torch.testing.assert_close(fast[name], p.grad, rtol=1e-6, atol=1e-9, msg=name)
 
 
 def test_state_size_is_documented_and_within_budget():
@@ -275,3 +302,66 @@ def test_blocked_window_attention_equals_the_masked_form(T, window):
     q, k, v = attention.qkv(x).chunk(3, dim=-1)
     masked = attention._attend(q, k, v, attention.causal_mask(T, x.device))
     torch.testing.assert_close(attention.forward_blocked(x), masked, rtol=1e-5, atol=1e-6)
+
+
+def _short_branch_outputs_and_grads(model, batch, form):
+    """The short read-outs at every real position and the gradients of every parameter
+    they reach, through `form` ("windowed": the reference; "banded": the fast one)."""
+    model.zero_grad(set_to_none=True)
+    gap_s, has_prev = sequence_gaps(batch.ts)
+    events = model.embed(batch.item, batch.category, batch.behavior, gap_s, has_prev)
+    if form == "windowed":
+        short = model._short_readouts_windowed(batch, gap_s, has_prev)
+    else:
+        short = model._short_readouts(events, batch.ts)
+    short = short[batch.mask]  # [real positions, d]
+    weights = torch.randn(short.shape, generator=torch.Generator().manual_seed(7))
+    (short * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return short.detach(), grads
+
+
+@pytest.mark.parametrize(
+    "K,lengths", [(20, [1, 7, 20, 21, 64, 130]), (3, [1, 2, 3, 4, 17]), (1, [1, 6])]
+)
+@pytest.mark.parametrize("heads", [1, 4])
+def test_banded_short_branch_equals_the_windows_it_replaces(K, lengths, heads):
+    """The banded short branch (every position's read-out without building its window)
+    against the windowed form it replaces, values and the gradients of every parameter,
+    with trained-looking weights (LayerNorm gain and bias, key and value biases away from
+    their init, so each term of the decomposition matters) and random timestamps (ages
+    over many buckets)."""
+    model = small_model(short_window=K, short_heads=heads, dropout=0.0, d_model=32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    batch = batch_of(model, lengths, seed=K)
+    reference, reference_grads = _short_branch_outputs_and_grads(model, batch, "windowed")
+    fast, fast_grads = _short_branch_outputs_and_grads(model, batch, "banded")
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=2e-5)
+    assert fast_grads.keys() == reference_grads.keys()
+    for name, grad in reference_grads.items():
+        scale = max(1.0, grad.abs().max().item())
+        torch.testing.assert_close(fast_grads[name], grad, rtol=0, atol=1e-4 * scale, msg=name)
+
+
+def test_forward_takes_the_windowed_short_branch_for_several_short_layers():
+    """Two short layers need every window position of the first: the windowed form runs,
+    and the banded one is not used."""
+    model = small_model(short_layers=2, dropout=0.0).eval()
+    batch = batch_of(model, [3, 30])
+    gap_s, has_prev = sequence_gaps(batch.ts)
+    expected = model._fuse(
+        model.long_norm(_long_branch(model, batch)),
+        model._short_readouts_windowed(batch, gap_s, has_prev),
+    )
+    torch.testing.assert_close(model(batch)[batch.mask], expected[batch.mask])
+
+
+def _long_branch(model, batch):
+    gap_s, has_prev = sequence_gaps(batch.ts)
+    x = model.embed(batch.item, batch.category, batch.behavior, gap_s, has_prev)
+    dt = model._gap_units(gap_s, has_prev)
+    for block in model.long_blocks:
+        x = block(x, dt=dt) if isinstance(block.mixer, TemporalDeltaMixer) else block(x)
+    return x
