@@ -17,14 +17,13 @@ from hytrec.model.evaluate import EvalConfig, evaluate, leave_one_out
 from hytrec.model.events import EventLog, Vocabulary
 from hytrec.model.heuristics import RecentItems
 from hytrec.model.hytrec import EventBatch, HyTRecConfig
+from hytrec.model.registry import build_model, load_model
 from hytrec.model.repeat import DistinctItemBuffer, RecentBuffer, RepeatConfig
 from hytrec.model.sasrec import SASRecConfig
 from hytrec.model.synthetic import revisiting_log
 from hytrec.model.train import (
     TrainConfig,
     batch_loss,
-    build_model,
-    load_model,
     target_log_prob,
     train,
 )
