@@ -243,11 +243,11 @@ def step_vs_reference_max_abs(num_users=16, max_len=50, seed=0) -> float:
     return worst
 
 
-def with_repeat_head(cfg: HyTRecConfig, seed: int = 0) -> HyTRec:
-    """The model of `cfg` with a default repeat head whose score weights and gate are away
-    from their initial zeros (else the head would ignore the model's scores)."""
+def with_repeat_head(cfg: HyTRecConfig, seed: int = 0, head: RepeatConfig | None = None) -> HyTRec:
+    """The model of `cfg` with a repeat head (None: the default one) whose score weights and
+    gate are away from their initial zeros (else the head would ignore the model's scores)."""
     torch.manual_seed(seed)
-    model = HyTRec(replace(cfg, repeat_head=RepeatConfig())).eval()
+    model = HyTRec(replace(cfg, repeat_head=head or RepeatConfig())).eval()
     head = model.repeat_head
     with torch.no_grad():
         head.score_scale.fill_(0.7)
