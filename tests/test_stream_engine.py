@@ -531,3 +531,52 @@ def test_shop_rules_need_a_model_with_the_head(checkpoint, rule):
 def test_shop_rule_values_are_checked(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         EngineConfig(**bad)
+
+
+def worker_engine_config(monkeypatch, argv: list[str]) -> EngineConfig:
+    """The EngineConfig `hytrec worker ARGV` would serve with (nothing is started)."""
+    from hytrec import cli
+    from hytrec.stream import app
+
+    seen = {}
+
+    def sources(checkpoint, index, engine, engine_config, models_dir):
+        seen["config"] = engine_config
+        return None, None
+
+    monkeypatch.setattr(app, "engine_sources", sources)
+    monkeypatch.setattr(app, "run_worker", lambda *args, **kwargs: 0)
+    args = cli.build_parser().parse_args(["worker", "--checkpoint=unused", *argv])
+    assert args.func(args) == 0
+    return seen["config"]
+
+
+RULE_SETTINGS = {  # (option, environment variable, value, EngineConfig field, its value)
+    "paid": ("--exclude-paid-hours=12", "HYTREC_EXCLUDE_PAID_HOURS", "12", 12.0),
+    "explore_only": ("--explore-only", "HYTREC_EXPLORE_ONLY", "1", True),
+    "share": ("--min-explore-share=0.25", "HYTREC_MIN_EXPLORE_SHARE", "0.25", 0.25),
+}
+RULE_FIELDS = {
+    "paid": "exclude_paid_hours",
+    "explore_only": "explore_only",
+    "share": "min_explore_share",
+}
+
+
+@pytest.mark.parametrize("rule", RULE_SETTINGS)
+def test_shop_rules_come_from_worker_options_and_environment_variables(monkeypatch, rule):
+    from hytrec.stream.app import _engine_config_from_env
+
+    option, variable, value, expected = RULE_SETTINGS[rule]
+    field = RULE_FIELDS[rule]
+    assert getattr(worker_engine_config(monkeypatch, []), field) != expected  # off by default
+    assert getattr(worker_engine_config(monkeypatch, [option]), field) == expected
+    monkeypatch.setenv(variable, value)
+    assert getattr(worker_engine_config(monkeypatch, []), field) == expected
+    assert getattr(_engine_config_from_env({variable: value}), field) == expected
+
+
+def test_a_bad_shop_rule_value_stops_the_worker_command_with_its_name(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        worker_engine_config(monkeypatch, ["--min-explore-share=2"])
+    assert stopped.value.code == 2 and "min_explore_share" in capsys.readouterr().err
