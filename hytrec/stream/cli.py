@@ -207,7 +207,11 @@ def register(commands, benchmarks) -> None:
         "--model",
         default="hytrec",
         help="a registered streaming model (`hytrec models`); HyTRec uses the demo's own "
-        "config (d_model 64, dropout 0.2), others their defaults at d_model 64",
+        "config (d_model 64, dropout 0.2), others their defaults at d_model 64; with the "
+        "repeat/explore head where the model takes one",
+    )
+    demo.add_argument(
+        "--no-repeat-head", action="store_true", help="train and serve the model without the head"
     )
     demo.add_argument("--heldout-fraction", type=float, default=0.2)
     demo.add_argument("--train-seconds", type=float, default=120.0)
@@ -362,15 +366,22 @@ def _publish_model(args) -> int:
 
 
 def _demo(args) -> int:
+    from dataclasses import fields, replace
     from pathlib import Path
 
     from hytrec.model.registry import spec
+    from hytrec.model.repeat import RepeatConfig
     from hytrec.stream.demo import DemoConfig, run_demo
 
     line = spec(args.model)
     if not line.streams:
         raise SystemExit(f"hytrec demo: model {args.model!r} does not stream")
-    model = DemoConfig.model if line.name == "hytrec" else line.config(d_model=64)
+    head = None if args.no_repeat_head else RepeatConfig()
+    if line.name == "hytrec":
+        model = replace(DemoConfig.model, repeat_head=head)
+    else:
+        takes_head = "repeat_head" in {f.name for f in fields(line.config)}
+        model = line.config(d_model=64, **({"repeat_head": head} if takes_head else {}))
     _logging("warning")
     logging.getLogger("kafka").setLevel(logging.ERROR)  # the producer's event-loop chatter
     run_demo(
