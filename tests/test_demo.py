@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hytrec.model.hytrec import HyTRecConfig
+from hytrec.model.repeat import RepeatConfig
 from hytrec.model.reports import git_commit
 from hytrec.model.train import TrainConfig
 from hytrec.stream import demo
@@ -43,6 +44,29 @@ def recent_distinct(items: list[str], k: int) -> list[str]:
     return out[:k]
 
 
+def by_frequency(items: list[str], k: int) -> list[str]:
+    """The user's items by count, ties by the newest event on them."""
+    score = {item: (items.count(item), n) for n, item in enumerate(items)}
+    return sorted(score, key=lambda item: score[item], reverse=True)[:k]
+
+
+def next_items(history: list[dict], last: str | None, popular: list[str], k: int) -> list[str]:
+    """Items that directly followed `last` in a user's history events, most often first
+    (ties by popularity, its rank in `popular` or after), then the popular ones."""
+    users: dict[str, list[str]] = {}
+    for p in history:
+        users.setdefault(p["user_id"], []).append(p["item_id"])
+    after = [
+        b for items in users.values() for a, b in zip(items, items[1:], strict=False) if a == last
+    ]
+    counts = {item: after.count(item) for item in after}
+    total = {}
+    for p in history:
+        total[p["item_id"]] = total.get(p["item_id"], 0) + 1
+    ranked = sorted(counts, key=lambda item: (-counts[item], -total[item]))
+    return list(dict.fromkeys(ranked + popular))[:k]
+
+
 def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
     """The summary's hit rates recomputed from what was replayed (payloads and where each
     landed) and the recommendations that came back: each held-out event is scored against
@@ -56,11 +80,16 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
     for p in history:
         counts[p["item_id"]] = counts.get(p["item_id"], 0) + 1
     first_seen = {item: i for i, item in reversed(list(enumerate(p["item_id"] for p in history)))}
-    popular = set(sorted(counts, key=lambda item: (-counts[item], first_seen[item]))[:top_k])
+    popular_list = sorted(counts, key=lambda item: (-counts[item], first_seen[item]))[:top_k]
+    popular = set(popular_list)
     past: dict[str, list[str]] = {}
     for p in history:
         past.setdefault(p["user_id"], []).append(p["item_id"])
-    n = {"scored": 0, "hytrec": 0, "popular": 0, "recent": 0, "new": 0, "new_hits": 0}
+    transitions: dict[str | None, list[str]] = {}  # last item -> the baseline's list
+    n = dict.fromkeys(
+        ["scored", "hytrec", "popular", "recent", "frequent", "next", "new", "new_hits"], 0
+    )
+    n.update(new_popular=0, new_next=0)
     for i, p in enumerate(heldout):
         user, item, offset = p["user_id"], p["item_id"], int(heldout_sent.offset[i])
         earlier = [(o, items) for o, items in answered.get(user, []) if o < offset]
@@ -71,17 +100,28 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
             n["hytrec"] += item in recommended
             n["popular"] += item in popular
             n["recent"] += item in recent_distinct(mine, top_k)
+            n["frequent"] += item in by_frequency(mine, top_k)
+            last = mine[-1] if mine else None
+            if last not in transitions:
+                transitions[last] = next_items(history, last, popular_list, top_k)
+            n["next"] += item in transitions[last]
             if item not in mine:
                 n["new"] += 1
                 n["new_hits"] += item in recommended
+                n["new_popular"] += item in popular
+                n["new_next"] += item in transitions[last]
         mine.append(item)
     return {
         "scored_events": n["scored"],
         f"model_hit@{top_k}": n["hytrec"] / n["scored"],
         f"popularity_hit@{top_k}": n["popular"] / n["scored"],
         f"recent_items_hit@{top_k}": n["recent"] / n["scored"],
+        f"user_frequency_hit@{top_k}": n["frequent"] / n["scored"],
+        f"item_transition_hit@{top_k}": n["next"] / n["scored"],
         "new_item_events": n["new"],
         f"model_hit@{top_k}_new_items": n["new_hits"] / n["new"],
+        f"popularity_hit@{top_k}_new_items": n["new_popular"] / n["new"],
+        f"item_transition_hit@{top_k}_new_items": n["new_next"] / n["new"],
     }
 
 
@@ -92,21 +132,40 @@ def test_each_held_out_event_is_scored_against_the_recommendation_before_it():
     def rec(user: str, offset: int, items: list[str]) -> tuple[int, Recommendation]:
         return 0, Recommendation(user, items, [0.0] * len(items), "v", 0, offset, 0, 0.0, 0.0)
 
-    history = [{"user_id": "u", "item_id": "a"}, {"user_id": "u", "item_id": "b"}]  # 0, 1
-    heldout = [
-        {"user_id": "u", "item_id": "a"},  # offset 2: answered before by ["a"]: a hit
-        {"user_id": "u", "item_id": "c"},  # offset 3: before by ["x"] (its own answer: ["c"])
-        {"user_id": "v", "item_id": "a"},  # offset 4: a new user, nothing before it
+    history = [{"user_id": "u", "item_id": i} for i in "abab"] + [  # offsets 0-3
+        {"user_id": "w", "item_id": i}
+        for i in "dcdc"  # d -> c twice, c -> d once
     ]
-    sent = demo.Sent(np.zeros(3, np.int64), np.array([2, 3, 4]), np.zeros(3, np.int64))
-    received = [rec("u", 1, ["a"]), rec("u", 2, ["x"]), rec("u", 3, ["c"]), rec("v", 4, ["a"])]
+    heldout = [
+        {"user_id": "u", "item_id": "a"},  # offset 8: answered before by ["a"]: a hit
+        {"user_id": "u", "item_id": "c"},  # offset 9: before by ["x"] (its own answer: ["c"])
+        {"user_id": "v", "item_id": "a"},  # offset 10: a new user, nothing before it
+        {"user_id": "u", "item_id": "d"},  # offset 11: before by ["c"]
+    ]
+    sent = demo.Sent(np.zeros(4, np.int64), np.array([8, 9, 10, 11]), np.zeros(4, np.int64))
+    received = [
+        rec("u", 3, ["a"]),
+        rec("u", 8, ["x"]),
+        rec("u", 9, ["c"]),
+        rec("v", 10, ["a"]),
+        rec("u", 11, ["d"]),
+    ]
     assert demo.hit_rates(received, history, heldout, sent, top_k=2) == {
-        "scored_events": 2,
-        "model_hit@2": 0.5,
-        "popularity_hit@2": 0.5,  # a and b, once each: "a" hits
-        "recent_items_hit@2": 0.5,  # u's two latest distinct items before "a": b, a
-        "new_item_events": 1,  # "c" is new to u, and missed
+        "scored_events": 3,
+        "model_hit@2": 1 / 3,  # "a" only
+        "popularity_hit@2": 1 / 3,  # each item twice, the first counted first: a, b
+        # u's two latest distinct items: (b, a) before "a", (a, b) before "c", (c, a) before
+        # "d": "a" hits
+        "recent_items_hit@2": 1 / 3,
+        # by count, ties by recency: (b, a), (a, b), (a, b): "a" hits
+        "user_frequency_hit@2": 1 / 3,
+        # after b: a (u's b -> a), then a, b; after a: b, then a; after c: d (w's c -> d),
+        # then a: "a" hits, "c" misses, "d" hits
+        "item_transition_hit@2": 2 / 3,
+        "new_item_events": 2,  # "c" and "d" are new to u
         "model_hit@2_new_items": 0.0,
+        "popularity_hit@2_new_items": 0.0,
+        "item_transition_hit@2_new_items": 0.5,
     }
 
 
@@ -114,7 +173,13 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HYTREC_CACHE", str(tmp_path / "cache"))
     config = DemoConfig(
         dataset="synthetic",
-        model=HyTRecConfig(d_model=16, long_layers=2, softmax_every=2, dropout=0),
+        model=HyTRecConfig(
+            d_model=16,
+            long_layers=2,
+            softmax_every=2,
+            dropout=0,
+            repeat_head=RepeatConfig(buffer_size=20, hidden=8),
+        ),
         train=TrainConfig(epochs=2, patience=1, valid_users=50),
         train_seconds=20,
         heldout_seconds=3,
@@ -169,7 +234,8 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path, monkeypatch, capsys):
     for rec in recommendations:
         event = landed[(rec.source_partition, rec.source_offset)]
         assert (rec.user_id, rec.event_ts) == (event["user_id"], event["ts"])
-        assert len(rec.items) == config.top_k
+        assert len(rec.items) == len(rec.sources) == config.top_k
+        assert set(rec.sources) <= {"repeat", "explore"}
     answered = {(rec.source_partition, rec.source_offset) for rec in recommendations}
     newest = {p["user_id"]: key for key, p in sorted(landed.items())}
     assert set(newest.values()) <= answered
