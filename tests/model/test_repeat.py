@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hytrec.model import repeat
+from hytrec.model.base import config_from_dict
 from hytrec.model.evaluate import EvalConfig, evaluate, leave_one_out
 from hytrec.model.events import Behavior, EventLog, Vocabulary
 from hytrec.model.heuristics import RecentItems
@@ -325,7 +326,7 @@ def test_checkpoints_keep_the_head(tmp_path):
             torch.equal(a, b)
             for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True)
         )
-    assert HyTRecConfig.from_dict({"repeat_head": {"buffer_size": 7}}).repeat_head == (
+    assert config_from_dict(HyTRecConfig, {"repeat_head": {"buffer_size": 7}}).repeat_head == (
         RepeatConfig(buffer_size=7)
     )
     with pytest.raises(ValueError, match="buffer_size and hidden must be >= 1"):
