@@ -335,9 +335,12 @@ def hit_rates(
     received, history: list[dict], heldout: list[dict], sent: Sent, top_k: int
 ) -> dict[str, float | int]:
     """Each held-out event whose user had a recommendation before it counts once: a hit when
-    its item is in that recommendation; the baselines are scored on the same events, from
-    the same past (the history and the held-out events before it), and so are the events
-    whose item is new to the user (where the user's own items cannot hit)."""
+    its item is in that recommendation; the baselines are scored on the same events and
+    from the same information, the user's events up to the one that recommendation
+    answered (the worker answers a user's newest event of each micro-batch, so the events
+    just before one may not have reached its recommendation yet), and so are the events
+    whose item is new to the user (where the user's own items cannot hit). For reference,
+    `recent_items_hit@K_all_events`: the user's recent items knowing every earlier event."""
     recs_by_user: dict[str, list[tuple[int, list[str]]]] = {}
     for _, rec in sorted(received, key=lambda pair: pair[1].source_offset):
         recs_by_user.setdefault(rec.user_id, []).append((rec.source_offset, rec.items))
@@ -346,21 +349,28 @@ def hit_rates(
     seen: dict[str, list[str]] = {}  # user -> items in time order, for the user baselines
     for p in history:
         seen.setdefault(p["user_id"], []).append(p["item_id"])
+    in_history = {user: len(items) for user, items in seen.items()}
+    heldout_offsets: dict[str, list[int]] = {}  # user -> offsets of its held-out events so far
     names = ("model", "popularity", "recent_items", "user_frequency", "item_transition")
     hits, new_hits = Counter(), Counter()
-    scored = new_scored = 0
+    scored = new_scored = all_events_hits = 0
     for i, p in enumerate(heldout):
-        user, item = p["user_id"], p["item_id"]
+        user, item, offset = p["user_id"], p["item_id"], int(sent.offset[i])
         mine = recs_by_user.get(user, [])
-        before = bisect.bisect_left(mine, (int(sent.offset[i]),)) - 1
+        before = bisect.bisect_left(mine, (offset,)) - 1
         past = seen.setdefault(user, [])
+        offsets = heldout_offsets.setdefault(user, [])
         if before >= 0:
+            answered, recommended = mine[before]
+            # what the recommendation knew: the history (all answered before the held-out
+            # replay) and the held-out events up to the one it answered
+            known = past[: in_history.get(user, 0) + bisect.bisect_right(offsets, answered)]
             lists = {
-                "model": mine[before][1][:top_k],
+                "model": recommended[:top_k],
                 "popularity": popular,
-                "recent_items": list(dict.fromkeys(reversed(past)))[:top_k],
-                "user_frequency": user_frequency(past, top_k),
-                "item_transition": transition.recommend(past[-1] if past else None),
+                "recent_items": list(dict.fromkeys(reversed(known)))[:top_k],
+                "user_frequency": user_frequency(known, top_k),
+                "item_transition": transition.recommend(known[-1] if known else None),
             }
             scored += 1
             new = item not in past
@@ -369,11 +379,14 @@ def hit_rates(
                 hit = item in lists[name]
                 hits[name] += hit
                 new_hits[name] += hit and new
+            all_events_hits += item in list(dict.fromkeys(reversed(past)))[:top_k]
         past.append(item)
+        offsets.append(offset)
     rate = lambda n, d: n / d if d else float("nan")  # noqa: E731
     return {
         "scored_events": scored,
         **{f"{name}_hit@{top_k}": rate(hits[name], scored) for name in names},
+        f"recent_items_hit@{top_k}_all_events": rate(all_events_hits, scored),
         "new_item_events": new_scored,
         **{
             f"{name}_hit@{top_k}_new_items": rate(new_hits[name], new_scored)
@@ -593,6 +606,8 @@ def quality_lines(s: dict) -> list[str]:
         f"{q[f'recent_items_hit@{k}']:.3f} | user frequency {q[f'user_frequency_hit@{k}']:.3f} "
         f"| item transition {q[f'item_transition_hit@{k}']:.3f} | popularity "
         f"{q[f'popularity_hit@{k}']:.3f} ({q['scored_events']:,} held-out events)",
+        f"  knowing every earlier event (no micro-batch lag): user's recent items "
+        f"{q[f'recent_items_hit@{k}_all_events']:.3f}",
         f"  items new to the user: {model} {q[f'model_hit@{k}_new_items']:.3f} | item "
         f"transition {q[f'item_transition_hit@{k}_new_items']:.3f} | popularity "
         f"{q[f'popularity_hit@{k}_new_items']:.3f} ({q['new_item_events']:,} events)",
