@@ -71,7 +71,7 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
     """The summary's hit rates recomputed from what was replayed (payloads and where each
     landed) and the recommendations that came back: each held-out event is scored against
     its user's newest recommendation answering an earlier offset."""
-    history, history_sent = replays["history"]
+    history, _ = replays["history"]
     heldout, heldout_sent = replays["held-out"]
     events: dict[str, list[tuple[int, str]]] = {}  # user -> (offset, item), in order
     for payloads, sent in (replays["history"], replays["held-out"]):
@@ -99,10 +99,10 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
         earlier = [(o, items) for o, items in answered.get(user, []) if o < offset]
         mine = past.setdefault(user, [])
         if earlier:
-            answered, recommended = max(earlier, key=lambda pair: pair[0])
+            answered_offset, recommended = max(earlier, key=lambda pair: pair[0])
             recommended = recommended[:top_k]
             # the baselines know what the recommendation knew
-            known = [i for o, i in events[user] if o <= answered]
+            known = [i for o, i in events[user] if o <= answered_offset]
             n["scored"] += 1
             n["hytrec"] += item in recommended
             n["popular"] += item in popular
