@@ -454,7 +454,7 @@ def plot(summary: dict, latencies: np.ndarray, path: Path) -> None:
     k, q = summary["top_k"], summary["quality"]
     names = ["model", "recent_items", "user_frequency", "item_transition", "popularity"]
     labels = [
-        summary["model"],
+        summary["model"] + (" +\nrepeat head" if summary.get("repeat_head") else ""),
         "recent\nitems",
         "user\nfrequency",
         "item\ntransition",
@@ -467,7 +467,10 @@ def plot(summary: dict, latencies: np.ndarray, path: Path) -> None:
     right.set_xticks(x, labels)
     right.set_ylabel(f"hit@{k} of the next event")
     right.set_title(f"{q['scored_events']:,} held-out events")
-    right.legend()
+    lagless = q[f"recent_items_hit@{k}_all_events"]
+    right.axhline(lagless, color="gray", linestyle=":", label="recent items, every event known")
+    right.set_ylim(0, 1.3 * max(lagless, *(q[f"{n}_hit@{k}"] for n in names)))  # legend room
+    right.legend(fontsize="small")
     fig.suptitle(f"hytrec demo on {summary['dataset']} ({summary['device']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
