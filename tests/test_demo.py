@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hytrec.model.hytrec import HyTRecConfig
+from hytrec.model.repeat import RepeatConfig
 from hytrec.model.reports import git_commit
 from hytrec.model.train import TrainConfig
 from hytrec.stream import demo
@@ -43,12 +44,39 @@ def recent_distinct(items: list[str], k: int) -> list[str]:
     return out[:k]
 
 
+def by_frequency(items: list[str], k: int) -> list[str]:
+    """The user's items by count, ties by the newest event on them."""
+    score = {item: (items.count(item), n) for n, item in enumerate(items)}
+    return sorted(score, key=lambda item: score[item], reverse=True)[:k]
+
+
+def next_items(history: list[dict], last: str | None, popular: list[str], k: int) -> list[str]:
+    """Items that directly followed `last` in a user's history events, most often first
+    (ties by popularity, its rank in `popular` or after), then the popular ones."""
+    users: dict[str, list[str]] = {}
+    for p in history:
+        users.setdefault(p["user_id"], []).append(p["item_id"])
+    after = [
+        b for items in users.values() for a, b in zip(items, items[1:], strict=False) if a == last
+    ]
+    counts = {item: after.count(item) for item in after}
+    total = {}
+    for p in history:
+        total[p["item_id"]] = total.get(p["item_id"], 0) + 1
+    ranked = sorted(counts, key=lambda item: (-counts[item], -total[item]))
+    return list(dict.fromkeys(ranked + popular))[:k]
+
+
 def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
     """The summary's hit rates recomputed from what was replayed (payloads and where each
     landed) and the recommendations that came back: each held-out event is scored against
     its user's newest recommendation answering an earlier offset."""
     history, _ = replays["history"]
     heldout, heldout_sent = replays["held-out"]
+    events: dict[str, list[tuple[int, str]]] = {}  # user -> (offset, item), in order
+    for payloads, sent in (replays["history"], replays["held-out"]):
+        for i, p in enumerate(payloads):
+            events.setdefault(p["user_id"], []).append((int(sent.offset[i]), p["item_id"]))
     answered: dict[str, list[tuple[int, list[str]]]] = {}
     for rec in recommendations:
         answered.setdefault(rec.user_id, []).append((rec.source_offset, rec.items))
@@ -56,32 +84,53 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
     for p in history:
         counts[p["item_id"]] = counts.get(p["item_id"], 0) + 1
     first_seen = {item: i for i, item in reversed(list(enumerate(p["item_id"] for p in history)))}
-    popular = set(sorted(counts, key=lambda item: (-counts[item], first_seen[item]))[:top_k])
+    popular_list = sorted(counts, key=lambda item: (-counts[item], first_seen[item]))[:top_k]
+    popular = set(popular_list)
     past: dict[str, list[str]] = {}
     for p in history:
         past.setdefault(p["user_id"], []).append(p["item_id"])
-    n = {"scored": 0, "hytrec": 0, "popular": 0, "recent": 0, "new": 0, "new_hits": 0}
+    transitions: dict[str | None, list[str]] = {}  # last item -> the baseline's list
+    n = dict.fromkeys(
+        ["scored", "hytrec", "popular", "recent", "frequent", "next", "new", "new_hits"], 0
+    )
+    n.update(new_popular=0, new_next=0, recent_all=0)
     for i, p in enumerate(heldout):
         user, item, offset = p["user_id"], p["item_id"], int(heldout_sent.offset[i])
         earlier = [(o, items) for o, items in answered.get(user, []) if o < offset]
         mine = past.setdefault(user, [])
         if earlier:
-            recommended = max(earlier, key=lambda pair: pair[0])[1][:top_k]
+            answered_offset, recommended = max(earlier, key=lambda pair: pair[0])
+            recommended = recommended[:top_k]
+            # the baselines know what the recommendation knew
+            known = [i for o, i in events[user] if o <= answered_offset]
             n["scored"] += 1
             n["hytrec"] += item in recommended
             n["popular"] += item in popular
-            n["recent"] += item in recent_distinct(mine, top_k)
+            n["recent"] += item in recent_distinct(known, top_k)
+            n["recent_all"] += item in recent_distinct(mine, top_k)
+            n["frequent"] += item in by_frequency(known, top_k)
+            last = known[-1] if known else None
+            if last not in transitions:
+                transitions[last] = next_items(history, last, popular_list, top_k)
+            n["next"] += item in transitions[last]
             if item not in mine:
                 n["new"] += 1
                 n["new_hits"] += item in recommended
+                n["new_popular"] += item in popular
+                n["new_next"] += item in transitions[last]
         mine.append(item)
     return {
         "scored_events": n["scored"],
         f"model_hit@{top_k}": n["hytrec"] / n["scored"],
         f"popularity_hit@{top_k}": n["popular"] / n["scored"],
         f"recent_items_hit@{top_k}": n["recent"] / n["scored"],
+        f"user_frequency_hit@{top_k}": n["frequent"] / n["scored"],
+        f"item_transition_hit@{top_k}": n["next"] / n["scored"],
+        f"recent_items_hit@{top_k}_all_events": n["recent_all"] / n["scored"],
         "new_item_events": n["new"],
         f"model_hit@{top_k}_new_items": n["new_hits"] / n["new"],
+        f"popularity_hit@{top_k}_new_items": n["new_popular"] / n["new"],
+        f"item_transition_hit@{top_k}_new_items": n["new_next"] / n["new"],
     }
 
 
@@ -92,21 +141,38 @@ def test_each_held_out_event_is_scored_against_the_recommendation_before_it():
     def rec(user: str, offset: int, items: list[str]) -> tuple[int, Recommendation]:
         return 0, Recommendation(user, items, [0.0] * len(items), "v", 0, offset, 0, 0.0, 0.0)
 
-    history = [{"user_id": "u", "item_id": "a"}, {"user_id": "u", "item_id": "b"}]  # 0, 1
-    heldout = [
-        {"user_id": "u", "item_id": "a"},  # offset 2: answered before by ["a"]: a hit
-        {"user_id": "u", "item_id": "c"},  # offset 3: before by ["x"] (its own answer: ["c"])
-        {"user_id": "v", "item_id": "a"},  # offset 4: a new user, nothing before it
+    history = [{"user_id": "u", "item_id": i} for i in "abab"] + [  # offsets 0-3
+        {"user_id": "w", "item_id": i}
+        for i in "dcdc"  # d -> c twice, c -> d once
     ]
-    sent = demo.Sent(np.zeros(3, np.int64), np.array([2, 3, 4]), np.zeros(3, np.int64))
-    received = [rec("u", 1, ["a"]), rec("u", 2, ["x"]), rec("u", 3, ["c"]), rec("v", 4, ["a"])]
+    heldout = [
+        {"user_id": "u", "item_id": "a"},  # offset 8: answered before by ["a"]: a hit
+        {"user_id": "u", "item_id": "c"},  # offset 9: before by ["x"] (its own answer: ["c"])
+        {"user_id": "v", "item_id": "a"},  # offset 10: a new user, nothing before it
+        # offsets 11 and 12 came in one micro-batch with 9: the answer before them is still
+        # the one to offset 8, which knew u's events up to "a" at 8 only
+        {"user_id": "u", "item_id": "d"},
+        {"user_id": "u", "item_id": "c"},
+    ]
+    sent = demo.Sent(np.zeros(5, np.int64), np.arange(8, 13), np.zeros(5, np.int64))
+    received = [rec("u", 3, ["a"]), rec("u", 8, ["x"]), rec("v", 10, ["a"]), rec("u", 12, ["c"])]
     assert demo.hit_rates(received, history, heldout, sent, top_k=2) == {
-        "scored_events": 2,
-        "model_hit@2": 0.5,
-        "popularity_hit@2": 0.5,  # a and b, once each: "a" hits
-        "recent_items_hit@2": 0.5,  # u's two latest distinct items before "a": b, a
-        "new_item_events": 1,  # "c" is new to u, and missed
+        "scored_events": 4,
+        "model_hit@2": 1 / 4,  # "a" only
+        "popularity_hit@2": 1 / 4,  # each item twice, the first counted first: a, b
+        # from u's events up to the answered one: (b, a) before "a" at 8, then (a, b)
+        "recent_items_hit@2": 1 / 4,
+        # by count, ties by recency: (b, a) before "a" at 8, then (a, b)
+        "user_frequency_hit@2": 1 / 4,
+        # after b: a (u's b -> a), then a, b; after a: b, then a: "a" at 8 hits only (with
+        # every event known, "d" would hit after c, w's c -> d)
+        "item_transition_hit@2": 1 / 4,
+        # knowing every event, (d, c) before "c" at 12 hits too
+        "recent_items_hit@2_all_events": 2 / 4,
+        "new_item_events": 2,  # "c" at 9 and "d" are new to u
         "model_hit@2_new_items": 0.0,
+        "popularity_hit@2_new_items": 0.0,
+        "item_transition_hit@2_new_items": 0.0,
     }
 
 
@@ -114,7 +180,13 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HYTREC_CACHE", str(tmp_path / "cache"))
     config = DemoConfig(
         dataset="synthetic",
-        model=HyTRecConfig(d_model=16, long_layers=2, softmax_every=2, dropout=0),
+        model=HyTRecConfig(
+            d_model=16,
+            long_layers=2,
+            softmax_every=2,
+            dropout=0,
+            repeat_head=RepeatConfig(buffer_size=20, hidden=8),
+        ),
         train=TrainConfig(epochs=2, patience=1, valid_users=50),
         train_seconds=20,
         heldout_seconds=3,
@@ -169,7 +241,8 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path, monkeypatch, capsys):
     for rec in recommendations:
         event = landed[(rec.source_partition, rec.source_offset)]
         assert (rec.user_id, rec.event_ts) == (event["user_id"], event["ts"])
-        assert len(rec.items) == config.top_k
+        assert len(rec.items) == len(rec.sources) == config.top_k
+        assert set(rec.sources) <= {"repeat", "explore"}
     answered = {(rec.source_partition, rec.source_offset) for rec in recommendations}
     newest = {p["user_id"]: key for key, p in sorted(landed.items())}
     assert set(newest.values()) <= answered

@@ -14,11 +14,14 @@ import torch
 
 from hytrec.index import IndexConfig, build_from_checkpoint
 from hytrec.model.batch import EventBatch
+from hytrec.model.evaluate import ranking_scores
 from hytrec.model.events import Behavior, Vocabulary
 from hytrec.model.hytrec import HyTRec, HyTRecConfig
+from hytrec.model.repeat import RepeatConfig
 from hytrec.stream.engine import EngineConfig, RecommendationEngine, build_engine
 from hytrec.stream.recent_engine import RecentItemsEngine
 from hytrec.stream.schemas import ENGINE_REASONS, REASONS, BehaviorEvent
+from hytrec.stream.snapshots import FORMAT, decode_snapshot, encode_snapshot
 
 NUM_ITEMS, NUM_CATEGORIES, TS = 60, 8, 1_511_544_000
 BEHAVIORS = [b.name for b in Behavior if b != Behavior.UNKNOWN]
@@ -325,3 +328,255 @@ def test_the_recent_items_engine_answers_each_users_newest_distinct_items(batch_
     assert sum(len(r.recommendations) for r in results) >= len(events) // batch_size
     replayed = engine.process(events[:10])  # at-least-once delivery: already applied
     assert replayed.skipped_duplicates == 10 and not replayed.recommendations
+
+
+# ---------------------------------------------------------------------------- the repeat head
+
+HEAD = RepeatConfig(buffer_size=8, hidden=8)
+
+
+def head_model(gate_bias: float = 0.3) -> HyTRec:
+    """A HyTRec with a small repeat head whose weights are away from their initial zeros;
+    a large gate_bias makes the copy side win most places."""
+    torch.manual_seed(0)
+    cfg = HyTRecConfig(
+        num_items=NUM_ITEMS,
+        num_categories=NUM_CATEGORIES,
+        d_model=32,
+        long_layers=4,
+        dropout=0,
+        repeat_head=HEAD,
+    )
+    items = Vocabulary(f"i{n}" for n in range(1, NUM_ITEMS))
+    categories = Vocabulary(f"c{n}" for n in range(1, NUM_CATEGORIES))
+    model = HyTRec(cfg, items, categories).eval()
+    with torch.no_grad():
+        model.repeat_head.score_scale.fill_(0.7)
+        model.repeat_head.score_w.normal_()
+        model.repeat_head.gate[2].bias.fill_(gate_bias)
+        model.item_table().mul_(20)  # item scores of order 1
+    return model
+
+
+@pytest.fixture(scope="module")
+def head_checkpoint(tmp_path_factory):
+    return head_model().save(tmp_path_factory.mktemp("head") / "checkpoint")
+
+
+def offline_log_p(model, events: list[BehaviorEvent]) -> torch.Tensor:
+    """The offline ranking after all of a user's events: log P(i) [num_items] of the
+    model's repeat/explore mixture (`evaluate.ranking_scores`, the accuracy harness's)."""
+    columns = [
+        [model.items.get(e.item_id) for e in events],
+        [model.categories.get(e.category_id) for e in events],
+        [int(Behavior.parse(e.behavior)) for e in events],
+        [e.ts for e in events],
+    ]
+    batch = EventBatch(*(torch.tensor([c]) for c in columns), lengths=torch.tensor([len(events)]))
+    with torch.no_grad():
+        return ranking_scores(model, batch)[0]
+
+
+def newest_distinct(events: list[BehaviorEvent], n: int) -> list[str]:
+    return list(dict.fromkeys(e.item_id for e in reversed(events)))[:n]
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_served_items_and_log_p_equal_the_offline_ranking_with_the_head(
+    head_checkpoint, batch_size
+):
+    """Train/serve parity through the engine: the published top K, their log P(i) and
+    sources are the offline model's full ranking by log P(i) after the same events."""
+    engine = engine_of(head_checkpoint, top_k=10)
+    events = random_events(num_users=5, per_user=30, seed=11)
+    results, latest = serve(engine, events, batch_size)
+    assert all(not r.rejected for r in results)
+    model = engine.model
+    for user in {e.user_id for e in events}:
+        mine = [e for e in events if e.user_id == user]
+        log_p = offline_log_p(model, mine)
+        top = log_p.topk(10).indices.tolist()
+        rec = latest[user]
+        assert rec.items == [model.items.raw(i) for i in top]
+        np.testing.assert_allclose(rec.scores, log_p[top].numpy(), rtol=0, atol=1e-4)
+        buffered = set(newest_distinct(mine, HEAD.buffer_size))
+        assert rec.sources == ["repeat" if i in buffered else "explore" for i in rec.items]
+    assert {"repeat", "explore"} <= {s for rec in latest.values() for s in rec.sources}
+
+
+def test_a_model_without_the_head_publishes_explore_items_only(checkpoint):
+    rec = engine_of(checkpoint, top_k=5).process(random_events(1, 5, seed=1)).recommendations[-1]
+    assert rec.sources == ["explore"] * 5
+
+
+def buffer_of(engine, user: str) -> dict[str, torch.Tensor]:
+    parts = engine.store.export_users([user])[user].parts
+    return {name: parts[name] for name in ("recent", "recent_counts")}
+
+
+def test_a_snapshot_round_trip_restores_the_buffer_exactly(head_checkpoint):
+    """Export, encode, decode, import into a fresh engine: the buffer is the same tensor, and
+    the next events get the same recommendations as in the engine that never stopped."""
+    events = random_events(num_users=3, per_user=20, seed=12)
+    first, rest = events[:40], events[40:]
+    engine = engine_of(head_checkpoint, top_k=10)
+    engine.process(first)
+    users = sorted({e.user_id for e in first})
+    snapshots = engine.export_states({u: 0 for u in users})
+    restored = engine_of(head_checkpoint, top_k=10)
+    decoded = [decode_snapshot(encode_snapshot(s)) for s in snapshots]
+    assert restored.import_states(decoded) == len(users)
+    for user in users:
+        before, after = buffer_of(engine, user), buffer_of(restored, user)
+        assert int(before["recent_counts"][1]) == sum(e.user_id == user for e in first)
+        for name in before:
+            assert torch.equal(before[name], after[name]), name
+    want = {r.user_id: r for r in engine.process(rest).recommendations}
+    got = {r.user_id: r for r in restored.process(rest).recommendations}
+    assert {u: r.items for u, r in got.items()} == {u: r.items for u, r in want.items()}
+
+
+def test_an_old_format_snapshot_is_refused_by_name(head_checkpoint):
+    engine = engine_of(head_checkpoint)
+    engine.process(random_events(1, 3, seed=1))
+    value = encode_snapshot(engine.export_states({"u0": 0})[0])
+    old = value.replace(FORMAT.encode(), b"hytrec-user-state/3")
+    with pytest.raises(ValueError, match="unknown snapshot format 'hytrec-user-state/3'"):
+        decode_snapshot(old)
+
+
+def test_a_refused_event_goes_to_the_dead_letters_and_leaves_the_buffer_alone(head_checkpoint):
+    engine = engine_of(head_checkpoint)
+    events = random_events(num_users=1, per_user=5, seed=13)
+    engine.process(events)
+    before = buffer_of(engine, "u0")
+    stale = replace(events[0], item_id="i1", offset=50, ts=events[0].ts - 10**6)
+    result = engine.process([stale])
+    assert [(e.offset, reason) for e, reason, _ in result.rejected] == [(50, "out_of_order")]
+    for name, tensor in buffer_of(engine, "u0").items():
+        assert torch.equal(tensor, before[name]), name
+
+
+# ---------------------------------------------------------------------------- shop rules
+
+
+def test_explore_only_recommends_only_items_new_to_the_user(head_checkpoint):
+    """The top K of log P(i) among the items outside the user's buffer, all "explore"."""
+    engine = engine_of(head_checkpoint, top_k=10, explore_only=True)
+    events = random_events(num_users=3, per_user=12, seed=14)
+    _, latest = serve(engine, events, 5)
+    for user, rec in latest.items():
+        mine = [e for e in events if e.user_id == user]
+        known = {engine.model.items.get(i) for i in newest_distinct(mine, HEAD.buffer_size)}
+        log_p = offline_log_p(engine.model, mine)
+        log_p[sorted(known)] = float("-inf")
+        top = log_p.topk(10).indices.tolist()
+        assert rec.items == [engine.model.items.raw(i) for i in top]
+        assert rec.sources == ["explore"] * 10
+
+
+def test_items_paid_for_within_the_window_are_left_out(head_checkpoint):
+    """An item paid for less than H hours before the user's newest event is not
+    recommended; once the newest event is H hours or more later, it may be again."""
+    hours = 2
+    engine = engine_of(head_checkpoint, top_k=NUM_ITEMS, exclude_paid_hours=hours)
+    base = random_events(num_users=1, per_user=4, seed=15)
+    paid = replace(base[1], item_id="i7", category_id="c1", behavior="PAYMENT", ts=TS + 100)
+    clicks = [replace(e, ts=TS + 200 + n, offset=10 + n) for n, e in enumerate(base[2:])]
+    events = [replace(base[0], ts=TS), replace(paid, offset=1), *clicks]
+    rec = engine.process(events).recommendations[-1]
+    assert "i7" not in rec.items
+    assert len(rec.items) == NUM_ITEMS - 2  # every other item still comes
+    within = replace(base[3], ts=TS + 100 + hours * 3600 - 1, offset=20)
+    assert "i7" not in engine.process([within]).recommendations[-1].items
+    after = replace(base[3], ts=TS + 100 + hours * 3600, offset=21)
+    rec = engine.process([after]).recommendations[-1]
+    assert "i7" in rec.items and rec.sources[rec.items.index("i7")] == "repeat"
+    # and without the rule the item was there all along
+    plain = engine_of(head_checkpoint, top_k=NUM_ITEMS).process(events).recommendations[-1]
+    assert "i7" in plain.items
+
+
+def test_a_minimum_explore_share_keeps_the_best_explore_items(tmp_path):
+    """With the copy side winning (a high gate), the plain top K is mostly repeats; with a
+    minimum share s the best ceil(s K) explore candidates join the best of the rest, in log
+    P order."""
+    checkpoint = head_model(gate_bias=4.0).save(tmp_path / "checkpoint")
+    events = random_events(num_users=4, per_user=20, seed=16)
+    plain = serve(engine_of(checkpoint, top_k=10), events, 9)[1]
+    assert min(r.sources.count("explore") for r in plain.values()) < 5  # the rule has work
+    _, latest = serve(engine_of(checkpoint, top_k=10, min_explore_share=0.5), events, 9)
+    for user, rec in latest.items():
+        base = plain[user]
+        assert rec.sources.count("explore") >= 5
+        assert rec.scores == sorted(rec.scores, reverse=True)
+        pool = sorted(zip(base.scores, base.items, base.sources, strict=True), reverse=True)
+        repeats = [i for _, i, s in pool if s == "repeat"]
+        explore_taken = [i for i, s in zip(rec.items, rec.sources, strict=True) if s == "explore"]
+        # the repeats kept are the best repeats, as many as the explore quota leaves room for
+        kept = [i for i, s in zip(rec.items, rec.sources, strict=True) if s == "repeat"]
+        assert kept == repeats[: len(kept)] and len(kept) == 10 - len(explore_taken)
+        assert len(kept) == min(5, len(repeats)) or len(explore_taken) > 5
+
+
+@pytest.mark.parametrize(
+    "rule", [{"explore_only": True}, {"exclude_paid_hours": 1.0}, {"min_explore_share": 0.2}]
+)
+def test_shop_rules_need_a_model_with_the_head(checkpoint, rule):
+    with pytest.raises(ValueError, match=f"{next(iter(rule))}.*repeat head"):
+        engine_of(checkpoint, **rule)
+
+
+@pytest.mark.parametrize("bad", [{"min_explore_share": 1.5}, {"exclude_paid_hours": -1.0}])
+def test_shop_rule_values_are_checked(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        EngineConfig(**bad)
+
+
+def worker_engine_config(monkeypatch, argv: list[str]) -> EngineConfig:
+    """The EngineConfig `hytrec worker ARGV` would serve with (nothing is started)."""
+    from hytrec import cli
+    from hytrec.stream import app
+
+    seen = {}
+
+    def sources(checkpoint, index, engine, engine_config, models_dir):
+        seen["config"] = engine_config
+        return None, None
+
+    monkeypatch.setattr(app, "engine_sources", sources)
+    monkeypatch.setattr(app, "run_worker", lambda *args, **kwargs: 0)
+    args = cli.build_parser().parse_args(["worker", "--checkpoint=unused", *argv])
+    assert args.func(args) == 0
+    return seen["config"]
+
+
+RULE_SETTINGS = {  # (option, environment variable, value, EngineConfig field, its value)
+    "paid": ("--exclude-paid-hours=12", "HYTREC_EXCLUDE_PAID_HOURS", "12", 12.0),
+    "explore_only": ("--explore-only", "HYTREC_EXPLORE_ONLY", "1", True),
+    "share": ("--min-explore-share=0.25", "HYTREC_MIN_EXPLORE_SHARE", "0.25", 0.25),
+}
+RULE_FIELDS = {
+    "paid": "exclude_paid_hours",
+    "explore_only": "explore_only",
+    "share": "min_explore_share",
+}
+
+
+@pytest.mark.parametrize("rule", RULE_SETTINGS)
+def test_shop_rules_come_from_worker_options_and_environment_variables(monkeypatch, rule):
+    from hytrec.stream.app import _engine_config_from_env
+
+    option, variable, value, expected = RULE_SETTINGS[rule]
+    field = RULE_FIELDS[rule]
+    assert getattr(worker_engine_config(monkeypatch, []), field) != expected  # off by default
+    assert getattr(worker_engine_config(monkeypatch, [option]), field) == expected
+    monkeypatch.setenv(variable, value)
+    assert getattr(worker_engine_config(monkeypatch, []), field) == expected
+    assert getattr(_engine_config_from_env({variable: value}), field) == expected
+
+
+def test_a_bad_shop_rule_value_stops_the_worker_command_with_its_name(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        worker_engine_config(monkeypatch, ["--min-explore-share=2"])
+    assert stopped.value.code == 2 and "min_explore_share" in capsys.readouterr().err

@@ -195,9 +195,14 @@ def test_recommendation_json_round_trip():
         event_ts=100,
         received_at=1.5,
         produced_at=2.5,
+        sources=["repeat", "explore"],
     )
     assert Recommendation.from_json(rec.to_json()) == rec
     assert json.loads(rec.to_json())["items"] == ["a", "b"]
+    assert json.loads(rec.to_json())["sources"] == ["repeat", "explore"]
+    # a message from a worker before sources were published still reads
+    older = {k: v for k, v in json.loads(rec.to_json()).items() if k != "sources"}
+    assert Recommendation.from_json(json.dumps(older).encode()).sources == []
 
 
 def letter(key, value, **limits):

@@ -54,7 +54,14 @@ from hytrec.kernels import tadn_parallel, tadn_step
 from hytrec.model.base import SequentialModel
 from hytrec.model.batch import EventBatch, PackedRuns, shift_window
 from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
-from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config, log2_bucket
+from hytrec.model.repeat import (
+    RepeatConfig,
+    RepeatHead,
+    as_repeat_config,
+    log2_bucket,
+    new_recent,
+    push_runs,
+)
 from hytrec.model.streaming import SlotState
 
 
@@ -157,6 +164,8 @@ class StreamState(SlotState):
     window:      [P, K, 5]      int64 item, category, behaviour, gap bucket, ts of the last K
     count:       [P]            int64 events applied
     last_ts:     [P]            int64 time of the newest applied event
+    recent:      [P, N, 5]      int64 the repeat head's buffer (`repeat.RECENT_COLUMNS`)
+    recent_counts: [P, 2]       int64 its repeats and events; both None without a head
     """
 
     tadn: list[torch.Tensor]
@@ -165,6 +174,8 @@ class StreamState(SlotState):
     window: torch.Tensor
     count: torch.Tensor
     last_ts: torch.Tensor
+    recent: torch.Tensor | None = None
+    recent_counts: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------- layers
@@ -668,6 +679,8 @@ class HyTRec(SequentialModel):
         def zeros(*shape, dtype=torch.float32):
             return torch.zeros(num_slots, *shape, dtype=dtype, device=device)
 
+        head = cfg.repeat_head
+        recent = new_recent(num_slots, head.buffer_size, device) if head else (None, None)
         return StreamState(
             tadn=[zeros(cfg.long_heads, dh, dh) for _ in tadn],
             mean_sum=[zeros(d) for _ in tadn],
@@ -675,6 +688,8 @@ class HyTRec(SequentialModel):
             window=zeros(cfg.short_window if cfg.use_short else 0, 5, dtype=torch.long),
             count=zeros(dtype=torch.long),
             last_ts=zeros(dtype=torch.long),
+            recent=recent[0],
+            recent_counts=recent[1],
         )
 
     def recent_items(self, state: StreamState, slots: torch.Tensor, n: int) -> torch.Tensor:
@@ -727,6 +742,8 @@ class HyTRec(SequentialModel):
             short = self._short_readout(window, valid)
         state.count[slots] = count + lengths
         state.last_ts[slots] = batch.ts[rows, last]
+        if self.repeat_head is not None:
+            push_runs(state.recent, state.recent_counts, slots, batch)
         return self._fuse(long, short)
 
     # ------------------------------------------------------------------ scoring

@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from hytrec.kernels import chunk_tadn, naive_tadn, tadn_step
 from hytrec.model.events import NUM_BEHAVIORS
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
+from hytrec.model.repeat import RecentBuffer, RepeatConfig, serving_buffer
 
 
 @dataclass
@@ -52,6 +54,17 @@ def random_user(length: int, cfg: HyTRecConfig, generator: torch.Generator) -> U
     )
 
 
+def revisiting_user(
+    length: int, cfg: HyTRecConfig, generator: torch.Generator, distinct: int = 150
+) -> UserEvents:
+    """`random_user` whose items come from a pool of `distinct` items: repeats are common,
+    and so are evictions from a repeat buffer smaller than the pool."""
+    user = random_user(length, cfg, generator)
+    pool = torch.randint(1, cfg.num_items, (distinct,), generator=generator)
+    user.item = pool[torch.randint(0, distinct, (length,), generator=generator)]
+    return user
+
+
 def pad_batch(runs: list[UserEvents]) -> EventBatch:
     """Right-pad runs of events into an `EventBatch`."""
     M = max(len(r) for r in runs)
@@ -77,11 +90,12 @@ def parallel_user_vectors(model: HyTRec, users: list[UserEvents]) -> list[torch.
 
 @torch.no_grad()
 def streamed_user_vectors(
-    model: HyTRec, users: list[UserEvents], max_batch: int, seed: int = 0
+    model: HyTRec, users: list[UserEvents], max_batch: int, seed: int = 0, readout=None
 ) -> list[dict[int, torch.Tensor]]:
     """The serving form: all users' events interleaved at random and applied in micro-batches
     of up to `max_batch` events (max_batch=1: one event at a time). Returns, per user, the
-    user vector after each run, keyed by the index of the run's last event."""
+    user vector after each run (or `readout(state, slots, vectors)`'s row of it), keyed by
+    the index of the run's last event."""
     rng = random.Random(seed)
     arrival = [u for u, user in enumerate(users) for _ in range(len(user))]
     rng.shuffle(arrival)  # a user's events keep their order; users interleave
@@ -95,7 +109,10 @@ def streamed_user_vectors(
         chunk, pos = arrival[pos : pos + size], pos + size
         batch_users = sorted(set(chunk))
         runs = [users[u].run(applied[u], applied[u] + chunk.count(u)) for u in batch_users]
-        vectors = model.step(state, slot_of[batch_users], pad_batch(runs))
+        slots = slot_of[batch_users]
+        vectors = model.step(state, slots, pad_batch(runs))
+        if readout is not None:
+            vectors = readout(state, slots, vectors)
         for u, run, vector in zip(batch_users, runs, vectors, strict=True):
             applied[u] += len(run)
             out[u][applied[u] - 1] = vector
@@ -112,6 +129,47 @@ def stream_vs_parallel_max_abs(
         for u in range(len(users))
         for t, vector in streamed[u].items()
     )
+
+
+@torch.no_grad()
+def parallel_log_probs(model, users: list[UserEvents]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The offline ranking of a model with a repeat head after every event of each user:
+    (log P(i) over all items [T_u, num_items], the buffer's items [T_u, N], 0 in empty
+    slots) per user, from the training form's buffers."""
+    batch = pad_batch(users)
+    u = model(batch)  # [B, T, d]
+    size = model.repeat_head.cfg.buffer_size
+    buffer, where = RecentBuffer.from_events(
+        batch.item, batch.ts, batch.behavior, batch.lengths, batch.mask, size
+    )
+    b, q = where.unbind(1)  # row-major: user by user, event by event
+    log_p = model.repeat_head.serve(buffer, u[b, q], model.score(u[b, q]), model.item_table())
+    sizes = batch.lengths.tolist()
+    return list(zip(log_p.split(sizes), buffer.item.split(sizes), strict=True))
+
+
+def served_log_probs(model, state, slots: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """What the stream ranks by after a step: log P(i) [U, num_items] from the users'
+    buffers in `state` and their user vectors."""
+    buffer = serving_buffer(state.recent, state.recent_counts, slots)
+    return model.repeat_head.serve(buffer, vectors, model.score(vectors), model.item_table())
+
+
+def repeat_head_stream_vs_parallel_max_abs(
+    model, users: list[UserEvents], max_batch: int, seed: int = 0, top_k: int = 20
+) -> float:
+    """Max |served - offline| of log P(i) over each query's candidates: the items in its
+    buffer (copy) and the top_k items by the offline log P (explore)."""
+    parallel = parallel_log_probs(model, users)
+    streamed = streamed_user_vectors(
+        model, users, max_batch, seed, partial(served_log_probs, model)
+    )
+    worst = 0.0
+    for (log_p, copy), served_after in zip(parallel, streamed, strict=True):
+        for t, served in served_after.items():
+            candidates = torch.cat([copy[t][copy[t] > 0], log_p[t].topk(top_k).indices])
+            worst = max(worst, (served[candidates] - log_p[t][candidates]).abs().max().item())
+    return worst
 
 
 def kernel_inputs(
@@ -185,6 +243,19 @@ def step_vs_reference_max_abs(num_users=16, max_len=50, seed=0) -> float:
     return worst
 
 
+def with_repeat_head(cfg: HyTRecConfig, seed: int = 0, head: RepeatConfig | None = None) -> HyTRec:
+    """The model of `cfg` with a repeat head (None: the default one) whose score weights and
+    gate are away from their initial zeros (else the head would ignore the model's scores)."""
+    torch.manual_seed(seed)
+    model = HyTRec(replace(cfg, repeat_head=head or RepeatConfig())).eval()
+    head = model.repeat_head
+    with torch.no_grad():
+        head.score_scale.fill_(0.7)
+        head.score_w.normal_()
+        head.gate[2].bias.fill_(0.3)
+    return model
+
+
 def parity_report(seed: int = 0) -> dict:
     """The figures `hytrec check parity` prints, for the default config."""
     torch.manual_seed(seed)
@@ -195,6 +266,10 @@ def parity_report(seed: int = 0) -> dict:
     one_at_a_time = stream_vs_parallel_max_abs(model, users, max_batch=1, seed=seed)
     micro_batches = stream_vs_parallel_max_abs(model, users, max_batch=64, seed=seed)
     chunked_abs, chunked_scaled = chunked_vs_reference(seed=seed)
+    head_model = with_repeat_head(cfg, seed)
+    revisiting = [revisiting_user(n, cfg, generator) for n in (1, 2, 17, 64, 333, 600)]
+    head_one = repeat_head_stream_vs_parallel_max_abs(head_model, revisiting, 1, seed=seed)
+    head_micro = repeat_head_stream_vs_parallel_max_abs(head_model, revisiting, 64, seed=seed)
     return {
         "chunked_vs_reference_max_abs": chunked_abs,
         # gradients reach |g| ~ 10-100 here; fp32 keeps ~7 digits of them
@@ -203,8 +278,13 @@ def parity_report(seed: int = 0) -> dict:
         "stream_vs_parallel_max_abs": max(one_at_a_time, micro_batches),
         "stream_vs_parallel_one_event_at_a_time_max_abs": one_at_a_time,
         "stream_vs_parallel_micro_batches_max_abs": micro_batches,
+        # log P(i) of the repeat/explore head at the candidates the engine ranks
+        "repeat_head_stream_vs_parallel_max_abs": max(head_one, head_micro),
+        "repeat_head_stream_vs_parallel_one_event_at_a_time_max_abs": head_one,
+        "repeat_head_stream_vs_parallel_micro_batches_max_abs": head_micro,
         "state_bytes_per_user": model.state_bytes_per_user(),
         "state_bytes_by_part": model.new_state(1, "meta").bytes_by_part(),
+        "state_bytes_per_user_with_repeat_head": head_model.state_bytes_per_user(),
         "history_lengths": [len(u) for u in users],
         "dtype": "float32",
         "seed": seed,

@@ -40,11 +40,14 @@ sample), whose denominator estimates the full normaliser that ranking uses. With
 correction the explore part would look (N_items - 1) / S times likelier in training than in
 ranking (55 times on Taobao), and the gate would learn a balance that ranking never sees.
 
-Two forms of one computation. `RecentBuffer.from_events` builds the buffer after any marked
-events of a batch, vectorised ([B, T, T] comparisons, no loop over events): training marks
-every input position, ranking the last event of each row. `DistinctItemBuffer` is the same
-buffer one event at a time (the update rule the stream applies); the tests check that both
-agree at every position and that P(i) from either is the same.
+Three forms of one computation. `RecentBuffer.from_events` builds the buffer after any
+marked events of a batch, vectorised ([B, T, T] comparisons, no loop over events): training
+marks every input position, ranking the last event of each row. `DistinctItemBuffer` is the
+same buffer one event at a time, in plain Python: the oracle. `push_runs` is the serving form:
+the buffers live in the users' stream state (`new_recent`, a `recent` [P, N, 5] and a
+`recent_counts` [P, 2] part) and each micro-batch moves them one event position at a time,
+vectorised over users. The tests check that all three agree at every position and that
+P(i) from either is the same.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hytrec.model.events import NUM_BEHAVIORS
+from hytrec.model.events import NUM_BEHAVIORS, Behavior
 
 # [rows, T, T] comparisons per chunk of rows in `RecentBuffer.from_events`: bounds memory
 CHUNK_COMPARISONS = 1 << 22
@@ -318,3 +321,63 @@ class RepeatHead(nn.Module):
         mixed = torch.logaddexp(out.gather(1, buffer.item), log_repeat[:, None] + log_copy)
         # empty slots point at item 0 (padding): they write -inf where -inf already is
         return out.scatter(1, buffer.item, mixed.masked_fill(~buffer.valid, float("-inf")))
+
+
+# ---------------------------------------------------------------------------- serving form
+
+# columns of a stream state's `recent` part, per slot (0 = newest): the buffer's item, count,
+# last_ts and stage, and paid_ts, the time of the newest payment for the item while it held
+# a slot (0: none; the shop rule `exclude_paid_hours` reads it, the head does not)
+RECENT_COLUMNS = ("item", "count", "last_ts", "stage", "paid_ts")
+
+
+def new_recent(num_slots: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty buffers for a stream state: `recent` [P, N, 5] int64 (`RECENT_COLUMNS`; an
+    empty slot is all zeros, count 0) and `recent_counts` [P, 2] int64 (repeats, events)."""
+    recent = torch.zeros(num_slots, size, len(RECENT_COLUMNS), dtype=torch.long, device=device)
+    return recent, torch.zeros(num_slots, 2, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def push_runs(recent: torch.Tensor, counts: torch.Tensor, slots: torch.Tensor, batch) -> None:
+    """Apply each user's run of events (batch rows [U, M], right-padded, in time order) to
+    its slot's buffer in place: `DistinctItemBuffer.push`, one event position at a time,
+    all users at once. An unknown item (index 0) takes a slot like any other; the head
+    reads such a slot as empty."""
+    buffer, counter = recent[slots], counts[slots]  # [U, N, 5], [U, 2]
+    U, N, C = buffer.shape
+    rows, index = torch.arange(U, device=buffer.device), torch.arange(N, device=buffer.device)
+    for m in range(batch.item.shape[1]):
+        live = m < batch.lengths  # [U]: users with an m-th event in this batch
+        item, ts, stage = batch.item[:, m], batch.ts[:, m], batch.behavior[:, m]
+        filled = buffer[..., 1] > 0  # count > 0; empty slots hold item 0 too
+        match = filled & (buffer[..., 0] == item[:, None])  # [U, N], at most one per row
+        hit = match.any(1)
+        # the slot that leaves: the item's own, else the last (dropped when the buffer is full)
+        leaves = torch.where(hit, match.long().argmax(1), N - 1)  # [U]
+        old = buffer[rows, leaves]  # [U, C]
+        # slots 1..leaves take the one before them; later ones stay; slot 0 takes the event
+        source = torch.where(index[None] <= leaves[:, None], index[None] - 1, index[None])
+        moved = buffer.gather(1, source.clamp(min=0)[..., None].expand(U, N, C))
+        paid = torch.where(stage == Behavior.PAYMENT, ts, torch.where(hit, old[:, 4], 0))
+        count = torch.where(hit, old[:, 1] + 1, 1)
+        moved[:, 0] = torch.stack([item, count, ts, stage, paid], -1)
+        buffer = torch.where(live[:, None, None], moved, buffer)
+        counter = counter + torch.stack([hit & live, live], -1).long()
+    recent[slots], counts[slots] = buffer, counter
+
+
+def serving_buffer(recent: torch.Tensor, counts: torch.Tensor, slots: torch.Tensor) -> RecentBuffer:
+    """These slots' buffers as the head reads them (`RecentBuffer`, no source)."""
+    buffer = recent[slots]  # [U, N, 5]
+    item, count, last_ts, stage = buffer[..., :4].unbind(-1)
+    counter = counts[slots]
+    return RecentBuffer(
+        item=item,
+        count=count,
+        last_ts=last_ts,
+        stage=stage,
+        repeats=counter[:, 0],
+        events=counter[:, 1],
+        source=torch.full_like(item, -1),
+    )

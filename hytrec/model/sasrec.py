@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from hytrec.model.base import SequentialModel
 from hytrec.model.batch import EventBatch, shift_window
 from hytrec.model.events import Vocabulary
-from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config
+from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config, new_recent, push_runs
 from hytrec.model.streaming import SlotState
 
 
@@ -55,11 +55,15 @@ class SASRecState(SlotState):
     window:  [P, max_len] int64  the last max_len item ids, oldest first, newest at the end
     count:   [P]          int64  events applied
     last_ts: [P]          int64  time of the newest applied event
+    recent:  [P, N, 5]    int64  the repeat head's buffer (`repeat.RECENT_COLUMNS`)
+    recent_counts: [P, 2] int64  its repeats and events; both None without a head
     """
 
     window: torch.Tensor
     count: torch.Tensor
     last_ts: torch.Tensor
+    recent: torch.Tensor | None = None
+    recent_counts: torch.Tensor | None = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -145,7 +149,15 @@ class SASRec(SequentialModel):
         def zeros(*shape):
             return torch.zeros(num_slots, *shape, dtype=torch.long, device=device)
 
-        return SASRecState(window=zeros(self.cfg.max_len), count=zeros(), last_ts=zeros())
+        head = self.cfg.repeat_head
+        recent = new_recent(num_slots, head.buffer_size, device) if head else (None, None)
+        return SASRecState(
+            window=zeros(self.cfg.max_len),
+            count=zeros(),
+            last_ts=zeros(),
+            recent=recent[0],
+            recent_counts=recent[1],
+        )
 
     def recent_items(self, state: SASRecState, slots: torch.Tensor, n: int) -> torch.Tensor:
         """[U, min(n, max_len)] the items of these users' last n events, oldest first."""
@@ -170,4 +182,6 @@ class SASRec(SequentialModel):
         state.window[slots] = window
         state.count[slots] = count
         state.last_ts[slots] = batch.ts[rows, lengths - 1]
+        if self.repeat_head is not None:
+            push_runs(state.recent, state.recent_counts, slots, batch)
         return u[rows, n - 1]

@@ -3,7 +3,9 @@ micro-batches of events to it (`StreamingModel`), and the state's common shape (
 
 Every serving state is a dataclass of tensors (or lists of tensors, one per layer) whose
 first dimension is the slot, with two fields every engine reads: `count` (events applied)
-and `last_ts` (time of the newest applied event). Its parts are addressed by name
+and `last_ts` (time of the newest applied event). A field may be None (a part this model
+does not have, as `recent` without a repeat head): it is no part at all. Its parts are
+addressed by name
 (`"tadn.0"`, `"window"`, ...), never by position: snapshots, eviction to host memory and
 restores carry the names and refuse a state whose names differ.
 """
@@ -31,13 +33,17 @@ class SlotState:
         (one per layer). Snapshots and the state store address the state through these
         names, never by position."""
         out: dict[str, torch.Tensor] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name, value in self._present():
             if isinstance(value, list):
-                out.update({f"{f.name}.{i}": t for i, t in enumerate(value)})
+                out.update({f"{name}.{i}": t for i, t in enumerate(value)})
             else:
-                out[f.name] = value
+                out[name] = value
         return out
+
+    def _present(self) -> list[tuple[str, torch.Tensor | list[torch.Tensor]]]:
+        """(name, value) of every field that is not None."""
+        values = ((f.name, getattr(self, f.name)) for f in fields(self))
+        return [(name, value) for name, value in values if value is not None]
 
     @property
     def num_slots(self) -> int:
@@ -46,9 +52,8 @@ class SlotState:
     def bytes_by_part(self) -> dict[str, int]:
         """Bytes one slot takes, per field (a list field summed over its tensors)."""
         out: dict[str, int] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = sum(
+        for name, value in self._present():
+            out[name] = sum(
                 t[0].numel() * t.element_size()
                 for t in (value if isinstance(value, list) else [value])
             )

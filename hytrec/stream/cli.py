@@ -87,6 +87,27 @@ def register(commands, benchmarks) -> None:
     worker.add_argument(
         "--exclude-recent", type=int, default=0, help="leave out the user's last N items"
     )
+    # shop rules: they read the repeat head's recent-items buffer (a model with the head)
+    worker.add_argument(
+        "--exclude-paid-hours",
+        type=float,
+        default=float(os.environ.get("HYTREC_EXCLUDE_PAID_HOURS", 0.0)),
+        help="leave out items the user paid for within H hours before its newest event "
+        "(default $HYTREC_EXCLUDE_PAID_HOURS or 0: off)",
+    )
+    worker.add_argument(
+        "--explore-only",
+        action="store_true",
+        default=os.environ.get("HYTREC_EXPLORE_ONLY", "0") not in ("", "0", "false"),
+        help="recommend only items new to the user (default $HYTREC_EXPLORE_ONLY=1: on)",
+    )
+    worker.add_argument(
+        "--min-explore-share",
+        type=float,
+        default=float(os.environ.get("HYTREC_MIN_EXPLORE_SHARE", 0.0)),
+        help="at least this share of each recommendation from the explore side (new items) "
+        "(default $HYTREC_MIN_EXPLORE_SHARE or 0)",
+    )
     worker.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
     worker.add_argument("--group", default="hytrec-worker", help="consumer group / app id")
     worker.add_argument("--batch-size", type=int, default=512, help="B: events per batch")
@@ -186,7 +207,11 @@ def register(commands, benchmarks) -> None:
         "--model",
         default="hytrec",
         help="a registered streaming model (`hytrec models`); HyTRec uses the demo's own "
-        "config (d_model 64, dropout 0.2), others their defaults at d_model 64",
+        "config (d_model 64, dropout 0.2), others their defaults at d_model 64; with the "
+        "repeat/explore head where the model takes one",
+    )
+    demo.add_argument(
+        "--no-repeat-head", action="store_true", help="train and serve the model without the head"
     )
     demo.add_argument("--heldout-fraction", type=float, default=0.2)
     demo.add_argument("--train-seconds", type=float, default=120.0)
@@ -305,13 +330,19 @@ def _worker(args) -> int:
         models_dir=args.models_dir or None,
         models_poll_s=args.models_poll,
     )
-    engine_config = EngineConfig(
-        top_k=args.top_k,
-        state_budget_bytes=int(args.state_budget_mib * 2**20),
-        exclude_recent=args.exclude_recent,
-        device=args.device,
-        out_of_order_tolerance_s=args.out_of_order_tolerance_s,
-    )
+    try:
+        engine_config = EngineConfig(
+            top_k=args.top_k,
+            state_budget_bytes=int(args.state_budget_mib * 2**20),
+            exclude_recent=args.exclude_recent,
+            device=args.device,
+            out_of_order_tolerance_s=args.out_of_order_tolerance_s,
+            exclude_paid_hours=args.exclude_paid_hours,
+            explore_only=args.explore_only,
+            min_explore_share=args.min_explore_share,
+        )
+    except ValueError as exc:  # a shop rule's value out of range, said plainly
+        args.parser.error(str(exc))
     if not (args.checkpoint or args.engine or args.models_dir):
         args.parser.error("give --checkpoint, --engine or --models-dir")
     if args.engine and args.models_dir:
@@ -335,15 +366,22 @@ def _publish_model(args) -> int:
 
 
 def _demo(args) -> int:
+    from dataclasses import fields, replace
     from pathlib import Path
 
     from hytrec.model.registry import spec
+    from hytrec.model.repeat import RepeatConfig
     from hytrec.stream.demo import DemoConfig, run_demo
 
     line = spec(args.model)
     if not line.streams:
         raise SystemExit(f"hytrec demo: model {args.model!r} does not stream")
-    model = DemoConfig.model if line.name == "hytrec" else line.config(d_model=64)
+    head = None if args.no_repeat_head else RepeatConfig()
+    if line.name == "hytrec":
+        model = replace(DemoConfig.model, repeat_head=head)
+    else:
+        takes_head = "repeat_head" in {f.name for f in fields(line.config)}
+        model = line.config(d_model=64, **({"repeat_head": head} if takes_head else {}))
     _logging("warning")
     logging.getLogger("kafka").setLevel(logging.ERROR)  # the producer's event-loop chatter
     run_demo(

@@ -2,7 +2,8 @@
 
 1. Load the Taobao sample from the shared data folder (else synthetic events) and cut it in
    time: the earlier part trains the model, the last `heldout_fraction` is held out.
-2. Train a small model (HyTRec, or another registered one) on the earlier part, or reuse
+2. Train a small model (HyTRec with the repeat/explore head, or another registered one,
+   with or without it) on the earlier part, or reuse
    the cached checkpoint of the same data and configuration; build and save the exact
    FAISS index of its items.
 3. Start the embedded broker and a worker process, and wait until a probe event comes back
@@ -11,8 +12,10 @@
    stream, which measures throughput), then the held-out part paced over about
    `heldout_seconds` (which measures event-to-recommendation latency without a backlog).
 5. Score every held-out event against the recommendation its user had just before it,
-   beside two baselines on the same events; print a summary, write JSON (with the commit
-   and the machine it ran on) and a plot; stop the worker and the broker.
+   beside four baselines on the same events (popularity, the user's recent items, the
+   user's items by frequency, item-to-item transitions; `hit_rates`), also on the events
+   whose item is new to the user; print a summary, write JSON (with the commit and the
+   machine it ran on) and a plot; stop the worker and the broker.
 
 `python -m hytrec.stream.demo SUMMARY.json` prints a saved summary the way the demo does
 (the README's demo block is that print of `benchmarks/results/demo-cpu.json`).
@@ -45,6 +48,7 @@ from hytrec.model.evaluate import leave_one_out
 from hytrec.model.events import EventLog
 from hytrec.model.hytrec import HyTRecConfig
 from hytrec.model.registry import load_model, spec_of
+from hytrec.model.repeat import RepeatConfig
 from hytrec.model.reports import machine_info, provenance
 from hytrec.model.synthetic import generate
 from hytrec.model.train import TrainConfig, train
@@ -62,7 +66,7 @@ class DemoConfig:
     dataset: str = "taobao"  # a dataset name or file; "synthetic", or a missing one, generates
     heldout_fraction: float = 0.2  # the last part of the log's time span, replayed and scored
     # any registered model's config; its vocabulary sizes come from the data
-    model: object = HyTRecConfig(d_model=64, dropout=0.2)
+    model: object = HyTRecConfig(d_model=64, dropout=0.2, repeat_head=RepeatConfig())
     train: TrainConfig = TrainConfig(epochs=40, patience=3, valid_users=None, negatives=1024)
     train_seconds: float = 120.0  # training stops after this long (first run only: cached)
     top_k: int = 20
@@ -292,43 +296,102 @@ def latency_ms(received, payloads: list[dict], sent: Sent) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
+class TransitionBaseline:
+    """The item-transition baseline (`hytrec.model.heuristics.ItemTransition`, on payloads):
+    the items that most often directly followed the user's last item in a user's history
+    events, then the most popular ones."""
+
+    def __init__(self, history: list[dict], top_k: int):
+        self.top_k = top_k
+        self.popularity = Counter(p["item_id"] for p in history)
+        self.popular = [item for item, _ in self.popularity.most_common(top_k)]
+        self.follows: dict[str, Counter] = {}
+        last: dict[str, str] = {}  # user -> its previous item
+        for p in history:
+            previous = last.get(p["user_id"])
+            if previous is not None:
+                self.follows.setdefault(previous, Counter())[p["item_id"]] += 1
+            last[p["user_id"]] = p["item_id"]
+        self._cache: dict[str, list[str]] = {}
+
+    def recommend(self, last_item: str | None) -> list[str]:
+        """Successors by count (ties by popularity), then the popular items: top_k."""
+        if last_item not in self._cache:
+            follows = self.follows.get(last_item, Counter())
+            ranked = sorted(follows, key=lambda i: (-follows[i], -self.popularity[i]))
+            top = list(dict.fromkeys(ranked[: self.top_k] + self.popular))[: self.top_k]
+            self._cache[last_item] = top
+        return self._cache[last_item]
+
+
+def user_frequency(past: list[str], top_k: int) -> list[str]:
+    """The user's items by count, ties by recency (`heuristics.UserFrequency`)."""
+    newest = {item: n for n, item in enumerate(past)}
+    counts = Counter(past)
+    return sorted(counts, key=lambda i: (-counts[i], -newest[i]))[:top_k]
+
+
 def hit_rates(
     received, history: list[dict], heldout: list[dict], sent: Sent, top_k: int
 ) -> dict[str, float | int]:
     """Each held-out event whose user had a recommendation before it counts once: a hit when
-    its item is in that recommendation; the baselines are scored on the same events."""
+    its item is in that recommendation; the baselines are scored on the same events and
+    from the same information, the user's events up to the one that recommendation
+    answered (the worker answers a user's newest event of each micro-batch, so the events
+    just before one may not have reached its recommendation yet), and so are the events
+    whose item is new to the user (where the user's own items cannot hit). For reference,
+    `recent_items_hit@K_all_events`: the user's recent items knowing every earlier event."""
     recs_by_user: dict[str, list[tuple[int, list[str]]]] = {}
     for _, rec in sorted(received, key=lambda pair: pair[1].source_offset):
         recs_by_user.setdefault(rec.user_id, []).append((rec.source_offset, rec.items))
-    popular = {item for item, _ in Counter(p["item_id"] for p in history).most_common(top_k)}
-    seen: dict[str, list[str]] = {}  # user -> items in time order, for the recency baseline
+    transition = TransitionBaseline(history, top_k)
+    popular = set(transition.popular)
+    seen: dict[str, list[str]] = {}  # user -> items in time order, for the user baselines
     for p in history:
         seen.setdefault(p["user_id"], []).append(p["item_id"])
-    scored = hits = popular_hits = recent_hits = new_scored = new_hits = 0
+    in_history = {user: len(items) for user, items in seen.items()}
+    heldout_offsets: dict[str, list[int]] = {}  # user -> offsets of its held-out events so far
+    names = ("model", "popularity", "recent_items", "user_frequency", "item_transition")
+    hits, new_hits = Counter(), Counter()
+    scored = new_scored = all_events_hits = 0
     for i, p in enumerate(heldout):
-        user, item = p["user_id"], p["item_id"]
+        user, item, offset = p["user_id"], p["item_id"], int(sent.offset[i])
         mine = recs_by_user.get(user, [])
-        before = bisect.bisect_left(mine, (int(sent.offset[i]),)) - 1
+        before = bisect.bisect_left(mine, (offset,)) - 1
         past = seen.setdefault(user, [])
+        offsets = heldout_offsets.setdefault(user, [])
         if before >= 0:
-            recommended = mine[before][1][:top_k]
-            recent = list(dict.fromkeys(reversed(past)))[:top_k]
+            answered, recommended = mine[before]
+            # what the recommendation knew: the history (all answered before the held-out
+            # replay) and the held-out events up to the one it answered
+            known = past[: in_history.get(user, 0) + bisect.bisect_right(offsets, answered)]
+            lists = {
+                "model": recommended[:top_k],
+                "popularity": popular,
+                "recent_items": list(dict.fromkeys(reversed(known)))[:top_k],
+                "user_frequency": user_frequency(known, top_k),
+                "item_transition": transition.recommend(known[-1] if known else None),
+            }
             scored += 1
-            hits += item in recommended
-            popular_hits += item in popular
-            recent_hits += item in recent
-            if item not in past:
-                new_scored += 1
-                new_hits += item in recommended
+            new = item not in past
+            new_scored += new
+            for name in names:
+                hit = item in lists[name]
+                hits[name] += hit
+                new_hits[name] += hit and new
+            all_events_hits += item in list(dict.fromkeys(reversed(past)))[:top_k]
         past.append(item)
+        offsets.append(offset)
     rate = lambda n, d: n / d if d else float("nan")  # noqa: E731
     return {
         "scored_events": scored,
-        f"model_hit@{top_k}": rate(hits, scored),
-        f"popularity_hit@{top_k}": rate(popular_hits, scored),
-        f"recent_items_hit@{top_k}": rate(recent_hits, scored),
+        **{f"{name}_hit@{top_k}": rate(hits[name], scored) for name in names},
+        f"recent_items_hit@{top_k}_all_events": rate(all_events_hits, scored),
         "new_item_events": new_scored,
-        f"model_hit@{top_k}_new_items": rate(new_hits, new_scored),
+        **{
+            f"{name}_hit@{top_k}_new_items": rate(new_hits[name], new_scored)
+            for name in ("model", "popularity", "item_transition")
+        },
     }
 
 
@@ -388,12 +451,26 @@ def plot(summary: dict, latencies: np.ndarray, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     latency_histogram(left, latencies)
     left.set_title(f"latency, held-out replay at {summary['heldout_rate_eps']:.0f} events/s")
-    k = summary["top_k"]
-    names = ["model", "popularity", "recent_items"]
-    rates = [summary["quality"][f"{n}_hit@{k}"] for n in names]
-    right.bar([summary["model"], *names[1:]], rates, color=["tab:orange", "tab:gray", "tab:green"])
+    k, q = summary["top_k"], summary["quality"]
+    names = ["model", "recent_items", "user_frequency", "item_transition", "popularity"]
+    labels = [
+        summary["model"] + (" +\nrepeat head" if summary.get("repeat_head") else ""),
+        "recent\nitems",
+        "user\nfrequency",
+        "item\ntransition",
+        "popularity",
+    ]
+    x = np.arange(len(names))
+    right.bar(x - 0.2, [q[f"{n}_hit@{k}"] for n in names], 0.4, label="all held-out events")
+    new = [q.get(f"{n}_hit@{k}_new_items", 0.0) for n in names]  # the user's own items: 0
+    right.bar(x + 0.2, new, 0.4, label=f"items new to the user ({q['new_item_events']:,})")
+    right.set_xticks(x, labels)
     right.set_ylabel(f"hit@{k} of the next event")
-    right.set_title(f"{summary['quality']['scored_events']:,} held-out events")
+    right.set_title(f"{q['scored_events']:,} held-out events")
+    lagless = q[f"recent_items_hit@{k}_all_events"]
+    right.axhline(lagless, color="gray", linestyle=":", label="recent items, every event known")
+    right.set_ylim(0, 1.3 * max(lagless, *(q[f"{n}_hit@{k}"] for n in names)))  # legend room
+    right.legend(fontsize="small")
     fig.suptitle(f"hytrec demo on {summary['dataset']} ({summary['device']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -472,6 +549,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     summary = {
         "dataset": dataset,
         "model": spec_of(config.model).name,
+        "repeat_head": getattr(config.model, "repeat_head", None) is not None,
         "device": device,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         **provenance(),
@@ -506,7 +584,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
 
 def summary_lines(s: dict) -> list[str]:
     """The figures of a summary as the demo prints them (and the README shows them)."""
-    k, q, lat, machine = s["top_k"], s["quality"], s["latency_ms"], s["machine"]
+    lat, machine = s["latency_ms"], s["machine"]
     commit = s["git_commit"][:12] if s["provenance_ok"] else f"{s['git_commit']} (NOT clean)"
     return [
         f"== hytrec demo: {s['dataset']} on {s['device']} ==",
@@ -518,11 +596,24 @@ def summary_lines(s: dict) -> list[str]:
         f"= {s['history_rate_eps']:,.0f} events/s end to end",
         f"paced replay         {s['heldout_events']:,} events at {s['heldout_rate_eps']:,.0f} "
         f"events/s: latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms",
-        f"next-event hit@{k}    {s['model']} {q[f'model_hit@{k}']:.3f} | popularity "
-        f"{q[f'popularity_hit@{k}']:.3f} | user's recent items {q[f'recent_items_hit@{k}']:.3f} "
-        f"({q['scored_events']:,} held-out events)",
-        f"  items new to the user: {s['model']} {q[f'model_hit@{k}_new_items']:.3f} "
-        f"({q['new_item_events']:,} events)",
+        *quality_lines(s),
+    ]
+
+
+def quality_lines(s: dict) -> list[str]:
+    """The hit rates of a summary: the served model beside every baseline."""
+    k, q = s["top_k"], s["quality"]
+    model = s["model"] + (" with the repeat head" if s.get("repeat_head") else "")
+    return [
+        f"next-event hit@{k}    {model} {q[f'model_hit@{k}']:.3f} | user's recent items "
+        f"{q[f'recent_items_hit@{k}']:.3f} | user frequency {q[f'user_frequency_hit@{k}']:.3f} "
+        f"| item transition {q[f'item_transition_hit@{k}']:.3f} | popularity "
+        f"{q[f'popularity_hit@{k}']:.3f} ({q['scored_events']:,} held-out events)",
+        f"  knowing every earlier event (no micro-batch lag): user's recent items "
+        f"{q[f'recent_items_hit@{k}_all_events']:.3f}",
+        f"  items new to the user: {model} {q[f'model_hit@{k}_new_items']:.3f} | item "
+        f"transition {q[f'item_transition_hit@{k}_new_items']:.3f} | popularity "
+        f"{q[f'popularity_hit@{k}_new_items']:.3f} ({q['new_item_events']:,} events)",
     ]
 
 

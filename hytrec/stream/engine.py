@@ -19,6 +19,15 @@ they embed through the item table's row 0, the padding row (never trained), plus
 category and behaviour where the model reads them, so the user's state still moves. They cannot
 be recommended until a checkpoint that knows them is published (`hytrec publish-model`,
 README "Hot swap"): its vocabulary and index then hold them.
+
+A model with a repeat head (`hytrec.model.repeat`) ranks by log P(i) of its repeat/explore
+mixture, exactly as offline: the copy candidates are the items in the user's recent-items
+buffer (part of its state), the explore candidates the index's top K among the other items;
+each candidate scores log P(i) (the exact normaliser of P_explore: one [U, N_items] product
+per micro-batch), the top K are published with their `source` ("repeat": from the buffer,
+"explore": from the index). A model without a head publishes the index's top K by u . e_i,
+every one an "explore" item. The shop rules (`exclude_paid_hours`, `explore_only`,
+`min_explore_share`) read the buffer, so they need a model with a head.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from hytrec.model.batch import EventBatch
 from hytrec.model.device import resolve_device
 from hytrec.model.events import Behavior
 from hytrec.model.registry import load_model
+from hytrec.model.repeat import RECENT_COLUMNS, serving_buffer
 from hytrec.model.streaming import StreamingModel
 from hytrec.stream.schemas import BehaviorEvent, EngineResult, Recommendation
 from hytrec.stream.snapshots import UserSnapshot
@@ -53,6 +63,27 @@ class EngineConfig:
     device: str = "auto"  # "auto": CUDA when present, else CPU
     # events this much older than the user's newest are still applied (at the newest time)
     out_of_order_tolerance_s: float = 300.0
+    # shop rules (models with a repeat head): leave out items the user paid for within this
+    # many hours before its newest event (0: off; items still in its recent-items buffer) ...
+    exclude_paid_hours: float = 0.0
+    explore_only: bool = False  # ... recommend only items new to the user (not in the buffer)
+    min_explore_share: float = 0.0  # ... at least this share of top_k from the explore side
+
+    def __post_init__(self) -> None:
+        if self.exclude_paid_hours < 0:
+            raise ValueError(f"exclude_paid_hours must be >= 0, got {self.exclude_paid_hours}")
+        if not 0.0 <= self.min_explore_share <= 1.0:
+            raise ValueError(f"min_explore_share must lie in [0, 1], got {self.min_explore_share}")
+
+    @property
+    def shop_rules(self) -> list[str]:
+        """The names of the shop rules that are on."""
+        on = {
+            "exclude_paid_hours": self.exclude_paid_hours > 0,
+            "explore_only": self.explore_only,
+            "min_explore_share": self.min_explore_share > 0,
+        }
+        return [name for name, is_on in on.items() if is_on]
 
 
 @dataclass
@@ -88,6 +119,12 @@ class RecommendationEngine:
             raise ValueError(
                 f"exclude_recent needs a model that keeps its users' recent items; "
                 f"{type(model).__name__} does not"
+            )
+        self.head = getattr(model, "repeat_head", None)
+        if config.shop_rules and self.head is None:
+            raise ValueError(
+                f"{', '.join(config.shop_rules)} read the user's recent-items buffer, which "
+                f"only a model with a repeat head keeps; {type(model).__name__} has none"
             )
         self.device = resolve_device(config.device)
         self.model = model.to(self.device).eval()
@@ -197,36 +234,89 @@ class RecommendationEngine:
 
     def _recommend(self, users, runs, slots, vectors) -> list[Recommendation]:
         started = time.perf_counter()
-        exclude = None
+        slots = slots.to(self.device)
+        recent = None
         if self.config.exclude_recent:
             recent = self.model.recent_items(
-                self.store.state, slots.to(self.device), self.config.exclude_recent
+                self.store.state, slots, self.config.exclude_recent
             )  # [U, n] item indices, 0 = none
-            exclude = [sorted(set(row) - {0}) for row in recent.tolist()]
-        found = self.index.search(vectors.float().cpu().numpy(), self.config.top_k, exclude=exclude)
+        if self.head is None:
+            exclude = None if recent is None else [sorted(set(r) - {0}) for r in recent.tolist()]
+            found = self.index.search(
+                vectors.float().cpu().numpy(), self.config.top_k, exclude=exclude
+            )
+            ids, scores = found.ids.tolist(), found.scores.tolist()
+            sources = [["explore"] * len(row) for row in ids]
+        else:
+            ids, scores, sources = self._merge(slots, vectors, recent)
         self.stats.search_seconds += time.perf_counter() - started
         produced_at = time.time()
         raw = self.model.items.raw
         out = []
-        for user, run, row_ids, row_scores in zip(
-            users, runs, found.ids.tolist(), found.scores.tolist(), strict=True
+        for user, run, row_ids, row_scores, row_sources in zip(
+            users, runs, ids, scores, sources, strict=True
         ):
             newest = run[-1].event
+            kept = [n for n, i in enumerate(row_ids) if i > 0]
             out.append(
                 Recommendation(
                     user_id=user,
-                    items=[raw(i) for i in row_ids if i > 0],
-                    scores=[s for i, s in zip(row_ids, row_scores, strict=True) if i > 0],
+                    items=[raw(row_ids[n]) for n in kept],
+                    scores=[row_scores[n] for n in kept],
                     model_version=self.model_version,
                     source_partition=newest.partition,
                     source_offset=newest.offset,
                     event_ts=newest.ts,
                     received_at=newest.received_at,
                     produced_at=produced_at,
+                    sources=[row_sources[n] for n in kept],
                 )
             )
         self.stats.recommendations += len(out)
         return out
+
+    def _merge(self, slots, vectors, recent):
+        """The top K of the copy candidates (the users' buffers) and the explore candidates
+        (the index's top K among the other items) by log P(i), under the shop rules:
+        (item ids, log P, sources), one list per user, best first."""
+        config, K, state = self.config, self.config.top_k, self.store.state
+        buffer = serving_buffer(state.recent, state.recent_counts, slots)  # [U, N] each
+        log_p = self.head.serve(buffer, vectors, self.model.score(vectors), self.model.item_table())
+        # copy candidates the rules leave out: all (explore only), the recently paid for,
+        # the user's last `exclude_recent` items
+        blocked = torch.full_like(buffer.valid, config.explore_only)
+        if config.exclude_paid_hours:
+            paid_ts = state.recent[slots, :, RECENT_COLUMNS.index("paid_ts")]  # [U, N]
+            since = state.last_ts[slots, None] - round(config.exclude_paid_hours * 3600)
+            blocked |= (paid_ts > 0) & (paid_ts > since)  # less than H hours before
+        if recent is not None:
+            blocked |= (buffer.item[:, :, None] == recent[:, None, :]).any(-1)
+        copy = torch.where(buffer.valid & ~blocked, buffer.item, 0)  # [U, N]
+        # explore: never an item of the buffer (its P(i) is on the copy side) nor a recent one
+        known = buffer.item if recent is None else torch.cat([buffer.item, recent], 1)
+        found = self.index.search(
+            vectors.float().cpu().numpy(),
+            K,
+            exclude=[sorted(set(row) - {0}) for row in known.tolist()],
+        )
+        explore = torch.from_numpy(found.ids).to(self.device).clamp(min=0)  # [U, K], 0 = none
+        candidates = torch.cat([copy, explore], 1)  # [U, N + K]
+        score = log_p.gather(1, candidates).masked_fill(candidates == 0, float("-inf"))
+        from_index = torch.zeros_like(candidates, dtype=torch.bool)
+        from_index[:, copy.shape[1] :] = True
+        # the best ceil(share * K) explore candidates are in whatever the copy side scores
+        need = min(K, int(np.ceil(config.min_explore_share * K - 1e-9)))
+        explore_rank = score.masked_fill(~from_index, float("-inf")).argsort(1, descending=True)
+        forced = torch.zeros_like(from_index).scatter_(1, explore_rank[:, :need], True)
+        forced &= score > float("-inf")
+        chosen = torch.where(forced, float("inf"), score).topk(min(K, score.shape[1])).indices
+        order = score.gather(1, chosen).argsort(1, descending=True)
+        chosen = chosen.gather(1, order)  # [U, K], best log P first
+        chosen_score = score.gather(1, chosen)
+        ids = torch.where(chosen_score > float("-inf"), candidates.gather(1, chosen), 0)
+        names = ("repeat", "explore")
+        sources = [[names[e] for e in row] for row in from_index.gather(1, chosen).tolist()]
+        return ids.tolist(), chosen_score.tolist(), sources
 
     # ------------------------------------------------------------------ snapshots (issue 5)
 

@@ -56,6 +56,7 @@ class RecentItemsEngine:
                 event_ts=event.ts,
                 received_at=event.received_at,
                 produced_at=now,
+                sources=["repeat"] * len(self.recent[user]),
             )
             for user, event in newest.items()
         ]

@@ -55,7 +55,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 log = logging.getLogger(__name__)
 
-FORMAT = "hytrec-user-state/3"  # /2: named tensors; /3: offsets per partition, log, crc32
+FORMAT = "hytrec-user-state/4"  # /2: named tensors; /3: offsets per partition, log, crc32;
+# /4: the repeat head's buffer (parts `recent`, `recent_counts`) in the state of a model with one
 SENTINEL_KEY = b"\x00hytrec-sentinel"
 NO_OFFSET = -1
 

@@ -10,9 +10,14 @@ from hytrec.model.parity import (
     chunked_vs_reference,
     parity_report,
     random_user,
+    repeat_head_stream_vs_parallel_max_abs,
+    revisiting_user,
     stream_vs_parallel_max_abs,
     streamed_user_vectors,
+    with_repeat_head,
 )
+from hytrec.model.repeat import RepeatConfig
+from hytrec.model.sasrec import SASRec, SASRecConfig
 
 TOLERANCE = 1e-4  # fp32, max abs over every element of every user vector compared
 
@@ -101,8 +106,29 @@ def test_parity_report_keys_and_bounds():
     assert report["chunked_vs_reference_max_abs_scaled"] <= 1e-5
     assert 600 in report["history_lengths"]
     assert report["state_bytes_per_user"] <= 64 * 1024
+    assert report["repeat_head_stream_vs_parallel_max_abs"] <= TOLERANCE
+    assert report["state_bytes_per_user"] < report["state_bytes_per_user_with_repeat_head"]
+    assert report["state_bytes_per_user_with_repeat_head"] <= 64 * 1024
 
 
 def test_chunked_vs_reference_figure_is_scaled_fp32_error():
     abs_err, scaled = chunked_vs_reference(lengths=(5, 70), chunk_sizes=(8,))
     assert 0 < scaled <= abs_err and scaled <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["hytrec", "sasrec"])
+@pytest.mark.parametrize("max_batch", [1, 64])
+def test_the_repeat_heads_log_p_streamed_equals_the_offline_ranking(kind, max_batch):
+    """log P(i) at the candidates (buffer items and the top 20), after every run of events
+    served through `step` and the state's buffer, equals the offline forward's."""
+    cfg = HyTRecConfig(num_items=400, num_categories=30)
+    head = RepeatConfig(buffer_size=20)  # smaller than the users' 30 items: evictions
+    if kind == "hytrec":
+        model = with_repeat_head(cfg, head=head)
+    else:
+        torch.manual_seed(0)
+        model = SASRec(SASRecConfig(num_items=400, max_len=64, repeat_head=head)).eval()
+    generator = torch.Generator().manual_seed(max_batch)
+    lengths = [1, 2, 17, 63]  # SASRec's offline form reads at most max_len events
+    history = [revisiting_user(n, cfg, generator, distinct=30) for n in lengths]
+    assert repeat_head_stream_vs_parallel_max_abs(model, history, max_batch) <= TOLERANCE

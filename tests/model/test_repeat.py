@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hytrec.model import repeat
+from hytrec.model.base import config_from_dict
 from hytrec.model.evaluate import EvalConfig, evaluate, leave_one_out
-from hytrec.model.events import EventLog, Vocabulary
+from hytrec.model.events import Behavior, EventLog, Vocabulary
 from hytrec.model.heuristics import RecentItems
 from hytrec.model.hytrec import EventBatch, HyTRecConfig
 from hytrec.model.registry import build_model, load_model
@@ -325,7 +326,7 @@ def test_checkpoints_keep_the_head(tmp_path):
             torch.equal(a, b)
             for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True)
         )
-    assert HyTRecConfig.from_dict({"repeat_head": {"buffer_size": 7}}).repeat_head == (
+    assert config_from_dict(HyTRecConfig, {"repeat_head": {"buffer_size": 7}}).repeat_head == (
         RepeatConfig(buffer_size=7)
     )
     with pytest.raises(ValueError, match="buffer_size and hidden must be >= 1"):
@@ -346,3 +347,53 @@ def test_the_head_wins_on_planted_repeats():
     # measured: 0.338 without the head, 0.548 with it, 0.545 for recent-items (the planted
     # revisits favour the newest items, so recency is nearly the best a model can do)
     assert ndcg[1] > 1.4 * ndcg[0] and ndcg[1] > 0.97 * ndcg[2], ndcg
+
+
+@FAST
+@given(st.lists(history, min_size=1, max_size=4), st.integers(1, 6), st.integers(1, 5), st.data())
+def test_the_stream_states_buffer_equals_the_serving_buffer_after_every_micro_batch(
+    rows, size, max_run, data
+):
+    """`push_runs` (the buffer in a stream state, users' runs of up to `max_run` events per
+    micro-batch) holds after every batch exactly the one-event-at-a-time buffer of each
+    user: bounded, distinct, newest first, counts, times, stages, repeats, events; and
+    paid_ts is the newest payment on the item since it last entered the buffer."""
+    refs = reference_buffers(rows, size)
+    ts = [row[: len(r)] for r, row in zip(rows, batch_of(rows).ts.tolist(), strict=True)]
+    recent, counts = repeat.new_recent(len(rows) + 2, size, "cpu")
+    slot_of = torch.randperm(len(rows) + 2, generator=torch.Generator().manual_seed(size))
+    applied = [0] * len(rows)
+    while any(a < len(r) for a, r in zip(applied, rows, strict=True)):
+        users = [u for u in range(len(rows)) if applied[u] < len(rows[u])]
+        runs = {u: data.draw(st.integers(1, max_run)) for u in users}
+        events = [
+            [(*rows[u][n], ts[u][n]) for n in range(applied[u], len(rows[u]))][: runs[u]]
+            for u in users
+        ]
+        M = max(len(e) for e in events)
+
+        def column(k, events=events, M=M):
+            return torch.tensor([[e[k] for e in run] + [0] * (M - len(run)) for run in events])
+
+        batch = EventBatch(
+            item=column(0),
+            category=torch.zeros(len(users), M, dtype=torch.long),
+            behavior=column(2),
+            ts=column(3),
+            lengths=torch.tensor([len(e) for e in events]),
+        )
+        repeat.push_runs(recent, counts, slot_of[users], batch)
+        for u, run in zip(users, events, strict=True):
+            applied[u] += len(run)
+            ref = refs[u][applied[u] - 1]
+            expect = dense(ref)
+            served = repeat.serving_buffer(recent, counts, slot_of[[u]])
+            for field in ("item", "count", "last_ts", "stage", "repeats", "events"):
+                assert getattr(served, field).tolist() == getattr(expect, field).tolist(), field
+            seen = [(i, s, t) for (i, _, s), t in zip(rows[u], ts[u], strict=False)][: applied[u]]
+            paid = []
+            for item, count, _, _ in ref.newest_first():
+                mine = [(s, t) for i, s, t in seen if i == item][-count:]
+                paid.append(max([t for s, t in mine if s == Behavior.PAYMENT], default=0))
+            paid += [0] * (size - len(paid))
+            assert recent[slot_of[u], :, 4].tolist() == paid
