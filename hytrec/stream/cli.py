@@ -214,7 +214,7 @@ def register(commands, benchmarks) -> None:
         "--no-repeat-head", action="store_true", help="train and serve the model without the head"
     )
     demo.add_argument("--heldout-fraction", type=float, default=0.2)
-    demo.add_argument("--train-seconds", type=float, default=120.0)
+    demo.add_argument("--train-seconds", type=float, default=300.0)
     demo.add_argument("--heldout-seconds", type=float, default=30.0)
     demo.add_argument("--top-k", type=int, default=20)
     demo.add_argument("--batch-size", type=int, default=256)
