@@ -57,7 +57,7 @@ def test_every_streaming_model_meets_the_protocol(name):
     assert (
         model.state_bytes_per_user()
         == state.bytes_per_user()
-        == sum(t[0].numel() * t.element_size() for t in state.named().values())
+        == sum(t[0].numel() * t.element_size() for t in state.parts().values())
     )
     shape = HyTRecConfig(num_items=model.cfg.num_items, num_categories=3)
     user = random_user(5, shape, torch.Generator().manual_seed(0))
