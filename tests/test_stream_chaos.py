@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hytrec.model.hytrec import HyTRec, HyTRecConfig
-from hytrec.stream.chaos import ChaosConfig, run_trial
+from hytrec.stream.chaos import ChaosConfig, run_trial, states_agree
 from hytrec.stream.snapshots import (
     UserSnapshot,
     decode_header,
@@ -203,3 +203,24 @@ def test_kill_9_and_rebalances_leave_every_user_state_equal_to_the_offline_repla
     # replays skipped + in flight, nothing unaccounted
     assert report.unaccounted == 0 and report.accounting["balanced"], report.accounting
     assert report.accounting["consumed"] > 0
+
+
+def test_the_state_check_scales_with_each_part_and_catches_a_changed_state():
+    generator = torch.Generator().manual_seed(0)
+    offline = {
+        "tadn.0": torch.randn(2, 32, 32, generator=generator) * 0.3,
+        "mean_sum.0": torch.randn(64, generator=generator) * 100,  # a sum over many events
+        "count": torch.tensor(500),
+    }
+    rounded = {k: v.clone() for k, v in offline.items()}
+    # what micro-batching does in fp32 (measured: sums ~1e-4 off, TADN states < 1e-6)
+    rounded["mean_sum.0"][offline["mean_sum.0"].abs().argmin()] += 2.9e-4
+    rounded["tadn.0"] += 1e-6
+    assert states_agree(rounded, offline, 1e-4) == (True, pytest.approx(2.9e-4, rel=1e-3))
+    for name, change in (("tadn.0", 1e-3), ("mean_sum.0", 0.5)):  # well under one event
+        changed = {k: v.clone() for k, v in offline.items()}
+        changed[name].view(-1)[3] += change
+        assert not states_agree(changed, offline, 1e-4)[0], name
+    assert not states_agree({**offline, "count": torch.tensor(501)}, offline, 1e-4)[0]
+    with pytest.raises(ValueError, match="snapshot parts"):
+        states_agree({"count": offline["count"]}, offline, 1e-4)
