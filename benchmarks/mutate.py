@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from hytrec.model.reports import git_commit, machine_info  # noqa: E402
+from hytrec.bench.reports import git_commit, machine_info  # noqa: E402
 
 SCRATCH = ROOT / ".mutate"
 RESULTS = ROOT / "benchmarks" / "results" / "mutation"

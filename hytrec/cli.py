@@ -11,7 +11,7 @@ COMMAND_MODULES = (
     "hytrec.model.cli",
     "hytrec.index.cli",
     "hytrec.stream.cli",
-    "hytrec.model.train_cli",
+    "hytrec.bench.cli",
 )
 
 

@@ -8,8 +8,8 @@ import json
 import re
 from pathlib import Path
 
+from hytrec.bench.demo import summary_lines
 from hytrec.model.hytrec import HyTRec, HyTRecConfig
-from hytrec.stream.demo import summary_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -25,7 +25,7 @@ def test_every_architecture_reference_points_to_a_file_in_the_repository():
 
 
 def test_the_readme_demo_block_is_the_committed_summary():
-    """Regenerate with `python -m hytrec.stream.demo benchmarks/results/demo-cpu.json`."""
+    """Regenerate with `python -m hytrec.bench.demo benchmarks/results/demo-cpu.json`."""
     summary = json.loads(DEMO_SUMMARY.read_text())
     block = "\n".join(summary_lines(summary))
     assert f"```\n{block}\n```" in README

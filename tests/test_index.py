@@ -12,6 +12,7 @@ from importlib import metadata
 import numpy as np
 import pytest
 
+from hytrec.bench.index_benchmark import clustered_data
 from hytrec.index import (
     BackendError,
     FaissInstallError,
@@ -24,7 +25,6 @@ from hytrec.index import (
     select_backend,
 )
 from hytrec.index import backend as backend_module
-from hytrec.index.benchmark import clustered_data
 
 TOL = 1e-5
 APPROX_KINDS = ("ivf_flat", "ivf_pq", "hnsw")

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
+from hytrec.bench.index_benchmark import clustered_data
 from hytrec.cli import main
-from hytrec.index.benchmark import clustered_data
 
 ROW_KEYS = {"index", "backend", "n", "d", "batch", "k", "qps", "recall_at_k"}
 

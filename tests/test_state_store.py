@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
+from hytrec.bench.parity import pad_batch, random_user
 from hytrec.model.hytrec import HyTRec, HyTRecConfig
-from hytrec.model.parity import pad_batch, random_user
 from hytrec.stream.state_store import NO_OFFSET, UserStateStore
 
 

@@ -1,11 +1,10 @@
-"""`hytrec` subcommands of the index package: `index build|info|search`, `benchmark index`."""
+"""`hytrec` subcommands of the index package: `index build|info|search`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 KINDS = ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw")
@@ -15,12 +14,8 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v)
 
 
-def _strs(text: str) -> tuple[str, ...]:
-    return tuple(v for v in text.split(",") if v)
-
-
 def register(commands, benchmarks) -> None:
-    """Add this package's subcommands to `hytrec` and `hytrec benchmark`."""
+    """Add this package's subcommands to `hytrec`."""
     index = commands.add_parser("index", help="FAISS item index: build, info, search")
     sub = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
@@ -63,33 +58,6 @@ def register(commands, benchmarks) -> None:
     search.add_argument("--ef-search", type=int)
     search.add_argument("--backend", choices=("auto", "cpu", "gpu"), default="auto")
     search.set_defaults(func=_search)
-
-    bench = benchmarks.add_parser(
-        "index",
-        help="queries/s and recall@k of each index kind on clustered data",
-        description="Writes JSON rows (index, backend, n, d, batch, k, qps, recall_at_k) and a "
-        "recall-vs-QPS PNG beside it. The full default run takes about 20 minutes "
-        "on 2 CPU cores; --quick is a seconds-long smoke run.",
-    )
-    bench.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
-    bench.add_argument("--sizes", type=_ints)
-    bench.add_argument("--dims", type=_ints)
-    bench.add_argument("--batches", type=_ints)
-    bench.add_argument("--kinds", type=_strs)
-    bench.add_argument("--k", type=int)
-    bench.add_argument("--nprobes", type=_ints)
-    bench.add_argument("--ef-searches", type=_ints)
-    bench.add_argument("--hnsw-m", type=int)
-    bench.add_argument("--queries", type=int)
-    bench.add_argument("--seconds", type=float, help="wall time of one measurement")
-    bench.add_argument("--backend", choices=("auto", "cpu", "gpu"))
-    bench.add_argument("--seed", type=int)
-    bench.add_argument(
-        "--output",
-        help="JSON path (default benchmarks/results/index-<backend>.json; the PNG goes beside it)",
-    )
-    bench.add_argument("--no-progress", action="store_true")
-    bench.set_defaults(func=_benchmark)
 
 
 def _overrides(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
@@ -152,37 +120,4 @@ def _search(args: argparse.Namespace) -> int:
     )
     for ids, scores in zip(result.ids, result.scores, strict=True):
         print(json.dumps({"ids": ids.tolist(), "scores": [round(float(s), 6) for s in scores]}))
-    return 0
-
-
-def _benchmark(args: argparse.Namespace) -> int:
-    from hytrec.index.benchmark import QUICK, BenchConfig, run_benchmark
-
-    config = replace(
-        QUICK if args.quick else BenchConfig(),
-        **_overrides(
-            args,
-            (
-                "sizes",
-                "dims",
-                "batches",
-                "kinds",
-                "k",
-                "nprobes",
-                "ef_searches",
-                "hnsw_m",
-                "queries",
-                "seconds",
-                "backend",
-                "seed",
-            ),
-        ),
-    )
-    output = Path(args.output) if args.output else None
-    if output is None:
-        from hytrec.index.backend import select_backend
-
-        output = Path("benchmarks/results") / f"index-{select_backend(config.backend)}.json"
-    report = run_benchmark(config, output, progress=not args.no_progress)
-    print(f"{len(report['rows'])} rows -> {output} and {output.with_suffix('.png')}")
     return 0

@@ -718,8 +718,11 @@ def load_dataset(
 
 
 def load_named(name_or_path: str | Path, shared_data: Path | str | None = None) -> EventLog:
-    """A dataset for the training commands: bad rows skipped (the Taobao head file ends with
-    a truncated row) and logged."""
+    """A dataset for the commands: a saved `EventLog` (`EventLog.save`, STEM or STEM.npz), or
+    a name or file for `load_dataset` with bad rows skipped (the Taobao head file ends with a
+    truncated row) and logged."""
+    if Path(name_or_path).with_suffix(".npz").is_file():
+        return EventLog.load(Path(name_or_path))
     return load_dataset(name_or_path, shared_data=shared_data, on_bad_row="skip")
 
 

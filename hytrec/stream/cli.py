@@ -196,33 +196,6 @@ def register(commands, benchmarks) -> None:
     replay.add_argument("--no-progress", action="store_true")
     replay.set_defaults(func=_replay)
 
-    demo = commands.add_parser(
-        "demo",
-        help="the main job end to end: train, index, broker, worker, replay, summary",
-        description="Train (or reuse) a model on the earlier part of a log, replay the log "
-        "through the embedded broker and a worker, and score the held-out part.",
-    )
-    demo.add_argument("--dataset", default="taobao", help="dataset name, file, or 'synthetic'")
-    demo.add_argument(
-        "--model",
-        default="hytrec",
-        help="a registered streaming model (`hytrec models`); HyTRec uses the demo's own "
-        "config (d_model 64, dropout 0.2), others their defaults at d_model 64; with the "
-        "repeat/explore head where the model takes one",
-    )
-    demo.add_argument(
-        "--no-repeat-head", action="store_true", help="train and serve the model without the head"
-    )
-    demo.add_argument("--heldout-fraction", type=float, default=0.2)
-    demo.add_argument("--train-seconds", type=float, default=300.0)
-    demo.add_argument("--heldout-seconds", type=float, default=30.0)
-    demo.add_argument("--top-k", type=int, default=20)
-    demo.add_argument("--batch-size", type=int, default=256)
-    demo.add_argument("--batch-wait-ms", type=float, default=20.0)
-    demo.add_argument("--device", default="auto")
-    demo.add_argument("--output", default="runs/demo", help="summary.json, demo.png, logs")
-    demo.set_defaults(func=_demo)
-
     tail = commands.add_parser("tail", help="print recommendations as they arrive")
     tail.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
     tail.add_argument("--topic", default="recommendations")
@@ -254,14 +227,6 @@ def register(commands, benchmarks) -> None:
     )
     status.add_argument("--json", action="store_true", help="one JSON object instead of text")
     status.set_defaults(func=_status)
-
-    from hytrec.stream.stream_benchmark import add_parser as add_stream_benchmark
-
-    add_stream_benchmark(benchmarks)
-
-    from hytrec.stream.chaos import add_parser as add_chaos_benchmark
-
-    add_chaos_benchmark(benchmarks)
 
 
 def _logging(level: str = "info") -> None:
@@ -362,42 +327,6 @@ def _publish_model(args) -> int:
         print(f"not published: {exc}", file=sys.stderr)
         return 1
     print(path, flush=True)
-    return 0
-
-
-def _demo(args) -> int:
-    from dataclasses import fields, replace
-    from pathlib import Path
-
-    from hytrec.model.registry import spec
-    from hytrec.model.repeat import RepeatConfig
-    from hytrec.stream.demo import DemoConfig, run_demo
-
-    line = spec(args.model)
-    if not line.streams:
-        raise SystemExit(f"hytrec demo: model {args.model!r} does not stream")
-    head = None if args.no_repeat_head else RepeatConfig()
-    if line.name == "hytrec":
-        model = replace(DemoConfig.model, repeat_head=head)
-    else:
-        takes_head = "repeat_head" in {f.name for f in fields(line.config)}
-        model = line.config(d_model=64, **({"repeat_head": head} if takes_head else {}))
-    _logging("warning")
-    logging.getLogger("kafka").setLevel(logging.ERROR)  # the producer's event-loop chatter
-    run_demo(
-        DemoConfig(
-            dataset=args.dataset,
-            model=model,
-            heldout_fraction=args.heldout_fraction,
-            train_seconds=args.train_seconds,
-            heldout_seconds=args.heldout_seconds,
-            top_k=args.top_k,
-            batch_size=args.batch_size,
-            batch_wait_ms=args.batch_wait_ms,
-            device=args.device,
-            output=Path(args.output),
-        )
-    )
     return 0
 
 

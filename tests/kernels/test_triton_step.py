@@ -11,7 +11,7 @@ import importlib.util
 import pytest
 import torch
 
-from hytrec.model.parity import kernel_inputs
+from hytrec.bench.parity import kernel_inputs
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip(

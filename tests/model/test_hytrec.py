@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hytrec.bench.parity import pad_batch, random_user
 from hytrec.model.base import CheckpointError
 from hytrec.model.events import Vocabulary
 from hytrec.model.hytrec import (
@@ -20,7 +21,6 @@ from hytrec.model.hytrec import (
     sequence_gaps,
     shift_window,
 )
-from hytrec.model.parity import pad_batch, random_user
 
 
 def small_model(**overrides) -> HyTRec:

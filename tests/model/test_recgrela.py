@@ -11,17 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hytrec.kernels import Backend, tadn_parallel, tadn_step
-from hytrec.model.batch import EventBatch
-from hytrec.model.parity import pad_batch, random_user, stream_vs_parallel_max_abs
-from hytrec.model.recgrela import RecGRELA, RecGRELAConfig, rotate
-from hytrec.model.recgrela_parity import (
+from hytrec.bench.parity import pad_batch, random_user, stream_vs_parallel_max_abs
+from hytrec.bench.recgrela_parity import (
     _randomised,
     authors_equations,
     kernel_vs_naive_linear_attention_max_abs,
     naive_linear_attention,
     reference_mode_vs_equations_max_abs,
 )
+from hytrec.kernels import Backend, tadn_parallel, tadn_step
+from hytrec.model.batch import EventBatch
+from hytrec.model.recgrela import RecGRELA, RecGRELAConfig, rotate
 
 ABLATIONS = {
     "published": {},
@@ -207,7 +207,7 @@ def test_gradients_reach_every_parameter():
 def test_check_parity_runs_the_named_models_report(name, monkeypatch, capsys, tmp_path):
     # the reports themselves are tested above and in test_parity; this is the dispatch
     from hytrec import cli
-    from hytrec.model import parity, recgrela_parity
+    from hytrec.bench import parity, recgrela_parity
 
     for module in (parity, recgrela_parity):
         monkeypatch.setattr(module, "parity_report", lambda seed, m=module: {"from": m.__name__})

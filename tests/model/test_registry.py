@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from hytrec.bench.parity import pad_batch, random_user
 from hytrec.model.base import CheckpointError
 from hytrec.model.events import EventLog, Vocabulary
 from hytrec.model.hytrec import HyTRecConfig
-from hytrec.model.parity import pad_batch, random_user
 from hytrec.model.registry import MODELS, build_model, describe, load_model, spec, spec_of
 from hytrec.model.streaming import SlotState, StreamingModel
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hytrec.bench.parity import pad_batch, random_user, streamed_user_vectors
 from hytrec.model.hytrec import HyTRecConfig
-from hytrec.model.parity import pad_batch, random_user, streamed_user_vectors
 from hytrec.model.sasrec import SASRec, SASRecConfig
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from hytrec.model.benchmark import Popularity
+from hytrec.bench.accuracy import Popularity
+from hytrec.bench.parity import pad_batch, random_user
 from hytrec.model.evaluate import EvalConfig, evaluate, leave_one_out
 from hytrec.model.events import EventLog, Vocabulary
 from hytrec.model.hytrec import HyTRecConfig
-from hytrec.model.parity import pad_batch, random_user
 from hytrec.model.registry import load_model, most_frequent_category
 from hytrec.model.sasrec import SASRec, SASRecConfig
 from hytrec.model.train import TrainConfig, train, training_rows

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from hytrec.model.reports import command_line, cpu_name, provenance
+from hytrec.bench.reports import command_line, cpu_name, provenance
 
 
 def time_calls(

@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from hytrec.bench.parity import kernel_inputs
+from hytrec.bench.reports import write_report
+from hytrec.bench.timing import report_header, synchronized, time_calls
 from hytrec.kernels import available_backends, tadn_step
 from hytrec.model.device import resolve_device
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
-from hytrec.model.parity import kernel_inputs
-from hytrec.model.reports import write_report
-from hytrec.model.timing import report_header, synchronized, time_calls
 
 FLOAT_BYTES = 4
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hytrec.model.benchmark import PRESETS, run_accuracy
+from hytrec.bench.accuracy import PRESETS, run_accuracy
 from hytrec.model.synthetic import revisiting_log
 from hytrec.model.train import TrainConfig
 
@@ -90,7 +90,7 @@ def test_train_and_evaluate_commands_with_the_head_and_reference_lines(tmp_path,
 
 
 def test_head_cost_benchmark_smoke(tmp_path):
-    from hytrec.model.head_benchmark import HeadCostConfig, run_head_cost
+    from hytrec.bench.head_benchmark import HeadCostConfig, run_head_cost
 
     cfg = HeadCostConfig(batches=1, rank_users=16, repeats=1, d_model=16)
     report = run_head_cost(cfg, revisiting_log(users=40, length=(8, 14)), str(tmp_path / "c"))

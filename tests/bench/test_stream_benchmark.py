@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from hytrec.stream.stream_benchmark import StreamBenchConfig, run_benchmark
+from hytrec.bench.stream_benchmark import StreamBenchConfig, run_benchmark
 
 pytestmark = pytest.mark.integration
 

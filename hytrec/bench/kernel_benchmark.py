@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from hytrec.bench.parity import kernel_inputs
+from hytrec.bench.reports import write_report
+from hytrec.bench.timing import report_header, synchronized, time_calls
 from hytrec.kernels import available_backends, naive_tadn, tadn_parallel
 from hytrec.model.device import resolve_device
-from hytrec.model.parity import kernel_inputs
-from hytrec.model.reports import write_report
-from hytrec.model.timing import report_header, synchronized, time_calls
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import math
 
-from hytrec.cli import main
-from hytrec.model.efficiency import (
+from hytrec.bench.efficiency import (
     MEASURES,
     QUICK,
     EfficiencyConfig,
     run_efficiency,
     time_calls,
 )
+from hytrec.cli import main
 
 
 def test_run_efficiency_writes_rows_json_and_png(tmp_path):

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hytrec.bench.parity import pad_batch, random_user, stream_vs_parallel_max_abs
 from hytrec.kernels import naive_tadn, tadn_parallel, tadn_step
 from hytrec.model.batch import EventBatch
-from hytrec.model.parity import pad_batch, random_user, stream_vs_parallel_max_abs
 from hytrec.model.recgrela import RecGRELA, RecGRELAConfig
 
 KERNEL_LENGTHS = (1, 7, 63, 65, 257)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hytrec.bench.reports import machine_info, provenance
 from hytrec.model.evaluate import (
     EvalConfig,
     EvalSplit,
@@ -40,7 +41,6 @@ from hytrec.model.heuristics import Popularity, heuristics
 from hytrec.model.hytrec import HyTRecConfig
 from hytrec.model.recgrela import RecGRELAConfig
 from hytrec.model.repeat import RepeatConfig
-from hytrec.model.reports import machine_info, provenance
 from hytrec.model.sasrec import SASRecConfig
 from hytrec.model.train import TrainConfig, train
 

@@ -22,9 +22,9 @@ import numpy as np
 from threadpoolctl import threadpool_info
 from tqdm import tqdm
 
+from hytrec.bench.reports import machine_info, provenance
 from hytrec.index.backend import import_faiss, select_backend
 from hytrec.index.item_index import IndexConfig, ItemIndex, build_index, exact_top_k, recall_at_k
-from hytrec.model.reports import machine_info, provenance
 
 
 @dataclass(frozen=True)

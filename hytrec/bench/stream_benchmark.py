@@ -73,8 +73,8 @@ def _model_checkpoint(events, config: StreamBenchConfig, directory: Path) -> tup
         return Path(config.checkpoint), f"checkpoint {config.checkpoint}"
     import torch
 
+    from hytrec.bench.demo import DemoConfig
     from hytrec.model.hytrec import HyTRec
-    from hytrec.stream.demo import DemoConfig
 
     torch.manual_seed(config.seed)
     model_config = replace(
@@ -185,10 +185,7 @@ def run_benchmark(
     """Run the three phases; return the result (also written to `result_path` when given,
     with a latency histogram beside it)."""
     # the demo's pieces (and torch, FAISS) load only here: `hytrec --help` stays quick
-    from hytrec.index import IndexConfig, build_from_checkpoint
-    from hytrec.model.reports import machine_info, provenance
-    from hytrec.stream.broker import EmbeddedBroker, stop_process
-    from hytrec.stream.demo import (
+    from hytrec.bench.demo import (
         Collector,
         DemoConfig,
         last_offsets,
@@ -198,6 +195,9 @@ def run_benchmark(
         start_worker,
         wait_until_answered,
     )
+    from hytrec.bench.reports import machine_info, provenance
+    from hytrec.index import IndexConfig, build_from_checkpoint
+    from hytrec.stream.broker import EmbeddedBroker, stop_process
     from hytrec.stream.recent_engine import RecentItemsEngine
     from hytrec.stream.replay import log_events
 
@@ -359,7 +359,7 @@ def plot(result: dict, latencies: np.ndarray, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hytrec.stream.demo import latency_histogram
+    from hytrec.bench.demo import latency_histogram
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = ["raw consumer", "plumbing\n(no model)", "engine only\n(no Kafka)", "engine"]

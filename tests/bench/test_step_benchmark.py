@@ -9,8 +9,8 @@ import math
 
 import pytest
 
+from hytrec.bench.step_benchmark import QUICK, kernel_bytes_per_event, run_step_benchmark
 from hytrec.model.hytrec import HyTRec, HyTRecConfig
-from hytrec.model.step_benchmark import QUICK, kernel_bytes_per_event, run_step_benchmark
 
 
 def test_an_event_moves_the_state_twice_per_run_and_its_inputs_once():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+from hytrec.bench.profiling import QUICK, group_of, run_profile
 from hytrec.cli import main
-from hytrec.model.profiling import QUICK, group_of, run_profile
 
 
 def test_profile_charges_every_operator_to_a_module(tmp_path):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from hytrec.model import reports
-from hytrec.model.benchmark import PRESETS, run_accuracy
-from hytrec.model.reports import ProvenanceWarning, git_commit, machine_info, provenance
+from hytrec.bench import reports
+from hytrec.bench.accuracy import PRESETS, run_accuracy
+from hytrec.bench.reports import ProvenanceWarning, git_commit, machine_info, provenance
 from hytrec.model.synthetic import SyntheticConfig, generate
 
 

@@ -117,7 +117,7 @@ class ChaosReport:
 
 
 def make_recording_engine():
-    """The worker's `--engine hytrec.stream.chaos:make_recording_engine`: the model engine
+    """The worker's `--engine hytrec.bench.chaos:make_recording_engine`: the model engine
     of $HYTREC_CHAOS_CHECKPOINT that appends every applied run to $HYTREC_CHAOS_LOG as a
     JSON line {u, base, last, n, v}."""
     import torch
@@ -194,7 +194,7 @@ class _Workers:
                 "hytrec.cli",
                 "worker",
                 "--engine",
-                "hytrec.stream.chaos:make_recording_engine",
+                "hytrec.bench.chaos:make_recording_engine",
                 "--bootstrap",
                 self.bootstrap,
                 "--embedded-broker",
@@ -663,8 +663,8 @@ def add_parser(benchmarks) -> None:
 
 
 def _run(args) -> int:
+    from hytrec.bench.reports import machine_info, provenance
     from hytrec.model.registry import spec
-    from hytrec.model.reports import machine_info, provenance
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.ERROR)

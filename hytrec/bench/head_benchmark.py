@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from hytrec.model.benchmark import HEAD, PRESETS, model_zoo
+from hytrec.bench.accuracy import HEAD, PRESETS, model_zoo
+from hytrec.bench.reports import machine_info, write_report
+from hytrec.bench.timing import report_header
 from hytrec.model.evaluate import context_length, history_batch, leave_one_out, ranking_scores
 from hytrec.model.events import EventLog
-from hytrec.model.reports import machine_info, write_report
-from hytrec.model.timing import report_header
 from hytrec.model.train import batch_loss, build_model, param_groups, training_rows
 
 

@@ -9,10 +9,10 @@ import math
 
 import torch
 
+from hytrec.bench import kernel_benchmark
+from hytrec.bench.kernel_benchmark import QUICK
 from hytrec.cli import main
 from hytrec.kernels import naive_tadn
-from hytrec.model import kernel_benchmark
-from hytrec.model.kernel_benchmark import QUICK
 
 
 def test_the_kernel_benchmark_writes_a_row_per_backend_and_length(tmp_path, capsys):

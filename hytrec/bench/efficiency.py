@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from hytrec.bench.parity import UserEvents, pad_batch, random_user
+from hytrec.bench.reports import cpu_info, machine_info, write_report
+from hytrec.bench.timing import report_header, synchronized, time_calls
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
-from hytrec.model.parity import UserEvents, pad_batch, random_user
 from hytrec.model.recgrela import RecGRELA, RecGRELAConfig
-from hytrec.model.reports import cpu_info, machine_info, write_report
 from hytrec.model.sasrec import SASRec, SASRecConfig
-from hytrec.model.timing import report_header, synchronized, time_calls
 from hytrec.model.train import next_item_loss
 
 STREAMED = ("hytrec", "recgrela")  # the models with a per-user state, timed stepping

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hytrec.model.hytrec import HyTRec, HyTRecConfig
-from hytrec.model.parity import (
+from hytrec.bench.parity import (
     chunked_vs_reference,
     parity_report,
     random_user,
@@ -16,6 +15,7 @@ from hytrec.model.parity import (
     streamed_user_vectors,
     with_repeat_head,
 )
+from hytrec.model.hytrec import HyTRec, HyTRecConfig
 from hytrec.model.repeat import RepeatConfig
 from hytrec.model.sasrec import SASRec, SASRecConfig
 
@@ -89,7 +89,7 @@ def test_parity_breaks_when_the_stream_forgets_state():
     history = users(model.cfg, [40])
     state = model.new_state(2)
     slot = torch.tensor([0])
-    from hytrec.model.parity import pad_batch, parallel_user_vectors
+    from hytrec.bench.parity import pad_batch, parallel_user_vectors
 
     with torch.no_grad():
         model.step(state, slot, pad_batch([history[0].run(0, 20)]))

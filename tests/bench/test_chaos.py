@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hytrec.bench.chaos import ChaosConfig, run_trial, states_agree
 from hytrec.model.hytrec import HyTRec, HyTRecConfig
-from hytrec.stream.chaos import ChaosConfig, run_trial, states_agree
 from hytrec.stream.snapshots import (
     UserSnapshot,
     decode_header,

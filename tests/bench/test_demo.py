@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hytrec.bench import demo
+from hytrec.bench.demo import DemoConfig, run_demo, summary_lines
+from hytrec.bench.reports import git_commit
 from hytrec.model.hytrec import HyTRecConfig
 from hytrec.model.repeat import RepeatConfig
-from hytrec.model.reports import git_commit
 from hytrec.model.train import TrainConfig
-from hytrec.stream import demo
-from hytrec.stream.demo import DemoConfig, run_demo, summary_lines
 from hytrec.stream.schemas import Recommendation
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@
    whose item is new to the user; print a summary, write JSON (with the commit and the
    machine it ran on) and a plot; stop the worker and the broker.
 
-`python -m hytrec.stream.demo SUMMARY.json` prints a saved summary the way the demo does
+`python -m hytrec.bench.demo SUMMARY.json` prints a saved summary the way the demo does
 (the README's demo block is that print of `benchmarks/results/demo-cpu.json`).
 """
 
@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from hytrec.bench.reports import machine_info, provenance
 from hytrec.index import IndexConfig, build_from_checkpoint
 from hytrec.model.base import CheckpointError
 from hytrec.model.data import TAOBAO_WINDOW, cache_dir, load_named, select
@@ -49,7 +50,6 @@ from hytrec.model.events import EventLog
 from hytrec.model.hytrec import HyTRecConfig
 from hytrec.model.registry import load_model, spec_of
 from hytrec.model.repeat import RepeatConfig
-from hytrec.model.reports import machine_info, provenance
 from hytrec.model.synthetic import generate
 from hytrec.model.train import TrainConfig, train
 from hytrec.stream.broker import EmbeddedBroker, die_with_parent, stop_process
@@ -631,5 +631,5 @@ def print_summary(s: dict, run_dir: Path) -> None:
     print("\n".join(lines), flush=True)
 
 
-if __name__ == "__main__":  # print a saved summary: python -m hytrec.stream.demo SUMMARY.json
+if __name__ == "__main__":  # print a saved summary: python -m hytrec.bench.demo SUMMARY.json
     print("\n".join(summary_lines(json.loads(Path(sys.argv[1]).read_text()))))
