@@ -128,7 +128,7 @@ class SequentialTransductionUnit(nn.Module):
         d_h]; offset [1 or B, Tq, Tk] int64 (query index - key index), gap [B, Tq, Tk] int64
         (query time - key time), allowed [1 or B, Tq, Tk] bool -> [B, Tq, h, d_h]."""
         N = self.cfg.max_len
-        rab = (
+        rab = (  # offsets outside the window are masked below: clamped only to stay in range
             self.rel_pos[N - 1 - offset.clamp(0, N - 1)]
             + self.rel_time[time_bucket(gap, self.cfg.time_buckets)]
         )  # [B, Tq, Tk]
@@ -270,6 +270,7 @@ class HSTU(SequentialModel):
         # key column j holds event count - N + j, new event m is event count + m
         columns = torch.arange(N + M, device=device)
         offset = (torch.arange(M, device=device)[:, None] + N - columns[None])[None]  # [1, M, N+M]
+        # a user with fewer than N events has empty rows at the front of its cache
         holds_event = columns[None] >= (N - count)[:, None]  # [U, N + M]
         allowed = (offset >= 0) & (offset < N) & holds_event[:, None]  # [U, M, N + M]
         gap = batch.ts[:, :, None] - times[:, None]  # [U, M, N + M]
