@@ -180,7 +180,11 @@ def test_every_registered_streaming_model_is_served_with_its_offline_vectors(nam
     line = spec(name)
     model = build_model(line.config(d_model=16), log).eval()
     model.save(tmp_path / name)
-    engine = build_engine(tmp_path / name, config=EngineConfig(top_k=5, device="cpu"))
+    # two slots for six users: states go to host memory and back on every batch
+    budget = 2 * model.state_bytes_per_user()
+    config = EngineConfig(top_k=5, device="cpu", state_budget_bytes=budget)
+    engine = build_engine(tmp_path / name, config=config)
+    assert engine.store.num_slots == 2
     events = events_of(log)
     last = {}
     for start in range(0, len(events), 7):
@@ -192,3 +196,12 @@ def test_every_registered_streaming_model_is_served_with_its_offline_vectors(nam
         # the recommendation's best score is the served vector's dot product with its item
         best = engine.model.items.get(last[user].items[0])
         assert abs(float(vector @ table[best]) - last[user].scores[0]) <= 1e-4, (name, user)
+    # every part of every user's state survives a snapshot and a restore, name by name
+    parts = engine.store.export_users(list(expected))
+    fresh = build_engine(tmp_path / name, config=config)
+    assert fresh.import_states(engine.export_states({u: 0 for u in expected})) == len(expected)
+    back = fresh.store.export_users(list(expected))
+    for user in expected:
+        assert back[user].parts.keys() == parts[user].parts.keys()
+        for part, tensor in parts[user].parts.items():
+            assert torch.equal(back[user].parts[part], tensor), (name, user, part)

@@ -1,5 +1,5 @@
 """The accuracy benchmark: HyTRec, its ablations, SASRec, each with and without the repeat
-head, beside popularity and the heuristics, in one harness.
+head, RecGRELA, HSTU, beside popularity and the heuristics, in one harness.
 
 Every model trains on the same split with the same `TrainConfig` (epochs, time budget,
 batch size, input length, loss, seed) and is ranked on the same test targets with the same
@@ -38,6 +38,7 @@ from hytrec.model.evaluate import (
 )
 from hytrec.model.events import EventLog
 from hytrec.model.heuristics import Popularity, heuristics
+from hytrec.model.hstu import HSTUConfig
 from hytrec.model.hytrec import HyTRecConfig
 from hytrec.model.recgrela import RecGRELAConfig
 from hytrec.model.repeat import RepeatConfig
@@ -51,7 +52,9 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     """The compared models. HyTRec defaults: 4 long layers, 3 TADN : 1 softmax, short branch
     over the last 20 events, gated fusion. SASRec and HyTRec 3:1 also run with the repeat
     head (`repeat.py`, default `RepeatConfig`: the last 100 distinct items). RecGRELA at
-    its published size (4 heads, 4 layers) with the paper's three ablations."""
+    its published size (4 heads, 4 layers) with the paper's three ablations. HSTU at the
+    wave-2 size (2 layers, 2 heads, dropout 0.2), its window and KV cache N = the input
+    length."""
     hytrec = HyTRecConfig(d_model=d_model)
     recgrela = RecGRELAConfig(d_model=d_model)
     sasrec = SASRecConfig(d_model=d_model, layers=2, heads=2, max_len=max_len)
@@ -69,6 +72,7 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
         "RecGRELA no gate": replace(recgrela, gate=False),
         "RecGRELA no conv": replace(recgrela, conv=False),
         "RecGRELA no RoPE": replace(recgrela, rope=False),
+        "HSTU": HSTUConfig(d_model=d_model, max_len=max_len),
     }
 
 

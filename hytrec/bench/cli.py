@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -13,6 +14,12 @@ from pathlib import Path
 from hytrec.model.cli import dataset_argument, train_arguments, train_config
 
 RESULTS = Path("benchmarks/results")
+# the module whose `parity_report` `check parity --model NAME` prints
+PARITY_REPORTS = {
+    "hytrec": "hytrec.bench.parity",
+    "recgrela": "hytrec.bench.recgrela_parity",
+    "hstu": "hytrec.bench.hstu_parity",
+}
 
 
 def register(commands, benchmarks) -> None:
@@ -27,9 +34,11 @@ def register(commands, benchmarks) -> None:
         "pooled step vs reference, and streaming vs parallel user vectors of the "
         "whole model (default config, fp32), plus the per-user state size. --model recgrela: "
         "its kernel vs naive causal linear attention, streaming vs parallel, pad and shift "
-        "invariance, and the causal=False reference mode vs the authors' equations.",
+        "invariance, and the causal=False reference mode vs the authors' equations. --model "
+        "hstu: its KV-cache stream vs parallel, causality, padding, and one block vs an "
+        "independent implementation of the HSTU equations.",
     )
-    parity.add_argument("--model", choices=("hytrec", "recgrela"), default="hytrec")
+    parity.add_argument("--model", choices=tuple(PARITY_REPORTS), default="hytrec")
     parity.add_argument("--seed", type=int, default=0)
     parity.add_argument("--output", help="also write the JSON to this file")
     parity.set_defaults(func=_check_parity)
@@ -348,12 +357,7 @@ def _benchmark_profile(args: argparse.Namespace) -> int:
 
 
 def _check_parity(args: argparse.Namespace) -> int:
-    if args.model == "recgrela":
-        from hytrec.bench.recgrela_parity import parity_report
-    else:
-        from hytrec.bench.parity import parity_report
-
-    report = parity_report(seed=args.seed)
+    report = importlib.import_module(PARITY_REPORTS[args.model]).parity_report(seed=args.seed)
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

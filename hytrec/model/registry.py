@@ -24,6 +24,7 @@ import torch
 
 from hytrec.model.base import CheckpointError, SequentialModel, read_checkpoint_meta
 from hytrec.model.events import EventLog
+from hytrec.model.hstu import HSTU, HSTUConfig
 from hytrec.model.hytrec import HyTRec, HyTRecConfig
 from hytrec.model.recgrela import RecGRELA, RecGRELAConfig
 from hytrec.model.sasrec import SASRec, SASRecConfig
@@ -54,6 +55,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("hytrec", HyTRecConfig, HyTRec),
         ModelSpec("sasrec", SASRecConfig, SASRec),
         ModelSpec("recgrela", RecGRELAConfig, RecGRELA, fidelity="code"),
+        ModelSpec("hstu", HSTUConfig, HSTU, fidelity="code"),
     )
 }
 

@@ -83,7 +83,7 @@ class SlotState:
 
 @runtime_checkable
 class StreamingModel(Protocol):
-    """A model the stream can serve (HyTRec, SASRec, RecGRELA, ...)."""
+    """A model the stream can serve (HyTRec, SASRec, RecGRELA, HSTU, ...)."""
 
     items: Vocabulary | None
     categories: Vocabulary | None
