@@ -92,7 +92,11 @@ def register(commands, benchmarks) -> None:
         "the spread (default: --seed)",
     )
     p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--output", help="report stem (default: benchmarks/results/accuracy-NAME)")
+    p.add_argument(
+        "--output",
+        help="report stem (default: benchmarks/results/accuracy-NAME for a preset, else "
+        "runs/accuracy-NAME, NAME the file's name without suffixes)",
+    )
     train_arguments(p)
     p.set_defaults(func=_benchmark_accuracy)
 
@@ -435,17 +439,16 @@ def _benchmark_accuracy(args: argparse.Namespace) -> int:
     log = load_named(args.log or args.dataset, columns=columns)
     preset = PRESETS.get(args.dataset) or own_data_preset(args.dataset, log)
     tc = train_config(args, preset.train)
-    name = args.dataset if args.dataset in PRESETS else _stem_name(args.dataset)
-    stem = Path(args.output or RESULTS / f"accuracy-{name}")
+    # the presets' figures are committed; another file's go under runs/ (not tracked)
+    if args.dataset in PRESETS:
+        default = RESULTS / f"accuracy-{args.dataset}"
+    else:
+        default = Path("runs") / f"accuracy-{Path(args.dataset).name.split('.')[0] or 'data'}"
+    stem = Path(args.output or default)
     seeds = tuple(int(v) for v in args.seeds.split(",")) if args.seeds else None
     run_accuracy(args.dataset, log, preset, stem, args.models, args.d_model, tc, seeds=seeds)
     print(f"wrote {stem}.json, .md, .png")
     return 0
-
-
-def _stem_name(path: str) -> str:
-    """A report name for a file: its name without suffixes ("shop" for shop.csv.gz)."""
-    return Path(path).name.split(".")[0] or "data"
 
 
 def _head_cost(args: argparse.Namespace) -> int:

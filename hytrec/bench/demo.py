@@ -43,7 +43,15 @@ from tqdm import tqdm
 from hytrec.bench.reports import machine_info, provenance
 from hytrec.index import IndexConfig, build_from_checkpoint
 from hytrec.model.base import CheckpointError
-from hytrec.model.data import TAOBAO_WINDOW, ColumnMap, cache_dir, load_named, select
+from hytrec.model.data import (
+    TAOBAO_WINDOW,
+    ColumnMap,
+    DataError,
+    cache_dir,
+    load_named,
+    select,
+    utc_date,
+)
 from hytrec.model.device import resolve_device
 from hytrec.model.evaluate import leave_one_out
 from hytrec.model.events import EventLog
@@ -497,6 +505,16 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     cut = time_cut(events, config.heldout_fraction)
     history_log = select(events, events.ts < cut)
     heldout_log = select(events, events.ts >= cut)
+    if len(history_log) < len(events) // 10:  # e.g. a file with a few events years early
+        raise DataError(
+            f"{dataset}: the last {config.heldout_fraction:.0%} of the time span (from "
+            f"{utc_date(cut)}) holds {len(heldout_log):,} of the {len(events):,} events, "
+            f"leaving {len(history_log):,} to train on: a few events long before the others "
+            f"stretch the span (the first at {utc_date(int(events.ts.min()))}, 99 % after "
+            f"{utc_date(int(np.quantile(events.ts, 0.01, method='inverted_cdf')))}); leave them "
+            "out of the file "
+            "(`hytrec data inspect` shows the span)"
+        )
     print(
         f"{dataset}: {len(events):,} events of {len(events.users):,} users, "
         f"{len(events.items):,} items; {len(history_log):,} before {_time(cut)} train and "

@@ -1073,13 +1073,12 @@ def summary(events: EventLog, report: LoadReport) -> dict:
     }
     span: dict = {"unit": report.time_unit}
     if len(events):
-        span |= {"first": int(events.ts.min()), "last": int(events.ts.max())}
+        # p1 and p99 show a few events far from the others (they stretch the time span)
+        times = {"first": 0.0, "p1": 0.01, "p99": 0.99, "last": 1.0}
+        span |= {k: int(np.quantile(events.ts, q, method="inverted_cdf")) for k, q in times.items()}
         if report.time_unit == "unix seconds":
-            span |= {
-                "first_date": _date(span["first"]),
-                "last_date": _date(span["last"]),
-                "days": round((span["last"] - span["first"]) / 86400, 2),
-            }
+            span |= {f"{k}_date": utc_date(span[k]) for k in times}
+            span["days"] = round((span["last"] - span["first"]) / 86400, 2)
     by_stage = np.bincount(events.behavior, minlength=len(Behavior))
     words = report.behaviors
     return {
@@ -1106,7 +1105,8 @@ def summary(events: EventLog, report: LoadReport) -> dict:
     }
 
 
-def _date(ts: int) -> str:
+def utc_date(ts: int) -> str:
+    """Unix seconds as "YYYY-MM-DD HH:MM:SS UTC"."""
     try:
         return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (OverflowError, OSError, ValueError):
@@ -1124,8 +1124,10 @@ def summary_text(s: dict) -> str:
     ]
     if "first_date" in span:
         lines.append(f"time: {span['first_date']} .. {span['last_date']} ({span['days']} days)")
+        lines.append(f"  98 % of the events: {span['p1_date']} .. {span['p99_date']}")
     elif "first" in span:
         lines.append(f"time: {span['first']} .. {span['last']} ({span['unit']})")
+        lines.append(f"  98 % of the events: {span['p1']} .. {span['p99']}")
     lines.append(f"bad rows: {bad['count']:,}" + (" (skipped)" if bad["count"] else ""))
     lines += [f"  {problem}" for problem in bad["first"]]
     if bad["count"] > len(bad["first"]):
