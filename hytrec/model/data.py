@@ -949,7 +949,7 @@ def load_with_report(
 ) -> tuple[EventLog, LoadReport]:
     """`load_dataset`, also returning the `LoadReport` (report.cached tells a cache hit)."""
     path, named_fmt = resolve(name_or_path, shared_data)
-    fmt = fmt or named_fmt or ("table" if columns is not None else detect_format(path))
+    fmt = fmt or ("table" if columns is not None else named_fmt or detect_format(path))
     if not cache:
         return read_events(path, fmt, columns, on_bad_row, progress)
     options = {
