@@ -515,3 +515,10 @@ def test_a_missing_column_names_the_column_and_the_header(tmp_path):
         f"{path}: no column 'time' (ts) or 'action' (behavior); the header (line 1) reads "
         "['customer', 'sku', 'when']"
     )
+
+
+def test_columns_read_a_named_datasets_file_as_a_table(shared_data):
+    columns = ColumnMap.from_options("user=0,item=1,ts=4,behavior=3,category=2", header=False)
+    table = load_named("taobao-tail", shared_data, columns=columns, progress=False)
+    native = load_named("taobao-tail", shared_data, progress=False)
+    assert raw_events(table) == raw_events(native)
