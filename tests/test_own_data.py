@@ -521,4 +521,5 @@ def test_columns_read_a_named_datasets_file_as_a_table(shared_data):
     columns = ColumnMap.from_options("user=0,item=1,ts=4,behavior=3,category=2", header=False)
     table = load_named("taobao-tail", shared_data, columns=columns, progress=False)
     native = load_named("taobao-tail", shared_data, progress=False)
-    assert raw_events(table) == raw_events(native)
+    assert len(table) == 10_000  # a table's ids are strings, so its users sort another way
+    assert sorted(raw_events(table)) == sorted(raw_events(native))
