@@ -29,6 +29,7 @@ from hytrec.model.data import (
     MissingColumnError,
     UnmappedBehaviorError,
     load_named,
+    load_named_with_report,
     parse_behaviors,
     parse_columns,
     parse_time,
@@ -519,7 +520,8 @@ def test_a_missing_column_names_the_column_and_the_header(tmp_path):
 
 def test_columns_read_a_named_datasets_file_as_a_table(shared_data):
     columns = ColumnMap.from_options("user=0,item=1,ts=4,behavior=3,category=2", header=False)
-    table = load_named("taobao-tail", shared_data, columns=columns, progress=False)
+    table, report = load_named_with_report("taobao-tail", columns, shared_data, progress=False)
+    assert report.fmt == "table" and report.behaviors["pv"]["source"] == "alias"
     native = load_named("taobao-tail", shared_data, progress=False)
     assert len(table) == 10_000  # a table's ids are strings, so its users sort another way
     assert sorted(raw_events(table)) == sorted(raw_events(native))
