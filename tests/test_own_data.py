@@ -525,3 +525,15 @@ def test_columns_read_a_named_datasets_file_as_a_table(shared_data):
     native = load_named("taobao-tail", shared_data, progress=False)
     assert len(table) == 10_000  # a table's ids are strings, so its users sort another way
     assert sorted(raw_events(table)) == sorted(raw_events(native))
+
+
+def test_the_demo_says_when_a_few_early_events_leave_nothing_to_train_on(tmp_path):
+    from hytrec.bench.demo import DemoConfig, run_demo
+
+    rows = shop_rows(users=6)
+    rows[0] = (rows[0][0], rows[0][1], datetime(2020, 1, 1, tzinfo=UTC), "view", rows[0][4])
+    path = write_shop(tmp_path / "shop.csv", rows)
+    columns = ColumnMap.from_options(COLUMNS, BEHAVIORS, time_format="iso")
+    config = DemoConfig(dataset=str(path), columns=columns, output=tmp_path / "run")
+    with pytest.raises(DataError, match="leaving 1 to train on: a few events long before"):
+        run_demo(config)
