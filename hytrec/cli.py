@@ -29,7 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from hytrec.model.data import DataError, DatasetNotFoundError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, DatasetNotFoundError) as err:  # bad input: its message says where
+        print(f"hytrec {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from hytrec.model.data import (
     BadRowError,
     ColumnMap,
     FilterConfig,
+    MissingColumnError,
     apply_filters,
     load_dataset,
     load_with_report,
@@ -350,7 +351,7 @@ def test_table_csv_and_parquet(tmp_path):
         ("alice", "book", Behavior.PRODUCT_CLICK, 30),
         ("bob", "pen", Behavior.PAYMENT, 10),
     ]
-    with pytest.raises(ValueError, match="lacks the column"):
+    with pytest.raises(MissingColumnError, match=r"no column 'user_id' \(user\) or 'item_id'"):
         read_table(csv_path, ColumnMap(delimiter=";"))
     with pytest.raises(BadRowError, match="events.csv:3: expected 4 fields"):
         read_table(write(tmp_path / "events.csv", ["who;what;kind;ts", "a;b;pv;1", "a;b"]), columns)

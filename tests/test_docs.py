@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import runpy
+import shlex
 from pathlib import Path
 
 from hytrec.bench.demo import summary_lines
@@ -38,3 +40,22 @@ def test_the_architecture_notes_quote_the_models_state_size():
     model_bytes = model.state_bytes_per_user()
     assert f"{model_bytes:,} bytes per user" in notes
     assert f"so a slot costs {model_bytes + 8:,} B" in notes  # + the applied offset, int64
+
+
+def test_the_readme_inspect_block_is_what_inspect_prints(
+    shared_data, tmp_path, monkeypatch, capsys
+):
+    """The "Your own data" example: `benchmarks/shop_csv.py`, then `hytrec data inspect`."""
+    from hytrec.cli import main
+
+    write_shop_csv = runpy.run_path(str(ROOT / "benchmarks" / "shop_csv.py"))["write_shop_csv"]
+    monkeypatch.chdir(tmp_path)
+    write_shop_csv(shared_data / "taobao" / "UserBehavior_head84k.csv.gz", Path("shop.csv"))
+    section = README[README.index("## Your own data") :]
+    command = re.search(r"hytrec data inspect shop\.csv .*\n", section)
+    cols = re.search(r"cols=\((.*?)\)", section, re.S).group(1)
+    assert command and "${cols[@]}" in command.group(0)
+    args = shlex.split(cols)
+    assert main(["data", "inspect", "shop.csv", *args]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    assert f"```\n{printed}\n```" in section

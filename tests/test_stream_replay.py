@@ -119,6 +119,46 @@ def test_replay_command_honours_limit_and_tail_command_prints_json(broker, tmp_p
     assert collect_recommendations(broker.bootstrap, until=lambda got: len(got) == 1) == [rec]
 
 
+def test_replay_command_publishes_a_file_of_ones_own_through_columns(broker, tmp_path):
+    events = tmp_path / "shop.tsv"  # a tab between fields by the suffix; ISO times; own words
+    events.write_text(
+        "customer\tsku\twhen\taction\n"
+        "c1\tA-1\t2024-03-01T10:00:00Z\tview\n"
+        "c2\tB-7\t2024-03-01T09:00:00+01:00\tbasket\n"
+        "c1\tB-7\t2024-03-01T11:30:00Z\torder\n"
+    )
+    replay = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hytrec.cli",
+            "replay",
+            str(events),
+            "--columns",
+            "user=customer,item=sku,ts=when,behavior=action",
+            "--behaviors",
+            "add_to_cart=basket;payment=order",
+            "--time-format",
+            "iso",
+            "--bootstrap",
+            broker.bootstrap,
+            "--no-progress",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert replay.returncode == 0, replay.stderr
+    got = [json.loads(r.value) for r in read_topic(broker.bootstrap, "behaviors", idle_timeout_s=2)]
+    at = 1709287200  # 2024-03-01 10:00 UTC
+    assert sorted((e["ts"], e["user_id"], e["item_id"], e["behavior"]) for e in got) == [
+        (at - 7200, "c2", "B-7", "add_to_cart"),
+        (at, "c1", "A-1", "product_click"),
+        (at + 5400, "c1", "B-7", "payment"),
+    ]
+
+
 def publish_to(bootstrap: str, topic: str, value: bytes, key: bytes | None = None) -> None:
     from kafka import KafkaProducer
 

@@ -185,6 +185,20 @@ PRESETS = {
 }
 
 
+def own_data_preset(source: str, log: EventLog) -> Preset:
+    """The preset of a dataset without one (a user's own file): the Taobao preset's input
+    length and patience, 600 s per model, full softmax up to 4,096 items and 1,024 sampled
+    negatives above (as the demo chooses), history items kept as candidates."""
+    negatives = 1024 if len(log.items) > 4 * 1024 else 0
+    return Preset(
+        str(source),
+        replace(PRESETS["taobao"].train, negatives=negatives, time_budget_s=600.0),
+        filter_history=False,
+        note="a file without a preset (generic settings: own_data_preset); history items "
+        "stay candidates, as people return to what they saw",
+    )
+
+
 def run_accuracy(
     dataset: str,
     log: EventLog,

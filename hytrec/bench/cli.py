@@ -11,7 +11,14 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from hytrec.model.cli import dataset_argument, train_arguments, train_config
+from hytrec.model.cli import (
+    DATASET_HELP,
+    column_map,
+    data_file_arguments,
+    dataset_argument,
+    train_arguments,
+    train_config,
+)
 
 RESULTS = Path("benchmarks/results")
 # the module whose `parity_report` `check parity --model NAME` prints
@@ -72,8 +79,11 @@ def register(commands, benchmarks) -> None:
     p.add_argument(
         "--dataset",
         required=True,
-        choices=["beauty", "foursquare", "ml-latest", "ml100k", "sports", "taobao"],
+        help="a preset (beauty, foursquare, ml-latest, ml100k, sports, taobao: each with its "
+        "own budget and protocol) or, under a generic one, any other dataset name, a saved "
+        "EventLog (STEM) or a file: a CSV/TSV (gzipped or not) or Parquet read through --columns",
     )
+    data_file_arguments(p)
     p.add_argument(
         "--log",
         help="a saved EventLog to use instead of reading the dataset's "
@@ -91,7 +101,11 @@ def register(commands, benchmarks) -> None:
         "the spread (default: --seed)",
     )
     p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--output", help="report stem (default: benchmarks/results/accuracy-NAME)")
+    p.add_argument(
+        "--output",
+        help="report stem (default: benchmarks/results/accuracy-NAME for a preset, else "
+        "runs/accuracy-NAME, NAME the file's name without suffixes)",
+    )
     train_arguments(p)
     p.set_defaults(func=_benchmark_accuracy)
 
@@ -229,7 +243,10 @@ def register(commands, benchmarks) -> None:
         description="Train (or reuse) a model on the earlier part of a log, replay the log "
         "through the embedded broker and a worker, and score the held-out part.",
     )
-    demo.add_argument("--dataset", default="taobao", help="dataset name, file, or 'synthetic'")
+    demo.add_argument(
+        "--dataset", default="taobao", help=DATASET_HELP + ", or 'synthetic' (default: taobao)"
+    )
+    data_file_arguments(demo)
     demo.add_argument(
         "--model",
         default="hytrec",
@@ -379,7 +396,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     from hytrec.model.registry import load_model
 
-    log = load_named(args.dataset)
+    log = load_named(args.dataset, columns=column_map(args))
     split = leave_one_out(log)
     model = load_model(args.checkpoint)
     cfg = EvalConfig(filter_history=args.filter_history, max_len=args.max_len)
@@ -416,14 +433,22 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _benchmark_accuracy(args: argparse.Namespace) -> int:
     import torch
 
-    from hytrec.bench.accuracy import PRESETS, run_accuracy
+    from hytrec.bench.accuracy import PRESETS, own_data_preset, run_accuracy
     from hytrec.model.data import load_named
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    preset = PRESETS[args.dataset]
+    columns = column_map(args)
+    if args.log and columns is not None:
+        raise SystemExit("hytrec: --log is a saved EventLog; --columns reads --dataset's file")
+    log = load_named(args.log or args.dataset, columns=columns)
+    preset = PRESETS.get(args.dataset) or own_data_preset(args.dataset, log)
     tc = train_config(args, preset.train)
-    stem = Path(args.output or RESULTS / f"accuracy-{args.dataset}")
-    log = load_named(args.log or args.dataset)
+    # the presets' figures are committed; another file's go under runs/ (not tracked)
+    if args.dataset in PRESETS:
+        default = RESULTS / f"accuracy-{args.dataset}"
+    else:
+        default = Path("runs") / f"accuracy-{Path(args.dataset).name.split('.')[0] or 'data'}"
+    stem = Path(args.output or default)
     seeds = tuple(int(v) for v in args.seeds.split(",")) if args.seeds else None
     run_accuracy(args.dataset, log, preset, stem, args.models, args.d_model, tc, seeds=seeds)
     print(f"wrote {stem}.json, .md, .png")
@@ -474,6 +499,7 @@ def _demo(args) -> int:
     run_demo(
         DemoConfig(
             dataset=args.dataset,
+            columns=column_map(args),
             model=model,
             heldout_fraction=args.heldout_fraction,
             train_seconds=args.train_seconds,

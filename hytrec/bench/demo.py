@@ -43,7 +43,15 @@ from tqdm import tqdm
 from hytrec.bench.reports import machine_info, provenance
 from hytrec.index import IndexConfig, build_from_checkpoint
 from hytrec.model.base import CheckpointError
-from hytrec.model.data import TAOBAO_WINDOW, cache_dir, load_named, select
+from hytrec.model.data import (
+    TAOBAO_WINDOW,
+    ColumnMap,
+    DataError,
+    cache_dir,
+    load_named,
+    select,
+    utc_date,
+)
 from hytrec.model.device import resolve_device
 from hytrec.model.evaluate import leave_one_out
 from hytrec.model.events import EventLog
@@ -64,6 +72,7 @@ PROBE_USER = "demo-probe"  # the readiness probe's user; left out of every figur
 @dataclass(frozen=True)
 class DemoConfig:
     dataset: str = "taobao"  # a dataset name or file; "synthetic", or a missing one, generates
+    columns: ColumnMap | None = None  # how to read `dataset` when it is a file of one's own
     heldout_fraction: float = 0.2  # the last part of the log's time span, replayed and scored
     # any registered model's config; its vocabulary sizes come from the data
     model: object = HyTRecConfig(d_model=64, dropout=0.2, repeat_head=RepeatConfig())
@@ -140,12 +149,15 @@ class Collector:
 # ---------------------------------------------------------------------------- data and model
 
 
-def load_events(dataset: str) -> tuple[EventLog, str]:
-    """(events, description): the named data, or synthetic events when it is absent."""
+def load_events(dataset: str, columns: ColumnMap | None = None) -> tuple[EventLog, str]:
+    """(events, description): the named data, or synthetic events when it is absent (a file
+    read through `columns` must be there)."""
     if dataset != "synthetic":
         try:
-            events = load_named(dataset)
+            events = load_named(dataset, columns=columns)
         except FileNotFoundError as err:
+            if columns is not None:
+                raise
             print(f"{err}; using synthetic events instead", flush=True)
         else:
             if dataset == "taobao":  # the sample has a few rows outside the dataset's 9 days
@@ -489,10 +501,20 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
     run_dir = config.output
     run_dir.mkdir(parents=True, exist_ok=True)
     device = str(resolve_device(config.device))
-    events, dataset = load_events(config.dataset)
+    events, dataset = load_events(config.dataset, config.columns)
     cut = time_cut(events, config.heldout_fraction)
     history_log = select(events, events.ts < cut)
     heldout_log = select(events, events.ts >= cut)
+    if len(history_log) < len(events) // 10:  # e.g. a file with a few events years early
+        raise DataError(
+            f"{dataset}: the last {config.heldout_fraction:.0%} of the time span (from "
+            f"{utc_date(cut)}) holds {len(heldout_log):,} of the {len(events):,} events, "
+            f"leaving {len(history_log):,} to train on: a few events long before the others "
+            f"stretch the span (the first at {utc_date(int(events.ts.min()))}, 99 % after "
+            f"{utc_date(int(np.quantile(events.ts, 0.01, method='inverted_cdf')))}); leave them "
+            "out of the file "
+            "(`hytrec data inspect` shows the span)"
+        )
     print(
         f"{dataset}: {len(events):,} events of {len(events.users):,} users, "
         f"{len(events.items):,} items; {len(history_log):,} before {_time(cut)} train and "

@@ -31,12 +31,24 @@ Formats (plain or gzipped; the reader chooses by the `.gz` suffix):
   that first check-in, not unix time); category 0 (the file has none); behaviour CLICK (a
   check-in). A row is bad when an id is below 1 or the minute is negative; its "line" is
   its 1-based row number.
-- Any CSV/Parquet table through a `ColumnMap` (which column holds what; missing category ->
-  0, missing behaviour -> a default, missing ts -> position in the file).
+- Any CSV/TSV/Parquet table, e.g. a user's own file, through a `ColumnMap` (which column
+  holds what, by header name or 0-based field number; missing category -> 0, missing
+  behaviour -> a default, missing ts -> line number). Its behaviour words map to the funnel
+  stages through the user's mapping, then `Behavior.parse`'s aliases; a word neither knows
+  is an `UnmappedBehaviorError` listing every such word, or skipped, or given a stage
+  (`ColumnMap.unknown_behavior`). Timestamps: unix seconds or milliseconds, ISO 8601 or a
+  strptime pattern (`parse_time`). CSVs are UTF-8 (a byte-order mark is dropped) and parsed
+  by the standard `csv` module, so quoted fields may hold delimiters and newlines.
+  `ColumnMap.from_options` builds one from the command line's `--columns`/`--behaviors`
+  text (`parse_columns`, `parse_behaviors`).
 
 Bad rows (too few fields, non-integer id or timestamp, unknown behaviour, ...) raise
 `BadRowError` naming the file, line and problem; `on_bad_row="skip"` drops them and the
 `LoadReport` lists the line numbers (also logged as a warning).
+
+`load_named` is what every command's `--dataset` goes through (a name, a file, a saved
+EventLog; with `--columns`, a table). `summary` describes what a load read (counts, history
+lengths, time span, bad rows, behaviour mapping) for `hytrec data inspect`.
 
 `load_dataset` resolves the names in `DATASETS` against the shared data folder and caches
 the parsed log under `.cache/hytrec/` (or $HYTREC_CACHE), keyed by the file's path, size,
@@ -58,17 +70,21 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
 
-from hytrec.model.events import Behavior, EventLog, Vocabulary
+from hytrec.model.events import BEHAVIOR_ALIASES, Behavior, EventLog, Vocabulary, behavior_key
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +109,22 @@ BadRowPolicy = Literal["raise", "skip"]
 TAOBAO_WINDOW = (1511539200, 1512316800)
 
 # Bump when parsing changes, so that old cache entries are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+
+# How many bad rows a `LoadReport` describes in words (it lists every bad line number).
+PROBLEMS_KEPT = 10
 
 
-class BadRowError(ValueError):
+class DataError(ValueError):
+    """A problem with the data a command was given; the command line prints its message
+    (which names the file, and the line where there is one) instead of a traceback."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """Neither a dataset name nor a file (or a named dataset's file is absent)."""
+
+
+class BadRowError(DataError):
     """A row that cannot be parsed; the message names the file, the line and the problem."""
 
     def __init__(self, path: Path | str, line: int, problem: str, row: str = ""):
@@ -107,10 +135,34 @@ class BadRowError(ValueError):
         )
 
 
+class MissingColumnError(DataError):
+    """A column the `ColumnMap` names is not in the file; the message shows what the file has."""
+
+
+class UnmappedBehaviorError(DataError):
+    """Behaviour words that neither the mapping nor the aliases know, listed all at once."""
+
+    def __init__(self, path: Path | str, words: dict[str, dict]):
+        self.path, self.words = str(path), words
+        shown = ", ".join(
+            f"{word!r} ({entry['rows']} rows, first on line {entry['first_line']})"
+            for word, entry in list(words.items())[:PROBLEMS_KEPT]
+        )
+        more = f" and {len(words) - PROBLEMS_KEPT} more" if len(words) > PROBLEMS_KEPT else ""
+        stages = ", ".join(b.name.lower() for b in Behavior if b != Behavior.UNKNOWN)
+        super().__init__(
+            f"{path}: {len(words)} behaviour word(s) map to no behaviour: {shown}{more}. Map "
+            f"them with --behaviors STAGE=WORD,WORD;... (stages: {stages}) or say what to do "
+            "with them: --unknown-behavior skip, or a stage such as click"
+        )
+
+
 @dataclass
 class LoadReport:
     """What a load read: rows parsed, events kept, and the bad rows skipped (1-based lines;
-    for Parquet, 1-based row numbers)."""
+    for Parquet, 1-based row numbers). Tables also say how each behaviour word mapped:
+    behaviors[word] = {"behavior": stage name or None, "source": "mapping" | "alias" |
+    "fallback" (unknown_behavior) | "unmapped", "rows": n, "first_line": line}."""
 
     path: str
     fmt: str
@@ -121,15 +173,30 @@ class LoadReport:
     problems: list[str] = field(default_factory=list)  # the first few, for the log
     seconds: float = 0.0
     cached: bool = False
+    time_unit: str = ""  # "unix seconds", "positions", ...: whether ts can be shown as dates
+    behaviors: dict[str, dict] = field(default_factory=dict)
+
+
+# The fields a table can map, in the order `--columns` lists them; the first three required.
+COLUMN_FIELDS = ("user", "item", "ts", "behavior", "category")
+TIME_FORMATS = ("unix", "unix-ms", "iso")  # or a strptime pattern, e.g. "%d/%m/%Y %H:%M"
+UNKNOWN_BEHAVIOR_POLICIES = ("error", "skip")  # or a stage name: the rows get that stage
 
 
 @dataclass(frozen=True)
 class ColumnMap:
-    """Which columns of a CSV/Parquet table hold the event fields.
+    """Which columns of a CSV/TSV/Parquet table hold the event fields, and how to read them.
 
-    category, behavior and ts may be None: category -> 0 (unknown), behavior ->
-    `default_behavior`, ts -> the row's position in the table (stable order by file).
-    CSV files need a header row naming the columns.
+    Columns are header names (compared without surrounding spaces), or with header=False
+    0-based field numbers ("0", "3"). category, behavior and ts may be None: category -> 0
+    (unknown), behavior -> `default_behavior`, ts -> the line number (stable order by file).
+    delimiter None: a tab for *.tsv(.gz), else a comma.
+    behaviors: (word, stage) pairs, tried before `Behavior.parse`'s aliases; words compare
+    in `behavior_key` form ("Add to cart" == "add_to_cart"). A word neither knows follows
+    unknown_behavior: "error" (`UnmappedBehaviorError` after the whole file, listing every
+    such word), "skip" (its rows are dropped, counted in the report) or a stage name.
+    time_format: "unix" (seconds; decimals are floored), "unix-ms", "iso" (ISO 8601) or a
+    strptime pattern; a time without a zone is UTC.
     """
 
     user: str = "user_id"
@@ -137,32 +204,192 @@ class ColumnMap:
     category: str | None = "category_id"
     behavior: str | None = "behavior"
     ts: str | None = "timestamp"
-    delimiter: str = ","
+    delimiter: str | None = None
     default_behavior: Behavior = Behavior.CLICK
+    header: bool = True
+    behaviors: tuple[tuple[str, Behavior], ...] = ()
+    unknown_behavior: str = "error"
+    time_format: str = "unix"
+
+    def __post_init__(self) -> None:
+        if self.delimiter is not None and len(self.delimiter) != 1:
+            raise ValueError(f"the delimiter must be one character, not {self.delimiter!r}")
+        if self.time_format not in TIME_FORMATS and "%" not in self.time_format:
+            raise ValueError(
+                f"time format {self.time_format!r}: expected one of {', '.join(TIME_FORMATS)} "
+                "or a strptime pattern such as '%Y-%m-%d %H:%M:%S'"
+            )
+        if self.unknown_behavior not in UNKNOWN_BEHAVIOR_POLICIES:
+            stage(self.unknown_behavior, "unknown behaviour policy")
+        if not self.header:
+            words = [f"{k}={v!r}" for k, v in self.fields().items() if not v.isdigit()]
+            if words:
+                raise ValueError(
+                    f"without a header, columns are 0-based field numbers: {', '.join(words)}"
+                )
+        mapped: dict[str, Behavior] = {}
+        for word, to in self.behaviors:
+            key = behavior_key(word)
+            if mapped.setdefault(key, to) != to:
+                raise ValueError(
+                    f"behaviour word {word!r} is mapped to both {mapped[key].name.lower()} "
+                    f"and {Behavior(to).name.lower()}"
+                )
+
+    def fields(self) -> dict[str, str]:
+        """{field: column} of the fields this map reads, in `COLUMN_FIELDS` order."""
+        named = {f: getattr(self, f) for f in COLUMN_FIELDS}
+        return {f: column for f, column in named.items() if column is not None}
+
+    @classmethod
+    def from_options(
+        cls,
+        columns: str,
+        behaviors: str | None = None,
+        delimiter: str | None = None,
+        header: bool = True,
+        time_format: str = "unix",
+        unknown_behavior: str = "error",
+    ) -> ColumnMap:
+        """The map the command line's --columns, --behaviors, --delimiter, --no-header,
+        --time-format and --unknown-behavior describe (`parse_columns`, `parse_behaviors`);
+        a missing behavior or category column means none (CLICK, category 0)."""
+        named = parse_columns(columns)
+        if delimiter is not None:
+            delimiter = {"\\t": "\t", "tab": "\t"}.get(delimiter, delimiter)
+        return cls(
+            **{f: named.get(f) for f in COLUMN_FIELDS},
+            delimiter=delimiter,
+            header=header,
+            behaviors=parse_behaviors(behaviors or ""),
+            unknown_behavior=unknown_behavior,
+            time_format=time_format,
+        )
+
+
+def stage(name: str, what: str = "behaviour") -> Behavior:
+    """The funnel stage a name (or alias) stands for; ValueError naming it otherwise."""
+    try:
+        found = Behavior.parse(name)
+    except ValueError:
+        found = Behavior.UNKNOWN
+    if found == Behavior.UNKNOWN:  # 0 is padding, never a real event
+        stages = ", ".join(b.name.lower() for b in Behavior if b != Behavior.UNKNOWN)
+        raise ValueError(f"{what} {name!r} is not a behaviour; the stages are {stages}")
+    return found
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """ "user=customer,item=sku,ts=when[,behavior=action][,category=dept]" -> {field: column}.
+
+    Fields are those of `COLUMN_FIELDS`; user, item and ts are required. A column is a
+    header name or, for a file without one, a 0-based field number; it may hold "=" (the
+    first one splits) but not ",".
+    """
+    columns: dict[str, str] = {}
+    for part in text.split(","):
+        name, equals, column = part.partition("=")
+        name, column = name.strip(), column.strip()
+        if not equals or not column:
+            raise ValueError(f"--columns: {part!r} is not FIELD=COLUMN (in {text!r})")
+        if name not in COLUMN_FIELDS:
+            raise ValueError(
+                f"--columns: unknown field {name!r}; the fields are {', '.join(COLUMN_FIELDS)}"
+            )
+        if name in columns:
+            raise ValueError(f"--columns: {name} is given twice (in {text!r})")
+        columns[name] = column
+    missing = [name for name in COLUMN_FIELDS[:3] if name not in columns]
+    if missing:
+        raise ValueError(
+            f"--columns: {', '.join(missing)} missing (in {text!r}); user, item and ts are required"
+        )
+    return columns
+
+
+def parse_behaviors(text: str) -> tuple[tuple[str, Behavior], ...]:
+    """ "click=pv,view;add_to_cart=basket" -> (("pv", CLICK), ("view", CLICK),
+    ("basket", ADD_TO_CART)): STAGE=WORD,WORD groups separated by ";", stages by name or
+    alias (`stage`), words in `behavior_key` form. A word under two stages is an error."""
+    pairs: list[tuple[str, Behavior]] = []
+    for group in text.split(";"):
+        if not group.strip():
+            continue
+        name, equals, words = group.partition("=")
+        if not equals:
+            raise ValueError(f"--behaviors: {group!r} is not STAGE=WORD,WORD,...")
+        to = stage(name, "--behaviors: stage")
+        for word in words.split(","):
+            if not behavior_key(word):
+                raise ValueError(f"--behaviors: an empty word in {group!r}")
+            pairs.append((behavior_key(word), to))
+    ColumnMap(behaviors=tuple(pairs))  # checks that no word goes to two stages
+    return tuple(pairs)
+
+
+_DECIMAL = re.compile(r"[+-]?[0-9]+(\.[0-9]*)?")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def parse_time(value: object, time_format: str = "unix") -> int:
+    """Unix seconds (floored) of one timestamp under a `ColumnMap.time_format`; a datetime
+    (from Parquet) is taken as it is. ValueError names the value and the format."""
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        text = str(value).strip()
+        if time_format in ("unix", "unix-ms"):
+            if not _DECIMAL.fullmatch(text):
+                unit = "seconds" if time_format == "unix" else "milliseconds"
+                raise ValueError(f"timestamp {text!r} is not a number of {unit} ({time_format})")
+            seconds = math.floor(Decimal(text) / (1000 if time_format == "unix-ms" else 1))
+            if not _INT64[0] <= seconds <= _INT64[1]:
+                raise ValueError(f"timestamp {text!r} is out of range")
+            return seconds
+        try:
+            moment = (
+                datetime.fromisoformat(text)
+                if time_format == "iso"
+                else datetime.strptime(text, time_format)
+            )
+        except ValueError:
+            raise ValueError(
+                f"timestamp {text!r} does not match the format {time_format!r}"
+            ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // timedelta(seconds=1)
 
 
 # ---------------------------------------------------------------------------- reading
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    # latin-1 never fails to decode, and MovieLens' u.item is latin-1 (ids are ASCII anyway)
+def _open_text(path: Path, encoding: str = "latin-1") -> io.TextIOBase:
+    # latin-1 never fails to decode, and MovieLens' u.item is latin-1 (ids are ASCII anyway);
+    # tables (a user's own file) are UTF-8, undecodable bytes kept apart by surrogateescape
+    errors = "surrogateescape" if encoding.startswith("utf") else "strict"
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="latin-1", newline="")
-    return open(path, encoding="latin-1", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding=encoding, errors=errors, newline="")
+    return open(path, encoding=encoding, errors=errors, newline="")
+
+
+def _bar(lines: Iterator[str], path: Path, progress: bool) -> Iterator[str]:
+    """A file's lines behind a progress bar that shows only after 2 s."""
+    return tqdm(
+        lines,
+        desc=f"reading {path.name}",
+        unit=" lines",
+        delay=2.0,
+        disable=not progress,
+        leave=False,
+    )
 
 
 def _lines(path: Path, progress: bool) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its newline); the bar shows only after 2 s."""
+    """(1-based line number, line without its newline)."""
     with _open_text(path) as f:
-        bar = tqdm(
-            f,
-            desc=f"reading {path.name}",
-            unit=" lines",
-            delay=2.0,
-            disable=not progress,
-            leave=False,
-        )
-        for number, line in enumerate(bar, start=1):
+        for number, line in enumerate(_bar(f, path, progress), start=1):
             yield number, line.rstrip("\r\n")
 
 
@@ -185,7 +412,7 @@ class _Rows:
             raise BadRowError(self.path, line, problem, row)
         self.report.bad_rows += 1
         self.report.bad_lines.append(line)
-        if len(self.report.problems) < 10:
+        if len(self.report.problems) < PROBLEMS_KEPT:
             self.report.problems.append(f"line {line}: {problem}")
 
     def add(self, user, item, category, behavior: int, ts: int) -> None:
@@ -207,12 +434,9 @@ def _int(text: str, what: str) -> int:
 
 def _behavior(text: str) -> int:
     try:
-        stage = Behavior.parse(text)
+        return int(stage(text))
     except ValueError:
-        stage = Behavior.UNKNOWN
-    if stage == Behavior.UNKNOWN:  # 0 is padding, never a real event
-        raise ValueError(f"unknown behaviour {text!r}")
-    return int(stage)
+        raise ValueError(f"unknown behaviour {text!r}") from None
 
 
 def _vocab_column(values: list | np.ndarray) -> tuple[np.ndarray, Vocabulary]:
@@ -262,6 +486,7 @@ def read_taobao(
     """
     path = Path(path)
     rows = _Rows(path, "taobao", on_bad_row)
+    rows.report.time_unit = "unix seconds"
     for number, line in _lines(path, progress):
         parts = line.split(",")
         if number == 1 and parts == ["user_id", "item_id", "category_id", "behavior", "timestamp"]:
@@ -289,6 +514,7 @@ def read_s3rec(
     """S3-Rec text: `user item item ...` per line; ts = position, category 0, CLICK."""
     path = Path(path)
     rows = _Rows(path, "s3rec", on_bad_row)
+    rows.report.time_unit = "positions"
     for number, line in _lines(path, progress):
         parts = line.split()
         rows.report.rows += 1
@@ -386,6 +612,7 @@ def read_movielens(
     path = Path(path)
     genres = _movie_genres(path)
     rows = _Rows(path, "movielens", on_bad_row)
+    rows.report.time_unit = "unix seconds"
     is_csv = path.name.removesuffix(".gz").endswith(".csv")
     for number, line in _lines(path, progress):
         if is_csv and number == 1 and line == "userId,movieId,rating,timestamp":
@@ -420,6 +647,7 @@ def read_foursquare(
     time-sorted: the log is sorted by (user, ts), stably by row."""
     path = Path(path)
     rows = _Rows(path, "foursquare", on_bad_row)
+    rows.report.time_unit = "seconds since the first check-in"
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -464,30 +692,28 @@ def read_table(
     on_bad_row: BadRowPolicy = "raise",
     progress: bool = True,
 ) -> tuple[EventLog, LoadReport]:
-    """A CSV (with a header row) or Parquet table mapped by `columns`.
+    """A CSV/TSV (plain or gzipped) or Parquet table mapped by `columns`.
 
-    Ids are kept as strings; ts must be integers (unix seconds or any ordered integer).
-    Missing or empty values are bad rows. Line numbers count the header as line 1 (CSV);
-    Parquet rows are numbered from 1.
+    Ids are kept as strings, without surrounding spaces; ts through `parse_time`. Missing or
+    empty values, and timestamps that do not parse, are bad rows; behaviour words follow the
+    map (see `ColumnMap`), and the report counts every word and what it became. A record's
+    line is the line it starts on, the header being line 1; Parquet rows count from 1.
     """
     path = Path(path)
     rows = _Rows(path, "table", on_bad_row)
-    wanted = {
-        "user": columns.user,
-        "item": columns.item,
-        "category": columns.category,
-        "behavior": columns.behavior,
-        "ts": columns.ts,
-    }
-    wanted = {k: v for k, v in wanted.items() if v is not None}
+    rows.report.time_unit = "unix seconds" if columns.ts is not None else "line numbers"
+    wanted = columns.fields()
     if ".parquet" in path.suffixes:
         import pyarrow.parquet as pq
 
+        names = pq.read_schema(path).names
+        _check_columns(path, wanted, names, "the file's columns are")
         table = pq.read_table(path, columns=list(dict.fromkeys(wanted.values())))
         data = {k: table.column(v).to_pylist() for k, v in wanted.items()}
         records = ((i + 1, {k: data[k][i] for k in wanted}) for i in range(table.num_rows))
     else:
         records = _csv_records(path, columns, wanted, progress)
+    stages = _Stages(columns)
     for number, record in records:
         rows.report.rows += 1
         if isinstance(record, str):
@@ -498,44 +724,111 @@ def read_table(
             rows.bad(number, f"missing value in column(s) {missing}", str(record))
             continue
         try:
-            behavior = (
-                _behavior(str(record["behavior"]))
-                if "behavior" in record
-                else int(columns.default_behavior)
-            )
-            ts = _int(str(record["ts"]), "timestamp") if "ts" in record else number
-            rows.add(
-                str(record["user"]),
-                str(record["item"]),
-                str(record["category"]) if "category" in record else None,
-                behavior,
-                ts,
-            )
+            ts = parse_time(record["ts"], columns.time_format) if "ts" in record else number
         except ValueError as e:
             rows.bad(number, str(e), str(record))
+            continue
+        if "behavior" in record:
+            behavior = stages(str(record["behavior"]).strip(), number)
+            if behavior is None:  # unmapped: dropped here, raised below under "error"
+                continue
+        else:
+            behavior = int(columns.default_behavior)
+        rows.add(
+            str(record["user"]).strip(),
+            str(record["item"]).strip(),
+            str(record["category"]).strip() if "category" in record else None,
+            behavior,
+            ts,
+        )
+    rows.report.behaviors = stages.words
+    unmapped = stages.unmapped()
+    if unmapped and columns.unknown_behavior == "error":
+        raise UnmappedBehaviorError(path, unmapped)
     return _to_log(rows), rows.report
+
+
+class _Stages:
+    """Behaviour word -> stage code, or None for a word that maps to nothing; counts the
+    rows of every word and says where its stage came from (`LoadReport.behaviors`)."""
+
+    def __init__(self, columns: ColumnMap):
+        self.mapping = {behavior_key(word): to for word, to in columns.behaviors}
+        policy = columns.unknown_behavior
+        self.fallback = None if policy in UNKNOWN_BEHAVIOR_POLICIES else stage(policy)
+        self.words: dict[str, dict] = {}
+        self.codes: dict[str, int | None] = {}
+
+    def __call__(self, word: str, line: int) -> int | None:
+        if word not in self.codes:
+            key = behavior_key(word)
+            alias = BEHAVIOR_ALIASES.get(key, Behavior.UNKNOWN)
+            if key in self.mapping:
+                to, source = self.mapping[key], "mapping"
+            elif alias != Behavior.UNKNOWN:
+                to, source = alias, "alias"
+            elif self.fallback is not None:
+                to, source = self.fallback, "fallback"
+            else:
+                to, source = None, "unmapped"
+            self.codes[word] = None if to is None else int(to)
+            self.words[word] = {
+                "behavior": None if to is None else Behavior(to).name.lower(),
+                "source": source,
+                "rows": 0,
+                "first_line": line,
+            }
+        self.words[word]["rows"] += 1
+        return self.codes[word]
+
+    def unmapped(self) -> dict[str, dict]:
+        return {w: e for w, e in self.words.items() if e["source"] == "unmapped"}
+
+
+def _check_columns(path: Path, wanted: dict[str, str], names: list[str], has: str) -> None:
+    absent = [f"{column!r} ({name})" for name, column in wanted.items() if column not in names]
+    if absent:
+        raise MissingColumnError(f"{path}: no column {' or '.join(absent)}; {has} {names}")
 
 
 def _csv_records(
     path: Path, columns: ColumnMap, wanted: dict[str, str], progress: bool
 ) -> Iterator[tuple[int, dict | str]]:
-    """(line number, {field: value}) per data line, or (line number, problem)."""
-    lines = _lines(path, progress)
-    try:
-        _, header_line = next(lines)
-    except StopIteration:
-        return
-    header = next(csv.reader([header_line], delimiter=columns.delimiter))
-    absent = [v for v in wanted.values() if v not in header]
-    if absent:
-        raise ValueError(f"{path}: header {header} lacks the column(s) {absent}")
-    where = {k: header.index(v) for k, v in wanted.items()}
-    for number, line in lines:
-        fields = next(csv.reader([line], delimiter=columns.delimiter), [])
-        if len(fields) != len(header):
-            yield number, f"expected {len(header)} fields as in the header, got {len(fields)}"
+    """(line number, {field: value}) per record, or (line number, problem); a record's line
+    is the one it starts on (a quoted field may span lines)."""
+    tsv = path.name.removesuffix(".gz").endswith(".tsv")
+    delimiter = columns.delimiter or ("\t" if tsv else ",")
+    with _open_text(path, "utf-8-sig") as f:
+        reader = csv.reader(_bar(f, path, progress), delimiter=delimiter)
+        if columns.header:
+            header = next(reader, None)
+            if header is None:
+                return
+            names = [name.strip() for name in header]
+            _check_columns(path, wanted, names, "the header (line 1) reads")
+            where = {k: names.index(v) for k, v in wanted.items()}
+            width, against = len(header), "as in the header"
         else:
-            yield number, {k: fields[i] for k, i in where.items()}
+            where = {k: int(v) for k, v in wanted.items()}
+            width, against = None, "as on line 1"
+        start = reader.line_num + 1
+        try:
+            for fields in reader:
+                number, start = start, reader.line_num + 1
+                if width is None:  # no header: the first line sets the width
+                    width = len(fields)
+                    beyond = [f"{i} ({k})" for k, i in where.items() if i >= width]
+                    if beyond:
+                        raise MissingColumnError(
+                            f"{path}: no field {' or '.join(beyond)}; line 1 has {width} "
+                            f"fields (numbered from 0): {fields}"
+                        )
+                if len(fields) != width:
+                    yield number, f"expected {width} fields {against}, got {len(fields)}"
+                else:
+                    yield number, {k: fields[i] for k, i in where.items()}
+        except csv.Error as err:  # e.g. a quote never closed runs past the field size limit
+            raise DataError(f"{path}:{start}: unreadable as CSV from here on ({err})") from None
 
 
 READERS = {
@@ -618,14 +911,14 @@ def resolve(
         rel, fmt = DATASETS[str(name_or_path)]
         path = shared_data_dir(shared_data) / rel
         if not path.is_file():
-            raise FileNotFoundError(
+            raise DatasetNotFoundError(
                 f"dataset {name_or_path!r}: {path} is absent (set "
                 f"HYTREC_SHARED_DATA or pass shared_data=)"
             )
         return path, fmt
     path = Path(name_or_path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DatasetNotFoundError(
             f"{path} is neither a file nor a dataset name ({', '.join(DATASETS)})"
         )
     return path, None
@@ -656,7 +949,7 @@ def load_with_report(
 ) -> tuple[EventLog, LoadReport]:
     """`load_dataset`, also returning the `LoadReport` (report.cached tells a cache hit)."""
     path, named_fmt = resolve(name_or_path, shared_data)
-    fmt = fmt or named_fmt or ("table" if columns is not None else detect_format(path))
+    fmt = fmt or ("table" if columns is not None else named_fmt or detect_format(path))
     if not cache:
         return read_events(path, fmt, columns, on_bad_row, progress)
     options = {
@@ -717,13 +1010,148 @@ def load_dataset(
     return events
 
 
-def load_named(name_or_path: str | Path, shared_data: Path | str | None = None) -> EventLog:
-    """A dataset for the commands: a saved `EventLog` (`EventLog.save`, STEM or STEM.npz), or
-    a name or file for `load_dataset` with bad rows skipped (the Taobao head file ends with a
-    truncated row) and logged."""
-    if Path(name_or_path).with_suffix(".npz").is_file():
-        return EventLog.load(Path(name_or_path))
-    return load_dataset(name_or_path, shared_data=shared_data, on_bad_row="skip")
+def _saved_log(name_or_path: str | Path) -> Path | None:
+    """The stem of a saved `EventLog` given as STEM or STEM.npz, else None."""
+    path = Path(name_or_path)
+    if path.suffix == ".npz" and path.is_file():
+        return path
+    if not path.is_file() and path.with_suffix(".npz").is_file():
+        return path
+    return None
+
+
+def load_named_with_report(
+    name_or_path: str | Path,
+    columns: ColumnMap | None = None,
+    shared_data: Path | str | None = None,
+    cache: bool = True,
+    progress: bool = True,
+) -> tuple[EventLog, LoadReport]:
+    """`load_named`, also returning the `LoadReport` (a saved EventLog's says its size)."""
+    saved = _saved_log(name_or_path)
+    if saved is not None:
+        if columns is not None:
+            raise DataError(f"{name_or_path} is a saved EventLog: --columns is for CSV/TSV files")
+        events = EventLog.load(saved)
+        report = LoadReport(str(name_or_path), "eventlog", len(events), len(events))
+        report.time_unit = "as saved"
+        return events, report
+    return load_with_report(
+        name_or_path,
+        columns=columns,
+        on_bad_row="skip",
+        shared_data=shared_data,
+        cache=cache,
+        progress=progress,
+    )
+
+
+def load_named(
+    name_or_path: str | Path,
+    shared_data: Path | str | None = None,
+    columns: ColumnMap | None = None,
+    progress: bool = True,
+) -> EventLog:
+    """A dataset for the commands (every `--dataset`): a saved `EventLog` (`EventLog.save`,
+    STEM or STEM.npz), a table read through `columns` (a user's own CSV/TSV/Parquet file),
+    or a name or file for `load_dataset`; bad rows are skipped and logged (the Taobao head
+    file ends with a truncated row), unmapped behaviour words raise unless `columns` says
+    what to do with them."""
+    return load_named_with_report(name_or_path, columns, shared_data, progress=progress)[0]
+
+
+def summary(events: EventLog, report: LoadReport) -> dict:
+    """What a load read, for `hytrec data inspect`: counts, events per user (history
+    length), the time span (as UTC dates for unix seconds), the bad rows and how each
+    behaviour word mapped."""
+    per_user = np.bincount(events.user)[1:]
+    per_user = per_user[per_user > 0]
+    quantiles = {"min": 0.0, "p50": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
+    lengths = {
+        name: int(np.quantile(per_user, q, method="inverted_cdf")) if len(per_user) else 0
+        for name, q in quantiles.items()
+    }
+    span: dict = {"unit": report.time_unit}
+    if len(events):
+        # p1 and p99 show a few events far from the others (they stretch the time span)
+        times = {"first": 0.0, "p1": 0.01, "p99": 0.99, "last": 1.0}
+        span |= {k: int(np.quantile(events.ts, q, method="inverted_cdf")) for k, q in times.items()}
+        if report.time_unit == "unix seconds":
+            span |= {f"{k}_date": utc_date(span[k]) for k in times}
+            span["days"] = round((span["last"] - span["first"]) / 86400, 2)
+    by_stage = np.bincount(events.behavior, minlength=len(Behavior))
+    words = report.behaviors
+    return {
+        "file": report.path,
+        "format": report.fmt,
+        "rows": report.rows,
+        "events": len(events),
+        "users": len(per_user),
+        "items": len(np.unique(events.item[events.item > 0])),
+        "categories": len(np.unique(events.category[events.category > 0])),
+        "events_without_category": int((events.category == 0).sum()),
+        "history_length": lengths,
+        "time": span,
+        "bad_rows": {
+            "count": report.bad_rows,
+            "lines": report.bad_lines[:100],
+            "first": report.problems,
+        },
+        "behavior_words": words,
+        "unmapped_words": {w: e for w, e in words.items() if e["source"] == "unmapped"},
+        "events_by_behavior": {
+            Behavior(b).name.lower(): int(n) for b, n in enumerate(by_stage) if n
+        },
+    }
+
+
+def utc_date(ts: int) -> str:
+    """Unix seconds as "YYYY-MM-DD HH:MM:SS UTC"."""
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return f"{ts} (not a date)"
+
+
+def summary_text(s: dict) -> str:
+    """`summary` as the lines `hytrec data inspect` prints."""
+    lengths, span, bad = s["history_length"], s["time"], s["bad_rows"]
+    lines = [
+        f"{s['file']} ({s['format']}): {s['rows']:,} rows -> {s['events']:,} events",
+        f"users {s['users']:,}, items {s['items']:,}, categories {s['categories']:,} "
+        f"({s['events_without_category']:,} events without one)",
+        "events per user: " + ", ".join(f"{k} {v:,}" for k, v in lengths.items()),
+    ]
+    if "first_date" in span:
+        lines.append(f"time: {span['first_date']} .. {span['last_date']} ({span['days']} days)")
+        lines.append(f"  98 % of the events: {span['p1_date']} .. {span['p99_date']}")
+    elif "first" in span:
+        lines.append(f"time: {span['first']} .. {span['last']} ({span['unit']})")
+        lines.append(f"  98 % of the events: {span['p1']} .. {span['p99']}")
+    lines.append(f"bad rows: {bad['count']:,}" + (" (skipped)" if bad["count"] else ""))
+    lines += [f"  {problem}" for problem in bad["first"]]
+    if bad["count"] > len(bad["first"]):
+        lines.append(f"  ... and {bad['count'] - len(bad['first']):,} more")
+    if s["behavior_words"]:
+        lines.append("behaviour words -> behaviour (rows, where the mapping came from):")
+        ordered = sorted(s["behavior_words"].items(), key=lambda kv: -kv[1]["rows"])
+        for word, e in ordered[:20]:
+            to = e["behavior"] or "UNMAPPED"
+            lines.append(f"  {word!r} -> {to} ({e['rows']:,}, {e['source']})")
+        if len(ordered) > 20:
+            lines.append(f"  ... and {len(ordered) - 20:,} more words")
+    unmapped = s["unmapped_words"]
+    if unmapped:
+        rows = sum(e["rows"] for e in unmapped.values())
+        lines.append(
+            f"unmapped: {len(unmapped):,} word(s) in {rows:,} rows, left out of the events; "
+            "--behaviors STAGE=WORD,... maps them, --unknown-behavior skip|STAGE decides for them"
+        )
+    lines.append(
+        "events by behaviour: "
+        + ", ".join(f"{k} {v:,}" for k, v in s["events_by_behavior"].items())
+    )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- filters

@@ -36,10 +36,15 @@ class Behavior(enum.IntEnum):
 
         Raises ValueError naming the value for anything unrecognised.
         """
-        key = name.strip().lower().replace("-", "_").replace(" ", "_")
+        key = behavior_key(name)
         if key in BEHAVIOR_ALIASES:
             return BEHAVIOR_ALIASES[key]
         raise ValueError(f"unknown behaviour {name!r}; expected one of {sorted(BEHAVIOR_ALIASES)}")
+
+
+def behavior_key(word: str) -> str:
+    """The form behaviour words are compared in: "Add-to cart" -> "add_to_cart"."""
+    return word.strip().lower().replace("-", "_").replace(" ", "_")
 
 
 # Real logs use subsets of the funnel: Taobao's pv/fav/cart/buy, ratings as clicks.

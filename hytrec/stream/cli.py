@@ -11,6 +11,8 @@ import signal
 import sys
 import threading
 
+from hytrec.model.cli import DATASET_HELP, column_map, data_file_arguments
+
 DEFAULT_PORT = 9092  # Kafka's: the broker listens there and every client looks there
 DEFAULT_BOOTSTRAP = os.environ.get("HYTREC_BOOTSTRAP", f"127.0.0.1:{DEFAULT_PORT}")
 
@@ -186,9 +188,8 @@ def register(commands, benchmarks) -> None:
         description="Keyed by user id, in global time order, as fast as possible or at "
         "--speed times real time.",
     )
-    replay.add_argument(
-        "source", help="dataset name (taobao, ml100k, ...), a file path, or 'synthetic'"
-    )
+    replay.add_argument("source", help=DATASET_HELP + ", or 'synthetic'")
+    data_file_arguments(replay)
     replay.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
     replay.add_argument("--topic", default="behaviors")
     replay.add_argument("--speed", type=float, help="X times real time (default: max speed)")
@@ -357,6 +358,7 @@ def _replay(args) -> int:
         ReplayConfig(
             topic=args.topic, speed=args.speed, limit=args.limit, progress=not args.no_progress
         ),
+        columns=column_map(args),
     )
     print(
         json.dumps(

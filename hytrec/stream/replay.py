@@ -21,6 +21,7 @@ from kafka import KafkaProducer
 from kafka.producer.future import RecordMetadata
 from tqdm import tqdm
 
+from hytrec.model.data import ColumnMap
 from hytrec.model.events import Behavior, EventLog
 from hytrec.model.synthetic import SyntheticConfig
 from hytrec.stream.schemas import encode_behavior
@@ -130,18 +131,21 @@ def publish_events(
 
 
 def replay(
-    source: str | Path, bootstrap: str, config: ReplayConfig = ReplayConfig()
+    source: str | Path,
+    bootstrap: str,
+    config: ReplayConfig = ReplayConfig(),
+    columns: ColumnMap | None = None,
 ) -> ReplayReport:
-    """Load a dataset name or file with the project's loaders (bad rows skipped and logged:
-    the Taobao head file ends with a truncated row), or generate "synthetic" events (the
-    demo's, so a machine without the shared data has something to replay), and publish
-    them in time order."""
-    from hytrec.model.data import load_dataset
+    """Load a dataset name, a saved EventLog or a file (a table through `columns`) with
+    `load_named` (bad rows skipped and logged: the Taobao head file ends with a truncated
+    row), or generate "synthetic" events (the demo's, so a machine without the shared data
+    has something to replay), and publish them in time order."""
+    from hytrec.model.data import load_named
 
     if str(source) == "synthetic":
         from hytrec.model.synthetic import generate
 
         events = generate(SYNTHETIC)
     else:
-        events = load_dataset(source, on_bad_row="skip", progress=config.progress)
+        events = load_named(source, columns=columns, progress=config.progress)
     return publish_events(log_events(events), bootstrap, config, total=len(events))
