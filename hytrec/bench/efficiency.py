@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -62,7 +63,7 @@ class EfficiencyConfig:
     sasrec_layers: int = 2  # the accuracy benchmark's SASRec
     sasrec_heads: int = 2
     build_chunk: int = 512  # events per `step` call while building the state up to L
-    step_repeats: int = 50  # single-event steps timed per length
+    step_repeats: int = 100  # single-event steps timed per model and length (round-robin)
     recompute_repeats: int = 7  # full forwards timed per length and model
     train_iters: int = 3  # forward+backward iterations timed per length and model
     train_batch: int = 1
@@ -124,6 +125,37 @@ def _build_state(model, state, slot, user: UserEvents, start: int, stop: int, ch
         model.step(state, slot, _batch(user, a, min(a + chunk, stop), slot.device))
 
 
+def _interleaved_step_us(models: dict, user: UserEvents, lengths: list[int], cfg) -> dict:
+    """{(model, L): [us, ...]}: one new event stepped into a state holding L events, for
+    every streamed model and length, timed round-robin (one call per model and length per
+    round, after a warm-up round). Load that comes and goes on a shared machine then lands
+    on every length alike, so the flatness ratio compares like with like."""
+    device = torch.device(cfg.device)
+    slot = torch.tensor([0], device=device)
+    saved, states, new_events = {}, {}, {}
+    for name in STREAMED:
+        states[name] = models[name].new_state(1, device)
+        built = 0
+        for L in lengths:  # each state is the previous length's, extended
+            _build_state(models[name], states[name], slot, user, built, L, cfg.build_chunk)
+            saved[name, L] = states[name].read(slot)
+            built = L
+    for L in lengths:
+        new_events[L] = _batch(user, L, L + 1, device)
+    times: dict = {key: [] for key in saved}
+    for round_ in range(cfg.step_repeats + 1):
+        for name, L in saved:
+            states[name].write(slot, saved[name, L])  # untimed: exactly L events each time
+            step = synchronized(device, partial(models[name].step, states[name], slot))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            step(new_events[L])
+            if round_:  # round 0 warms up
+                times[name, L].append((time.perf_counter() - t0) * 1e6)
+    return times
+
+
 def _train_tokens_per_s(model, user: UserEvents, L: int, cfg: EfficiencyConfig) -> tuple:
     """Forward+backward of the dense next-item loss (every position predicts the next item,
     full softmax over the items, as `train` does with negatives=0) over L events."""
@@ -170,9 +202,6 @@ def run_efficiency(
     # one user, one history: length L uses its first L events, event L is the new one
     user = random_user(max(lengths) + 1, cfg.hytrec(), torch.Generator().manual_seed(cfg.seed))
 
-    states = {name: models[name].new_state(2, device) for name in STREAMED}
-    slot = torch.tensor([0], device=device)
-    built = 0
     rows, notes, repeats = [], [], []
     bar = tqdm(total=len(lengths) * len(MEASURES), unit="meas", disable=not progress)
 
@@ -195,35 +224,18 @@ def run_efficiency(
         )
         return round(statistics.median(values), 2) if values else None
 
-    def per_event_us(fn: Callable, calls: int, setup: Callable | None = None) -> list[float]:
-        if setup is not None:  # its queued GPU work must not land in the timed call
-            setup = synchronized(device, setup)
-        return [t * 1e6 for t in time_calls(synchronized(device, fn), calls, cfg.budget_s, setup)]
+    def per_event_us(fn: Callable, calls: int) -> list[float]:
+        return [t * 1e6 for t in time_calls(synchronized(device, fn), calls, cfg.budget_s)]
 
+    # (a) the stream: the (L+1)-th event stepped into a held state, all lengths round-robin
+    bar.set_description("steps, round-robin over L")
+    step_times = _interleaved_step_us(models, user, lengths, cfg)
     for L in lengths:
-        new_event = _batch(user, L, L + 1, device)
         history = _batch(user, 0, L + 1, device)
         row: dict = {"length": L}
-        # (a) the stream: extend each held state from `built` to L events, then time the
-        # (L+1)-th event; every timed call starts from the same saved state
         for name in STREAMED:
-            model, state = models[name], states[name]
-            _build_state(model, state, slot, user, built, L, cfg.build_chunk)
-            saved = state.read(slot)
-
-            def restore(state=state, saved=saved):  # untimed: every step sees exactly L events
-                state.write(slot, saved)
-
-            row[f"{name}_step_us"] = measure(
-                L,
-                f"{name}_step_us",
-                per_event_us,
-                partial(model.step, state, slot, new_event),
-                cfg.step_repeats,
-                restore,
-            )
-            restore()  # back to exactly L events for the next length
-        built = L
+            key = f"{name}_step_us"
+            row[key] = measure(L, key, step_times.__getitem__, (name, L))
         # (b), (c) no state: the whole history again for the new event
         with torch.no_grad():
             for name in ("sasrec", *STREAMED):
@@ -257,7 +269,8 @@ def run_efficiency(
         "method": {
             "step_us": "median us of one step of a single event for one user whose state "
             f"holds L events (built by stepping them, {cfg.build_chunk} per call); fp32, "
-            "eval, no_grad",
+            f"eval, no_grad; {cfg.step_repeats} calls per model and length, taken "
+            "round-robin over the lengths after a warm-up round",
             "sasrec_recompute_us": "median us of SASRec.user_vector over the L+1 events",
             "hytrec_recompute_us": "median us of HyTRec.user_vector (parallel, chunked "
             "TADN) over the L+1 events; it runs the whole forward, short branch at every "

@@ -6,14 +6,21 @@ from __future__ import annotations
 import json
 import math
 
+import torch
+
 from hytrec.bench.efficiency import (
     MEASURES,
     QUICK,
+    STREAMED,
     EfficiencyConfig,
+    _interleaved_step_us,
     run_efficiency,
     time_calls,
 )
+from hytrec.bench.parity import random_user
 from hytrec.cli import main
+from hytrec.model.hytrec import HyTRec
+from hytrec.model.recgrela import RecGRELA
 
 
 def test_run_efficiency_writes_rows_json_and_png(tmp_path):
@@ -89,3 +96,33 @@ def test_time_calls_runs_setup_before_every_call_and_respects_repeats():
     )
     assert len(times) == 3 and min(times) >= 0
     assert calls == ["setup", "fn"] * 4  # one warm-up call, then three timed
+
+
+def test_each_timed_step_sees_a_state_of_exactly_L_events_round_robin():
+    """The step timings alternate over the lengths, and every timed call steps event L into
+    a state that holds L events (not the one left by the previous call)."""
+    cfg = EfficiencyConfig(lengths=(8, 3, 20), d_model=16, build_chunk=5, step_repeats=4)
+    models = {
+        "hytrec": HyTRec(cfg.hytrec()).eval(),
+        "recgrela": RecGRELA(cfg.recgrela()).eval(),
+    }
+    seen = []
+    for name, model in models.items():
+        original = model.step
+
+        def spy(state, slot, batch, name=name, original=original):
+            seen.append((name, int(state.count[slot].item()), int(batch.item[0, 0])))
+            return original(state, slot, batch)
+
+        model.step = spy
+    user = random_user(21, cfg.hytrec(), torch.Generator().manual_seed(0))
+    lengths = [3, 8, 20]
+    times = _interleaved_step_us(models, user, lengths, cfg)
+
+    timed = seen[-(cfg.step_repeats + 1) * len(STREAMED) * len(lengths) :]  # after the builds
+    pairs = [(name, L) for name in STREAMED for L in lengths]
+    assert [(name, count) for name, count, _ in timed] == pairs * (cfg.step_repeats + 1)
+    for _, count, item in timed:  # the new event is event number L of the history
+        assert item == int(user.item[count])
+    assert sorted(times) == sorted(pairs)
+    assert all(len(v) == cfg.step_repeats and min(v) > 0 for v in times.values())
