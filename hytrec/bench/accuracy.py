@@ -52,9 +52,9 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     """The compared models. HyTRec defaults: 4 long layers, 3 TADN : 1 softmax, short branch
     over the last 20 events, gated fusion. SASRec and HyTRec 3:1 also run with the repeat
     head (`repeat.py`, default `RepeatConfig`: the last 100 distinct items). RecGRELA at
-    its published size (4 heads, 4 layers) with the paper's three ablations. HSTU at the
-    wave-2 size (2 layers, 2 heads, dropout 0.2), its window and KV cache N = the input
-    length."""
+    its published size (4 heads, 4 layers) with the paper's three ablations and with the
+    head. HSTU at the wave-2 size (2 layers, 2 heads, dropout 0.2), its window and KV cache
+    N = the input length."""
     hytrec = HyTRecConfig(d_model=d_model)
     recgrela = RecGRELAConfig(d_model=d_model)
     sasrec = SASRecConfig(d_model=d_model, layers=2, heads=2, max_len=max_len)
@@ -69,6 +69,7 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
         "hybrid 1:1": replace(hytrec, softmax_every=2),
         "hybrid 7:1": replace(hytrec, softmax_every=8, long_layers=8),
         "RecGRELA": recgrela,
+        "RecGRELA" + HEAD: replace(recgrela, repeat_head=RepeatConfig()),
         "RecGRELA no gate": replace(recgrela, gate=False),
         "RecGRELA no conv": replace(recgrela, conv=False),
         "RecGRELA no RoPE": replace(recgrela, rope=False),

@@ -43,6 +43,10 @@ RoPE angles come from the absolute int64 event index (no table bounded by a max 
 because (R_t a) . (R_s b) depends only on t - s, shifting every position by a constant
 changes nothing, so a training window that starts at 0 and a history served from its first
 event compute the same function.
+
+With `repeat_head` set (not in the paper), ranking uses log P(i) of the repeat/explore
+mixture over the user's recent distinct items (`repeat.py`), as for HyTRec and SASRec; the
+state then also holds the head's buffer.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from hytrec.kernels import tadn_parallel, tadn_step
 from hytrec.model.base import SequentialModel
 from hytrec.model.batch import EventBatch, PackedRuns, shift_window
 from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
+from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config, new_recent, push_runs
 from hytrec.model.streaming import SlotState
 
 
@@ -82,8 +87,11 @@ class RecGRELAConfig:
     rope: bool = True  # False: R_t = I
     side_features: bool = False  # add category and behaviour embeddings to the item's
     chunk_size: int = 64
+    # the repeat/explore head over the user's recent distinct items (`repeat.py`); None = off
+    repeat_head: RepeatConfig | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "repeat_head", as_repeat_config(self.repeat_head))
         if self.num_items < 2:
             raise ValueError(f"RecGRELAConfig: num_items must be >= 2, got {self.num_items}")
         if self.d_model % (2 * self.heads):
@@ -263,6 +271,8 @@ class RecGRELAState(SlotState):
     conv[l]: [P, K-1, D]      fp32  the layer's last K-1 values, oldest first
     count:   [P]              int64 events applied (the next RoPE position)
     last_ts: [P]              int64 time of the newest applied event
+    recent:  [P, N, 5]        int64 the repeat head's buffer (`repeat.RECENT_COLUMNS`)
+    recent_counts: [P, 2]     int64 its repeats and events; both None without a head
     """
 
     kv: list[torch.Tensor]
@@ -270,6 +280,8 @@ class RecGRELAState(SlotState):
     conv: list[torch.Tensor]
     count: torch.Tensor
     last_ts: torch.Tensor
+    recent: torch.Tensor | None = None
+    recent_counts: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------- the model
@@ -294,6 +306,9 @@ class RecGRELA(SequentialModel):
         self.emb_norm = nn.LayerNorm(D, eps=1e-12)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(GRELABlock(cfg) for _ in range(cfg.layers))
+        self.repeat_head = (
+            RepeatHead(cfg.repeat_head, cfg.d_model) if cfg.repeat_head is not None else None
+        )
         self.apply(self._init_weights)
 
     def embed(self, item, category, behavior) -> torch.Tensor:
@@ -322,12 +337,16 @@ class RecGRELA(SequentialModel):
         def zeros(*shape, dtype=torch.float32):
             return torch.zeros(num_slots, *shape, dtype=dtype, device=device)
 
+        head = cfg.repeat_head
+        recent = new_recent(num_slots, head.buffer_size, device) if head else (None, None)
         return RecGRELAState(
             kv=[zeros(H, dh, dh) for _ in range(cfg.layers)],
             ksum=[zeros(H, dh) for _ in range(cfg.layers)],
             conv=[zeros(cfg.conv_kernel - 1, cfg.d_model) for _ in range(cfg.layers)],
             count=zeros(dtype=torch.long),
             last_ts=zeros(dtype=torch.long),
+            recent=recent[0],
+            recent_counts=recent[1],
         )
 
     @torch.no_grad()
@@ -352,4 +371,6 @@ class RecGRELA(SequentialModel):
         rows = torch.arange(len(slots), device=h.device)
         state.count[slots] = count + batch.lengths
         state.last_ts[slots] = batch.ts[rows, batch.lengths - 1]
+        if self.repeat_head is not None:
+            push_runs(state.recent, state.recent_counts, slots, batch)
         return h[runs.newest]

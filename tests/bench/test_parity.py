@@ -16,6 +16,7 @@ from hytrec.bench.parity import (
     with_repeat_head,
 )
 from hytrec.model.hytrec import HyTRec, HyTRecConfig
+from hytrec.model.recgrela import RecGRELA, RecGRELAConfig
 from hytrec.model.repeat import RepeatConfig
 from hytrec.model.sasrec import SASRec, SASRecConfig
 
@@ -116,17 +117,19 @@ def test_chunked_vs_reference_figure_is_scaled_fp32_error():
     assert 0 < scaled <= abs_err and scaled <= 1e-5
 
 
-@pytest.mark.parametrize("kind", ["hytrec", "sasrec"])
+@pytest.mark.parametrize("kind", ["hytrec", "sasrec", "recgrela"])
 @pytest.mark.parametrize("max_batch", [1, 64])
 def test_the_repeat_heads_log_p_streamed_equals_the_offline_ranking(kind, max_batch):
     """log P(i) at the candidates (buffer items and the top 20), after every run of events
     served through `step` and the state's buffer, equals the offline forward's."""
     cfg = HyTRecConfig(num_items=400, num_categories=30)
     head = RepeatConfig(buffer_size=20)  # smaller than the users' 30 items: evictions
+    torch.manual_seed(0)
     if kind == "hytrec":
         model = with_repeat_head(cfg, head=head)
+    elif kind == "recgrela":
+        model = RecGRELA(RecGRELAConfig(num_items=400, d_model=32, repeat_head=head)).eval()
     else:
-        torch.manual_seed(0)
         model = SASRec(SASRecConfig(num_items=400, max_len=64, repeat_head=head)).eval()
     generator = torch.Generator().manual_seed(max_batch)
     lengths = [1, 2, 17, 63]  # SASRec's offline form reads at most max_len events
