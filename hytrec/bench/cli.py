@@ -401,7 +401,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint)
     cfg = EvalConfig(filter_history=args.filter_history, max_len=args.max_len)
     report = evaluate(model, log, split, args.which, cfg)
-    name = type(model).__name__ + (" + repeat head" if model.cfg.repeat_head else "")
+    name = type(model).__name__ + (
+        " + repeat head" if getattr(model.cfg, "repeat_head", None) else ""
+    )
     rows = [ModelReport(name, report, {"kind": "model"})]
     # the reference lines: what a model has to beat, in the same protocol
     reference = EvalConfig(filter_history=args.filter_history)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import pytest
 
 from hytrec.bench.accuracy import PRESETS, run_accuracy
+from hytrec.model.registry import MODELS, spec
 from hytrec.model.synthetic import revisiting_log
 from hytrec.model.train import TrainConfig
 
@@ -87,6 +89,24 @@ def test_train_and_evaluate_commands_with_the_head_and_reference_lines(tmp_path,
         assert f"reference {name}: HR@10" in out
     models = json.loads((tmp_path / "eval.json").read_text())["models"]
     assert list(models)[0] == "SASRec + repeat head" and "recent-items" in models
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_evaluate_command_takes_every_registered_model(tmp_path, capsys, model):
+    """`hytrec train` then `hytrec evaluate` for each registry line (a config without a
+    repeat_head field crashed evaluate)."""
+    from hytrec.cli import main
+
+    revisiting_log(users=20, length=(6, 9)).save(tmp_path / "log")
+    small = {"d_model": 16}
+    if "max_len" in {f.name for f in fields(spec(model).config)}:
+        small["max_len"] = 12
+    train = ["train", "--dataset", str(tmp_path / "log"), "--out", str(tmp_path / "ckpt")]
+    main([*train, "--model", model, "--model-config", json.dumps(small), "--epochs", "1"])
+    args = ["evaluate", "--dataset", str(tmp_path / "log"), "--checkpoint", str(tmp_path / "ckpt")]
+    main([*args, "--output", str(tmp_path / "eval")])
+    models = json.loads((tmp_path / "eval.json").read_text())["models"]
+    assert list(models)[0].lower().startswith(model) and "item-transition" in models
 
 
 def test_head_cost_benchmark_smoke(tmp_path):
