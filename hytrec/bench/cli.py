@@ -19,6 +19,7 @@ from hytrec.model.cli import (
     train_arguments,
     train_config,
 )
+from hytrec.stream.cli import configure_logging
 
 RESULTS = Path("benchmarks/results")
 # the module whose `parity_report` `check parity --model NAME` prints
@@ -311,14 +312,9 @@ def _strs(text: str) -> tuple[str, ...]:
     return tuple(v for v in text.split(",") if v)
 
 
-def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
-    """The options the user gave (not None), keyed by config field name."""
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-
-
 def _config(args: argparse.Namespace, default, quick):
     """The benchmark's config: its defaults (or its quick ones), with the given options."""
-    from dataclasses import fields, replace
+    from dataclasses import fields
 
     given = {f.name: getattr(args, f.name, None) for f in fields(default)}
     base = quick if args.quick else default
@@ -402,7 +398,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     cfg = EvalConfig(filter_history=args.filter_history, max_len=args.max_len)
     report = evaluate(model, log, split, args.which, cfg)
     name = type(model).__name__ + (
-        " + repeat head" if getattr(model.cfg, "repeat_head", None) else ""
+        " + repeat head" if getattr(model, "repeat_head", None) is not None else ""
     )
     rows = [ModelReport(name, report, {"kind": "model"})]
     # the reference lines: what a model has to beat, in the same protocol
@@ -480,7 +476,7 @@ def _head_cost(args: argparse.Namespace) -> int:
 
 
 def _demo(args) -> int:
-    from dataclasses import fields, replace
+    from dataclasses import fields
     from pathlib import Path
 
     from hytrec.bench.demo import DemoConfig, run_demo
@@ -496,7 +492,7 @@ def _demo(args) -> int:
     else:
         takes_head = "repeat_head" in {f.name for f in fields(line.config)}
         model = line.config(d_model=64, **({"repeat_head": head} if takes_head else {}))
-    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("warning")
     logging.getLogger("kafka").setLevel(logging.ERROR)  # the producer's event-loop chatter
     run_demo(
         DemoConfig(
@@ -519,31 +515,12 @@ def _demo(args) -> int:
 def _benchmark_index(args: argparse.Namespace) -> int:
     from hytrec.bench.index_benchmark import QUICK, BenchConfig, run_benchmark
 
-    config = replace(
-        QUICK if args.quick else BenchConfig(),
-        **_given(
-            args,
-            (
-                "sizes",
-                "dims",
-                "batches",
-                "kinds",
-                "k",
-                "nprobes",
-                "ef_searches",
-                "hnsw_m",
-                "queries",
-                "seconds",
-                "backend",
-                "seed",
-            ),
-        ),
-    )
+    config = _config(args, BenchConfig(), QUICK)
     output = Path(args.output) if args.output else None
     if output is None:
         from hytrec.index.backend import select_backend
 
-        output = Path("benchmarks/results") / f"index-{select_backend(config.backend)}.json"
+        output = RESULTS / f"index-{select_backend(config.backend)}.json"
     report = run_benchmark(config, output, progress=not args.no_progress)
     print(f"{len(report['rows'])} rows -> {output} and {output.with_suffix('.png')}")
     return 0

@@ -230,7 +230,7 @@ def register(commands, benchmarks) -> None:
     status.set_defaults(func=_status)
 
 
-def _logging(level: str = "info") -> None:
+def configure_logging(level: str = "info") -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -240,7 +240,7 @@ def _logging(level: str = "info") -> None:
 def _broker(args) -> int:
     from hytrec.stream.broker import EmbeddedBroker
 
-    _logging()
+    configure_logging()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -351,7 +351,7 @@ def _replay(args) -> int:
 
     if _no_broker(args.bootstrap, "replay"):
         return 1
-    _logging()
+    configure_logging()
     report = replay(
         args.source,
         args.bootstrap,
