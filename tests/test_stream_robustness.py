@@ -13,7 +13,7 @@ import pytest
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 from test_stream_support import Acks, LastItemsEngine, behavior_event, pending_event
 
-from hytrec.stream import worker as worker_module
+from hytrec.stream import schemas
 from hytrec.stream.accounting import Accounting
 from hytrec.stream.app import WorkerConfig
 from hytrec.stream.outage import Outage, Record, RepeatFilter, deliver
@@ -159,7 +159,7 @@ def test_a_failure_of_the_parser_itself_is_a_dead_letter_reason(monkeypatch):
     def broken(*args, **kwargs):
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(worker_module, "parse_behavior", broken)
+    monkeypatch.setattr(schemas, "parse_behavior", broken)
     worker = new_worker(FakeProducer())
     message = SimpleNamespace(
         value=b"{}", key=b"u", partition=0, offset=3, topic="behaviors", timestamp=1.0

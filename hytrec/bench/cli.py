@@ -303,6 +303,10 @@ def register(commands, benchmarks) -> None:
 
     add_chaos_benchmark(benchmarks)
 
+    from hytrec.bench.backfill_benchmark import add_parser as add_backfill_benchmark
+
+    add_backfill_benchmark(benchmarks)
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v)

@@ -228,7 +228,8 @@ def start_worker(
     name: str = "worker",
 ) -> subprocess.Popen:
     """`hytrec worker` in a process that dies with this one, serving the checkpoint (or the
-    engine factory MODULE:CALLABLE); its own consumer group and run_dir/<name>.log."""
+    engine factory MODULE:CALLABLE); its own consumer group (`worker_group(name)`) and
+    run_dir/<name>.log."""
     source = (
         [f"--engine={engine}"] if engine else [f"--checkpoint={checkpoint}", f"--index={index}"]
     )
@@ -242,7 +243,7 @@ def start_worker(
         *source,
         f"--bootstrap={bootstrap}",
         "--embedded-broker",
-        f"--group=hytrec-demo-{os.getpid()}" + ("" if name == "worker" else f"-{name}"),
+        f"--group={worker_group(name)}",
         f"--device={config.device}",
         f"--top-k={config.top_k}",
         f"--batch-size={config.batch_size}",
@@ -255,6 +256,11 @@ def start_worker(
         stderr=subprocess.STDOUT,
         preexec_fn=die_with_parent(os.getpid()),
     )
+
+
+def worker_group(name: str = "worker") -> str:
+    """The consumer group `start_worker` gives a worker of this name: one per process."""
+    return f"hytrec-demo-{os.getpid()}" + ("" if name == "worker" else f"-{name}")
 
 
 def wait_until_answered(

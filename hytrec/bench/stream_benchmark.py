@@ -67,26 +67,30 @@ class StreamBenchConfig:
 # ---------------------------------------------------------------------------- setup
 
 
-def _model_checkpoint(events, config: StreamBenchConfig, directory: Path) -> tuple[Path, str]:
-    """(checkpoint directory, description): the given checkpoint, or an untrained one."""
-    if config.checkpoint:
-        return Path(config.checkpoint), f"checkpoint {config.checkpoint}"
+def model_checkpoint(
+    events, checkpoint: str | None, d_model: int, seed: int, directory: Path
+) -> tuple[Path, str]:
+    """(checkpoint directory, description): the given checkpoint, or an untrained HyTRec
+    (the demo's configuration at `d_model`) with seeded weights over the data's vocabulary,
+    saved in `directory`. The cost of a step does not depend on the weights."""
+    if checkpoint:
+        return Path(checkpoint), f"checkpoint {checkpoint}"
     import torch
 
     from hytrec.bench.demo import DemoConfig
     from hytrec.model.hytrec import HyTRec
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     model_config = replace(
         DemoConfig().model,
-        d_model=config.d_model,
+        d_model=d_model,
         dropout=0.0,
         num_items=len(events.items),
         num_categories=len(events.categories),
     )
     model = HyTRec(model_config, events.items, events.categories)
     model.save(directory)
-    return directory, f"untrained HyTRec, seeded weights (torch.manual_seed({config.seed}))"
+    return directory, f"untrained HyTRec, seeded weights (torch.manual_seed({seed}))"
 
 
 async def _raw_consume(bootstrap: str, topic: str, count: int, timeout_s: float) -> dict:
@@ -223,7 +227,9 @@ def run_benchmark(
         raise ValueError(f"{dataset} has {len(payloads):,} events, the run needs {needed:,}")
     preload = payloads[: config.events]
     paced = _paced_payloads(payloads[config.events : needed], max(p["ts"] for p in preload))
-    checkpoint, model_note = _model_checkpoint(events, config, run_dir / "checkpoint")
+    checkpoint, model_note = model_checkpoint(
+        events, config.checkpoint, config.d_model, config.seed, run_dir / "checkpoint"
+    )
     model_version = json.loads((checkpoint / "checkpoint.json").read_text())["version"]
     index_dir = run_dir / "index"
     build_from_checkpoint(checkpoint, IndexConfig(kind="flat")).save(index_dir)

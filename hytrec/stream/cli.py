@@ -1,5 +1,5 @@
-"""`hytrec` subcommands of the stream package: broker, worker, publish-model, replay, tail,
-status."""
+"""`hytrec` subcommands of the stream package: broker, worker, publish-model, replay,
+backfill, tail, status."""
 
 from __future__ import annotations
 
@@ -21,6 +21,52 @@ def _add_topic_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--behaviors-partitions", type=int, default=4)
     parser.add_argument("--recommendations-partitions", type=int, default=4)
     parser.add_argument("--dlq-partitions", type=int, default=1)
+
+
+def _add_admission_args(parser: argparse.ArgumentParser) -> None:
+    """What decides whether an event is applied: the worker and the backfill must agree."""
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=64 * 1024,
+        help="larger behaviour messages go to the DLQ (oversized)",
+    )
+    parser.add_argument(
+        "--max-future-s",
+        type=float,
+        default=float(os.environ.get("HYTREC_MAX_FUTURE_S", 300.0)),
+        help="how far ahead of the record's time an event's ts may be (default 300 s)",
+    )
+    parser.add_argument(
+        "--future-policy",
+        choices=("dead_letter", "clamp"),
+        default=os.environ.get("HYTREC_FUTURE_POLICY", "dead_letter"),
+        help="an event further ahead: to the DLQ (future_ts), or applied at the latest time "
+        "allowed",
+    )
+    parser.add_argument(
+        "--out-of-order-tolerance-s",
+        type=float,
+        default=float(os.environ.get("HYTREC_OUT_OF_ORDER_TOLERANCE_S", 300.0)),
+        help="events up to this much older than the user's newest are applied at the newest "
+        "time; older ones go to the DLQ (out_of_order); at least --max-future-s",
+    )
+    parser.add_argument(
+        "--dlq-max-payload-bytes",
+        type=int,
+        default=16 * 1024,
+        help="a dead letter keeps this much of the message (with its length and SHA-256)",
+    )
+
+
+def _parse_limits(args):
+    from hytrec.stream.schemas import ParseLimits
+
+    return ParseLimits(
+        max_bytes=args.max_message_bytes,
+        max_future_s=args.max_future_s,
+        future_policy=args.future_policy,
+    )
 
 
 def _topics(args):
@@ -116,38 +162,7 @@ def register(commands, benchmarks) -> None:
     worker.add_argument(
         "--batch-wait-ms", type=float, default=50.0, help="W: longest wait for a batch to fill"
     )
-    worker.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=64 * 1024,
-        help="larger behaviour messages go to the DLQ (oversized)",
-    )
-    worker.add_argument(
-        "--max-future-s",
-        type=float,
-        default=float(os.environ.get("HYTREC_MAX_FUTURE_S", 300.0)),
-        help="how far ahead of the record's time an event's ts may be (default 300 s)",
-    )
-    worker.add_argument(
-        "--future-policy",
-        choices=("dead_letter", "clamp"),
-        default=os.environ.get("HYTREC_FUTURE_POLICY", "dead_letter"),
-        help="an event further ahead: to the DLQ (future_ts), or applied at the latest time "
-        "allowed",
-    )
-    worker.add_argument(
-        "--out-of-order-tolerance-s",
-        type=float,
-        default=float(os.environ.get("HYTREC_OUT_OF_ORDER_TOLERANCE_S", 300.0)),
-        help="events up to this much older than the user's newest are applied at the newest "
-        "time; older ones go to the DLQ (out_of_order); at least --max-future-s",
-    )
-    worker.add_argument(
-        "--dlq-max-payload-bytes",
-        type=int,
-        default=16 * 1024,
-        help="a dead letter keeps this much of the message (with its length and SHA-256)",
-    )
+    _add_admission_args(worker)
     worker.add_argument(
         "--embedded-broker",
         action="store_true",
@@ -196,6 +211,37 @@ def register(commands, benchmarks) -> None:
     replay.add_argument("--limit", type=int, help="publish at most N events")
     replay.add_argument("--no-progress", action="store_true")
     replay.set_defaults(func=_replay)
+
+    backfill = commands.add_parser(
+        "backfill",
+        help="build every user's state from the behaviors log in long runs; a worker of "
+        "the group restores them instead of replaying",
+        description="Read `behaviors` from the beginning (up to its end as it stands), "
+        "build each user's state with the model's chunked form, and write the states as "
+        "snapshots into the group's user-state topic, tagged with the model version and the "
+        "offsets they cover. Records the worker would refuse go to the DLQ. Resumable: users "
+        "whose snapshot already covers their events are left alone.",
+    )
+    backfill.add_argument("--checkpoint", required=True, help="the model the group serves")
+    backfill.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
+    backfill.add_argument(
+        "--group", default="hytrec-worker", help="the consumer group of the workers"
+    )
+    backfill.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    backfill.add_argument("--users-per-step", type=int, default=512)
+    backfill.add_argument(
+        "--max-run", type=int, default=1024, help="events of one user per model step"
+    )
+    backfill.add_argument(
+        "--tokens-per-step", type=int, default=32_768, help="users x longest run per step"
+    )
+    backfill.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds for the broker to answer"
+    )
+    backfill.add_argument("--no-progress", action="store_true")
+    _add_admission_args(backfill)
+    _add_topic_args(backfill)
+    backfill.set_defaults(func=_backfill)
 
     tail = commands.add_parser("tail", help="print recommendations as they arrive")
     tail.add_argument("--bootstrap", default=DEFAULT_BOOTSTRAP)
@@ -275,18 +321,13 @@ def _worker(args) -> int:
     from hytrec.stream.app import WorkerConfig, engine_sources, run_worker
     from hytrec.stream.batcher import BatchConfig
     from hytrec.stream.engine import EngineConfig
-    from hytrec.stream.schemas import ParseLimits
 
     config = WorkerConfig(
         bootstrap=args.bootstrap,
         app_id=args.group,
         topics=_topics(args),
         batch=BatchConfig(max_items=args.batch_size, max_wait_ms=args.batch_wait_ms),
-        parse=ParseLimits(
-            max_bytes=args.max_message_bytes,
-            max_future_s=args.max_future_s,
-            future_policy=args.future_policy,
-        ),
+        parse=_parse_limits(args),
         dlq_max_payload_bytes=args.dlq_max_payload_bytes,
         embedded_broker=args.embedded_broker,
         log_every_batches=args.log_every,
@@ -369,6 +410,34 @@ def _replay(args) -> int:
             }
         )
     )
+    return 0
+
+
+def _backfill(args) -> int:
+    from dataclasses import asdict
+
+    from hytrec.stream.backfill import BackfillConfig, backfill
+    from hytrec.stream.engine import EngineConfig, build_engine
+
+    if _no_broker(args.bootstrap, "backfill"):
+        return 1
+    configure_logging()
+    config = BackfillConfig(
+        group=args.group,
+        topics=_topics(args),
+        parse=_parse_limits(args),
+        dlq_max_payload_bytes=args.dlq_max_payload_bytes,
+        users_per_step=args.users_per_step,
+        max_run=args.max_run,
+        tokens_per_step=args.tokens_per_step,
+        timeout_s=args.timeout,
+        progress=not args.no_progress,
+    )
+    engine_config = EngineConfig(
+        device=args.device, out_of_order_tolerance_s=args.out_of_order_tolerance_s
+    )
+    report = backfill(build_engine(args.checkpoint, config=engine_config), args.bootstrap, config)
+    print(json.dumps({**asdict(report), "events_per_s": round(report.events_per_s, 1)}))
     return 0
 
 

@@ -37,6 +37,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -98,9 +99,9 @@ class EngineStats:
     batches: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class _Step:
-    """An admitted event with its model inputs; `ts` runs forward within the user."""
+class _Step(NamedTuple):
+    """An admitted event with its model inputs; `ts` runs forward within the user. (A named
+    tuple: made once per event, it costs a third of a frozen dataclass.)"""
 
     event: BehaviorEvent
     item: int
@@ -147,6 +148,16 @@ class RecommendationEngine:
     # ------------------------------------------------------------------ one micro-batch
 
     def process(self, events: Sequence[BehaviorEvent]) -> EngineResult:
+        return self._process(events, recommend=True)
+
+    def apply(self, events: Sequence[BehaviorEvent]) -> EngineResult:
+        """`process` without the index search and the recommendations: the same admission
+        (replays skipped, late events refused or moved forward in time) and the same step,
+        so the states are those the stream would build. The backfill builds states with it,
+        each user's history in a few long runs (the step's chunked form)."""
+        return self._process(events, recommend=False)
+
+    def _process(self, events: Sequence[BehaviorEvent], recommend: bool) -> EngineResult:
         # inference mode: no autograd bookkeeping at all (cheaper than no_grad for the many
         # small tensor operations of a step); in-place updates of the store are allowed
         with torch.inference_mode():
@@ -160,7 +171,8 @@ class RecommendationEngine:
                 chunk = users[start : start + self.store.num_slots]
                 chunk_runs = [runs[u] for u in chunk]
                 slots, vectors = self._apply(chunk, chunk_runs)
-                recommendations += self._recommend(chunk, chunk_runs, slots, vectors)
+                if recommend:
+                    recommendations += self._recommend(chunk, chunk_runs, slots, vectors)
         applied = [step.event for u in users for step in runs[u]]
         return EngineResult(recommendations, rejected, skipped=skipped, applied=applied)
 
@@ -214,9 +226,7 @@ class RecommendationEngine:
         started = time.perf_counter()
         sizes = [len(r) for r in runs]
         columns = np.zeros((4, len(runs), max(sizes)), dtype=np.int64)  # item, cat., beh., ts
-        flat = np.array(
-            [(s.item, s.category, s.behavior, s.ts) for run in runs for s in run], dtype=np.int64
-        )
+        flat = np.array([s[1:] for run in runs for s in run], dtype=np.int64)  # [N, 4]
         rows = np.repeat(np.arange(len(runs)), sizes)
         starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
         columns[:, rows, np.arange(len(flat)) - starts] = flat.T

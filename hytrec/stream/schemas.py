@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from hytrec.model.events import Behavior
+
+log = logging.getLogger(__name__)
 
 # Why a message went to the DLQ: parse_behavior's reasons, then the engine's.
 PARSE_REASONS = (
@@ -236,6 +239,35 @@ def parse_behavior(
         received_at=received_at,
         extras=extras,
     )
+
+
+def parse_record(
+    message: Any, limits: ParseLimits, received_at: float
+) -> BehaviorEvent | InvalidMessage:
+    """A consumed `behaviors` record (Faust's, timestamp in seconds, or kafka-python's, in
+    ms) as a behaviour event, or why not. Never raises: a failure of the parser itself is a
+    reason too (`unparseable`). The worker and the backfill read records through it."""
+    stamp = message.timestamp
+    record_ts = stamp if isinstance(stamp, float) else stamp / 1000 if stamp else None
+    # judged against when the record first came (replays agree) unless that is ahead
+    reference = received_at if not record_ts or record_ts <= 0 else min(record_ts, received_at)
+    try:
+        return parse_behavior(
+            message.value,
+            message.key,
+            partition=message.partition,
+            offset=message.offset,
+            received_at=received_at,
+            limits=limits,
+            reference_ts=reference,
+        )
+    except InvalidMessage as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001 - a parser bug must not stop the stream
+        log.exception(
+            "the parser failed on %s[%d]@%d", message.topic, message.partition, message.offset
+        )
+        return InvalidMessage("unparseable", f"{type(exc).__name__}: {exc}"[:500])
 
 
 def _type(value: Any) -> str:

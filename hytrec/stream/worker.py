@@ -67,7 +67,7 @@ from hytrec.stream.schemas import (
     EngineResult,
     InvalidMessage,
     dead_letter,
-    parse_behavior,
+    parse_record,
 )
 
 if TYPE_CHECKING:
@@ -214,31 +214,9 @@ class BatchingWorker:
     def parse(
         self, message: Any, received_at: float | None = None
     ) -> BehaviorEvent | InvalidMessage:
-        """A consumed message (Faust's, timestamp in seconds, or kafka-python's, in ms) as a
-        behaviour event, or why not. Never raises: a failure of the parser itself is a
-        reason too (`unparseable`)."""
+        """A consumed message as a behaviour event, or why not (`schemas.parse_record`)."""
         received_at = time.time() if received_at is None else received_at
-        stamp = message.timestamp
-        record_ts = stamp if isinstance(stamp, float) else stamp / 1000 if stamp else None
-        # judged against when the record first came (replays agree) unless that is ahead
-        reference = received_at if not record_ts or record_ts <= 0 else min(record_ts, received_at)
-        try:
-            return parse_behavior(
-                message.value,
-                message.key,
-                partition=message.partition,
-                offset=message.offset,
-                received_at=received_at,
-                limits=self.config.parse,
-                reference_ts=reference,
-            )
-        except InvalidMessage as exc:
-            return exc
-        except Exception as exc:  # noqa: BLE001 - a parser bug must not stop the stream
-            log.exception(
-                "the parser failed on %s[%d]@%d", message.topic, message.partition, message.offset
-            )
-            return InvalidMessage("unparseable", f"{type(exc).__name__}: {exc}"[:500])
+        return parse_record(message, self.config.parse, received_at)
 
     def admit(self, event: Any) -> Pending:
         message = event.message
