@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -30,7 +31,13 @@ from hytrec.model.data import load_dataset, select
 from hytrec.model.events import Vocabulary
 from hytrec.model.hytrec import HyTRec, HyTRecConfig
 from hytrec.stream.app import WorkerConfig
-from hytrec.stream.hotswap import LoadedEngine, ModelWatcher, checkpoint_loader, publish_model
+from hytrec.stream.hotswap import (
+    LoadedEngine,
+    ModelWatcher,
+    checkpoint_loader,
+    publish_model,
+    published_states,
+)
 from hytrec.stream.worker import BatchingWorker
 
 # ------------------------------------------------------------------ the watcher
@@ -116,6 +123,16 @@ def test_publish_model_is_atomic_sorts_last_and_refuses_a_broken_checkpoint(tmp_
     assert engine.model_version == HyTRec.load(second).version
     assert engine.index.model_version == engine.model_version
 
+    # what a swap does with user states: rebuilt from the log unless published to reset
+    assert published_states(second) == "backfill" and published_states(first) == "backfill"
+    reset = publish_model(small_checkpoint(tmp_path / "r", seed=3), models, states="reset")
+    assert published_states(reset) == "reset"
+    (reset / "publish.json").unlink()  # published before publish.json existed
+    assert published_states(reset) == "reset"
+    with pytest.raises(ValueError, match="states 'keep'"):
+        publish_model(tmp_path / "r", models, states="keep")
+    shutil.rmtree(reset)
+
     broken = small_checkpoint(tmp_path / "c", seed=2)
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="SafetensorError.*header"):
@@ -162,12 +179,55 @@ def test_swap_runs_the_waiting_batch_on_the_old_engine_then_serves_the_new(tmp_p
 
 # ------------------------------------------------------------------ under load, real broker
 
+
+def check_saved_states_are_the_new_models(bootstrap, payloads, positions, tmp_path) -> None:
+    """The states the worker saved (its graceful stop checkpoints them all) equal the new
+    model's over each user's whole history, as an engine of it builds them from nothing."""
+    from hytrec.bench.chaos import states_agree
+    from hytrec.stream.broker import TopicConfig
+    from hytrec.stream.engine import EngineConfig, build_engine
+    from hytrec.stream.schemas import BehaviorEvent
+    from hytrec.stream.snapshots import decode_snapshot, read_snapshots
+
+    found = read_snapshots(bootstrap, TopicConfig().state_topic("test-worker"), list(range(4)))
+    saved = {user: decode_snapshot(value) for user, (_, value) in found.latest.items()}
+    offline = build_engine(tmp_path / "new", config=EngineConfig(device="cpu"))
+    events = [
+        BehaviorEvent(
+            str(p["user_id"]),
+            str(p["item_id"]),
+            str(p["category_id"]),
+            str(p["behavior"]),
+            int(p["ts"]),
+            partition=positions[i][0],
+            offset=positions[i][1],
+            received_at=0.0,
+        )
+        for i, p in sorted(enumerate(payloads), key=lambda ip: positions[ip[0]])
+    ]
+    offline.apply(events)
+    expected = offline.store.export_users(list(saved))
+    assert saved.keys() == {e.user_id for e in events}
+    for user, snapshot in saved.items():
+        assert snapshot.model_version == offline.model_version, user
+        assert snapshot.applied == expected[user].applied, user
+        same, worst = states_agree(snapshot.parts, expected[user].parts, 1e-4)
+        assert same, (user, worst)
+
+
 USERS = 30  # the head of the Taobao sample is sorted by user: about 3,000 events
 CHUNK = 100  # events per publish while the stream runs
 
 
 @pytest.mark.integration
-def test_hot_swap_under_load_loses_no_event_and_serves_no_half_loaded_model(shared_data, tmp_path):
+@pytest.mark.parametrize("states", ["reset", "backfill"])
+def test_hot_swap_under_load_loses_no_event_and_serves_no_half_loaded_model(
+    shared_data, tmp_path, states
+):
+    """With `reset`, the new model starts every user from nothing at the swap; with
+    `backfill`, it starts them from their whole history, rebuilt from the log: every answer
+    equals its model's offline answer over exactly those events, and after the swap the
+    saved states equal the new model's over each user's whole history."""
     from hytrec.stream.broker import EmbeddedBroker
     from hytrec.stream.replay import ReplayConfig, log_events, publish_events
     from hytrec.stream.schemas import Recommendation
@@ -217,7 +277,7 @@ def test_hot_swap_under_load_loses_no_event_and_serves_no_half_loaded_model(shar
             for chunk in chunks[:5]:
                 publish(chunk)
             wait_for(recommendations, 60, "the first recommendations")
-            publish_model(tmp_path / "new", models_dir, name="2-new")
+            publish_model(tmp_path / "new", models_dir, name="2-new", states=states)
             rest = iter(chunks[5:-5])
             for chunk in rest:  # events keep coming while the new model loads and swaps in
                 publish(chunk)
@@ -241,6 +301,8 @@ def test_hot_swap_under_load_loses_no_event_and_serves_no_half_loaded_model(shar
             stop_worker(worker)
         assert worker.returncode == 0, worker_log()[-3000:]
         story = worker_log()
+        if states == "backfill":
+            check_saved_states_are_the_new_models(broker.bootstrap, payloads, positions, tmp_path)
 
         # restarted with the old --checkpoint, a worker serves the newest published model and
         # so restores the new model's snapshots rather than refusing them
@@ -282,7 +344,7 @@ def test_hot_swap_under_load_loses_no_event_and_serves_no_half_loaded_model(shar
     assert {r.model_version for r in after_restart} == {versions["new"]}
 
     assert f"model swapped {versions['old']} -> {versions['new']}" in story
-    assert "user states reset" in story
+    assert ("user states reset" if states == "reset" else "user states rebuilt") in story
 
     # versions: only the two, and per recommendations partition the old then the new only
     by_partition = defaultdict(list)
@@ -312,7 +374,7 @@ def test_hot_swap_under_load_loses_no_event_and_serves_no_half_loaded_model(shar
         swapped_users += any(r.model_version == versions["new"] for r in recs)
         for rec in recs:
             name = "old" if rec.model_version == versions["old"] else "new"
-            first = -1 if name == "old" else reset_at
+            first = -1 if name == "old" or states == "backfill" else reset_at
             applied = [p for _, o, p in events_of[user] if first < o <= rec.source_offset]
             vector = offline_vectors(models[name], applied)[user]
             scores = item_vectors[name] @ vector

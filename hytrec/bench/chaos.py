@@ -74,6 +74,9 @@ class ChaosConfig:
     partitions: int = 4
     tolerance: float = 1e-4
     settle_timeout_s: float = 90.0  # after the chaos, for every user's final snapshot
+    # the disk tier on: each worker keeps 4 users in device slots and 4 in host memory, the
+    # rest on disk (its own state directory)
+    disk_tier: bool = False
     output: Path = Path("runs/chaos")
 
 
@@ -122,6 +125,7 @@ def make_recording_engine():
     JSON line {u, base, last, n, v}."""
     import torch
 
+    from hytrec.model.registry import load_model
     from hytrec.stream.engine import EngineConfig, RecommendationEngine, build_engine
 
     torch.set_num_threads(1)  # several workers share two cores
@@ -153,8 +157,14 @@ def make_recording_engine():
                 self._chaos_lines.clear()
             return result
 
+    tiers = {}
+    if os.environ.get("HYTREC_CHAOS_STATE_DIR"):  # ChaosConfig.disk_tier
+        tiers = {"state_dir": os.environ["HYTREC_CHAOS_STATE_DIR"]}
+        per_user = load_model(os.environ["HYTREC_CHAOS_CHECKPOINT"]).state_bytes_per_user()
+        tiers |= {"state_budget_bytes": 4 * per_user, "host_budget_bytes": 4 * per_user}
     engine = build_engine(
-        os.environ["HYTREC_CHAOS_CHECKPOINT"], config=EngineConfig(device="cpu", top_k=10)
+        os.environ["HYTREC_CHAOS_CHECKPOINT"],
+        config=EngineConfig(device="cpu", top_k=10, **tiers),
     )
     engine.__class__ = RecordingEngine
     engine._chaos_lines = []
@@ -187,6 +197,8 @@ class _Workers:
             "OMP_NUM_THREADS": "1",
         }
         c = self.config
+        if c.disk_tier:
+            env["HYTREC_CHAOS_STATE_DIR"] = str(self.directory / f"states-{n}")
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -657,6 +669,12 @@ def add_parser(benchmarks) -> None:
     )
     parser.add_argument("--snapshot-interval", type=float, default=d.snapshot_interval_s)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument(
+        "--disk-tier",
+        action="store_true",
+        help="each worker keeps 4 users in device slots and 4 in host memory, the rest on "
+        "disk (LMDB, its own directory)",
+    )
     parser.add_argument("--output", default=str(d.output), help="logs, checkpoints")
     parser.add_argument("--result", default=str(RESULT_PATH))
     parser.set_defaults(func=_run)
@@ -681,6 +699,7 @@ def _run(args) -> int:
         model=args.model,
         snapshot_interval_s=args.snapshot_interval,
         batch_size=args.batch_size,
+        disk_tier=args.disk_tier,
         output=Path(args.output),
     )
     if not config.synthetic:

@@ -307,6 +307,10 @@ def register(commands, benchmarks) -> None:
 
     add_backfill_benchmark(benchmarks)
 
+    from hytrec.bench.state_store_benchmark import add_parser as add_state_store_benchmark
+
+    add_state_store_benchmark(benchmarks)
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v)

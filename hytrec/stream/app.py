@@ -321,8 +321,9 @@ def __getattr__(name: str) -> Any:
 
 
 def _engine_config_from_env(env: Mapping[str, str]):
-    """HYTREC_DEVICE, HYTREC_TOP_K, HYTREC_STATE_BUDGET_MIB, HYTREC_OUT_OF_ORDER_TOLERANCE_S
-    and the shop rules HYTREC_EXCLUDE_PAID_HOURS, HYTREC_EXPLORE_ONLY (1/0),
+    """HYTREC_DEVICE, HYTREC_TOP_K, HYTREC_STATE_BUDGET_MIB, HYTREC_OUT_OF_ORDER_TOLERANCE_S,
+    the disk tier's HYTREC_HOST_BUDGET_MIB and HYTREC_STATE_DIR, and the shop rules
+    HYTREC_EXCLUDE_PAID_HOURS, HYTREC_EXPLORE_ONLY (1/0),
     HYTREC_MIN_EXPLORE_SHARE; unset ones keep their defaults."""
     from hytrec.stream.engine import EngineConfig
 
@@ -338,4 +339,8 @@ def _engine_config_from_env(env: Mapping[str, str]):
         exclude_paid_hours=float(env.get("HYTREC_EXCLUDE_PAID_HOURS", d.exclude_paid_hours)),
         explore_only=env.get("HYTREC_EXPLORE_ONLY", "0") not in ("", "0", "false"),
         min_explore_share=float(env.get("HYTREC_MIN_EXPLORE_SHARE", d.min_explore_share)),
+        host_budget_bytes=int(float(env["HYTREC_HOST_BUDGET_MIB"]) * 2**20)
+        if env.get("HYTREC_HOST_BUDGET_MIB")
+        else None,
+        state_dir=env.get("HYTREC_STATE_DIR") or None,
     )

@@ -118,14 +118,17 @@ def read_history(
     limits: ParseLimits,
     timeout_s: float = 120.0,
     progress: bool = True,
+    ranges: dict[int, tuple[int, int]] | None = None,
 ) -> History:
-    """Every record of `topic` from its start up to its end offsets as asked now, parsed as
-    the worker parses them. (Tansu may answer short of the end by part of the last batch;
-    a fetch returns whole batches, so the rest of that batch comes too.)"""
-    return asyncio.run(_read_history(bootstrap, topic, limits, timeout_s, progress))
+    """The records of `topic` parsed as the worker parses them: with `ranges`, partition p
+    from offset start up to end (exclusive) for each p -> (start, end); without, every
+    partition from its start up to its end offset as asked now. (Tansu may answer short of
+    the end by part of the last batch; a fetch returns whole batches, so the rest of that
+    batch comes too.)"""
+    return asyncio.run(_read_history(bootstrap, topic, limits, timeout_s, progress, ranges))
 
 
-async def _read_history(bootstrap, topic, limits, timeout_s, progress) -> History:
+async def _read_history(bootstrap, topic, limits, timeout_s, progress, ranges) -> History:
     # aiokafka, not kafka-python: its C record decoding reads ~10x faster here
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -134,7 +137,7 @@ async def _read_history(bootstrap, topic, limits, timeout_s, progress) -> Histor
         client_id="hytrec-backfill",
         group_id=None,
         enable_auto_commit=False,
-        auto_offset_reset="earliest",
+        auto_offset_reset="earliest",  # a start below the log's start reads from that start
         fetch_max_wait_ms=50,  # Tansu answers a long poll only after half of it
         max_partition_fetch_bytes=8 * 2**20,
     )
@@ -143,10 +146,16 @@ async def _read_history(bootstrap, topic, limits, timeout_s, progress) -> Histor
         found = consumer.partitions_for_topic(topic)
         if not found:
             raise ValueError(f"topic {topic!r} does not exist at {bootstrap}")
-        partitions = [TopicPartition(topic, p) for p in sorted(found)]
+        chosen = sorted(found) if ranges is None else sorted(ranges)
+        partitions = [TopicPartition(topic, p) for p in chosen]
         consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        wanted = await consumer.end_offsets(partitions)
+        if ranges is None:
+            await consumer.seek_to_beginning(*partitions)
+            wanted = await consumer.end_offsets(partitions)
+        else:
+            for tp in partitions:
+                consumer.seek(tp, ranges[tp.partition][0])
+            wanted = {tp: ranges[tp.partition][1] for tp in partitions}
         start = {tp: await consumer.position(tp) for tp in partitions}
         todo = {tp for tp in partitions if start[tp] < wanted[tp]}
         events: list[BehaviorEvent] = []
@@ -161,7 +170,9 @@ async def _read_history(bootstrap, topic, limits, timeout_s, progress) -> Histor
                     )
                 batches = await consumer.getmany(*todo, timeout_ms=200)
                 now = time.time()
-                for records in batches.values():
+                for tp, records in batches.items():
+                    if ranges is not None:  # exactly the range asked for
+                        records = [r for r in records if r.offset < wanted[tp]]
                     for record in records:
                         parsed = parse_record(record, limits, now)
                         if isinstance(parsed, BehaviorEvent):
@@ -171,6 +182,8 @@ async def _read_history(bootstrap, topic, limits, timeout_s, progress) -> Histor
                     bar.update(len(records))
                 todo = {tp for tp in todo if await consumer.position(tp) < wanted[tp]}
         ends = {tp.partition: await consumer.position(tp) for tp in partitions}
+        if ranges is not None:
+            ends = {tp.partition: wanted[tp] for tp in partitions}
     finally:
         await consumer.stop()
     return History(events, invalid, ends)

@@ -183,16 +183,7 @@ class Checkpoints:
             if cut.snapshots and not await self._log_still(cut):
                 cut.snapshots = []  # offsets of a replaced log: not written at all
             if cut.snapshots:
-                records = await asyncio.get_running_loop().run_in_executor(
-                    None, functools.partial(_encode_all, cut.snapshots)
-                )
-                topic = worker.config.state_topic
-                failed = await deliver(
-                    worker.app.producer,
-                    [Record(topic, user.encode(), value, p) for user, p, value in records],
-                    self.outage,
-                    worker.stopping,
-                )
+                records, failed = await self._write(cut.snapshots)
             if failed:
                 first = next(iter(failed.values()))
                 log.error(
@@ -231,6 +222,34 @@ class Checkpoints:
         stats.checkpoints += 1
         stats.checkpoint_seconds += time.perf_counter() - cut.started
         return True
+
+    async def _write(self, snapshots: list) -> tuple[list, dict]:
+        """Encode and send snapshots to the group's user-state topic; wait for the broker.
+        (the records as (user, partition, value), index -> error of those it refused)."""
+        worker = self.worker
+        records = await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(_encode_all, snapshots)
+        )
+        topic = worker.config.state_topic
+        failed = await deliver(
+            worker.app.producer,
+            [Record(topic, user.encode(), value, p) for user, p, value in records],
+            self.outage,
+            worker.stopping,
+        )
+        return records, failed
+
+    async def write_states(self, engine: Any, users: dict[str, int]) -> bool:
+        """Write these users' states (user -> behaviours partition) of `engine`, which need
+        not be the serving one (a swap writes the new model's states before it serves), and
+        wait for the broker; whether it took them all."""
+        snapshots = await asyncio.get_running_loop().run_in_executor(
+            None, engine.export_states, users, self.worker.logs.log_id or ""
+        )
+        records, failed = await self._write(snapshots)
+        self.worker.stats.snapshots_written += len(records) - len(failed)
+        self.worker.stats.snapshot_bytes += sum(len(value) for _, _, value in records)
+        return not failed
 
     async def _log_still(self, cut: Cut) -> bool:
         """Whether the behaviors topic is still the one the cut's offsets belong to (the
@@ -303,6 +322,7 @@ class Checkpoints:
             self.dirty.discard(user)
         for p in lost:
             self.state_position.pop(p, None)
+            worker.run_through.pop(p, None)  # others run it now
         dropped = await worker.on_engine_thread(worker.engine.drop_users, gone)
         config = worker.config
         found: SnapshotRead = await until_answered(

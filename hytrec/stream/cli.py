@@ -133,6 +133,20 @@ def register(commands, benchmarks) -> None:
         help="device memory for user states; colder users move to host memory",
     )
     worker.add_argument(
+        "--host-budget-mib",
+        type=float,
+        default=float(os.environ.get("HYTREC_HOST_BUDGET_MIB", 0)) or None,
+        help="host memory for the states the device slots do not hold; beyond it, the "
+        "coldest users go to disk in --state-dir (default $HYTREC_HOST_BUDGET_MIB; unset: "
+        "host memory holds them all)",
+    )
+    worker.add_argument(
+        "--state-dir",
+        default=os.environ.get("HYTREC_STATE_DIR") or None,
+        help="this worker's own directory for the disk tier (LMDB; emptied at start: the "
+        "user-state topic is the durable copy); needs --host-budget-mib",
+    )
+    worker.add_argument(
         "--exclude-recent", type=int, default=0, help="leave out the user's last N items"
     )
     # shop rules: they read the repeat head's recent-items buffer (a model with the head)
@@ -194,6 +208,23 @@ def register(commands, benchmarks) -> None:
     publish.add_argument("--models-dir", required=True, help="the workers' --models-dir")
     publish.add_argument(
         "--name", help="subdirectory name (default: UTC time and model version, sorts last)"
+    )
+    states = publish.add_mutually_exclusive_group()
+    states.add_argument(
+        "--backfill",
+        dest="states",
+        action="store_const",
+        const="backfill",
+        default="backfill",
+        help="(default) the workers rebuild every user's state under the new model from the "
+        "behaviors log while the old one serves, then swap: no user starts from nothing",
+    )
+    states.add_argument(
+        "--reset-states",
+        dest="states",
+        action="store_const",
+        const="reset",
+        help="the workers swap at once and reset every user's state",
     )
     publish.set_defaults(func=_publish_model)
 
@@ -341,6 +372,8 @@ def _worker(args) -> int:
         engine_config = EngineConfig(
             top_k=args.top_k,
             state_budget_bytes=int(args.state_budget_mib * 2**20),
+            host_budget_bytes=int(args.host_budget_mib * 2**20) if args.host_budget_mib else None,
+            state_dir=args.state_dir,
             exclude_recent=args.exclude_recent,
             device=args.device,
             out_of_order_tolerance_s=args.out_of_order_tolerance_s,
@@ -364,7 +397,7 @@ def _publish_model(args) -> int:
     from hytrec.stream.hotswap import publish_model
 
     try:
-        path = publish_model(args.checkpoint, args.models_dir, args.name)
+        path = publish_model(args.checkpoint, args.models_dir, args.name, args.states)
     except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
         print(f"not published: {exc}", file=sys.stderr)
         return 1

@@ -60,6 +60,11 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     top_k: int = 20
     state_budget_bytes: int = 256 * 2**20  # device memory for user state slots
+    # the disk tier: users beyond the host budget wait in state_dir/<model version> (LMDB,
+    # emptied when the engine starts: the durable copy is the user-state topic); both or
+    # neither (None: host memory holds every user the slots do not)
+    host_budget_bytes: int | None = None
+    state_dir: str | None = None
     exclude_recent: int = 0  # leave out the user's last N items from its recommendations
     device: str = "auto"  # "auto": CUDA when present, else CPU
     # events this much older than the user's newest are still applied (at the newest time)
@@ -75,6 +80,10 @@ class EngineConfig:
             raise ValueError(f"exclude_paid_hours must be >= 0, got {self.exclude_paid_hours}")
         if not 0.0 <= self.min_explore_share <= 1.0:
             raise ValueError(f"min_explore_share must lie in [0, 1], got {self.min_explore_share}")
+        if (self.host_budget_bytes is None) != (self.state_dir is None):
+            raise ValueError("the disk tier needs both a host budget and a state directory")
+        if self.host_budget_bytes is not None and self.host_budget_bytes <= 0:
+            raise ValueError(f"host_budget_bytes must be > 0, got {self.host_budget_bytes}")
 
     @property
     def shop_rules(self) -> list[str]:
@@ -133,17 +142,27 @@ class RecommendationEngine:
         self.config = config
         self.model_version = model.version
         num_slots = max(1, config.state_budget_bytes // model.state_bytes_per_user())
-        self.store = UserStateStore(self.model, num_slots, self.device)
+        disk_dir = Path(config.state_dir) / self.model_version if config.state_dir else None
+        self.store = UserStateStore(
+            self.model, num_slots, self.device, config.host_budget_bytes, disk_dir
+        )
         self.stats = EngineStats()
         log.info(
-            "engine: model %s on %s, %d user slots (%.1f MiB, %d B per user), index %s",
+            "engine: model %s on %s, %d user slots (%.1f MiB, %d B per user)%s, index %s",
             self.model_version,
             self.device,
             num_slots,
             self.store.device_bytes / 2**20,
             self.store.bytes_per_user,
+            f", host memory for {self.store.host_users} users, then disk in {disk_dir}"
+            if disk_dir
+            else "",
             index,
         )
+
+    def close(self) -> None:
+        """Release what outlives the object: the disk tier's files."""
+        self.store.close()
 
     # ------------------------------------------------------------------ one micro-batch
 

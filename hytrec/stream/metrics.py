@@ -31,9 +31,13 @@ Series (all prefixed `hytrec_`):
 | `state_slots_used` / `state_slots_capacity` | gauge | user slots on the device |
 | `state_users_offloaded` | gauge | users whose state waits in host memory |
 | `state_evictions_total` | counter | slot evictions to host memory so far |
+| `state_users_on_disk`, `state_disk_bytes` | gauge | the disk tier (`--state-dir`) |
+| `state_disk_writes_total`, `..._reads_total` | counter | states moved to disk / read back |
 | `consumer_lag{topic,partition}` | gauge | high watermark minus committed offset |
 | `model_info{model_version}` | gauge | 1, labelled with the serving model version |
 | `model_swaps_total` | counter | hot swaps of model and index (`--models-dir`) |
+| `users_rebuilt_total` | counter | user states a swap rebuilt from the log (`--backfill`) |
+| `users_rebuilt_partial_total` | counter | of those, from a partial history (retention) |
 | `checkpoints_total` | counter | checkpoints: snapshots confirmed, then events acknowledged |
 | `snapshots_written_total` / `snapshot_bytes_total` | counter | user-state snapshots written |
 | `checkpoint_seconds_total` | counter | time spent in checkpoints |
@@ -208,6 +212,8 @@ _DELIVERY_COUNTERS = (
     ("events_replayed_for_corrupt", "Events read back for users with a corrupt snapshot"),
     ("publish_failures", "Recommendations the broker refused for good"),
     ("dlq_publish_failures", "Dead letters the broker refused for good (logged)"),
+    ("users_rebuilt", "User states rebuilt from the behaviors log by model swaps"),
+    ("users_rebuilt_partial", "Of those, users the log no longer held whole (retention)"),
 )
 _OUTCOMES = ("consumed", "applied", "dead_lettered", "replays_skipped", "unaccounted")
 
@@ -281,6 +287,14 @@ def _engine_families(engine: Any) -> Iterable:
         "hytrec_state_users_offloaded", "Users whose state is in host memory", value=offloaded
     )
     yield _counter("state_evictions", "Slot evictions to host memory", evictions)
+    disk = getattr(store, "disk", None)
+    if disk is not None:  # the disk tier (`--state-dir`)
+        yield GaugeMetricFamily("hytrec_state_users_on_disk", "Users on disk", value=len(disk))
+        yield GaugeMetricFamily(
+            "hytrec_state_disk_bytes", "Bytes of the disk tier's pages", value=disk.bytes_on_disk
+        )
+        yield _counter("state_disk_writes", "User states written to disk", disk.writes)
+        yield _counter("state_disk_reads", "User states read back from disk", disk.reads)
 
 
 def consumer_lag(app: Any) -> dict[tuple[str, int], int]:

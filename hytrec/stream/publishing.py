@@ -55,6 +55,8 @@ class WorkerStats:
     model_swaps: int = 0
     model_load_seconds: float = 0.0  # loading models and building their indexes, all swaps
     model_swap_seconds: float = 0.0  # holding the flush lock for swaps (batches wait)
+    users_rebuilt: int = 0  # user states rebuilt from the log by swaps (`--backfill`)
+    users_rebuilt_partial: int = 0  # ... from a partial history: the log lost their oldest
 
     @property
     def events_in(self) -> int:
@@ -168,3 +170,16 @@ class Publisher:
                 stats.checkpoint_seconds,
                 stats.accounting.line(),
             )
+            log_disk_tier(worker.engine)
+
+
+def log_disk_tier(engine) -> None:
+    """A log line on the engine's disk tier, when it has one (with the periodic line)."""
+    disk = getattr(getattr(engine, "store", None), "disk", None)
+    if disk is not None:
+        log.info(
+            "state tiers: %d users on disk (%d states written there, %d read back)",
+            len(disk),
+            disk.writes,
+            disk.reads,
+        )

@@ -1,5 +1,7 @@
 """Per-user serving state: a slab of fixed-size slots on the device, an index user -> slot,
-and eviction of the least recently used users to host memory when the slab is full.
+eviction of the least recently used users to host memory when the slab is full, and, with a
+host budget and a state directory, of the least recently used host users to local disk
+(`disk_tier.py`) when host memory is over its budget: three tiers, each user in one.
 
 Each slot holds the model's serving state for one user (a `SlotState`: for HyTRec the TADN
 matrices, the long softmax layers' key/value window, the short-term window, event count and
@@ -16,10 +18,12 @@ import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from hytrec.model.streaming import SlotState, StreamingModel
+from hytrec.stream.disk_tier import DiskTier
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +40,40 @@ class UserState:
 
 
 class UserStateStore:
-    """Slots for at most `num_slots` users on `device`; colder users wait in host memory.
+    """Slots for at most `num_slots` users on `device`; colder users wait in host memory,
+    and with `disk_dir`, the coldest of those on disk once host memory holds more than
+    `host_budget_bytes` of states.
 
     The byte budget is `num_slots * bytes_per_user` on the device (see `device_bytes`);
-    evicted users cost the same per user in host memory. The applied offsets (a small dict
-    per user, host memory) are not part of the budget.
+    evicted users cost the same per user in host memory (unbounded without a disk tier).
+    The applied offsets (a small dict per user, host memory) are not part of the budget.
     """
 
-    def __init__(self, model: StreamingModel, num_slots: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        model: StreamingModel,
+        num_slots: int,
+        device: torch.device | str = "cpu",
+        host_budget_bytes: int | None = None,
+        disk_dir: str | Path | None = None,
+    ):
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if (host_budget_bytes is None) != (disk_dir is None):
+            raise ValueError("a host budget needs a disk directory to spill to, and back")
         self.state: SlotState = model.new_state(num_slots, device)
         self.applied: dict[str, dict[int, int]] = {}  # user -> partition -> last offset
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self.free = list(range(num_slots - 1, -1, -1))
-        self.evicted: dict[str, dict[str, torch.Tensor]] = {}  # user -> parts, on the host
+        # user -> parts, on the host; least recently evicted first
+        self.evicted: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.evictions = 0
+        self.disk: DiskTier | None = None
+        self.host_users: int | None = None  # most users in host memory (with a disk tier)
+        if disk_dir is not None:
+            layout = {n: (tuple(t.shape[1:]), t.dtype) for n, t in self.state.parts().items()}
+            self.disk = DiskTier(disk_dir, layout)
+            self.host_users = max(1, host_budget_bytes // self.bytes_per_user)
 
     @property
     def num_slots(self) -> int:
@@ -67,11 +89,16 @@ class UserStateStore:
         return self.num_slots * self.bytes_per_user
 
     def __contains__(self, user: str) -> bool:
-        return user in self.slot_of or user in self.evicted
+        return user in self.slot_of or user in self.evicted or self._on_disk(user)
 
     def __len__(self) -> int:
-        """Users known to the store, on the device or evicted."""
-        return len(self.slot_of) + len(self.evicted)
+        """Users known to the store, on the device, in host memory or on disk."""
+        return (
+            len(self.slot_of) + len(self.evicted) + (len(self.disk) if self.disk is not None else 0)
+        )
+
+    def _on_disk(self, user: str) -> bool:
+        return self.disk is not None and user in self.disk
 
     def offset_of(self, user: str, partition: int) -> int:
         """The last offset of `partition` applied to `user`'s state, or NO_OFFSET."""
@@ -82,15 +109,22 @@ class UserStateStore:
 
     def newest_ts(self, user: str) -> int | None:
         """Time of the newest event applied to `user`, or None if none was."""
+        count, last_ts = self._count_and_ts(user)
+        return last_ts if count > 0 else None
+
+    def events_applied(self, user: str) -> int:
+        """How many events `user`'s state has taken (0 for a user the store does not know)."""
+        return self._count_and_ts(user)[0]
+
+    def _count_and_ts(self, user: str) -> tuple[int, int]:
         if user in self.slot_of:
             slot = self.slot_of[user]
-            count, last_ts = self.state.count[slot], self.state.last_ts[slot]
-        elif user in self.evicted:
-            parts = self.evicted[user]
-            count, last_ts = parts["count"], parts["last_ts"]
-        else:
-            return None
-        return int(last_ts) if int(count) > 0 else None
+            return int(self.state.count[slot]), int(self.state.last_ts[slot])
+        parts = self.evicted.get(user)
+        if parts is not None:
+            return int(parts["count"]), int(parts["last_ts"])
+        on_disk = self.disk.count_and_ts(user) if self.disk is not None else None
+        return on_disk or (0, 0)
 
     def acquire(self, users: Sequence[str]) -> torch.Tensor:
         """Slots for `users` (distinct), loading evicted ones back and allocating new ones
@@ -104,6 +138,8 @@ class UserStateStore:
             if slot is None:
                 slot = self._allocate(wanted)
                 restored = self.evicted.pop(user, None)
+                if restored is None and self.disk is not None:
+                    restored = self.disk.pop(user)
                 index = torch.tensor([slot])
                 if restored is None:
                     self.state.reset(index)
@@ -112,7 +148,17 @@ class UserStateStore:
                 self.slot_of[user] = slot
             self.slot_of.move_to_end(user)
             slots.append(slot)
+        self._spill()
         return torch.tensor(slots, dtype=torch.long)
+
+    def _spill(self) -> None:
+        """Move the least recently evicted host users to disk until host memory is within
+        its budget: one write transaction for all of them."""
+        if self.disk is None or len(self.evicted) <= self.host_users:
+            return
+        surplus = len(self.evicted) - self.host_users
+        moved = [self.evicted.popitem(last=False) for _ in range(surplus)]
+        self.disk.put_many(moved)
 
     def _allocate(self, protected: set[str]) -> int:
         if self.free:
@@ -147,7 +193,11 @@ class UserStateStore:
             kept = self.evicted.get(user)
             if kept is not None:
                 parts = {n: t.clone() for n, t in kept.items()}
-                out[user] = UserState(parts, dict(self.applied.get(user, {})))
+            elif self._on_disk(user):
+                parts = self.disk.get(user)  # a fresh copy
+            else:
+                continue
+            out[user] = UserState(parts, dict(self.applied.get(user, {})))
         return out
 
     def import_user(
@@ -167,7 +217,11 @@ class UserStateStore:
             slot = self.slot_of[user]
             self.state.write(torch.tensor([slot]), {n: t[None] for n, t in parts.items()})
         else:
+            if self.disk is not None:
+                self.disk.delete(user)
             self.evicted[user] = {n: t.to("cpu").clone() for n, t in parts.items()}
+            self.evicted.move_to_end(user)
+            self._spill()
         self.applied[user] = dict(applied)
 
     def forget(self, users: Sequence[str]) -> int:
@@ -182,9 +236,16 @@ class UserStateStore:
                 dropped += 1
             elif self.evicted.pop(user, None) is not None:
                 dropped += 1
+            elif self.disk is not None and self.disk.delete(user):
+                dropped += 1
         return dropped
 
     def reset_offsets(self, users: Sequence[str], partition: int) -> int:
         """Forget these users' applied offsets of `partition` but keep their states (the
         partition's log was replaced: its offsets start again); how many had one."""
         return sum(self.applied.get(user, {}).pop(partition, None) is not None for user in users)
+
+    def close(self) -> None:
+        """Remove the disk tier's files (the states there are gone with them)."""
+        if self.disk is not None:
+            self.disk.close()

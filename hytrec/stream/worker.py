@@ -59,7 +59,7 @@ from hytrec.stream.hotswap import ModelSwaps, ModelWatcher
 from hytrec.stream.metrics import StreamMetrics
 from hytrec.stream.newlog import LogWatch
 from hytrec.stream.outage import quiet_client_logs
-from hytrec.stream.publishing import Publisher, WorkerStats
+from hytrec.stream.publishing import Publisher, WorkerStats, log_disk_tier
 from hytrec.stream.schemas import (
     BehaviorEvent,
     DeadLetter,
@@ -133,6 +133,9 @@ class BatchingWorker:
         # is processed, checkpointed or acknowledged
         self.failed: BaseException | None = None
         self.logged_stop = False
+        # behaviours partition -> the last offset a batch of it ran (a swap rebuilds the new
+        # model's states up to there)
+        self.run_through: dict[int, int] = {}
         self.publisher = Publisher(self)
         self.checkpoints = Checkpoints(self)
         self.logs = LogWatch(self)
@@ -258,6 +261,7 @@ class BatchingWorker:
             if urgent and not self.logged_stop and getattr(self.app, "should_stop", False):
                 self.logged_stop = True  # the last word on where every message went
                 log.info("stopping; %s", self.stats.accounting.line())
+                log_disk_tier(self.engine)
 
     def handing_over(self) -> bool:
         """A rebalance is under way, or the app is stopping without having crashed (after a
@@ -313,6 +317,8 @@ class BatchingWorker:
         self.stats.accounting.settle(
             [p.partition for p in pending if p.dead_letter is not None], events, result
         )
+        for p in pending:
+            self.run_through[p.partition] = max(self.run_through.get(p.partition, -1), p.offset)
         # one recommendation per user whose state changed: user -> behaviours partition
         changed = {rec.user_id: rec.source_partition for rec in result.recommendations}
         self.checkpoints.processed(pending, changed)

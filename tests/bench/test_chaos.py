@@ -5,6 +5,8 @@ exactly its events."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -174,9 +176,12 @@ def test_snapshots_are_read_up_to_a_sentinel_despite_multi_record_batches():
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("disk_tier", [False, True])
 def test_kill_9_and_rebalances_leave_every_user_state_equal_to_the_offline_replay(
-    shared_data, tmp_path
+    shared_data, tmp_path, disk_tier
 ):
+    """With the disk tier, each worker holds 4 users in slots and 4 in host memory: most of
+    its ~15 users live on disk, read back on their next event."""
     report = run_trial(
         ChaosConfig(
             dataset=str(shared_data / "taobao" / "UserBehavior_head84k.csv.gz"),
@@ -186,10 +191,14 @@ def test_kill_9_and_rebalances_leave_every_user_state_equal_to_the_offline_repla
             chaos_seconds=40.0,
             chunks=40,
             seed=1,
+            disk_tier=disk_tier,
             output=tmp_path,
         )
     )
     story = "\n".join(report.timeline)
+    logs = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("worker-*.log"))
+    read_back = [int(n) for n in re.findall(r"(\d+) read back", logs)]
+    assert (max(read_back, default=0) > 0) == disk_tier, read_back  # states came off disk
     assert report.events > 2000
     assert report.kills >= 5, story
     assert report.workers_added >= 1 and report.workers_removed >= 1, story
