@@ -22,6 +22,7 @@ from hytrec.model.data import (
     MissingColumnError,
     apply_filters,
     load_dataset,
+    load_named,
     load_with_report,
     read_events,
     read_foursquare,
@@ -29,6 +30,7 @@ from hytrec.model.data import (
     read_s3rec,
     read_table,
     read_taobao,
+    sessionize,
     temporal_split,
 )
 from hytrec.model.evaluate import leave_one_out
@@ -489,3 +491,58 @@ def test_splits_on_real_taobao_slice(shared_data, tmp_path):
     assert (split.valid_target[scored] < test).all()
     last_train_ts = log.ts[split.train_stop - 1]
     assert (last_train_ts[scored] <= log.ts[test]).all()
+
+
+# ---------------------------------------------------------------------------- sessions
+
+
+def log_of(histories: list[list[int]]) -> EventLog:
+    """Users' event times (each list sorted) as a log sorted by (user, ts)."""
+    user = np.concatenate([np.full(len(h), u + 1) for u, h in enumerate(histories)])
+    n = len(user)
+    return EventLog(
+        user=user.astype(np.int64),
+        item=np.ones(n, dtype=np.int64),
+        category=np.ones(n, dtype=np.int64),
+        behavior=np.full(n, int(Behavior.CLICK), dtype=np.int64),
+        ts=np.concatenate([np.array(h, dtype=np.int64) for h in histories]),
+        users=Vocabulary(str(u) for u in range(1, len(histories) + 1)),
+        items=Vocabulary(["i"]),
+        categories=Vocabulary(["c"]),
+    )
+
+
+histories = st.lists(
+    st.lists(st.integers(0, 10_000), min_size=1, max_size=30).map(sorted), min_size=1, max_size=8
+)
+
+
+@given(histories, st.integers(0, 3_000), st.integers(-(10**6), 10**6))
+def test_sessions_cut_each_user_exactly_where_the_gap_exceeds_it(users, gap, shift):
+    log = log_of(users)
+    session, position = sessionize(log, gap)
+    start = 0
+    for history in users:
+        s, p = session[start : start + len(history)], position[start : start + len(history)]
+        start += len(history)
+        gaps = np.diff(history)
+        # ids count from the user's first session and step by one exactly at a long gap
+        assert s[0] == 0 and p[0] == 0
+        assert (np.diff(s) == (gaps > gap)).all()
+        # positions count within the session: contiguous runs, each from 0
+        assert (p[1:] == np.where(gaps > gap, 0, p[:-1] + 1)).all()
+    # a constant shift of every time changes nothing
+    shifted = log_of([[t + shift for t in h] for h in users])
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(sessionize(shifted, gap), (session, position), strict=True)
+    )
+
+
+def test_taobao_head_has_14122_sessions_at_30_minutes(shared_data):
+    log = load_named("taobao", shared_data=shared_data)
+    session, position = sessionize(log)
+    assert int((position == 0).sum()) == 14_122
+    assert int(session.max()) + 1 == max(
+        int((position[start:stop] == 0).sum()) for _, start, stop in log.user_slices()
+    )

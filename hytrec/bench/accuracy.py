@@ -249,7 +249,7 @@ def run_accuracy(
             extra = {
                 "kind": "model",
                 "seed": seed,
-                "config": asdict(cfg),
+                "config": asdict(result.model.cfg),  # as trained: sizes from the data
                 "best_epoch": result.best_epoch,
                 "epochs_run": len(result.history),
                 "train_seconds": round(result.train_seconds, 1),

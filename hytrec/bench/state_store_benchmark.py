@@ -9,8 +9,9 @@ the disk tier (`stream/disk_tier.py`) under the device slots and a host-memory b
    the JSON says so.
 2. Latency per tier, one user at a time, `latency_ops` times each: write and read of a
    device slot (`SlotState.write` / `read`), of host memory (a slot's state copied out to
-   the host, and back into a slot) and of the disk (`DiskTier.put_many` of one user,
-   `pop`): p50 and p99 in microseconds.
+   the host, and back into a slot) and of the disk (`DiskTier.get` of a random user of all
+   those on disk, mostly not in the page cache, then `put_many` of it back): p50 and p99
+   in microseconds.
 3. The engine's events/s (`RecommendationEngine.process`: admission, step, index search,
    recommendations) at hot-set shares of 1 %, 10 % and 50 % of the users: `events` events
    of users drawn uniformly from the hot set, in batches of `batch_size`, after a warm-up
@@ -116,7 +117,9 @@ def _quantiles(samples_ns: list[int]) -> dict:
     return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99))}
 
 
-def tier_latencies(store, template: dict, users: list[str], ops: int) -> dict:
+def tier_latencies(
+    store, template: dict, users: list[str], ops: int, rng: np.random.Generator
+) -> dict:
     """Write and read latency of one user's state per tier (see the module docstring)."""
     import torch
 
@@ -125,7 +128,7 @@ def tier_latencies(store, template: dict, users: list[str], ops: int) -> dict:
     timings: dict[str, list[int]] = {k: [] for k in ("device", "host", "disk")}
     reads: dict[str, list[int]] = {k: [] for k in ("device", "host", "disk")}
     state = store.state
-    for i in tqdm(range(ops), desc="latency", leave=False):
+    for _ in tqdm(range(ops), desc="latency", leave=False):
         t0 = time.perf_counter_ns()
         state.write(slot, stacked)
         t1 = time.perf_counter_ns()
@@ -141,14 +144,16 @@ def tier_latencies(store, template: dict, users: list[str], ops: int) -> dict:
         t2 = time.perf_counter_ns()
         timings["host"].append(t1 - t0)
         reads["host"].append(t2 - t1)
-        user = f"latency-{i}"
+        # disk: a random user of the million (cold: mostly not in the page cache) read,
+        # then written back
+        user = users[int(rng.integers(len(users)))]
         t0 = time.perf_counter_ns()
-        store.disk.put_many([(user, kept)])
+        parts = store.disk.get(user)
         t1 = time.perf_counter_ns()
-        store.disk.pop(user)
+        store.disk.put_many([(user, parts)])
         t2 = time.perf_counter_ns()
-        timings["disk"].append(t1 - t0)
-        reads["disk"].append(t2 - t1)
+        reads["disk"].append(t1 - t0)
+        timings["disk"].append(t2 - t1)
     return {
         tier: {"write": _quantiles(timings[tier]), "read": _quantiles(reads[tier])}
         for tier in timings
@@ -206,7 +211,7 @@ def run_benchmark(
             bar.update(len(batch))
     populate_s = time.perf_counter() - started
     print(f"populated in {populate_s:.0f} s ({config.users / populate_s:,.0f} users/s)", flush=True)
-    latencies = tier_latencies(store, template, users, config.latency_ops)
+    latencies = tier_latencies(store, template, users, config.latency_ops, rng)
 
     def run(events, what: str) -> None:
         for start in tqdm(range(0, len(events), config.batch_size), desc=what, leave=False):

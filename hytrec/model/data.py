@@ -1312,6 +1312,26 @@ def user_bounds(events: EventLog) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return events.user[starts], starts.astype(np.int64), stops.astype(np.int64)
 
 
+SESSION_GAP_S = 1800  # 30 minutes: the common convention (WAVE2-MODELS.md, HPGR)
+
+
+def sessionize(events: EventLog, gap_s: float = SESSION_GAP_S) -> tuple[np.ndarray, np.ndarray]:
+    """(session id, position in its session), int64 [N] each, for the events of a log sorted
+    by (user, ts). A session starts at a user's first event and wherever the gap to the
+    previous event exceeds `gap_s`; ids count from each user's first session (0), so an
+    event's session is fixed when it arrives."""
+    n = len(events)
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    first = np.r_[True, events.user[1:] != events.user[:-1]]  # [N] a user's first event
+    new = first | np.r_[False, np.diff(events.ts) > gap_s]  # [N] a session's first event
+    count = np.cumsum(new)  # sessions so far in the whole log, 1-based
+    user_base = np.maximum.accumulate(np.where(first, count, 0))  # count at the user's start
+    start_of = np.maximum.accumulate(np.where(new, np.arange(n), 0))  # its session's start
+    return (count - user_base).astype(np.int64), (np.arange(n) - start_of).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class TemporalSplit:
     """A global time cut, one row per user; arrays int64 [U], indices into the `EventLog`.

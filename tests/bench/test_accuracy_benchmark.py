@@ -52,6 +52,8 @@ def test_accuracy_harness_reports_heuristics_intervals_and_seeds(tmp_path):
     assert [r["seed"] for r in head["seed_runs"]] == [0, 1]
     assert head["seed_runs"][0]["NDCG@10"] == head["overall"]["NDCG@10"]
     assert head["config"]["repeat_head"]["buffer_size"] == 100
+    # the config that trained (sizes from the data), not the config class's defaults
+    assert head["config"]["num_items"] == len(log.items) and head["config"]["d_model"] == 16
     assert "vs_best_heuristic" not in models["recent-items"]
     md = (tmp_path / "acc.md").read_text()
     assert "| recent-items |" in md and f"ratio to the best heuristic ({best})" in md
