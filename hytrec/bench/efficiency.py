@@ -10,6 +10,11 @@ measures, side by side in one process:
     {hytrec,recgrela}_recompute_us  the parallel forward over the L+1 events (no state kept)
     *_train_tokens_per_s            forward+backward of the next-item loss over L events
 
+HSTU serves from a KV cache of its last N events instead: its step and its state grow with
+N, not with L. `cache_rows` gives, per cache size N, one event stepped into a full cache
+(`hstu_step_us`) and the state's bytes per user, beside HyTRec's and RecGRELA's constant
+states.
+
 Every figure is the median of repeated `time.perf_counter` timings after a warm-up call.
 A measurement stops repeating once it has used `budget_s` (a full forward over 12k events
 takes about a second on a CPU core), so the long lengths may have fewer repeats; the JSON's
@@ -36,6 +41,7 @@ from tqdm import tqdm
 from hytrec.bench.parity import UserEvents, pad_batch, random_user
 from hytrec.bench.reports import cpu_info, machine_info, write_report
 from hytrec.bench.timing import report_header, synchronized, time_calls
+from hytrec.model.hstu import HSTU, HSTUConfig
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
 from hytrec.model.recgrela import RecGRELA, RecGRELAConfig
 from hytrec.model.sasrec import SASRec, SASRecConfig
@@ -59,6 +65,7 @@ class EfficiencyConfig:
     """One run; written into the JSON with the command that reproduces it."""
 
     lengths: tuple[int, ...] = (100, 500, 1000, 2000, 5000, 10000, 12000)
+    cache_sizes: tuple[int, ...] = (128, 256, 512, 1024, 2048)  # HSTU's N (its KV cache)
     d_model: int = 64  # every model; HyTRec's and RecGRELA's other fields are their defaults
     sasrec_layers: int = 2  # the accuracy benchmark's SASRec
     sasrec_heads: int = 2
@@ -90,6 +97,9 @@ class EfficiencyConfig:
     def recgrela(self) -> RecGRELAConfig:
         return RecGRELAConfig(num_items=self.hytrec().num_items, d_model=self.d_model)
 
+    def hstu(self, cache: int) -> HSTUConfig:
+        return HSTUConfig(num_items=self.hytrec().num_items, d_model=self.d_model, max_len=cache)
+
     def sasrec(self) -> SASRecConfig:
         # positions must cover the longest recompute (L + 1 events)
         return SASRecConfig(
@@ -103,6 +113,7 @@ class EfficiencyConfig:
 
 QUICK = EfficiencyConfig(
     lengths=(8, 32),
+    cache_sizes=(8, 16),
     d_model=16,
     build_chunk=8,
     step_repeats=3,
@@ -156,6 +167,38 @@ def _interleaved_step_us(models: dict, user: UserEvents, lengths: list[int], cfg
     return times
 
 
+def _cache_rows(user: UserEvents, cfg: EfficiencyConfig) -> list[dict]:
+    """Per cache size N: HSTU's step of one event into a full cache (N events held), the
+    median of `step_repeats` calls after a warm-up, and its state's bytes per user."""
+    device = torch.device(cfg.device)
+    slot = torch.tensor([0], device=device)
+    rows = []
+    for N in sorted(set(cfg.cache_sizes)):
+        torch.manual_seed(cfg.seed)
+        model = HSTU(cfg.hstu(N)).eval().to(device)
+        state = model.new_state(1, device)
+        _build_state(model, state, slot, user, 0, N, cfg.build_chunk)
+        full = state.read(slot)
+        new_event = _batch(user, N, N + 1, device)
+        step = synchronized(device, partial(model.step, state, slot))
+        times = []
+        for call in range(cfg.step_repeats + 1):
+            state.write(slot, full)  # untimed: exactly N events each time
+            t0 = time.perf_counter()
+            step(new_event)
+            if call:  # call 0 warms up
+                times.append((time.perf_counter() - t0) * 1e6)
+        rows.append(
+            {
+                "cache": N,
+                "hstu_step_us": round(statistics.median(times), 2),
+                "hstu_step_us_min_max": [round(min(times), 2), round(max(times), 2)],
+                "hstu_state_bytes": model.state_bytes_per_user(),
+            }
+        )
+    return rows
+
+
 def _train_tokens_per_s(model, user: UserEvents, L: int, cfg: EfficiencyConfig) -> tuple:
     """Forward+backward of the dense next-item loss (every position predicts the next item,
     full softmax over the items, as `train` does with negatives=0) over L events."""
@@ -200,7 +243,8 @@ def run_efficiency(
         torch.manual_seed(cfg.seed)
         trained[name] = model_class(replace(model_cfg, dropout=cfg.train_dropout)).to(device)
     # one user, one history: length L uses its first L events, event L is the new one
-    user = random_user(max(lengths) + 1, cfg.hytrec(), torch.Generator().manual_seed(cfg.seed))
+    longest = max(*lengths, *cfg.cache_sizes)
+    user = random_user(longest + 1, cfg.hytrec(), torch.Generator().manual_seed(cfg.seed))
 
     rows, notes, repeats = [], [], []
     bar = tqdm(total=len(lengths) * len(MEASURES), unit="meas", disable=not progress)
@@ -250,6 +294,8 @@ def run_efficiency(
             key = f"{name}_train_tokens_per_s"
             row[key] = measure(L, key, _train_tokens_per_s, trained[name], user, L, cfg)
         rows.append(row)
+    bar.set_description("HSTU steps by cache size")
+    cache_rows = _cache_rows(user, cfg)
     bar.close()
 
     report = {
@@ -266,6 +312,7 @@ def run_efficiency(
         "sasrec_config": asdict(cfg.sasrec()),
         "state_bytes_per_user": models["hytrec"].state_bytes_per_user(),
         "recgrela_state_bytes_per_user": models["recgrela"].state_bytes_per_user(),
+        "hstu_config": asdict(cfg.hstu(max(cfg.cache_sizes))),
         "method": {
             "step_us": "median us of one step of a single event for one user whose state "
             f"holds L events (built by stepping them, {cfg.build_chunk} per call); fp32, "
@@ -277,6 +324,9 @@ def run_efficiency(
             "position included",
             "recgrela_recompute_us": "median us of RecGRELA.user_vector (parallel, chunked "
             "linear attention) over the L+1 events",
+            "hstu_step_us": "median us of one HSTU step of a single event into a KV cache "
+            f"holding N events (its max_len), {cfg.step_repeats} calls after a warm-up; "
+            "fp32, eval, no_grad",
             "train_tokens_per_s": f"batch {cfg.train_batch} x L tokens / median seconds of "
             "forward + backward of the full-softmax next-item loss (no optimizer step)",
             "kernels": "Backend.AUTO: the PyTorch forms on CPU; on CUDA the Triton step and, "
@@ -284,10 +334,11 @@ def run_efficiency(
         },
         **derived(rows),
         "rows": rows,
+        "cache_rows": cache_rows,
         "timed_calls": repeats,
         "notes": notes,
     }
-    text = format_table(rows)
+    text = format_table(rows) + "\n\n" + format_cache_table(report)
     print(text, flush=True)
     if output is not None:
         write_report(report, output, plot)
@@ -334,8 +385,23 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_cache_table(report: dict) -> str:
+    hytrec, recgrela = report["state_bytes_per_user"], report["recgrela_state_bytes_per_user"]
+    lines = [
+        "HSTU cache N | HSTU step us | HSTU state B/user | HyTRec state B | RecGRELA state B",
+        "--- | --- | --- | --- | ---",
+    ]
+    for r in report["cache_rows"]:
+        lines.append(
+            f"{r['cache']} | {r['hstu_step_us']:,.1f} | {r['hstu_state_bytes']:,} | "
+            f"{hytrec:,} | {recgrela:,}"
+        )
+    return "\n".join(lines)
+
+
 def plot(report: dict, path: Path) -> None:
-    """Left: per-event cost vs L (log-log); right: training tokens/s vs L."""
+    """Left: per-event cost vs L (log-log), HSTU's step at L = its cache size; right:
+    training tokens/s vs L."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -356,6 +422,13 @@ def plot(report: dict, path: Path) -> None:
         ("sasrec_recompute_us", "SASRec recompute over L+1", "^-"),
     ):
         left.plot(*series(key), style, label=label)
+    cache = report.get("cache_rows") or []
+    left.plot(
+        [r["cache"] for r in cache],
+        [r["hstu_step_us"] for r in cache],
+        "v:",
+        label="HSTU step (KV cache of N = L events)",
+    )
     left.set(xscale="log", yscale="log", xlabel="history length L (events)")
     left.set(ylabel="cost of one new event (us)", title="per-event cost")
     left.grid(True, which="both", alpha=0.3)

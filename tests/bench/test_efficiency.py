@@ -26,6 +26,7 @@ from hytrec.model.recgrela import RecGRELA
 def test_run_efficiency_writes_rows_json_and_png(tmp_path):
     cfg = EfficiencyConfig(
         lengths=(32, 8),  # unsorted on purpose: rows come out by length
+        cache_sizes=(16, 4),
         d_model=16,
         build_chunk=5,  # not a divisor of the lengths: the state is built over ragged chunks
         step_repeats=3,
@@ -59,6 +60,12 @@ def test_run_efficiency_writes_rows_json_and_png(tmp_path):
     assert written["recgrela_step_flatness_max_over_min"] >= 1.0
     assert written["recgrela_state_bytes_per_user"] > 0
     assert written["sasrec_config"]["max_len"] >= 33  # covers the L+1 recompute
+    # HSTU by cache size: its state grows with N (keys and values of N events per layer)
+    cache = written["cache_rows"]
+    assert [r["cache"] for r in cache] == [4, 16]
+    assert all(r["hstu_step_us"] > 0 for r in cache)
+    per_event = 2 * 2 * 16 * 4 + 8  # K and V of 2 layers (d 16, fp32), and a timestamp
+    assert cache[1]["hstu_state_bytes"] - cache[0]["hstu_state_bytes"] == 12 * per_event
     assert "--lengths 32,8" in written["command"]
 
     png = (tmp_path / "eff.png").read_bytes()
