@@ -130,10 +130,13 @@ def register(commands, benchmarks) -> None:
         help="per-event cost and training tokens/s vs history length, HyTRec vs SASRec",
         description="For each history length L: one HyTRec.step into a state holding L "
         "events, SASRec's and HyTRec's full recompute over L+1 events, and training "
-        "tokens/s (forward+backward) of both. Writes STEM.json and STEM.png. Unset options "
-        "take EfficiencyConfig's defaults (lengths 100..12000, d_model 64).",
+        "tokens/s (forward+backward) of both; for each cache size N, HSTU's step into a "
+        "full KV cache and its state bytes. Writes STEM.json and STEM.png. Unset options "
+        "take EfficiencyConfig's defaults (lengths 100..12000, cache sizes 128..2048, "
+        "d_model 64).",
     )
     eff.add_argument("--lengths", type=_ints, help="history lengths, e.g. 100,1000,12000")
+    eff.add_argument("--cache-sizes", type=_ints, help="HSTU's KV cache sizes, e.g. 128,2048")
     for name, kind in (
         ("--d-model", int),
         ("--sasrec-layers", int),
