@@ -64,7 +64,7 @@ GROUPS = (
     Group(
         "engine",
         ("hytrec/stream/engine.py",),
-        ("tests/test_stream_engine.py", "tests/test_stream_chaos.py"),
+        ("tests/test_stream_engine.py", "tests/bench/test_chaos.py"),
         tuple(
             f"hytrec.stream.engine.xǁRecommendationEngineǁ{method}__mutmut_*"
             for method in (
@@ -110,13 +110,13 @@ GROUPS = (
     ),
     Group(
         "state-store",
-        ("hytrec/stream/state_store.py",),
-        ("tests/test_state_store.py", "tests/test_stream_chaos.py", "tests/test_stream_engine.py"),
+        ("hytrec/stream/state_store.py", "hytrec/stream/disk_tier.py"),
+        ("tests/test_state_store.py", "tests/bench/test_chaos.py", "tests/test_stream_engine.py"),
     ),
     Group(
         "snapshots",
         ("hytrec/stream/snapshots.py",),
-        ("tests/test_stream_chaos.py",),
+        ("tests/bench/test_chaos.py",),
     ),
 )
 
