@@ -27,7 +27,13 @@ from hytrec.bench.backfill_benchmark import probe_vectors
 from hytrec.bench.chaos import states_agree
 from hytrec.model.events import Behavior, EventLog, Vocabulary
 from hytrec.model.registry import MODELS, build_model, spec
-from hytrec.stream.backfill import BackfillConfig, backfill, build_states
+from hytrec.stream.backfill import (
+    BackfillConfig,
+    backfill,
+    backfill_file,
+    build_states,
+    key_partition,
+)
 from hytrec.stream.broker import EmbeddedBroker, TopicConfig
 from hytrec.stream.engine import EngineConfig, build_engine
 from hytrec.stream.schemas import BehaviorEvent, ParseLimits, encode_behavior, parse_record
@@ -218,3 +224,76 @@ def test_backfill_through_a_real_broker_restores_a_worker_and_resumes(tmp_path, 
             assert [(user, ts) for _, _, user, _, ts in applied] == [("user-5", TS + 5000)]
         finally:
             stop_worker(worker)
+
+
+def test_a_history_from_a_file_goes_under_the_topic(tmp_path, monkeypatch):
+    """`backfill --from-file`: the shop's history before the stream. Each user's state goes
+    to the partition its Kafka key gives it, with no offsets; a worker restores it and
+    applies the topic's events on top: its saved states equal one engine's over the file's
+    events then the topic's. A second run leaves those users alone."""
+    checkpoint = small_model("hytrec", tmp_path)
+    users = [f"user-{u}" for u in range(5)]
+    # (user, item, ts), sorted by user then time, as a log is
+    history = sorted(((users[i % 5], item(i), TS + i) for i in range(60)), key=lambda h: h[0])
+    log = EventLog(
+        user=np.array([int(u.split("-")[1]) + 1 for u, _, _ in history]),
+        item=np.array([int(i[1:]) for _, i, _ in history]),
+        category=np.ones(60, dtype=np.int64),
+        behavior=np.full(60, int(Behavior.CLICK)),
+        ts=np.array([t for _, _, t in history]),
+        users=Vocabulary(users),
+        items=Vocabulary(f"i{i}" for i in range(1, NUM_ITEMS)),
+        categories=Vocabulary(["c"]),
+    )
+    config = BackfillConfig(group="from-file", progress=False)
+    engine_config = EngineConfig(device="cpu")
+    with EmbeddedBroker() as broker:
+        report = backfill_file(
+            build_engine(checkpoint, config=engine_config), broker.bootstrap, log, config
+        )
+        assert report.users_written == 5 and report.events_applied == 60
+        saved = snapshots_of(broker.bootstrap, "from-file")
+        assert sorted(saved) == users
+        for user, snapshot in saved.items():
+            assert snapshot.applied == {}  # positions in a file are no offsets of the log
+            assert snapshot.partition == key_partition(user, 4)
+        again = backfill_file(
+            build_engine(checkpoint, config=engine_config), broker.bootstrap, log, config
+        )
+        assert again.users_up_to_date == 5 and again.users_written == 0
+
+        monkeypatch.setenv("HYTREC_TEST_CHECKPOINT", str(checkpoint))
+        worker = start_worker(
+            broker.bootstrap,
+            tmp_path / "worker",
+            group="from-file",
+            engine="test_stream_support:make_logging_model_engine",
+        )
+        try:
+            later = [
+                behavior_payload(users[i % 5], i, ts=TS + 1000 + i, item_id=item(i + 7))
+                for i in range(20)
+            ]
+            publish(broker.bootstrap, [(p["user_id"].encode(), encode_behavior(p)) for p in later])
+            wait_for(
+                lambda: len(applied_events(tmp_path / "worker")) == 20,
+                60,
+                "the worker to apply the topic's 20 events",
+            )
+        finally:
+            stop_worker(worker)  # a graceful stop checkpoints every state
+        final = snapshots_of(broker.bootstrap, "from-file")
+
+    # one engine over the file's events, then the topic's (offsets do not enter a state)
+    offline = build_engine(checkpoint, config=engine_config)
+    file_then_topic = [(u, i, "click", t) for u, i, t in history]
+    file_then_topic += [(p["user_id"], p["item_id"], p["behavior"], p["ts"]) for p in later]
+    offline.apply(
+        [
+            BehaviorEvent(u, i, "c", b, t, partition=0, offset=n, received_at=0.0)
+            for n, (u, i, b, t) in enumerate(file_then_topic)
+        ]
+    )
+    expected = offline.store.export_users(users)
+    for user in users:
+        assert states_agree(final[user].parts, expected[user].parts, 1e-4)[0], user

@@ -20,6 +20,15 @@ event by event through the worker, and write it as a snapshot a worker restores 
    assigned the partition restores these states and skips every event at or below their
    offsets: it replays nothing the backfill applied.
 
+From a file (`--from-file`, any dataset `load_named` reads, `--columns` for a table of
+your own): the history BEFORE the `behaviors` topic, e.g. the shop's warehouse export when
+the stream goes live. Each user's events are applied in time order and its state is
+written, to the partition the Kafka key partitioner gives its user id (murmur2, as every
+Kafka producer keyed by user id), with no applied offsets: a worker restores it for a
+user it does not know yet and applies every event of the topic on top. Users that
+already have a snapshot of this model in the group's topic are left alone (their state
+holds topic events already: the file's history can no longer go underneath).
+
 Resumable: before it builds anything, the backfill reads the group's user-state topic; a user
 whose snapshot (same model version, same log) already covers all its events read is left
 alone, and one whose snapshot covers part of them starts from that snapshot. A run that
@@ -41,6 +50,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from hytrec.model.events import Behavior, EventLog
 from hytrec.stream.broker import TopicConfig, ensure_topics
 from hytrec.stream.engine import RecommendationEngine
 from hytrec.stream.newlog import TopicIds
@@ -88,6 +98,7 @@ class BackfillReport:
     users_written: int = 0
     users_up_to_date: int = 0  # their snapshot covered every event read: left alone
     users_resumed: int = 0  # started from a snapshot that covered part of their events
+    source: str = ""  # the topic, or the file
     snapshot_bytes: int = 0
     ends: dict[int, int] = field(default_factory=dict)  # partition -> first offset not read
     model_version: str = ""
@@ -228,18 +239,10 @@ def backfill(
     """Read `behaviors`, build the states, write them to the group's user-state topic; see
     the module docstring. The engine's store should be empty (a fresh engine)."""
     started = time.perf_counter()
-    topics = config.topics
-    state_topic = topics.state_topic(config.group)
-    ensure_topics(bootstrap, topics, group=config.group)
-    ids = TopicIds(bootstrap)
-    try:
-        log_id = ids(topics.behaviors)
-    finally:
-        ids.close()
-    report = BackfillReport(model_version=engine.model_version, log_id=log_id)
-
+    report, state_topic = _start(engine, bootstrap, config)
+    report.source = config.topics.behaviors
     history = read_history(
-        bootstrap, topics.behaviors, config.parse, config.timeout_s, config.progress
+        bootstrap, config.topics.behaviors, config.parse, config.timeout_s, config.progress
     )
     report.events_read = len(history.events) + len(history.invalid)
     report.ends = history.ends
@@ -252,14 +255,105 @@ def backfill(
         partition_of[event.user_id] = event.partition  # as the worker: the latest wins
         newest[event.user_id][event.partition] = event.offset
     report.users = len(partition_of)
-
     events = _resume(engine, bootstrap, state_topic, history, newest, report)
+    _build_and_write(engine, bootstrap, config, events, partition_of, history.invalid, report)
+    report.seconds = time.perf_counter() - started
+    _log_report(report, state_topic)
+    return report
+
+
+def backfill_file(
+    engine: RecommendationEngine,
+    bootstrap: str,
+    events: EventLog,
+    config: BackfillConfig = BackfillConfig(),
+    source: str = "",
+) -> BackfillReport:
+    """Build every user's state from a log of the history before the `behaviors` topic and
+    write it without applied offsets (see the module docstring)."""
+    started = time.perf_counter()
+    report, state_topic = _start(engine, bootstrap, config)
+    report.source = source or "a file"
+    partitions = config.topics.behaviors_partitions
+    users = events.users.raw_ids()
+    partition_of = {user: key_partition(user, partitions) for user in users}
+    found = read_snapshots(
+        bootstrap, state_topic, list(range(partitions)), timeout_s=60.0, log_id=report.log_id
+    )
+    taken = {
+        user
+        for user, (header, _) in found.latest.items()
+        if header.model_version == engine.model_version
+    }
+    stream = []
+    next_offset = [0] * partitions  # positions in the file, per partition: never written
+    for index, start, stop in events.user_slices():
+        user = users[index - 1]
+        if user in taken:
+            continue
+        p = partition_of[user]
+        for i in range(start, stop):
+            stream.append(_file_event(events, i, user, p, next_offset[p]))
+            next_offset[p] += 1
+    report.events_read = len(events)
+    report.users = len(events.users)
+    report.users_up_to_date = len(taken & set(users))
+    report.events_already_applied = len(events) - len(stream)
+    report.read_seconds = time.perf_counter() - started
+    _build_and_write(engine, bootstrap, config, stream, partition_of, [], report, offsets=False)
+    report.seconds = time.perf_counter() - started
+    _log_report(report, state_topic)
+    return report
+
+
+def key_partition(user_id: str, partitions: int) -> int:
+    """The partition a Kafka producer's default partitioner gives this user id as key."""
+    from kafka.partitioner.default import murmur2
+
+    return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+def _file_event(events: EventLog, i: int, user: str, partition: int, offset: int):
+    return BehaviorEvent(
+        user_id=user,
+        item_id=events.items.raw(int(events.item[i])),
+        category_id=events.categories.raw(int(events.category[i])) if events.category[i] else "",
+        behavior=Behavior(int(events.behavior[i])).name.lower(),
+        ts=int(events.ts[i]),
+        partition=partition,
+        offset=offset,
+        received_at=0.0,
+    )
+
+
+def _start(engine, bootstrap: str, config: BackfillConfig) -> tuple[BackfillReport, str]:
+    """The topics made, the log's id read: an empty report, and the user-state topic."""
+    ensure_topics(bootstrap, config.topics, group=config.group)
+    ids = TopicIds(bootstrap)
+    try:
+        log_id = ids(config.topics.behaviors)
+    finally:
+        ids.close()
+    report = BackfillReport(model_version=engine.model_version, log_id=log_id)
+    return report, config.topics.state_topic(config.group)
+
+
+def _build_and_write(
+    engine, bootstrap, config, events, partition_of, invalid, report, offsets: bool = True
+) -> None:
+    """Build the states of `events`, write each user's snapshot as its group is done (with
+    its applied offsets, or none when `offsets` is False: positions in a file are no
+    offsets of the log), then the dead letters; wait until the broker has them all."""
+    state_topic = config.topics.state_topic(config.group)
     producer = BackgroundProducer(bootstrap)
     try:
 
         def write(users: list[str]) -> None:
             begun = time.perf_counter()
-            snapshots = engine.export_states({u: partition_of[u] for u in users}, log_id)
+            if not offsets:
+                for user in users:
+                    engine.store.applied.pop(user, None)
+            snapshots = engine.export_states({u: partition_of[u] for u in users}, report.log_id)
             for snap in snapshots:
                 value = encode_snapshot(snap)
                 report.snapshot_bytes += len(value)
@@ -271,9 +365,9 @@ def backfill(
         begun = time.perf_counter()
         rejected = build_states(engine, events, config, write)
         report.build_seconds = time.perf_counter() - begun - report.write_seconds
-        letters = _dead_letters(history.invalid, rejected, config)
+        letters = _dead_letters(invalid, rejected, config)
         for key, value in letters:
-            producer.send(topics.dlq, key, value)
+            producer.send(config.topics.dlq, key, value)
         begun = time.perf_counter()
         producer.wait(config.timeout_s)  # raises what the broker refused
         report.write_seconds += time.perf_counter() - begun
@@ -281,15 +375,17 @@ def backfill(
         producer.close()
     report.events_applied = engine.stats.events_applied
     report.dead_letters = len(letters)
-    for _, invalid in history.invalid:
-        report.rejected[invalid.reason_code] = report.rejected.get(invalid.reason_code, 0) + 1
+    for _, why in invalid:
+        report.rejected[why.reason_code] = report.rejected.get(why.reason_code, 0) + 1
     for _, reason, _ in rejected:
         report.rejected[reason] = report.rejected.get(reason, 0) + 1
-    report.seconds = time.perf_counter() - started
+
+
+def _log_report(report: BackfillReport, state_topic: str) -> None:
     log.info(
         "backfill of %s into %s: %d events of %d users read, %d applied, %d snapshots "
         "written, %d dead letters, %d users up to date, %d resumed (%.1f s, %.0f events/s)",
-        topics.behaviors,
+        report.source,
         state_topic,
         report.events_read,
         report.users,
@@ -301,7 +397,6 @@ def backfill(
         report.seconds,
         report.events_per_s,
     )
-    return report
 
 
 class BackgroundProducer:

@@ -59,6 +59,7 @@ from hytrec.stream.snapshots import (
     NO_OFFSET,
     CorruptRecord,
     SnapshotRead,
+    ahead_of,
     decode_snapshot,
     encode_snapshot,
     read_snapshots,
@@ -368,8 +369,7 @@ class Checkpoints:
         snapshots = []
         for header, value in latest.values():
             self.partition_of.setdefault(header.user_id, header.partition)
-            held = NO_OFFSET if store is None else store.offset_of(header.user_id, header.partition)
-            if header.applied_offset > held:
+            if ahead_of(header, store):
                 snapshots.append(decode_snapshot(value))
         return engine.import_states(snapshots) if snapshots else 0
 

@@ -269,6 +269,15 @@ def register(commands, benchmarks) -> None:
     backfill.add_argument(
         "--timeout", type=float, default=120.0, help="seconds for the broker to answer"
     )
+    backfill.add_argument(
+        "--from-file",
+        metavar="DATASET",
+        help="the history before the behaviors topic instead of the topic: "
+        + DATASET_HELP
+        + "; each user's state is written without offsets, and a worker applies the topic "
+        "on top",
+    )
+    data_file_arguments(backfill)
     backfill.add_argument("--no-progress", action="store_true")
     _add_admission_args(backfill)
     _add_topic_args(backfill)
@@ -449,7 +458,7 @@ def _replay(args) -> int:
 def _backfill(args) -> int:
     from dataclasses import asdict
 
-    from hytrec.stream.backfill import BackfillConfig, backfill
+    from hytrec.stream.backfill import BackfillConfig, backfill, backfill_file
     from hytrec.stream.engine import EngineConfig, build_engine
 
     if _no_broker(args.bootstrap, "backfill"):
@@ -469,7 +478,18 @@ def _backfill(args) -> int:
     engine_config = EngineConfig(
         device=args.device, out_of_order_tolerance_s=args.out_of_order_tolerance_s
     )
-    report = backfill(build_engine(args.checkpoint, config=engine_config), args.bootstrap, config)
+    engine = build_engine(args.checkpoint, config=engine_config)
+    if args.from_file:
+        from hytrec.model.data import DataError, load_named
+
+        try:
+            events = load_named(args.from_file, columns=column_map(args), progress=config.progress)
+        except (DataError, FileNotFoundError) as exc:
+            print(f"hytrec backfill: {exc}", file=sys.stderr)
+            return 2
+        report = backfill_file(engine, args.bootstrap, events, config, source=args.from_file)
+    else:
+        report = backfill(engine, args.bootstrap, config)
     print(json.dumps({**asdict(report), "events_per_s": round(report.events_per_s, 1)}))
     return 0
 

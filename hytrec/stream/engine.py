@@ -50,7 +50,7 @@ from hytrec.model.registry import load_model
 from hytrec.model.repeat import RECENT_COLUMNS, serving_buffer
 from hytrec.model.streaming import StreamingModel
 from hytrec.stream.schemas import BehaviorEvent, EngineResult, Recommendation
-from hytrec.stream.snapshots import UserSnapshot
+from hytrec.stream.snapshots import UserSnapshot, ahead_of
 from hytrec.stream.state_store import UserStateStore
 
 log = logging.getLogger(__name__)
@@ -370,16 +370,16 @@ class RecommendationEngine:
         ]
 
     def import_states(self, snapshots: Sequence[UserSnapshot]) -> int:
-        """Restore users from snapshots that are ahead of what the store holds (a higher
-        applied offset of the snapshot's partition); snapshots of another model version are
-        refused (logged). How many users were restored."""
+        """Restore users from snapshots that are ahead of what the store holds (`ahead_of`);
+        snapshots of another model version are refused (logged). How many users were
+        restored."""
         restored = refused = 0
         with torch.no_grad():
             for snap in snapshots:
                 if snap.model_version != self.model_version:
                     refused += 1
                     continue
-                if snap.applied_offset > self.store.offset_of(snap.user_id, snap.partition):
+                if ahead_of(snap, self.store):
                     self.store.import_user(snap.user_id, snap.parts, snap.applied)
                     restored += 1
         if refused:

@@ -90,6 +90,18 @@ class SnapshotHeader:
         return self.applied.get(self.partition, NO_OFFSET)
 
 
+def ahead_of(snapshot: UserSnapshot | SnapshotHeader, store) -> bool:
+    """Whether a snapshot (or its header) should replace what the store holds of its user:
+    it covers a later offset of its partition, or it covers no offset at all (a history
+    from before the log, `backfill --from-file`) and the store (a `UserStateStore`, or None
+    for an engine without one) does not know the user."""
+    if store is None:
+        return snapshot.applied_offset > NO_OFFSET or not snapshot.applied
+    if not snapshot.applied:
+        return snapshot.user_id not in store
+    return snapshot.applied_offset > store.offset_of(snapshot.user_id, snapshot.partition)
+
+
 MAGIC = b"HYS1"
 _DTYPES = {torch.float32: "f4", torch.float64: "f8", torch.int64: "i8", torch.int32: "i4"}
 _TORCH = {name: dtype for dtype, name in _DTYPES.items()}
