@@ -681,11 +681,10 @@ def add_parser(benchmarks) -> None:
 
 
 def _run(args) -> int:
-    from hytrec.bench.reports import machine_info, provenance
+    from hytrec.bench.reports import machine_info, provenance, quiet_broker_clients
     from hytrec.model.registry import spec
 
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("kafka").setLevel(logging.ERROR)
+    quiet_broker_clients()
     config = ChaosConfig(
         dataset=args.dataset,
         synthetic=args.synthetic,

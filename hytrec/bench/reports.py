@@ -105,6 +105,16 @@ def machine_info() -> dict:
     }
 
 
+def quiet_broker_clients() -> None:
+    """Warnings and up on the console, and only errors from the Kafka clients: a benchmark
+    that starts and stops brokers and workers would print their reconnect chatter."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    for client in ("kafka", "aiokafka"):
+        logging.getLogger(client).setLevel(logging.ERROR)
+
+
 def command_line(benchmark: str, config, output: str | Path | None = None) -> str:
     """`hytrec benchmark BENCHMARK --field value ...` for every set field of the config
     dataclass (tuples comma-separated): the command that reruns exactly this config."""

@@ -412,11 +412,9 @@ def add_parser(benchmarks) -> None:
 
 
 def _run(args) -> int:
-    import logging
+    from hytrec.bench.reports import quiet_broker_clients
 
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("kafka").setLevel(logging.ERROR)
-    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    quiet_broker_clients()
     config = StreamBenchConfig(
         dataset=args.dataset,
         events=args.events,

@@ -196,12 +196,7 @@ class ModelSwaps:
             old, worker.engine = worker.engine, loaded.engine
             swap_s = time.perf_counter() - started
         reset = len(getattr(old, "store", ()))
-        if hasattr(old, "close"):
-            await worker.on_engine_thread(old.close)  # its disk tier's files
-        stats = worker.stats
-        stats.model_swaps += 1
-        stats.model_load_seconds += loaded.load_seconds
-        stats.model_swap_seconds += swap_s
+        await self._retire(old, loaded, swap_s)
         log.info(
             "model swapped %s -> %s (%s): %d user states reset (the new model starts them "
             "empty; snapshots of %s are refused from now on); load and index %.2f s, "
@@ -246,12 +241,8 @@ class ModelSwaps:
             worker.checkpoints.partition_of.update(rebuild.partition_of)
             old, worker.engine = worker.engine, loaded.engine
             swap_s = time.perf_counter() - held
-        if hasattr(old, "close"):
-            await worker.on_engine_thread(old.close)  # its disk tier's files
+        await self._retire(old, loaded, swap_s)
         stats = worker.stats
-        stats.model_swaps += 1
-        stats.model_load_seconds += loaded.load_seconds
-        stats.model_swap_seconds += swap_s
         stats.users_rebuilt += len(rebuild.partition_of)
         stats.users_rebuilt_partial += partial
         log.info(
@@ -274,6 +265,15 @@ class ModelSwaps:
                 "events than their old ones",
                 partial,
             )
+
+    async def _retire(self, old: Engine, loaded: LoadedEngine, swap_s: float) -> None:
+        """After a swap: the old engine's files released (its disk tier), the swap counted."""
+        if hasattr(old, "close"):
+            await self.worker.on_engine_thread(old.close)
+        stats = self.worker.stats
+        stats.model_swaps += 1
+        stats.model_load_seconds += loaded.load_seconds
+        stats.model_swap_seconds += swap_s
 
     async def _positions(self) -> dict[int, int]:
         """Partition -> the first offset the serving engine has not run through, for each
