@@ -54,10 +54,11 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     head (`repeat.py`, default `RepeatConfig`: the last 100 distinct items). RecGRELA at
     its published size (4 heads, 4 layers) with the paper's three ablations and with the
     head. HSTU at the wave-2 size (2 layers, 2 heads, dropout 0.2), its window and KV cache
-    N = the input length."""
+    N = the input length, and with the head."""
     hytrec = HyTRecConfig(d_model=d_model)
     recgrela = RecGRELAConfig(d_model=d_model)
     sasrec = SASRecConfig(d_model=d_model, layers=2, heads=2, max_len=max_len)
+    hstu = HSTUConfig(d_model=d_model, max_len=max_len)
     return {
         "SASRec": sasrec,
         "SASRec" + HEAD: replace(sasrec, repeat_head=RepeatConfig()),
@@ -73,7 +74,8 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
         "RecGRELA no gate": replace(recgrela, gate=False),
         "RecGRELA no conv": replace(recgrela, conv=False),
         "RecGRELA no RoPE": replace(recgrela, rope=False),
-        "HSTU": HSTUConfig(d_model=d_model, max_len=max_len),
+        "HSTU": hstu,
+        "HSTU" + HEAD: replace(hstu, repeat_head=RepeatConfig()),
     }
 
 

@@ -51,6 +51,10 @@ layer: from the second layer on, a cached key summarises its own event's window,
 L-layer stack reaches back L (N - 1) + 1 events, as any windowed transformer with a KV cache
 does. The model therefore exposes no `max_len` bound: the harness evaluates it over each
 user's whole history (in O(T N)), which is what the stream serves.
+
+With `repeat_head` set (not in the paper), ranking uses log P(i) of the repeat/explore
+mixture over the user's recent distinct items (`repeat.py`), as for the other models; the
+stream state then carries the head's buffer.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ import torch.nn.functional as F
 from hytrec.model.base import SequentialModel
 from hytrec.model.batch import EventBatch, PackedRuns, shift_window
 from hytrec.model.events import Vocabulary
+from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config, new_recent, push_runs
 from hytrec.model.streaming import SlotState
 
 
@@ -82,8 +87,11 @@ class HSTUConfig:
     time_buckets: int = 128
     temperature: float = 0.05  # logits are cosines / temperature
     eps: float = 1e-6  # the layer norms and the L2 norms
+    # the repeat/explore head over the user's recent distinct items (`repeat.py`); None = off
+    repeat_head: RepeatConfig | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "repeat_head", as_repeat_config(self.repeat_head))
         if self.num_items < 2:
             raise ValueError(f"HSTUConfig: num_items must be >= 2, got {self.num_items}")
         if self.d_model % self.heads:
@@ -192,6 +200,8 @@ class HSTUState(SlotState):
     times:     [P, N] int64   their timestamps (the time-gap bias)
     count:     [P]    int64   events applied: row j holds event count - N + j (none if < 0)
     last_ts:   [P]    int64   time of the newest applied event
+    recent:    [P, R, 5] int64 the repeat head's buffer (`repeat.RECENT_COLUMNS`)
+    recent_counts: [P, 2] int64 its repeats and events; both None without a head
     """
 
     keys: list[torch.Tensor]
@@ -199,6 +209,8 @@ class HSTUState(SlotState):
     times: torch.Tensor
     count: torch.Tensor
     last_ts: torch.Tensor
+    recent: torch.Tensor | None = None
+    recent_counts: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------- the model
@@ -218,6 +230,9 @@ class HSTU(SequentialModel):
         self.item_emb = nn.Embedding(cfg.num_items, cfg.d_model, padding_idx=0)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(SequentialTransductionUnit(cfg) for _ in range(cfg.layers))
+        self.repeat_head = (
+            RepeatHead(cfg.repeat_head, cfg.d_model) if cfg.repeat_head is not None else None
+        )
         self.apply(self._init_weights)
         for block in self.blocks:  # the reference's init of W_o
             nn.init.xavier_uniform_(block.o.weight)
@@ -247,12 +262,16 @@ class HSTU(SequentialModel):
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(num_slots, *shape, dtype=dtype, device=device)
 
+        head = cfg.repeat_head
+        recent = new_recent(num_slots, head.buffer_size, device) if head else (None, None)
         return HSTUState(
             keys=[zeros(*rows, dtype=dtype) for _ in range(cfg.layers)],
             values=[zeros(*rows, dtype=dtype) for _ in range(cfg.layers)],
             times=zeros(cfg.max_len),
             count=zeros(),
             last_ts=zeros(),
+            recent=recent[0],
+            recent_counts=recent[1],
         )
 
     @torch.no_grad()
@@ -280,4 +299,6 @@ class HSTU(SequentialModel):
         state.times[slots] = shift_window(cached_times, batch.ts, lengths)
         state.count[slots] = count + lengths
         state.last_ts[slots] = batch.ts[torch.arange(U, device=device), lengths - 1]
+        if self.repeat_head is not None:
+            push_runs(state.recent, state.recent_counts, slots, batch)
         return F.normalize(x[runs.newest], dim=-1, eps=self.cfg.eps)

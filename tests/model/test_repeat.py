@@ -17,6 +17,7 @@ from hytrec.model.base import config_from_dict
 from hytrec.model.evaluate import EvalConfig, evaluate, leave_one_out
 from hytrec.model.events import Behavior, EventLog, Vocabulary
 from hytrec.model.heuristics import RecentItems
+from hytrec.model.hstu import HSTUConfig
 from hytrec.model.hytrec import EventBatch, HyTRecConfig
 from hytrec.model.registry import build_model, load_model
 from hytrec.model.repeat import DistinctItemBuffer, RecentBuffer, RepeatConfig
@@ -176,6 +177,8 @@ def tiny_model(kind: str = "sasrec"):
     torch.manual_seed(0)
     if kind == "sasrec":
         cfg = SASRecConfig(num_items=NUM_ITEMS, d_model=16, max_len=40, repeat_head=TINY_HEAD)
+    elif kind == "hstu":
+        cfg = HSTUConfig(num_items=NUM_ITEMS, d_model=16, max_len=40, repeat_head=TINY_HEAD)
     else:
         cfg = HyTRecConfig(
             num_items=NUM_ITEMS,
@@ -208,7 +211,7 @@ def stack(buffers: list[DistinctItemBuffer]) -> RecentBuffer:
     return RecentBuffer(**{f: torch.cat([getattr(p, f) for p in parts]) for f in fields})
 
 
-@pytest.mark.parametrize("kind", ["sasrec", "hytrec"])
+@pytest.mark.parametrize("kind", ["sasrec", "hytrec", "hstu"])
 def test_training_form_equals_serving_form_at_every_position(kind):
     """log P(target) of the training form (vectorised buffers, scores through one bmm) equals
     the serving form's log P(i) from the one-event-at-a-time buffers and the user vectors,
@@ -317,7 +320,7 @@ def test_sampled_softmax_estimates_the_full_normaliser():
 
 
 def test_checkpoints_keep_the_head(tmp_path):
-    for kind in ("sasrec", "hytrec"):
+    for kind in ("sasrec", "hytrec", "hstu"):
         model = tiny_model(kind)
         model.save(tmp_path / kind)
         loaded = load_model(tmp_path / kind)
