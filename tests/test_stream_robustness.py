@@ -317,3 +317,27 @@ def test_a_tolerance_below_the_future_allowance_is_refused():
         check_time_rules(WorkerConfig(parse=ParseLimits(max_future_s=300.0)), engine)
     check_time_rules(WorkerConfig(parse=ParseLimits(max_future_s=60.0)), engine)
     check_time_rules(WorkerConfig(), LastItemsEngine())  # a test engine has no tolerance
+
+
+def test_a_partition_without_a_committed_offset_starts_at_offset_0(monkeypatch):
+    """Not where ListOffsets(EARLIEST) says: Tansu names the batch whose write finished
+    first, which skips the first batches when a partition's first writes raced."""
+    import faust.transport.drivers.aiokafka as faust_aiokafka
+
+    from hytrec.stream.app import _Consumer
+
+    committed = {"none": None, "zero": 0, "resumes": 57}
+
+    async def seek_to_committed(self):
+        return dict(committed)
+
+    monkeypatch.setattr(faust_aiokafka.Consumer, "seek_to_committed", seek_to_committed)
+    consumer = object.__new__(_Consumer)  # no Faust app: only the seek logic runs
+    seeks = []
+
+    async def seek(tp, offset):
+        seeks.append((tp, offset))
+
+    consumer.seek = seek
+    assert asyncio.run(consumer.seek_to_committed()) == committed
+    assert seeks == [("none", 0), ("zero", 0)]  # a committed offset is where Faust resumes

@@ -111,10 +111,21 @@ class _LowLatencyConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 class _Consumer(faust_aiokafka.Consumer):
-    """Faust's aiokafka consumer, with two changes: on the embedded broker a short fetch
-    wait; and no commit of offsets unless the `behaviors` log they belong to is still the
+    """Faust's aiokafka consumer, with three changes: on the embedded broker a short fetch
+    wait; no commit of offsets unless the `behaviors` log they belong to is still the
     broker's (a broker that lost its data and came back must not receive the old log's
-    offsets: the group would then skip the new log's events below them; see newlog.py)."""
+    offsets: the group would then skip the new log's events below them; see newlog.py);
+    and a partition the group has no committed offset for starts at offset 0, not where
+    ListOffsets(EARLIEST) says: Tansu answers it with the batch whose write finished first,
+    a later one when a partition's first writes raced, and the events before it would never
+    be read (on Kafka, an offset 0 the log no longer holds resets to its start as before)."""
+
+    async def seek_to_committed(self):
+        committed = await super().seek_to_committed()
+        for tp, offset in committed.items():
+            if offset is None or offset <= 0:
+                await self.seek(tp, 0)
+        return committed
 
     def _new_consumer_thread(self):
         if self.app.hytrec_config.embedded_broker:

@@ -161,7 +161,10 @@ async def _read_history(bootstrap, topic, limits, timeout_s, progress, ranges) -
         partitions = [TopicPartition(topic, p) for p in chosen]
         consumer.assign(partitions)
         if ranges is None:
-            await consumer.seek_to_beginning(*partitions)
+            # offset 0, not seek_to_beginning: Tansu's ListOffsets(EARLIEST) may name a later
+            # batch (app.py's consumer says why); on Kafka a lost offset 0 resets to the start
+            for tp in partitions:
+                consumer.seek(tp, 0)
             wanted = await consumer.end_offsets(partitions)
         else:
             for tp in partitions:
