@@ -50,10 +50,11 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from hytrec.model.events import Behavior, EventLog
+from hytrec.model.events import EventLog
 from hytrec.stream.broker import TopicConfig, ensure_topics
 from hytrec.stream.engine import RecommendationEngine
 from hytrec.stream.newlog import TopicIds
+from hytrec.stream.replay import log_events
 from hytrec.stream.schemas import (
     DLQ_MAX_PAYLOAD_BYTES,
     BehaviorEvent,
@@ -195,8 +196,9 @@ async def _read_history(bootstrap, topic, limits, timeout_s, progress, ranges) -
                             invalid.append((record, parsed))
                     bar.update(len(records))
                 todo = {tp for tp in todo if await consumer.position(tp) < wanted[tp]}
-        ends = {tp.partition: await consumer.position(tp) for tp in partitions}
-        if ranges is not None:
+        if ranges is None:
+            ends = {tp.partition: await consumer.position(tp) for tp in partitions}
+        else:
             ends = {tp.partition: wanted[tp] for tp in partitions}
     finally:
         await consumer.stop()
@@ -290,14 +292,13 @@ def backfill_file(
     }
     stream = []
     next_offset = [0] * partitions  # positions in the file, per partition: never written
-    for index, start, stop in events.user_slices():
-        user = users[index - 1]
+    for payload in log_events(events):  # time order: each user's events in order
+        user = payload["user_id"]
         if user in taken:
             continue
         p = partition_of[user]
-        for i in range(start, stop):
-            stream.append(_file_event(events, i, user, p, next_offset[p]))
-            next_offset[p] += 1
+        stream.append(BehaviorEvent(**payload, partition=p, offset=next_offset[p], received_at=0.0))
+        next_offset[p] += 1
     report.events_read = len(events)
     report.users = len(events.users)
     report.users_up_to_date = len(taken & set(users))
@@ -314,19 +315,6 @@ def key_partition(user_id: str, partitions: int) -> int:
     from kafka.partitioner.default import murmur2
 
     return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
-
-
-def _file_event(events: EventLog, i: int, user: str, partition: int, offset: int):
-    return BehaviorEvent(
-        user_id=user,
-        item_id=events.items.raw(int(events.item[i])),
-        category_id=events.categories.raw(int(events.category[i])) if events.category[i] else "",
-        behavior=Behavior(int(events.behavior[i])).name.lower(),
-        ts=int(events.ts[i]),
-        partition=partition,
-        offset=offset,
-        received_at=0.0,
-    )
 
 
 def _start(engine, bootstrap: str, config: BackfillConfig) -> tuple[BackfillReport, str]:
