@@ -11,11 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
-from test_stream_support import Acks, LastItemsEngine, behavior_event, pending_event
+from test_stream_support import TS, Acks, LastItemsEngine, behavior_event, pending_event
 
 from hytrec.stream import schemas
 from hytrec.stream.accounting import Accounting
 from hytrec.stream.app import WorkerConfig
+from hytrec.stream.batcher import BatchConfig
 from hytrec.stream.outage import Outage, Record, RepeatFilter, deliver
 from hytrec.stream.schemas import EngineResult, InvalidMessage, encode_behavior
 from hytrec.stream.worker import BatchingWorker
@@ -321,18 +322,24 @@ def test_a_tolerance_below_the_future_allowance_is_refused():
 
 def test_a_partition_without_a_committed_offset_starts_at_offset_0(monkeypatch):
     """Not where ListOffsets(EARLIEST) says: Tansu names the batch whose write finished
-    first, which skips the first batches when a partition's first writes raced."""
+    first, which skips the first batches when a partition's first writes raced. The worker's
+    accounting learns where each behaviours partition is read from."""
     import faust.transport.drivers.aiokafka as faust_aiokafka
+    from faust.types import TP
 
     from hytrec.stream.app import _Consumer
 
-    committed = {"none": None, "zero": 0, "resumes": 57}
+    none, zero, resumes = TP("behaviors", 0), TP("behaviors", 1), TP("behaviors", 2)
+    other = TP("user-state.g", 2)
+    committed = {none: None, zero: 0, resumes: 57, other: 9}
 
     async def seek_to_committed(self):
         return dict(committed)
 
     monkeypatch.setattr(faust_aiokafka.Consumer, "seek_to_committed", seek_to_committed)
     consumer = object.__new__(_Consumer)  # no Faust app: only the seek logic runs
+    worker = new_worker(FakeProducer())
+    consumer.app = SimpleNamespace(hytrec_config=worker.config, hytrec_worker=worker)
     seeks = []
 
     async def seek(tp, offset):
@@ -340,4 +347,71 @@ def test_a_partition_without_a_committed_offset_starts_at_offset_0(monkeypatch):
 
     consumer.seek = seek
     assert asyncio.run(consumer.seek_to_committed()) == committed
-    assert seeks == [("none", 0), ("zero", 0)]  # a committed offset is where Faust resumes
+    assert seeks == [(none, 0), (zero, 0)]  # a committed offset is where Faust resumes
+    assert worker.stats.accounting.next_offset == {0: 0, 1: 0, 2: 57}
+
+
+def test_offsets_the_consumer_jumps_over_are_counted_and_logged(caplog):
+    accounting = Accounting()
+    accounting.reading_from(0, 10)  # the assignment's seek: the group's commit
+    with caplog.at_level(logging.ERROR, logger="hytrec.stream.accounting"):
+        for offset in (10, 11, 15, 16):  # 12..14 never came
+            accounting.consumed(0, offset)
+        accounting.consumed(0, 3)  # back: a replay after a seek, not a jump
+        accounting.consumed(0, 4)
+    assert accounting.partitions[0].never_delivered == 3
+    assert "behaviors[0]: offsets 12..14 were never delivered" in caplog.text
+    assert len(caplog.records) == 1
+    assert "3 offsets never delivered" in accounting.line()
+    accounting.reading_from(1, 0)
+    accounting.consumed(1, 7)  # a partition read from 0 whose first event is 7
+    assert accounting.partitions[1].never_delivered == 7
+    accounting.consumed(2, 40)  # never placed: nothing to compare with
+    assert accounting.partitions[2].never_delivered == 0
+
+
+class FakeStream(Acks):
+    """Stands in for the Faust stream the agent iterates: these messages, then the end."""
+
+    def __init__(self, messages):
+        self.messages = messages
+
+    def noack(self):
+        return self
+
+    async def events(self):
+        for message in self.messages:
+            yield SimpleNamespace(message=message)
+
+
+def test_an_event_of_a_partition_no_longer_assigned_is_left_to_its_owner():
+    worker = new_worker(FakeProducer(), batch=BatchConfig(max_items=1), snapshot_interval_s=0)
+    worker.ready.set()
+    worker.checkpoints.assignment = {0}
+
+    def message(partition, offset):
+        payload = {"user_id": "u", "item_id": "i", "category_id": "c", "behavior": "pv"}
+        value = encode_behavior({**payload, "ts": TS + offset})
+        return SimpleNamespace(
+            value=value,
+            key=b"u",
+            partition=partition,
+            offset=offset,
+            topic="behaviors",
+            timestamp=None,
+            acked=False,
+        )
+
+    ours, revoked = message(0, 0), message(1, 0)  # partition 1 went to another worker
+
+    async def wait_restored(partition):  # no 5 s wait for the restore that never comes
+        assert partition == 1
+        return False
+
+    worker.checkpoints.wait_restored = wait_restored
+    asyncio.run(worker.consume(FakeStream([revoked, ours])))
+    assert worker.stats.events_not_held == 1
+    assert revoked.acked  # done with here, and its offset never acknowledged
+    assert worker.engine.applied == {("u", 0): 0} and worker.stream.acked == 1
+    account = worker.stats.accounting
+    assert 1 not in account.partitions and account.partitions[0].applied == 1

@@ -388,6 +388,7 @@ def run_trial(config: ChaosConfig) -> ChaosReport:
             last_offset = {}
             for i, p in enumerate(payloads):
                 last_offset[p["user_id"]] = positions[i][1]
+            _save_positions(directory, payloads, positions)
             latest = _wait_final(broker.bootstrap, topics, last_offset, config.settle_timeout_s)
             note("every user's final snapshot is written")
         finally:
@@ -412,6 +413,15 @@ def run_trial(config: ChaosConfig) -> ChaosReport:
     report.seconds = round(time.monotonic() - started, 1)
     report.timeline = timeline
     return report
+
+
+def _save_positions(directory: Path, payloads: list[dict], positions: dict) -> None:
+    """Where each user's events landed, {user: [[partition, offset], ...]} in
+    `positions.json`: with the workers' run logs, what a failed trial is read from."""
+    where: dict[str, list] = defaultdict(list)
+    for i, p in enumerate(payloads):
+        where[p["user_id"]].append(list(positions[i]))
+    (directory / "positions.json").write_text(json.dumps(where))
 
 
 _ACCOUNTING = re.compile(

@@ -17,6 +17,12 @@ logged): a bug. So, at every moment,
 and a partition *balances* when nothing is unaccounted. The counters are served at
 /metrics, printed by `hytrec status` and logged by the worker; the chaos benchmark checks
 them over every worker it ran.
+
+Offsets never delivered. `behaviors` is neither compacted nor written in transactions, so
+from where the consumer was placed (`reading_from`: the group's commit, or 0) every offset
+must reach the worker, in order. An offset the consumer jumped over is counted in
+`never_delivered` and logged: its event was never applied, and Faust, which takes such a
+jump for a compacted hole, would commit past it.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class PartitionAccount:
     replays_skipped: int = 0
     in_flight: int = 0
     unaccounted: int = 0
+    never_delivered: int = 0  # offsets the consumer jumped over (see the module's doc)
 
     @property
     def balanced(self) -> bool:
@@ -54,11 +61,31 @@ FIELDS = tuple(PartitionAccount.__dataclass_fields__)
 class Accounting:
     def __init__(self) -> None:
         self.partitions: dict[int, PartitionAccount] = defaultdict(PartitionAccount)
+        self.next_offset: dict[int, int] = {}  # partition -> the offset that must come next
 
-    def consumed(self, partition: int) -> None:
+    def reading_from(self, partition: int, offset: int) -> None:
+        """The consumer was placed at `offset` of the partition (an assignment's seek)."""
+        self.next_offset[partition] = offset
+
+    def consumed(self, partition: int, offset: int | None = None) -> None:
         account = self.partitions[partition]
         account.consumed += 1
         account.in_flight += 1
+        if offset is None:
+            return
+        expected = self.next_offset.get(partition)
+        if expected is not None and offset > expected:
+            account.never_delivered += offset - expected
+            log.error(
+                "behaviors[%d]: offsets %d..%d were never delivered to the worker (the "
+                "consumer jumped from %d to %d); their events are not applied",
+                partition,
+                expected,
+                offset - 1,
+                expected,
+                offset,
+            )
+        self.next_offset[partition] = offset + 1
 
     def settle(
         self, dead_letters: Sequence[int], events: Sequence[BehaviorEvent], result: EngineResult
@@ -124,4 +151,5 @@ class Accounting:
             f"{t.dead_lettered} + replays skipped {t.replays_skipped} + in flight "
             f"{t.in_flight}; unaccounted {t.unaccounted}"
             + ("" if all(a.balanced for a in self.partitions.values()) else "; NOT BALANCED")
+            + (f"; {t.never_delivered} offsets never delivered" if t.never_delivered else "")
         )

@@ -122,9 +122,12 @@ class _Consumer(faust_aiokafka.Consumer):
 
     async def seek_to_committed(self):
         committed = await super().seek_to_committed()
+        behaviors = self.app.hytrec_config.topics.behaviors
         for tp, offset in committed.items():
             if offset is None or offset <= 0:
                 await self.seek(tp, 0)
+            if tp.topic == behaviors:
+                self.app.hytrec_worker.stats.accounting.reading_from(tp.partition, offset or 0)
         return committed
 
     def _new_consumer_thread(self):

@@ -214,8 +214,16 @@ _DELIVERY_COUNTERS = (
     ("dlq_publish_failures", "Dead letters the broker refused for good (logged)"),
     ("users_rebuilt", "User states rebuilt from the behaviors log by model swaps"),
     ("users_rebuilt_partial", "Of those, users the log no longer held whole (retention)"),
+    ("events_not_held", "Events of a partition no longer assigned, left to its new owner"),
 )
-_OUTCOMES = ("consumed", "applied", "dead_lettered", "replays_skipped", "unaccounted")
+_OUTCOMES = (
+    "consumed",
+    "applied",
+    "dead_lettered",
+    "replays_skipped",
+    "unaccounted",
+    "never_delivered",  # offsets the consumer jumped over: not an outcome, an alarm
+)
 
 
 def _worker_families(stats: Any) -> Iterable:

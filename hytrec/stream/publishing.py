@@ -57,6 +57,7 @@ class WorkerStats:
     model_swap_seconds: float = 0.0  # holding the flush lock for swaps (batches wait)
     users_rebuilt: int = 0  # user states rebuilt from the log by swaps (`--backfill`)
     users_rebuilt_partial: int = 0  # ... from a partial history: the log lost their oldest
+    events_not_held: int = 0  # consumed for a partition no longer assigned: left to its owner
 
     @property
     def events_in(self) -> int:

@@ -203,16 +203,28 @@ class BatchingWorker:
         async for event in self.stream.events():
             await self.ready.wait()
             message = event.message
-            self.stats.accounting.consumed(message.partition)
-            while True:  # restored and checked, and still so (a restore may start meanwhile)
-                if message.partition not in self.checkpoints.assignment:
-                    if not await self.checkpoints.wait_restored(message.partition):
-                        break
-                await self.logs.observe(message)
-                if message.partition in self.checkpoints.assignment:
-                    break
+            if not await self.holds(message):
+                # another worker owns the partition now and reads this event again; applied
+                # here, to a user this worker no longer holds, it would make a snapshot of
+                # a state without the user's earlier events
+                self.stats.events_not_held += 1
+                event.message.acked = True  # done with, never committed (`Pending.release`)
+                continue
+            self.stats.accounting.consumed(message.partition, message.offset)
             if self.batcher.add(self.admit(event), time.monotonic()):
                 await self.flush()
+
+    async def holds(self, message: Any) -> bool:
+        """Whether the message's partition is assigned here, its states restored and its
+        log checked (waiting for a restore under way); False for a partition that is not
+        (a message Faust fetched before the partition was revoked)."""
+        while True:  # restored and checked, and still so (a restore may start meanwhile)
+            if message.partition not in self.checkpoints.assignment:
+                if not await self.checkpoints.wait_restored(message.partition):
+                    return False
+            await self.logs.observe(message)
+            if message.partition in self.checkpoints.assignment:
+                return True
 
     def parse(
         self, message: Any, received_at: float | None = None
