@@ -403,15 +403,22 @@ def test_an_event_of_a_partition_no_longer_assigned_is_left_to_its_owner():
         )
 
     ours, revoked = message(0, 0), message(1, 0)  # partition 1 went to another worker
+    stale = message(0, 7)  # fetched in the generation before: no hole 1..6 is counted
+    stale.generation_id = 3
+    worker.app.consumer_generation_id = 4
+    for m in (ours, revoked):
+        m.generation_id = 4
 
     async def wait_restored(partition):  # no 5 s wait for the restore that never comes
         assert partition == 1
         return False
 
     worker.checkpoints.wait_restored = wait_restored
-    asyncio.run(worker.consume(FakeStream([revoked, ours])))
+    worker.stats.accounting.reading_from(0, 0)
+    asyncio.run(worker.consume(FakeStream([revoked, ours, stale])))
     assert worker.stats.events_not_held == 1
     assert revoked.acked  # done with here, and its offset never acknowledged
-    assert worker.engine.applied == {("u", 0): 0} and worker.stream.acked == 1
+    assert worker.engine.applied == {("u", 0): 7} and worker.stream.acked == 2
     account = worker.stats.accounting
-    assert 1 not in account.partitions and account.partitions[0].applied == 1
+    assert 1 not in account.partitions and account.partitions[0].applied == 2
+    assert account.partitions[0].never_delivered == 0

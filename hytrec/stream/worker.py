@@ -210,7 +210,12 @@ class BatchingWorker:
                 self.stats.events_not_held += 1
                 event.message.acked = True  # done with, never committed (`Pending.release`)
                 continue
-            self.stats.accounting.consumed(message.partition, message.offset)
+            # offsets are checked for holes only on messages fetched since the assignment's
+            # seek (one in the agent's hand across a rebalance is older than the seek)
+            fresh = getattr(message, "generation_id", None) == getattr(
+                self.app, "consumer_generation_id", None
+            )
+            self.stats.accounting.consumed(message.partition, message.offset if fresh else None)
             if self.batcher.add(self.admit(event), time.monotonic()):
                 await self.flush()
 
