@@ -314,6 +314,10 @@ def register(commands, benchmarks) -> None:
 
     add_state_store_benchmark(benchmarks)
 
+    from hytrec.bench.leaderboard import add_parser as add_leaderboard
+
+    add_leaderboard(benchmarks)
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v)

@@ -126,25 +126,31 @@ def paired_bootstrap(
     same users under another model) is given, of mean(a) - mean(b) and mean(a) / mean(b),
     resampling the users once for both so that the pairing is kept.
 
+    `a` and `b` are [U] (one run) or [S, U] (S seeds of a model, the same users in the same
+    order): with several seeds each resample also draws that side's seeds with replacement
+    (independently for a and b), so the interval holds the spread over seeds as well as over
+    users. The mean is over all seeds and users.
+
     Returns {"mean", "ci"} for a alone, else also "mean_b", "diff", "diff_ci", "ratio",
     "ratio_ci" and "share_a_ahead" (the share of resamples where mean(a) > mean(b)).
     Intervals are the (1-level)/2 and (1+level)/2 quantiles of the resampled statistics.
     """
-    a = np.asarray(a, dtype=np.float64)
-    n = len(a)
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))  # [S, U]
+    n = a.shape[1]
     if b is not None:
-        b = np.asarray(b, dtype=np.float64)
-        if len(b) != n:
-            raise ValueError(f"paired values need equal lengths, got {n} and {len(b)}")
+        b = np.atleast_2d(np.asarray(b, dtype=np.float64))
+        if b.shape[1] != n:
+            raise ValueError(f"paired values need equal lengths, got {n} and {b.shape[1]}")
     if n == 0:
         raise ValueError("nothing to resample: no users")
     rng = np.random.default_rng(seed)
     means_a, means_b = [], []
-    for lo in range(0, resamples, 256):  # [chunk, n] user indices at a time bounds memory
-        take = rng.integers(0, n, (min(256, resamples - lo), n))
-        means_a.append(a[take].mean(1))
+    chunk = max(1, 2**20 // (n * max(len(a), 1 if b is None else len(b))))  # bounds memory
+    for lo in range(0, resamples, min(256, chunk)):
+        take = rng.integers(0, n, (min(256, chunk, resamples - lo), n))  # [chunk, n] users
+        means_a.append(_resampled_means(a, take, rng))
         if b is not None:
-            means_b.append(b[take].mean(1))
+            means_b.append(_resampled_means(b, take, rng))
     qs = ((1 - level) / 2, (1 + level) / 2)
     ma = np.concatenate(means_a)
     out = {"mean": float(a.mean()), "ci": [float(v) for v in np.quantile(ma, qs)]}
@@ -163,6 +169,16 @@ def paired_bootstrap(
         share_a_ahead=float(np.mean(ma > mb)),
     )
     return out
+
+
+def _resampled_means(values: np.ndarray, take: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """[R] means of `values` [S, U] over the users `take` [R, n] of each resample and, with
+    several seeds, over S seeds drawn with replacement per resample."""
+    if len(values) == 1:
+        return values[0][take].mean(1)
+    seeds = rng.integers(0, len(values), (len(take), len(values)))  # [R, S]
+    per_user = values[seeds].mean(1)  # [R, U]: each resample's seeds averaged
+    return np.take_along_axis(per_user, take, axis=1).mean(1)
 
 
 def ranking_metrics(

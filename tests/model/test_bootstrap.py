@@ -52,3 +52,25 @@ def test_same_seed_same_interval_and_errors():
         paired_bootstrap(a, a[:3])
     with pytest.raises(ValueError, match="no users"):
         paired_bootstrap(np.zeros(0))
+
+
+def test_seeds_widen_the_interval_by_their_spread_and_keep_the_pairing():
+    """Seeds [S, U] are drawn with replacement per resample: runs that differ only by a
+    per-seed offset of -d, 0, +d (identical users) give the interval of the mean of three
+    draws from {-d, 0, d}, whose 2.5 % and 97.5 % quantiles are -d and +d (each extreme has
+    probability 1/27 > 2.5 %)."""
+    users = np.full(300, 0.3)
+    d = 0.02
+    runs = np.stack([users - d, users, users + d])  # [3 seeds, 300 users]
+    out = paired_bootstrap(runs, resamples=4000, seed=1)
+    assert out["mean"] == pytest.approx(0.3)
+    assert out["ci"] == pytest.approx([0.3 - d, 0.3 + d])
+    assert paired_bootstrap(runs[1], resamples=500)["ci"] == pytest.approx([0.3, 0.3])
+
+    rng = np.random.default_rng(4)
+    b = rng.random(400)
+    same_seeds = np.stack([b + 0.1] * 3)  # three seeds that agree: only users vary
+    paired = paired_bootstrap(same_seeds, b, resamples=500)
+    assert paired["diff_ci"] == pytest.approx([0.1, 0.1])  # users paired across the sides
+    with pytest.raises(ValueError, match="equal lengths"):
+        paired_bootstrap(same_seeds, b[:10])
