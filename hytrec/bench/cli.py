@@ -274,9 +274,10 @@ def register(commands, benchmarks) -> None:
     bench = benchmarks.add_parser(
         "index",
         help="queries/s and recall@k of each index kind on clustered data",
-        description="Writes JSON rows (index, backend, n, d, batch, k, qps, recall_at_k) and a "
-        "recall-vs-QPS PNG beside it. The full default run takes about 20 minutes "
-        "on 2 CPU cores; --quick is a seconds-long smoke run.",
+        description="Writes JSON rows (index, backend, n, d, batch, k, qps, recall_at_k), "
+        "per-query category search rows (category sub-index vs faiss selector: recall, "
+        "searched fraction, qps) and a recall-vs-QPS PNG beside it. The full default run "
+        "takes about 20 minutes on 2 CPU cores; --quick is a seconds-long smoke run.",
     )
     bench.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
     bench.add_argument("--sizes", type=_ints)
@@ -290,6 +291,12 @@ def register(commands, benchmarks) -> None:
     bench.add_argument("--queries", type=int)
     bench.add_argument("--seconds", type=float, help="wall time of one measurement")
     bench.add_argument("--backend", choices=("auto", "cpu", "gpu"))
+    bench.add_argument("--category-size", type=int, help="mean items per category")
+    bench.add_argument(
+        "--categories-per-query",
+        type=int,
+        help="allowed categories per query of the per-query category rows (0: none)",
+    )
     bench.add_argument("--seed", type=int)
     bench.add_argument(
         "--output",
