@@ -305,6 +305,38 @@ def register(commands, benchmarks) -> None:
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(func=_benchmark_index)
 
+    # defaults live in CascadeConfig
+    cascade = benchmarks.add_parser(
+        "cascade",
+        help="ULIM's category cascade: item HR@50 and searched share against K, oracle, "
+        "next-category HR@K beside the category baselines",
+        description="Trains a ULIM within a small budget, then ranks every test target "
+        "inside the top K categories of P(c) for each K (and the target's own category): "
+        "item HR@50, NDCG@10 and the share of the catalogue searched; next-category HR@K / "
+        "MRR of ULIM, 'repeat last category' and 'most frequent categories'. Writes "
+        "STEM.json and STEM.png.",
+    )
+    cascade.add_argument("--dataset", help="a dataset with categories (default: taobao)")
+    cascade.add_argument("--ks", type=_ints, help="categories searched, 0 = all: 1,2,5,10,20,0")
+    for name, kind in (
+        ("--hr-k", int),
+        ("--d-model", int),
+        ("--epochs", int),
+        ("--max-len", int),
+        ("--negatives", int),
+        ("--train-seconds", float),
+        ("--valid-users", int),
+        ("--max-users", int),
+        ("--batch-size", int),
+        ("--seed", int),
+    ):
+        cascade.add_argument(name, type=kind)
+    cascade.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    cascade.add_argument(
+        "--output", help="report stem (default: benchmarks/results/ulim-cascade-DATASET)"
+    )
+    cascade.set_defaults(func=_benchmark_cascade)
+
     from hytrec.bench.stream_benchmark import add_parser as add_stream_benchmark
 
     add_stream_benchmark(benchmarks)
@@ -384,6 +416,24 @@ def _benchmark_profile(args: argparse.Namespace) -> int:
     output = (args.output or "benchmarks/results/profile-train-cpu").removesuffix(".json")
     run_profile(config, output)
     print(f"-> {output}.json, {output}.md and {output}.png")
+    return 0
+
+
+def _benchmark_cascade(args: argparse.Namespace) -> int:
+    import torch
+
+    from hytrec.bench.cascade import QUICK, CascadeConfig, run_cascade
+    from hytrec.model.data import load_named
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    config = _config(args, CascadeConfig(), QUICK)
+    output = (args.output or str(RESULTS / f"ulim-cascade-{config.dataset}")).removesuffix(".json")
+    report = run_cascade(config, load_named(config.dataset), output)
+    for row in report["rows"]:
+        print(row)
+    for name, metrics in report["next_category"].items():
+        print(f"next category, {name}: HR@10 {metrics['HR@10']:.4f} MRR {metrics['MRR']:.4f}")
+    print(f"-> {output}.json and {output}.png")
     return 0
 
 

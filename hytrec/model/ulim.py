@@ -358,16 +358,21 @@ class ULIM(SequentialModel):
             draw = torch.rand(len(tgt), cfg.category_negatives, generator=generator).to(device)
             at = start[tcat, None] + (draw * count[tcat, None]).long()
             inside = order[at.clamp(max=len(order) - 1)]  # [P, S_c] items of c*
-            candidates = torch.cat([tgt[:, None], uniform.expand(len(tgt), -1), inside], 1)
             # a negative equal to the target is masked out, and so are draws from an empty c*
-            masked = candidates == tgt[:, None]
-            masked[:, 0] = False
-            masked[:, 1 + negatives :] |= (count[tcat] == 0)[:, None]
+            masked = torch.cat([uniform.expand(len(tgt), -1), inside], 1) == tgt[:, None]
+            masked[:, negatives:] |= (count[tcat] == 0)[:, None]
         item_loss = 0.0
         for weight, u in zip((1.0, cfg.aux_weight, cfg.aux_weight), vectors, strict=True):
             if negatives:
-                logits = torch.einsum("pd,pnd->pn", u, table[candidates])
-                logits = logits.masked_fill(masked, float("-inf"))
+                logits = torch.cat(
+                    [
+                        (u * table[tgt]).sum(-1, keepdim=True),  # [P, 1]
+                        u @ table[uniform].T,  # [P, S] shared uniform negatives
+                        torch.einsum("pd,pnd->pn", u, table[inside]),  # [P, S_c]
+                    ],
+                    1,
+                )
+                logits[:, 1:] = logits[:, 1:].masked_fill(masked, float("-inf"))
                 log_prob = logits.log_softmax(-1)[:, 0]
             else:
                 logits = u @ table.T

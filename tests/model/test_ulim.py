@@ -182,3 +182,40 @@ def test_joint_loss_is_finite_and_trains(negatives):
         losses.append(float(loss))
     assert positions == 14 + 8 + 3 + 1
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_evaluate_reports_next_category_metrics_and_the_baselines_rank_by_rule():
+    """`evaluate` adds category_metrics for a model with a category head; the two category
+    baselines rank exactly by their rules (checked against a loop over each user)."""
+    from hytrec.model.evaluate import EvalConfig, evaluate, leave_one_out, rank_categories
+    from hytrec.model.heuristics import category_baselines
+    from hytrec.model.synthetic import SyntheticConfig, generate
+
+    log = generate(
+        SyntheticConfig(
+            users=30, min_events=10, max_events=40, categories=6, items_per_category=10, seed=4
+        )
+    )
+    split = leave_one_out(log)
+    model = ULIM(
+        ULIMConfig(num_items=len(log.items), num_categories=len(log.categories), d_model=16)
+    ).eval()
+    report = evaluate(model, log, split, "test", EvalConfig())
+    metrics = report["category_metrics"]
+    assert metrics["users"] == report["overall"]["users"] and 0 <= metrics["MRR"] <= 1
+    assert metrics["HR@1"] <= metrics["HR@5"] <= metrics["HR@20"] == 1.0  # 5 categories
+    baselines = category_baselines(log)
+    last = rank_categories(baselines["repeat last category"], log, split, "test")
+    frequent = rank_categories(baselines["most frequent categories"], log, split, "test")
+    starts, targets = split.targets("test")
+    for row, (a, z) in enumerate(zip(starts, targets, strict=True)):
+        history, target = log.category[a:z], log.category[z]
+        assert (last[row] == 0) == (history[-1] == target)
+        cats, counts = np.unique(history, return_counts=True)
+        newest = {c: max(np.flatnonzero(history == c)) for c in cats}
+        order = sorted(cats, key=lambda c: (-counts[cats == c][0], -newest[c]))
+        expected = order.index(target) if target in order else None
+        if expected is not None:
+            assert frequent[row] == expected, row
+        else:  # an unseen category ties with every other unseen one, behind all
+            assert frequent[row] == len(log.categories) - 2
