@@ -25,6 +25,8 @@ from hytrec.index import (
     select_backend,
 )
 from hytrec.index import backend as backend_module
+from hytrec.index import item_index as item_index_module
+from hytrec.index.item_index import recall_at_k
 
 TOL = 1e-5
 APPROX_KINDS = ("ivf_flat", "ivf_pq", "hnsw")
@@ -362,3 +364,99 @@ def test_gpu_exact_matches_cpu(items):
     gpu = build_index(vectors, ids, categories, IndexConfig(kind="flat", backend="gpu"))
     a, b = cpu.search(queries, 20, categories=[1, 2]), gpu.search(queries, 20, categories=[1, 2])
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+
+
+def per_query_scores(vectors, queries, categories, query_categories, exclude, ids):
+    """float64 [Q, N] brute-force inner products, -inf outside each query's own categories
+    and on its excluded items."""
+    scores = brute_force_scores(vectors, queries, exclude=exclude, ids=ids)
+    for row, cats in enumerate(query_categories):
+        scores[row, ~np.isin(categories, list(cats))] = -np.inf
+    return scores
+
+
+def query_category_lists(rng, queries: int) -> list[list[int]]:
+    """Per-query category lists: single categories, several, repeats of the same set (so
+    that queries group), an empty list and a category no item has."""
+    lists = [
+        [int(c) for c in rng.choice(20, rng.integers(1, 4), replace=False)] for _ in range(queries)
+    ]
+    lists[1], lists[2], lists[3] = [], [99], [5, 99]
+    lists[4] = lists[5] = lists[6] = [7]
+    return lists
+
+
+@pytest.mark.parametrize("path", ["subindex", "faiss_bitmap", "gpu_post_filter"])
+def test_per_query_categories_exact_against_brute_force(items, path, monkeypatch):
+    """Each query gets only items of its own categories, and exactly the brute-force top-k
+    there, on every path: the category sub-index, faiss's bitmap selector (CPU), and the
+    GPU's over-fetch and filter (run here on a CPU flat index, with a small fetch cap so
+    that rows come back short and are redone in the sub-index)."""
+    vectors, ids, categories, queries = items
+    cfg = IndexConfig(kind="flat", subindex_max_items=4096 if path == "subindex" else 0)
+    index = build_index(vectors, ids, categories, cfg)
+    if path == "gpu_post_filter":
+        monkeypatch.setattr(item_index_module, "GPU_MAX_K", 40)
+        index.on_cpu = False
+    rng = np.random.default_rng(11)
+    lists = query_category_lists(rng, len(queries))
+    exclude = [rng.choice(ids, q % 4) for q in range(len(queries))]
+    result = index.search(queries, 25, exclude=exclude, query_categories=lists)
+    by_id = dict(zip(ids.tolist(), categories.tolist(), strict=True))
+    for row, cats in enumerate(lists):
+        got = result.ids[row][result.ids[row] >= 0]
+        assert all(by_id[i] in cats for i in got.tolist()), f"row {row}: foreign category"
+    assert (result.ids[1] == -1).all() and (result.ids[2] == -1).all()  # nothing allowed
+    scores = per_query_scores(vectors, queries, categories, lists, exclude, ids)
+    assert_top_k(result, scores, ids, 25)
+
+
+def test_per_query_categories_small_categories_pad(items):
+    """k above a category's size returns its items, then -1 / -inf; exclusions count."""
+    vectors, ids, _, queries = items
+    categories = np.zeros(len(ids), dtype=np.int64)
+    categories[:3], categories[3:5] = 1, 2  # three items in category 1, two in category 2
+    index = build_index(vectors, ids, categories, IndexConfig(kind="flat"))
+    result = index.search(
+        queries[:3], 4, exclude=[[ids[0]], [], []], query_categories=[[1], [1, 2], [2]]
+    )
+    assert set(result.ids[0, :2]) == set(ids[1:3]) and (result.ids[0, 2:] == -1).all()
+    assert set(result.ids[1]) == set(ids[:4]) or set(result.ids[1]) <= set(ids[:5])
+    assert (result.ids[1] >= 0).all()
+    assert set(result.ids[2, :2]) == set(ids[3:5]) and np.isneginf(result.scores[2, 2:]).all()
+
+
+def test_per_query_categories_refusals_and_round_trip(items, flat, tmp_path):
+    vectors, ids, categories, queries = items
+    with pytest.raises(ValueError, match="not both"):
+        flat.search(queries[:2], 5, categories=[1], query_categories=[[1], [2]])
+    with pytest.raises(ValueError, match="1 category lists for 2 queries"):
+        flat.search(queries[:2], 5, query_categories=[[1]])
+    with pytest.raises(ValueError, match="without item categories"):
+        build_index(vectors, ids).search(queries[:1], 5, query_categories=[[1]])
+    lists = query_category_lists(np.random.default_rng(12), len(queries))
+    loaded = ItemIndex.load(flat.save(tmp_path / "ix"))
+    a = flat.search(queries, 10, query_categories=lists)
+    b = loaded.search(queries, 10, query_categories=lists)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("kind", APPROX_KINDS)
+def test_per_query_categories_approximate_kinds(items, kind):
+    """Approximate kinds keep every query inside its categories, and their sub-index (the
+    index's own reconstructed vectors) agrees with the faiss path on most of the top-k."""
+    vectors, ids, categories, queries = items
+    lists = query_category_lists(np.random.default_rng(13), len(queries))
+    by_id = dict(zip(ids.tolist(), categories.tolist(), strict=True))
+    results = []
+    for limit in (4096, 0):
+        index = build_index(
+            vectors, ids, categories, IndexConfig(kind=kind, nprobe=32, subindex_max_items=limit)
+        )
+        result = index.search(queries, 10, query_categories=lists)
+        for row, cats in enumerate(lists):
+            got = result.ids[row][result.ids[row] >= 0]
+            assert all(by_id[i] in cats for i in got.tolist())
+        results.append(result.ids)
+    assert recall_at_k(results[1], results[0]) >= 0.8

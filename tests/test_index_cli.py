@@ -98,4 +98,10 @@ def test_quick_benchmark_writes_valid_rows(tmp_path, capsys):
         if row["index"] == "flat":
             assert row["recall_at_k"] == 1.0
     assert report["command"].startswith("hytrec benchmark index --sizes 2000")
+    category_rows = report["category_rows"]
+    assert {r["path"] for r in category_rows} == {"subindex", "faiss_bitmap"}
+    assert len(category_rows) == 2 * len(cfg["batches"]) * len(cfg["sizes"]) * len(cfg["dims"])
+    for row in category_rows:  # both paths are exact on the flat index
+        assert row["recall_at_k"] == 1.0 and row["qps"] > 0
+        assert 0 < row["searched_fraction"] < 1
     assert report["faiss_version"] and report["blas"] and report["date"]

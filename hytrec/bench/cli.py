@@ -274,9 +274,10 @@ def register(commands, benchmarks) -> None:
     bench = benchmarks.add_parser(
         "index",
         help="queries/s and recall@k of each index kind on clustered data",
-        description="Writes JSON rows (index, backend, n, d, batch, k, qps, recall_at_k) and a "
-        "recall-vs-QPS PNG beside it. The full default run takes about 20 minutes "
-        "on 2 CPU cores; --quick is a seconds-long smoke run.",
+        description="Writes JSON rows (index, backend, n, d, batch, k, qps, recall_at_k), "
+        "per-query category search rows (category sub-index vs faiss selector: recall, "
+        "searched fraction, qps) and a recall-vs-QPS PNG beside it. The full default run "
+        "takes about 20 minutes on 2 CPU cores; --quick is a seconds-long smoke run.",
     )
     bench.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
     bench.add_argument("--sizes", type=_ints)
@@ -290,6 +291,12 @@ def register(commands, benchmarks) -> None:
     bench.add_argument("--queries", type=int)
     bench.add_argument("--seconds", type=float, help="wall time of one measurement")
     bench.add_argument("--backend", choices=("auto", "cpu", "gpu"))
+    bench.add_argument("--category-size", type=int, help="mean items per category")
+    bench.add_argument(
+        "--categories-per-query",
+        type=int,
+        help="allowed categories per query of the per-query category rows (0: none)",
+    )
     bench.add_argument("--seed", type=int)
     bench.add_argument(
         "--output",
@@ -297,6 +304,38 @@ def register(commands, benchmarks) -> None:
     )
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(func=_benchmark_index)
+
+    # defaults live in CascadeConfig
+    cascade = benchmarks.add_parser(
+        "cascade",
+        help="ULIM's category cascade: item HR@50 and searched share against K, oracle, "
+        "next-category HR@K beside the category baselines",
+        description="Trains a ULIM within a small budget, then ranks every test target "
+        "inside the top K categories of P(c) for each K (and the target's own category): "
+        "item HR@50, NDCG@10 and the share of the catalogue searched; next-category HR@K / "
+        "MRR of ULIM, 'repeat last category' and 'most frequent categories'. Writes "
+        "STEM.json and STEM.png.",
+    )
+    cascade.add_argument("--dataset", help="a dataset with categories (default: taobao)")
+    cascade.add_argument("--ks", type=_ints, help="categories searched, 0 = all: 1,2,5,10,20,0")
+    for name, kind in (
+        ("--hr-k", int),
+        ("--d-model", int),
+        ("--epochs", int),
+        ("--max-len", int),
+        ("--negatives", int),
+        ("--train-seconds", float),
+        ("--valid-users", int),
+        ("--max-users", int),
+        ("--batch-size", int),
+        ("--seed", int),
+    ):
+        cascade.add_argument(name, type=kind)
+    cascade.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    cascade.add_argument(
+        "--output", help="report stem (default: benchmarks/results/ulim-cascade-DATASET)"
+    )
+    cascade.set_defaults(func=_benchmark_cascade)
 
     from hytrec.bench.stream_benchmark import add_parser as add_stream_benchmark
 
@@ -381,6 +420,24 @@ def _benchmark_profile(args: argparse.Namespace) -> int:
     output = (args.output or "benchmarks/results/profile-train-cpu").removesuffix(".json")
     run_profile(config, output)
     print(f"-> {output}.json, {output}.md and {output}.png")
+    return 0
+
+
+def _benchmark_cascade(args: argparse.Namespace) -> int:
+    import torch
+
+    from hytrec.bench.cascade import QUICK, CascadeConfig, run_cascade
+    from hytrec.model.data import load_named
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    config = _config(args, CascadeConfig(), QUICK)
+    output = (args.output or str(RESULTS / f"ulim-cascade-{config.dataset}")).removesuffix(".json")
+    report = run_cascade(config, load_named(config.dataset), output)
+    for row in report["rows"]:
+        print(row)
+    for name, metrics in report["next_category"].items():
+        print(f"next category, {name}: HR@10 {metrics['HR@10']:.4f} MRR {metrics['MRR']:.4f}")
+    print(f"-> {output}.json and {output}.png")
     return 0
 
 

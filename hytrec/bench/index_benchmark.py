@@ -6,6 +6,14 @@ are in use). For every size n and dimension d, exact top-k of a fixed query set 
 ground truth; each kind is built once, then searched at two or three settings (IVF nprobe,
 HNSW efSearch), each at every batch size for about `seconds` of wall time (at least one
 batch). Recall does not depend on the batch size, so it is measured once per setting.
+
+Per-query category search (`category_rows`, the exact flat index): the items get
+`n / category_size` categories of Zipf-skewed sizes (real catalogues are skewed: on the
+Taobao sample the largest of 2,914 categories holds 2,026 items, the median 3), each query
+`categories_per_query` of them drawn by item (a user's categories are the big ones more
+often), and each query is searched inside its own set through the category sub-index and
+through faiss's bitmap selector: recall@k against brute force, the searched share of the
+catalogue and queries/s, per batch size.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ class BenchConfig:
     seconds: float = 1.5  # wall time of one measurement
     noise: float = 0.75  # spread of a cluster relative to the spread of the centres (overlap)
     backend: str = "auto"
+    category_size: int = 20  # mean items per category of the per-query category rows
+    categories_per_query: int = 10  # allowed categories per query (0 = no category rows)
     seed: int = 0
 
     def command(self) -> str:
@@ -57,11 +67,13 @@ class BenchConfig:
             f"--nprobes {csv(self.nprobes)} --ef-searches {csv(self.ef_searches)} "
             f"--hnsw-m {self.hnsw_m} "
             f"--queries {self.queries} --seconds {self.seconds} --backend {self.backend} "
-            f"--seed {self.seed}"
+            f"--category-size {self.category_size} "
+            f"--categories-per-query {self.categories_per_query} --seed {self.seed}"
         )
 
 
 QUICK = BenchConfig(
+    categories_per_query=3,
     sizes=(2000,),
     dims=(16,),
     batches=(1, 16),
@@ -115,17 +127,90 @@ def build_params(index: ItemIndex) -> dict:
 
 
 def queries_per_second(
-    index: ItemIndex, queries: np.ndarray, batch: int, k: int, seconds: float, settings: dict
+    index: ItemIndex,
+    queries: np.ndarray,
+    batch: int,
+    k: int,
+    seconds: float,
+    settings: dict,
+    query_categories: list[list[int]] | None = None,
 ) -> float:
-    """Search batches of `batch` queries (cycling through `queries`) for about `seconds`."""
+    """Search batches of `batch` queries (cycling through `queries`, each with its own
+    categories when given) for about `seconds`."""
     done, start = 0, time.perf_counter()
     while True:
         rows = np.arange(done, done + batch) % len(queries)
+        if query_categories is not None:
+            settings = {"query_categories": [query_categories[r] for r in rows]}
         index.search(queries[rows], k, **settings)
         done += batch
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return done / elapsed
+
+
+def zipf_categories(n: int, mean_size: int, rng: np.random.Generator) -> np.ndarray:
+    """int64 [n]: a category per item, n / mean_size categories with Zipf(1)-like sizes
+    (every category holds at least one item)."""
+    count = max(1, n // mean_size)
+    weights = 1.0 / np.arange(1, count + 1)
+    categories = np.concatenate(
+        [np.arange(count), rng.choice(count, n - count, p=weights / weights.sum())]
+    )
+    return rng.permutation(categories).astype(np.int64)
+
+
+def category_rows(
+    items: np.ndarray, queries: np.ndarray, cfg: BenchConfig, backend: str
+) -> list[dict]:
+    """Per-query category search on the exact index: sub-index vs faiss's selector."""
+    rng = np.random.default_rng(cfg.seed)
+    n, d = items.shape
+    categories = zipf_categories(n, cfg.category_size, rng)
+    # a query's categories: those of random items (size-biased, as a user's are)
+    lists = [
+        sorted({int(c) for c in categories[rng.integers(0, n, 4 * cfg.categories_per_query)]})[
+            : cfg.categories_per_query
+        ]
+        for _ in range(len(queries))
+    ]
+    sizes = np.bincount(categories)
+    searched = float(np.mean([sizes[c].sum() for c in lists]) / n)
+    scores = queries @ items.T  # [Q, n] brute force
+    k = cfg.k
+    truth = []
+    for row, cats in enumerate(lists):
+        allowed = np.flatnonzero(np.isin(categories, cats))
+        truth.append(allowed[np.argsort(-scores[row, allowed], kind="stable")[:k]])
+    rows = []
+    for path, limit in (("subindex", n), ("faiss_bitmap", 0)):
+        index = build_index(
+            items,
+            categories=categories,
+            config=IndexConfig(kind="flat", backend=backend, subindex_max_items=limit),
+        )
+        found = index.search(queries, k, query_categories=lists).ids
+        recall = np.mean(
+            [len(np.intersect1d(f[f >= 0], t)) / len(t) for f, t in zip(found, truth, strict=True)]
+        )
+        for batch in cfg.batches:
+            qps = queries_per_second(index, queries, batch, k, cfg.seconds, {}, lists)
+            rows.append(
+                {
+                    "path": path,
+                    "backend": index.config.backend,
+                    "n": n,
+                    "d": d,
+                    "categories": int(len(sizes)),
+                    "categories_per_query": cfg.categories_per_query,
+                    "searched_fraction": round(searched, 4),
+                    "batch": batch,
+                    "k": k,
+                    "qps": round(qps, 1),
+                    "recall_at_k": round(float(recall), 4),
+                }
+            )
+    return rows
 
 
 def environment() -> dict:
@@ -172,6 +257,7 @@ def run_benchmark(cfg: BenchConfig, output: Path | None = None, progress: bool =
         "config": asdict(cfg),
         "builds": [],
         "rows": [],
+        "category_rows": [],
     }
     total = (
         sum(len(settings_of(kind, cfg)) for kind in cfg.kinds)
@@ -185,6 +271,9 @@ def run_benchmark(cfg: BenchConfig, output: Path | None = None, progress: bool =
             items, queries = clustered_data(n, d, cfg.queries, cfg.noise, cfg.seed)
             bar.set_description(f"n={n} d={d} exact top-{cfg.k}")
             truth = exact_top_k(items, queries, cfg.k)  # ids are positions 0..n-1
+            if cfg.categories_per_query:
+                bar.set_description(f"n={n} d={d} per-query categories")
+                report["category_rows"] += category_rows(items, queries, cfg, backend)
             for kind in cfg.kinds:
                 bar.set_description(f"n={n} d={d} build {kind}")
                 index = build_index(

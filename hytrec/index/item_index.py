@@ -8,6 +8,15 @@ Kinds (faiss names): "flat" = IndexFlatIP, exact; "ivf_flat" = IndexIVFFlat, k-m
 with full vectors; "ivf_pq" = IndexIVFPQ, lists with product-quantised codes; "hnsw" =
 IndexHNSWFlat, a navigable small-world graph (CPU only). "auto" takes "flat" up to
 `exact_max_items` items, above that "hnsw" on the CPU and "ivf_flat" on a GPU.
+
+Category filters. `search(categories=[...])` restricts every query to one set of categories;
+`search(query_categories=[[...], [...], ...])` gives each query its own set (a category
+cascade asks for one user's top categories, or one query per category). Queries with the
+same set are searched together. A set holding at most `subindex_max_items` items is
+searched exactly in the per-category sub-index (`CategoryBlocks`: the items' vectors
+grouped by category, one contiguous block each, scored by brute force); a larger one goes
+through faiss with a bitmap selector on the CPU, or over-fetch and filter on a GPU (no
+selectors there), where a row that comes back short is redone in the sub-index.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -58,6 +68,9 @@ class IndexConfig:
     ef_search: int = 128  # candidate list length per query
     recall_k: int = 100  # the build reports recall@recall_k ...
     recall_queries: int = 1000  # ... on a sample of this many of the given queries
+    # per-query category search: a category set of at most this many items is searched by
+    # brute force in the category sub-index instead of faiss (0 = always faiss)
+    subindex_max_items: int = 4096
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -88,6 +101,69 @@ class SearchResult:
 
     ids: np.ndarray
     scores: np.ndarray
+
+
+@dataclass(frozen=True)
+class CategoryBlocks:
+    """The per-category sub-index: every item's vector, grouped by category so that each
+    category is one contiguous block (positions starts[j]..stops[j]-1 of `keys[j]`).
+
+    ids int64 [N] and vectors float32 [N, d] are in block order; keys int64 [C] sorted."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    keys: np.ndarray
+    starts: np.ndarray
+    stops: np.ndarray
+
+    @classmethod
+    def of(cls, vectors: np.ndarray, ids: np.ndarray, categories: np.ndarray) -> CategoryBlocks:
+        order = np.argsort(categories, kind="stable")
+        keys, starts, counts = np.unique(categories[order], return_index=True, return_counts=True)
+        return cls(ids[order], np.ascontiguousarray(vectors[order]), keys, starts, starts + counts)
+
+    def positions(self, categories: tuple[int, ...]) -> np.ndarray:
+        """Block-order positions of the items of these categories (unknown ones hold none)."""
+        j = np.searchsorted(self.keys, categories)
+        j = j[(j < len(self.keys)) & (self.keys[np.minimum(j, len(self.keys) - 1)] == categories)]
+        if not len(j):
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate(
+            [np.arange(a, b) for a, b in zip(self.starts[j], self.stops[j], strict=True)]
+        )
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        positions: np.ndarray,
+        exclude: list | None = None,
+    ) -> SearchResult:
+        """Exact top-k of each query [G, d] among the items at `positions` (brute force)."""
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        if not len(positions) or not len(queries):
+            return SearchResult(ids, scores)
+        candidates = self.ids[positions]
+        all_scores = queries @ self.vectors[positions].T  # [G, A]
+        if exclude is not None:
+            for row, excluded in enumerate(exclude):
+                if len(excluded):
+                    all_scores[row, np.isin(candidates, np.asarray(excluded, np.int64))] = -np.inf
+        m = min(k, len(positions))
+        top = np.argpartition(-all_scores, m - 1, axis=1)[:, :m] if m < len(positions) else None
+        if top is None:
+            top = np.broadcast_to(np.arange(len(positions)), all_scores.shape)
+        top_scores = np.take_along_axis(all_scores, top, 1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        top, top_scores = (
+            np.take_along_axis(top, order, 1),
+            np.take_along_axis(top_scores, order, 1),
+        )
+        found = np.isfinite(top_scores)  # excluded items score -inf: never returned
+        ids[:, :m] = np.where(found, candidates[top], -1)
+        scores[:, :m] = np.where(found, top_scores, -np.inf)
+        return SearchResult(ids, scores)
 
 
 class IndexFileError(ValueError):
@@ -157,6 +233,7 @@ class ItemIndex:
         config: IndexConfig,
         model_version: str | None = None,
         report: dict | None = None,
+        blocks: CategoryBlocks | None = None,
     ):
         self.faiss = import_faiss()
         self.index = index
@@ -168,6 +245,8 @@ class ItemIndex:
         self.n, self.d = len(ids), index.d
         # faiss ID selectors work on CPU indexes only; GPU searches over-fetch and filter
         self.on_cpu = config.backend == "cpu" or config.kind == "hnsw"
+        # the category sub-index, from the index's own (CPU) vectors: None without categories
+        self.blocks = blocks
         self._gpu_lock = threading.Lock()  # faiss GPU indexes are not thread-safe
 
     def __repr__(self) -> str:
@@ -223,26 +302,39 @@ class ItemIndex:
         categories: list[int] | np.ndarray | None = None,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        query_categories: Sequence[Sequence[int]] | None = None,
     ) -> SearchResult:
         """Top-k items for each query.
 
         queries: float32 [Q, d]. exclude: Q lists of vocabulary indices each query must not
         return (still returns k results: over-fetch and filter). categories: only items of
-        these categories. nprobe / ef_search override the config for this call.
-        Returns a SearchResult of shape [Q, k]; rows are padded with -1 / -inf only when
-        fewer than k items are allowed or the (approximate) index finds fewer.
+        these categories; or query_categories: Q lists, query q only items of its list's
+        categories (an empty list allows nothing). nprobe / ef_search override the config
+        for this call. Returns a SearchResult of shape [Q, k]; rows are padded with -1 / -inf
+        only when fewer than k items are allowed or the (approximate) index finds fewer.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.d:
             raise ValueError(f"queries of shape {queries.shape}, expected [Q, {self.d}]")
         if exclude is not None and len(exclude) != len(queries):
             raise ValueError(f"{len(exclude)} exclusion lists for {len(queries)} queries")
+        if (categories is not None or query_categories is not None) and self.categories is None:
+            raise ValueError("category-restricted search on an index built without item categories")
+        if query_categories is not None:
+            if categories is not None:
+                raise ValueError(
+                    "give categories (one list for every query) or query_categories (one "
+                    "list per query), not both"
+                )
+            if len(query_categories) != len(queries):
+                raise ValueError(
+                    f"{len(query_categories)} category lists for {len(queries)} queries"
+                )
+            return self._search_per_query(
+                queries, k, exclude, query_categories, nprobe=nprobe, ef_search=ef_search
+            )
         allowed = None
         if categories is not None:
-            if self.categories is None:
-                raise ValueError(
-                    "category-restricted search on an index built without item categories"
-                )
             allowed = np.isin(self.categories, np.asarray(categories, dtype=np.int64))
         n_allowed = self.n if allowed is None else int(allowed.sum())
         nprobe = nprobe or self.config.nprobe
@@ -285,6 +377,41 @@ class ItemIndex:
                     short.append(q)
             # an approximate index (or a GPU filter) can fall short: ask those rows for more
             todo, fetch = np.array(short, dtype=np.int64), min(2 * fetch, limit)
+        return SearchResult(ids, scores)
+
+    def _search_per_query(
+        self,
+        queries: np.ndarray,
+        k: int,
+        exclude: list | None,
+        query_categories: Sequence[Sequence[int]],
+        **settings,
+    ) -> SearchResult:
+        """`search` with a category list per query: one search per distinct category set,
+        in the sub-index when the set is small, else through faiss (see the module doc)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for q, cats in enumerate(query_categories):
+            groups.setdefault(tuple(sorted({int(c) for c in cats})), []).append(q)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        for cats, members in groups.items():
+            rows = np.asarray(members, dtype=np.int64)
+            excluded = [exclude[q] for q in members] if exclude is not None else None
+            positions = self.blocks.positions(cats)
+            if len(positions) <= self.config.subindex_max_items:
+                found = self.blocks.search(queries[rows], k, positions, excluded)
+            else:
+                found = self.search(queries[rows], k, excluded, list(cats), **settings)
+                short = (found.ids < 0).any(1)
+                if not self.on_cpu and short.any():  # the GPU's over-fetch fell short: exact
+                    redo = self.blocks.search(
+                        queries[rows[short]],
+                        k,
+                        positions,
+                        [excluded[i] for i in np.flatnonzero(short)] if excluded else None,
+                    )
+                    found.ids[short], found.scores[short] = redo.ids, redo.scores
+            ids[rows], scores[rows] = found.ids, found.scores
         return SearchResult(ids, scores)
 
     # ------------------------------------------------------------------ persistence
@@ -385,6 +512,7 @@ class ItemIndex:
             config,
             meta["model_version"],
             meta["build_report"],
+            _category_blocks(faiss, index, ids, categories),
         )
 
 
@@ -394,6 +522,20 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _category_blocks(
+    faiss: ModuleType, cpu_index, ids: np.ndarray, categories: np.ndarray | None
+) -> CategoryBlocks | None:
+    """The sub-index of a CPU faiss index's own vectors (exact for flat, HNSW and IVF-flat;
+    IVF-PQ's decoded codes), so that a built and a loaded index search it alike."""
+    if categories is None:
+        return None
+    ivf = faiss.try_extract_index_ivf(cpu_index)
+    if ivf is not None:
+        ivf.make_direct_map()  # IVF lists need the id -> list map to reconstruct by id
+    vectors = cpu_index.reconstruct_n(0, cpu_index.ntotal)  # float32 [N, d]
+    return CategoryBlocks.of(vectors, ids, categories)
 
 
 def read_metadata(directory: str | Path) -> dict:
@@ -463,6 +605,7 @@ def build_index(
         sample = vectors[np.sort(rng.choice(n, min(n, cfg.train_size), replace=False))]
         index.train(sample)
     index.add(vectors)
+    blocks = _category_blocks(faiss, index, ids, categories)
     index = _to_backend(faiss, index, cfg)
     report = {
         "kind": cfg.kind,
@@ -471,7 +614,7 @@ def build_index(
         "d": d,
         "build_s": round(time.perf_counter() - start, 3),
     }
-    item_index = ItemIndex(index, ids, categories, cfg, model_version, report)
+    item_index = ItemIndex(index, ids, categories, cfg, model_version, report, blocks)
     if queries is not None:
         rng = np.random.default_rng(cfg.seed)
         sample = queries[

@@ -87,6 +87,8 @@ def leave_one_out(log: EventLog, min_events: int = 3) -> EvalSplit:
 
 # ---------------------------------------------------------------------------- metrics
 
+CATEGORY_KS = (1, 2, 5, 10, 20)  # next-category HR@k of models with a category head
+
 
 def hit_rate(ranks: np.ndarray, k: int) -> float:
     """Share of targets ranked in the top k (ranks are 0-based)."""
@@ -179,6 +181,16 @@ def _resampled_means(values: np.ndarray, take: np.ndarray, rng: np.random.Genera
     seeds = rng.integers(0, len(values), (len(take), len(values)))  # [R, S]
     per_user = values[seeds].mean(1)  # [R, U]: each resample's seeds averaged
     return np.take_along_axis(per_user, take, axis=1).mean(1)
+
+
+def category_metrics(ranks: np.ndarray, ks: Sequence[int] = CATEGORY_KS) -> dict[str, float]:
+    """Next-category HR@k for each k and MRR of 0-based ranks of the target's category."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return {
+        "users": int(len(ranks)),
+        **{f"HR@{k}": hit_rate(ranks, k) for k in ks},
+        "MRR": mrr(ranks),
+    }
 
 
 def ranking_metrics(
@@ -279,7 +291,9 @@ def cohort_name(low: int, high: int | None) -> str:
 def ranking_scores(model: torch.nn.Module, batch: EventBatch) -> torch.Tensor:
     """Scores [B, num_items] of every item after each row's last event.
 
-    A baseline that ranks without a user vector (`heuristics.py`) has `rank_scores(batch)`;
+    A baseline that ranks without a user vector (`heuristics.py`), or a model that gates
+    its scores by category (ULIM's cascade: -inf outside its top categories), has
+    `rank_scores(batch)`;
     a model with a repeat head scores log P(i) of its repeat/explore mixture (`repeat.py`);
     any other model scores u . item.
     """
@@ -307,7 +321,9 @@ def rank_targets(
 
     Returns int64 arrays of one entry per evaluated user: "rank", "candidates" (all items),
     "rank_filtered", "candidates_filtered" (history removed), "history" (events before the
-    target in the log, not only those the model read).
+    target in the log, not only those the model read), and for a model with a category head
+    (`category_scores(batch) -> [B, num_categories]`) "category_rank", the rank of the
+    target event's category (category 0, unknown, is never a candidate).
     """
     starts, targets = split.targets(which)
     if cfg.max_users is not None and len(starts) > cfg.max_users:
@@ -322,9 +338,16 @@ def rank_targets(
     model.eval()
     context = context_length(model, cfg.max_len)
     out = {k: [] for k in ("rank", "candidates", "rank_filtered", "candidates_filtered")}
+    category_head = hasattr(model, "category_scores")
+    if category_head:
+        out["category_rank"] = []
     for b in range(0, len(starts), cfg.batch_size):
         s, t = starts[b : b + cfg.batch_size], targets[b : b + cfg.batch_size]
         batch = history_batch(log, s, t, context).to(device)
+        if category_head:
+            target_category = torch.from_numpy(log.category[t]).to(device)
+            rank, _ = target_ranks(model.category_scores(batch), target_category)
+            out["category_rank"].append(rank.cpu().numpy())
         scores = ranking_scores(model, batch)  # [B, N]
         target = torch.from_numpy(log.item[t]).to(device)
         seen = torch.zeros_like(scores, dtype=torch.bool)
@@ -339,6 +362,33 @@ def rank_targets(
     result["history"] = (targets - starts).astype(np.int64)
     unsort = np.argsort(order)  # back to the split's user order
     return {k: v[unsort] for k, v in result.items()}
+
+
+@torch.no_grad()
+def rank_categories(
+    model: torch.nn.Module,
+    log: EventLog,
+    split: EvalSplit,
+    which: str,
+    cfg: EvalConfig = EvalConfig(),
+    device: str = "cpu",
+) -> np.ndarray:
+    """int64 [users]: rank of each `which` target's category under `model.category_scores`
+    (a model with a category head, or a category baseline of `heuristics.py`), in the
+    split's user order, with the same user sample as `rank_targets`."""
+    starts, targets = split.targets(which)
+    if cfg.max_users is not None and len(starts) > cfg.max_users:
+        keep = np.sort(
+            np.random.default_rng(cfg.seed).choice(len(starts), cfg.max_users, replace=False)
+        )
+        starts, targets = starts[keep], targets[keep]
+    ranks = []
+    for b in range(0, len(starts), cfg.batch_size):
+        s, t = starts[b : b + cfg.batch_size], targets[b : b + cfg.batch_size]
+        batch = history_batch(log, s, t, context_length(model, cfg.max_len)).to(device)
+        target = torch.from_numpy(log.category[t]).to(device)
+        ranks.append(target_ranks(model.category_scores(batch), target)[0].cpu().numpy())
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
 
 
 def summarize(ranked: dict[str, np.ndarray], cfg: EvalConfig = EvalConfig()) -> dict:
@@ -375,6 +425,8 @@ def evaluate(
 def report_of(ranked: dict[str, np.ndarray], split: EvalSplit, which: str, cfg: EvalConfig) -> dict:
     """`evaluate`'s report from the ranks `rank_targets` returned."""
     report = {"protocol": protocol(split, which, cfg), **summarize(ranked, cfg)}
+    if "category_rank" in ranked:
+        report["category_metrics"] = category_metrics(ranked["category_rank"])
     other = EvalConfig(**{**asdict(cfg), "filter_history": not cfg.filter_history})
     key = "overall_unfiltered" if cfg.filter_history else "overall_history_filtered"
     report[key] = summarize(ranked, other)["overall"]

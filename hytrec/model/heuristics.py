@@ -134,6 +134,45 @@ class ItemTransition(Heuristic):
         return torch.from_numpy(scores).to(batch.item.device)
 
 
+class LastCategory(nn.Module):
+    """Next-category baseline: the category of the user's last event (every other one
+    ties behind it)."""
+
+    def __init__(self, num_categories: int):
+        super().__init__()
+        self.num_categories = num_categories
+
+    def category_scores(self, batch: EventBatch) -> torch.Tensor:
+        rows = torch.arange(len(batch.lengths), device=batch.item.device)
+        last = batch.category[rows, batch.lengths - 1]
+        scores = torch.zeros(len(rows), self.num_categories, dtype=torch.float64)
+        return scores.to(batch.item.device).scatter_(1, last[:, None], 1.0)
+
+
+class FrequentCategories(LastCategory):
+    """Next-category baseline: the user's categories by how often they occur in the
+    history, ties by recency (its top K are "the user's K most frequent categories")."""
+
+    def category_scores(self, batch: EventBatch) -> torch.Tensor:
+        pos, T = _positions(batch)
+        shape = (len(pos), self.num_categories)
+        newest = torch.zeros(shape, dtype=torch.float64, device=pos.device)
+        newest.scatter_reduce_(1, batch.category, pos, "amax")
+        count = torch.zeros_like(newest).scatter_add_(1, batch.category, batch.mask.double())
+        return torch.where(count > 0, count * (T + 1) + newest, 0.0)
+
+
+CATEGORY_BASELINES = {
+    "repeat last category": LastCategory,
+    "most frequent categories": FrequentCategories,
+}
+
+
+def category_baselines(log: EventLog) -> dict[str, LastCategory]:
+    """The two next-category baselines a model with a category head is reported beside."""
+    return {name: make(len(log.categories)) for name, make in CATEGORY_BASELINES.items()}
+
+
 HEURISTICS = {
     "recent-items": lambda log, split: RecentItems(len(log.items)),
     "user-frequency": lambda log, split: UserFrequency(len(log.items)),

@@ -28,6 +28,7 @@ from hytrec.model.hstu import HSTU, HSTUConfig
 from hytrec.model.hytrec import HyTRec, HyTRecConfig
 from hytrec.model.recgrela import RecGRELA, RecGRELAConfig
 from hytrec.model.sasrec import SASRec, SASRecConfig
+from hytrec.model.ulim import ULIM, ULIMConfig
 
 QUERY_KINDS = ("single", "multi", "per_category")
 FIDELITIES = ("paper", "code", "reading")
@@ -56,6 +57,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("sasrec", SASRecConfig, SASRec),
         ModelSpec("recgrela", RecGRELAConfig, RecGRELA, fidelity="code"),
         ModelSpec("hstu", HSTUConfig, HSTU, fidelity="code"),
+        ModelSpec("ulim", ULIMConfig, ULIM, query="per_category", fidelity="reading"),
     )
 }
 

@@ -148,7 +148,10 @@ def batch_loss(
 ) -> tuple[torch.Tensor, int]:
     """(mean loss, positions) of a batch of training windows: every position t of each
     row's events 0..T-2 predicts the item of event t + 1. With a repeat head the loss is the
-    mixture's -log P(target) (`repeat.py`), else the plain next-item cross-entropy."""
+    mixture's -log P(target) (`repeat.py`); a model with its own joint loss (ULIM's item and
+    category terms) gives it through `training_loss`; else the plain next-item cross-entropy."""
+    if hasattr(model, "training_loss"):
+        return model.training_loss(batch, negatives, generator)
     T = batch.item.shape[1]
     inputs = type(batch)(
         batch.item[:, :-1],

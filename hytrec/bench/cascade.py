@@ -1,0 +1,193 @@
+"""`hytrec benchmark cascade`: ULIM's category-to-item cascade, item HR@50 and the share of
+the catalogue searched against the number K of categories searched, plus the oracle
+category (the item stage's ceiling), and next-category HR@K / MRR beside the two category
+baselines (repeat the last category; the user's K most frequent categories).
+
+One ULIM trains on the dataset's leave-one-out split within a small budget (the figure is
+about the cascade's trade-off, not about ULIM's best accuracy); every test user is then
+read once (the serving slots, built by streaming the history) and ranked under every K:
+score(x) = log P(cat(x)) + u^{cat(x)} . e_x inside the top K categories of P, -inf
+elsewhere (`ULIM.cascade_scores`). Fidelity: "reading" (see `model/ulim.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hytrec.bench.reports import command_line, machine_info, provenance, write_report
+from hytrec.model.evaluate import (
+    EvalConfig,
+    category_metrics,
+    history_batch,
+    leave_one_out,
+    rank_categories,
+    target_ranks,
+)
+from hytrec.model.events import EventLog
+from hytrec.model.heuristics import category_baselines
+from hytrec.model.train import TrainConfig, train
+from hytrec.model.ulim import ULIMConfig
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    dataset: str = "taobao"
+    ks: tuple[int, ...] = (1, 2, 5, 10, 20, 0)  # categories searched; 0 = all
+    hr_k: int = 50  # item HR@hr_k
+    d_model: int = 64
+    epochs: int = 3
+    max_len: int = 50  # training window
+    negatives: int = 1024
+    train_seconds: float = 300.0
+    valid_users: int = 300
+    max_users: int | None = None  # test users (None = all)
+    batch_size: int = 64
+    seed: int = 0
+
+
+QUICK = CascadeConfig(
+    ks=(1, 2, 0),
+    d_model=16,
+    epochs=1,
+    max_len=20,
+    negatives=64,
+    train_seconds=30.0,
+    valid_users=20,
+    max_users=40,
+)
+
+
+def run_cascade(cfg: CascadeConfig, log: EventLog, output: str | Path | None) -> dict:
+    """Train ULIM, rank every test target under each K and the oracle; write the report."""
+    torch.manual_seed(cfg.seed)
+    split = leave_one_out(log)
+    began = time.perf_counter()
+    result = train(
+        ULIMConfig(d_model=cfg.d_model),
+        log,
+        split,
+        TrainConfig(
+            epochs=cfg.epochs,
+            batch_size=32,
+            max_len=cfg.max_len,
+            negatives=cfg.negatives,
+            valid_users=cfg.valid_users,
+            time_budget_s=cfg.train_seconds,
+            seed=cfg.seed,
+        ),
+    )
+    model = result.model.eval()
+    train_seconds = time.perf_counter() - began
+    starts, targets = split.targets("test")
+    if cfg.max_users is not None and len(starts) > cfg.max_users:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(starts), cfg.max_users, False))
+        starts, targets = starts[keep], targets[keep]
+    num_categories = model.cfg.num_categories
+    settings = [("all" if k == 0 else str(k), k or None) for k in cfg.ks]
+    item_cat = model.item_category
+    ranks = {name: [] for name, _ in settings} | {"oracle": []}
+    searched = {name: [] for name, _ in settings} | {"oracle": []}
+    category_rank = []
+    for b in tqdm(range(0, len(starts), cfg.batch_size), desc="cascade", unit="batch"):
+        s, t = starts[b : b + cfg.batch_size], targets[b : b + cfg.batch_size]
+        batch = history_batch(log, s, t)
+        read = model.readout(batch)
+        target = torch.from_numpy(log.item[t])
+        target_category = torch.from_numpy(log.category[t])
+        category_rank.append(target_ranks(read.log_p, target_category)[0].numpy())
+        for name, k in settings + [("oracle", None)]:
+            oracle = target_category if name == "oracle" else None
+            scores = model.cascade_scores(read, k, oracle=oracle)
+            ranks[name].append(target_ranks(scores, target)[0].numpy())
+            searched[name].append(
+                (torch.isfinite(scores).sum(1).double() / (len(item_cat) - 1)).numpy()
+            )
+    ranks = {n: np.concatenate(v) for n, v in ranks.items()}
+    searched = {n: np.concatenate(v) for n, v in searched.items()}
+    ulim_categories = category_metrics(np.concatenate(category_rank), (1, 2, 5, 10, 20))
+    eval_cfg_users = {"max_users": cfg.max_users, "seed": cfg.seed}
+    baselines = {}
+    for name, baseline in category_baselines(log).items():
+        r = rank_categories(baseline, log, split, "test", EvalConfig(**eval_cfg_users))
+        baselines[name] = category_metrics(r, (1, 2, 5, 10, 20))
+    rows = [
+        {
+            "K": name,
+            f"HR@{cfg.hr_k}": float(np.mean(ranks[name] < cfg.hr_k)),
+            "NDCG@10": float(np.mean(np.where(ranks[name] < 10, 1 / np.log2(ranks[name] + 2), 0))),
+            "searched_fraction_mean": float(searched[name].mean()),
+            "searched_fraction_p90": float(np.quantile(searched[name], 0.9)),
+        }
+        for name in list(dict(settings)) + ["oracle"]
+    ]
+    report = {
+        "benchmark": "cascade",
+        "model": "ulim",
+        "fidelity": "reading",
+        "dataset": cfg.dataset,
+        "command": command_line("cascade", cfg, output),
+        "config": asdict(cfg),
+        "users": int(len(starts)),
+        "items": int(len(item_cat) - 1),
+        "categories": int(num_categories - 1),
+        "rows": rows,
+        "next_category": {"ULIM": ulim_categories, **baselines},
+        "training": {
+            "seconds": round(train_seconds, 1),
+            "epochs_run": len(result.history),
+            "best_epoch": result.best_epoch,
+            "history": result.history,
+        },
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        **provenance(),
+        "machine": {
+            **machine_info(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+    }
+    if output is not None:
+        write_report(report, output, plot_cascade)
+    return report
+
+
+def plot_cascade(report: dict, path: Path) -> None:
+    """Left: item HR@K and the searched share against K (oracle dashed); right: next-category
+    HR@K of ULIM and the two baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hr = next(key for key in report["rows"][0] if key.startswith("HR@"))
+    rows = [r for r in report["rows"] if r["K"] != "oracle"]
+    oracle = next(r for r in report["rows"] if r["K"] == "oracle")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = np.arange(len(rows))
+    left.plot(x, [r[hr] for r in rows], "o-", label=f"item {hr}")
+    left.plot(x, [r["searched_fraction_mean"] for r in rows], "s-", label="searched share (mean)")
+    left.axhline(oracle[hr], color="k", ls="--", lw=1, label=f"oracle category {hr}")
+    left.set_xticks(x, [r["K"] for r in rows])
+    left.set_xlabel("categories searched (K)")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    ks = (1, 2, 5, 10, 20)
+    for name, metrics in report["next_category"].items():
+        right.plot(ks, [metrics[f"HR@{k}"] for k in ks], "o-", label=name)
+    right.set_xlabel("K")
+    right.set_ylabel("next-category HR@K")
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3)
+    fig.suptitle(
+        f"ULIM cascade on {report['dataset']} ({report['users']} test users, fidelity: reading)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,603 @@
+"""ULIM: category-aware dual interests, a pointer-generator over categories, and the
+category-to-item cascade (a READING of arXiv 2507.10097, RecSys '25; only its abstract is
+readable here: `../shared/design/WAVE2-MODELS.md` section 5 gives the reading followed).
+
+Read from the abstract: the history is split into per-category subsequences, each with a
+long- and a short-term interest learned jointly; a Pointer-Generator Interest Network
+(PGIN) predicts the next category by copying one from the history or generating a new
+one; items are retrieved only inside the top-K predicted categories. Everything below is
+inferred from the prior work it names (the pointer-generator of See et al. 2017):
+
+    x_i   = E[item_i] + B[beh_i] + T[bucket(t_i - t_{i-1})]               an event
+    slot c: the user's last L_c = 50 events of category c, their count n_c, last time, stage
+    l^c   = softmax-attention with query C[c] W_q over { sink(C[c]) } + the slot's events
+            (the sink, C[c]'s own key and value, makes a category the user never touched
+            well defined: the cascade must search generated categories too)
+    s^c   = attention over the slot's last m = 5 events, the newest event as the query
+    g^c   = sigmoid(W_g [l^c ; s^c] + b),   u^c = LN(g^c l^c + (1 - g^c) s^c)
+    s     = the same read-out over the user's last K = 20 events (any category)
+    h_c   = W_1 [C[c] ; u^c ; log(1 + n_c) ; B[stage_c]] + A[bucket(t_now - t_last^c)]
+    a_c   = softmax_c( v . tanh(W_h h_c + W_s s + b) )        over the user's slots
+    h*    = sum_c a_c h_c
+    P_gen = softmax( W_o [s ; h*] . C + b_c )                  over all categories
+    p_gen = sigmoid( w . [h* ; s ; C[c_now]] + b )             (pointer=False: p_gen = 1)
+    P(c)  = p_gen P_gen(c) + (1 - p_gen) a_c                   (a_c = 0 off the user's slots)
+
+Loss at every position, for the next event (item i*, category c*):
+
+    L = CE(u^{c*} . E, i*) + beta (CE(l^{c*} . E, i*) + CE(s^{c*} . E, i*)) - lambda log P(c*)
+
+with beta = 0.25, lambda = 1; a sampled CE draws the shared uniform negatives of the
+harness plus up to 64 items of c* (in-category negatives: the cascade ranks inside c*).
+
+Cascade (`cascade_scores`): score(x) = log P(cat(x)) + u^{cat(x)} . e_x for items whose
+category is among the top K of P, -inf elsewhere (K = None: every category).
+
+Forms. The training form (`forward_all`) reads every event's slot window by gathering the
+category's previous events, and the pointer over (position, slot) pairs; the serving form
+(`new_state`, `step`, `read_state`) keeps the slots per user (a ring of the last L_c events
+of each, the key category + 1, 0 = empty) and updates one slot per event. Both give the same
+u^c and P(c) while a user has at most `slots` categories (tested); beyond, the stream evicts
+the least frequent slot (ties: least recent) and counts it in `evictions`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from hytrec.model.base import SequentialModel
+from hytrec.model.batch import EventBatch, shift_window
+from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
+from hytrec.model.hytrec import gap_bucket, sequence_gaps
+from hytrec.model.streaming import SlotState
+
+
+@dataclass(frozen=True)
+class ULIMConfig:
+    num_items: int = 1000  # including the padding row 0
+    num_categories: int = 100  # including the unknown row 0
+    d_model: int = 64
+    slots: int = 64  # M_max: category slots per user
+    slot_len: int = 50  # L_c: events kept per slot (the long-term subsequence)
+    short_len: int = 5  # m: the slot's newest events the short-term read-out sees
+    window: int = 20  # K: the user's last events (any category) behind s
+    time_buckets: int = 40  # log2-spaced buckets of gaps in seconds
+    dropout: float = 0.1
+    pointer: bool = True  # False: p_gen = 1 (generator only: "ULIM without the pointer")
+    aux_weight: float = 0.25  # beta: the long- and short-term parts' own item losses
+    category_weight: float = 1.0  # lambda: the next-category loss
+    category_negatives: int = 64  # in-category negatives per position (sampled softmax)
+    top_categories: int | None = 10  # K of the cascade; None = every category
+
+    def __post_init__(self) -> None:
+        if self.num_items < 2 or self.num_categories < 1:
+            raise ValueError("ULIMConfig: num_items >= 2 and num_categories >= 1")
+        if not 1 <= self.short_len <= self.slot_len or self.slots < 1 or self.window < 1:
+            raise ValueError("ULIMConfig: 1 <= short_len <= slot_len, slots >= 1, window >= 1")
+        if self.top_categories is not None and self.top_categories < 1:
+            raise ValueError("ULIMConfig: top_categories >= 1 or None")
+
+
+@dataclass
+class ULIMState(SlotState):
+    """Pooled per-user serving state; every tensor's first dimension is the slot (user).
+
+    slot_key:   [P, M]    int64  category + 1 of each category slot, 0 = empty
+    slot_item, slot_behavior, slot_bucket: [P, M, L] int64  the slot's last L events
+                (item, stage, gap bucket), oldest first, newest at L - 1
+    slot_count: [P, M]    int64  events of the category applied (also those no longer held)
+    slot_last_ts: [P, M]  int64  time of the category's newest event
+    window_item, window_behavior, window_bucket: [P, K] int64  the user's last K events
+    last_category: [P]    int64  category of the newest event
+    evictions:  [P]       int64  slots this user lost to the cap
+    count:      [P]       int64  events applied
+    last_ts:    [P]       int64  time of the newest applied event
+    """
+
+    slot_key: torch.Tensor
+    slot_item: torch.Tensor
+    slot_behavior: torch.Tensor
+    slot_bucket: torch.Tensor
+    slot_count: torch.Tensor
+    slot_last_ts: torch.Tensor
+    window_item: torch.Tensor
+    window_behavior: torch.Tensor
+    window_bucket: torch.Tensor
+    last_category: torch.Tensor
+    evictions: torch.Tensor
+    count: torch.Tensor
+    last_ts: torch.Tensor
+
+
+@dataclass
+class Readout:
+    """What the model reads after an event: log P(c) over every category [N, C], and the
+    interest of each of the user's slots [N, M, d] with its category [N, M] (-1 = none)."""
+
+    log_p: torch.Tensor
+    slot_category: torch.Tensor
+    slot_interest: torch.Tensor
+
+
+class NewestQueryReadout(nn.Module):
+    """One attention read-out over a ring of events (oldest first, newest last): the newest
+    event is the query, every valid event a key, each tagged with its age (0 = newest). An
+    empty ring reads 0."""
+
+    def __init__(self, d: int, length: int):
+        super().__init__()
+        self.age = nn.Embedding(length, d)
+        self.query = nn.Linear(d, d)
+        self.key_value = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """x [N, L, d], valid [N, L] -> [N, d]."""
+        L, d = x.shape[1], x.shape[2]
+        x = x + self.age(torch.arange(L - 1, -1, -1, device=x.device))
+        q = self.query(x[:, -1])  # [N, d]
+        k, v = self.key_value(x).chunk(2, dim=-1)  # [N, L, d] each
+        logits = torch.einsum("nld,nd->nl", k, q) / math.sqrt(d)
+        some = valid.any(1, keepdim=True)  # [N, 1]
+        logits = logits.masked_fill(~valid & some, float("-inf"))
+        weights = logits.softmax(-1) * valid
+        return self.out(torch.einsum("nl,nld->nd", weights, v)) * some
+
+
+def _segment_softmax(logits: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    """Softmax of logits [P] within each group (group [P] in 0..groups-1)."""
+    top = logits.new_full((groups,), float("-inf")).scatter_reduce(
+        0, group, logits.detach(), "amax", include_self=True
+    )
+    weights = (logits - top[group]).exp()
+    return weights / weights.new_zeros(groups).index_add(0, group, weights)[group]
+
+
+class ULIM(SequentialModel):
+    NAME = "ulim"
+    CONFIG = ULIMConfig
+
+    def __init__(
+        self,
+        cfg: ULIMConfig,
+        items: Vocabulary | None = None,
+        categories: Vocabulary | None = None,
+    ):
+        super().__init__(cfg, items, categories)
+        d = cfg.d_model
+        self.item_emb = nn.Embedding(cfg.num_items, d, padding_idx=0)
+        self.category_emb = nn.Embedding(cfg.num_categories, d)
+        self.behavior_emb = nn.Embedding(NUM_BEHAVIORS, d, padding_idx=0)
+        self.gap_emb = nn.Embedding(cfg.time_buckets, d)
+        self.dropout = nn.Dropout(cfg.dropout)
+        # dual interest per category
+        self.long_query = nn.Linear(d, d)
+        self.long_key_value = nn.Linear(d, 2 * d)
+        self.short = NewestQueryReadout(d, cfg.short_len)
+        self.gate = nn.Linear(2 * d, d)
+        self.interest_norm = nn.LayerNorm(d)
+        # PGIN
+        self.user_short = NewestQueryReadout(d, cfg.window)
+        self.slot_features = nn.Linear(3 * d + 1, d)
+        self.slot_age = nn.Embedding(cfg.time_buckets, d)
+        self.attend_slot = nn.Linear(d, d, bias=False)
+        self.attend_user = nn.Linear(d, d)
+        self.attend_score = nn.Linear(d, 1, bias=False)
+        self.generator = nn.Linear(2 * d, d)
+        self.category_bias = nn.Parameter(torch.zeros(cfg.num_categories))
+        self.copy_switch = nn.Linear(3 * d, 1)
+        self.apply(self._init_weights)
+
+    # ------------------------------------------------------------------ shared pieces
+
+    def embed(self, item, behavior, bucket) -> torch.Tensor:
+        return self.item_emb(item) + self.behavior_emb(behavior) + self.gap_emb(bucket)
+
+    def interest(
+        self, category: torch.Tensor, x: torch.Tensor | None, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(u, l, s) [N, d] of categories [N] over their slots' events x [N, L, d] (oldest
+        first, newest at L - 1) with valid [N, L]; x None: empty slots (l = the sink's
+        value, s = 0)."""
+        c = self.category_emb(category)  # [N, d]
+        query = self.long_query(c)
+        sink_key, sink_value = self.long_key_value(c).chunk(2, dim=-1)
+        sink_logit = (sink_key * query).sum(-1, keepdim=True) / math.sqrt(c.shape[-1])
+        if x is None:
+            long, short = sink_value, torch.zeros_like(sink_value)
+        else:
+            key, value = self.long_key_value(x).chunk(2, dim=-1)  # [N, L, d]
+            logits = torch.einsum("nld,nd->nl", key, query) / math.sqrt(c.shape[-1])
+            logits = torch.cat([sink_logit, logits.masked_fill(~valid, float("-inf"))], 1)
+            weights = logits.softmax(-1)  # [N, 1 + L]
+            long = weights[:, :1] * sink_value + torch.einsum("nl,nld->nd", weights[:, 1:], value)
+            m = self.cfg.short_len
+            short = self.short(x[:, -m:], valid[:, -m:])
+        g = torch.sigmoid(self.gate(torch.cat([long, short], -1)))
+        return self.interest_norm(g * long + (1 - g) * short), long, short
+
+    def empty_interest(self, category: torch.Tensor) -> torch.Tensor:
+        """u^c [N, d] of categories the user never touched."""
+        return self.interest(category, None, None)[0]
+
+    def _slot_part(self, category, interest, count, behavior) -> torch.Tensor:
+        """The time-free part of h_c: W_1 [C[c] ; u^c ; log(1 + n_c) ; B[stage_c]]."""
+        features = [
+            self.category_emb(category),
+            interest,
+            torch.log1p(count.float())[..., None],
+            self.behavior_emb(behavior),
+        ]
+        return self.slot_features(torch.cat(features, -1))
+
+    def _slot_logit(self, h: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        return self.attend_score(torch.tanh(self.attend_slot(h) + self.attend_user(user)))[..., 0]
+
+    def _log_p(
+        self, user: torch.Tensor, context: torch.Tensor, current: torch.Tensor, copy: torch.Tensor
+    ) -> torch.Tensor:
+        """log P(c) [N, C] from s [N, d], h* [N, d], the current category [N] and the copy
+        distribution a [N, C] (zero off the user's slots)."""
+        hidden = self.generator(torch.cat([user, context], -1))  # [N, d]
+        logits = hidden @ self.category_emb.weight.T + self.category_bias  # [N, C]
+        logits[:, 0] = float("-inf")  # the unknown category is never generated
+        if not self.cfg.pointer:
+            return logits.log_softmax(-1)
+        p_gen_prob = logits.softmax(-1)
+        switch = self.copy_switch(torch.cat([context, user, self.category_emb(current)], -1))
+        p_gen = torch.sigmoid(switch)  # [N, 1]
+        # clamped: the log's gradient at a zero-probability category would be inf * 0 = nan
+        return (p_gen * p_gen_prob + (1 - p_gen) * copy).clamp(min=1e-30).log()
+
+    # ------------------------------------------------------------------ training form
+
+    def forward_all(self, batch: EventBatch) -> dict[str, torch.Tensor]:
+        """Every event's slot interest and, after every event, log P(c).
+
+        Returns "interest", "long", "short" [B, T, d] (of the event's own category, after
+        it), "log_p" [B, T, C] and "is_last" [B, T, T] (is_last[b, t, j]: event j is its
+        category's newest at time t, i.e. a slot of the user after event t)."""
+        cfg = self.cfg
+        B, T = batch.item.shape
+        device = batch.item.device
+        real = batch.mask  # [B, T]
+        gap, has_prev = sequence_gaps(batch.ts)
+        bucket = gap_bucket(gap, has_prev, cfg.time_buckets)
+        x = self.dropout(self.embed(batch.item, batch.behavior, bucket))  # [B, T, d]
+        cat = batch.category
+        pos = torch.arange(T, device=device)
+        same = (cat[:, :, None] == cat[:, None, :]) & real[:, :, None] & real[:, None, :]
+        earlier = pos[None, :] < pos[:, None]  # [T(j), T(i)]: i < j
+        # each event's previous event of its category (-1: none), then its window, newest last
+        prev = torch.where(same & earlier, pos, -1).amax(-1)  # [B, T]
+        L = cfg.slot_len
+        window = [pos.expand(B, T)]
+        for _ in range(L - 1):
+            window.append(prev.gather(1, window[-1].clamp(min=0)).masked_fill(window[-1] < 0, -1))
+        window = torch.stack(window[::-1], -1)  # [B, T, L] event indices, -1 = none
+        valid = window >= 0
+        rows = torch.arange(B, device=device)[:, None, None]
+        x_window = x[rows, window.clamp(min=0)] * valid[..., None]  # [B, T, L, d]
+        u, long, short = self.interest(
+            cat.reshape(-1), x_window.view(B * T, L, -1), valid.view(B * T, L)
+        )
+        u, long, short = (t.view(B, T, -1) for t in (u, long, short))
+
+        # the user's short-term read-out after every event
+        K = cfg.window
+        offsets = pos[:, None] - torch.arange(K - 1, -1, -1, device=device)  # [T, K]
+        user_valid = (offsets >= 0)[None] & real[:, :, None]  # [B, T, K]
+        x_user = x[:, offsets.clamp(min=0)] * user_valid[..., None]  # [B, T, K, d]
+        user = self.user_short(x_user.view(B * T, K, -1), user_valid.view(B * T, K))  # [B*T, d]
+
+        # slots after event t: events j <= t with no later event of their category up to t
+        later = pos[None, :] > pos[:, None]  # [T(j), T(i)]: i > j
+        next_same = torch.where(same & later, pos, T).amin(-1)  # [B, T]
+        is_last = (
+            (pos[None, :, None] >= pos[None, None, :])
+            & (next_same[:, None, :] > pos[None, :, None])
+            & real[:, None, :]
+            & real[:, :, None]
+        )  # [B, T(t), T(j)]
+        b, t, j = is_last.nonzero(as_tuple=True)
+        count = (same & ~later).sum(-1)  # [B, T]: events of the category up to j
+        part = self._slot_part(cat, u, count, batch.behavior)  # [B, T, d]
+        age = gap_bucket(
+            batch.ts[b, t] - batch.ts[b, j], torch.ones_like(b, dtype=torch.bool), cfg.time_buckets
+        )
+        h = part[b, j] + self.slot_age(age)  # [P, d]
+        group = b * T + t
+        a = _segment_softmax(self._slot_logit(h, user[group]), group, B * T)  # [P]
+        context = h.new_zeros(B * T, h.shape[-1]).index_add(0, group, a[:, None] * h)
+        C = cfg.num_categories
+        copy = a.new_zeros(B * T * C).index_add(0, group * C + cat[b, j], a).view(B * T, C)
+        log_p = self._log_p(user, context, cat.reshape(-1), copy).view(B, T, C)
+        return {"interest": u, "long": long, "short": short, "log_p": log_p, "is_last": is_last}
+
+    def forward(self, batch: EventBatch) -> torch.Tensor:
+        """u^{c_t} after every event: the interest of the category just touched [B, T, d]."""
+        return self.forward_all(batch)["interest"]
+
+    def _category_items(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(items sorted by category, each category's start and count) from item_category."""
+        order = torch.argsort(self.item_category[1:], stable=True) + 1
+        counts = torch.bincount(self.item_category[1:], minlength=self.cfg.num_categories)
+        return order, counts.cumsum(0) - counts, counts
+
+    def training_loss(
+        self, batch: EventBatch, negatives: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, int]:
+        """(mean joint loss, positions): every position t predicts event t + 1's item inside
+        its category and its category (module docstring)."""
+        cfg = self.cfg
+        B, T = batch.item.shape
+        device = batch.item.device
+        out = self.forward_all(batch)
+        pos = torch.arange(T - 1, device=device)
+        real = pos[None] < (batch.lengths - 1)[:, None]  # [B, T-1]: t with a next event
+        target, target_cat = batch.item[:, 1:], batch.category[:, 1:]
+        # u^{c*} at t: the slot of c* if the user has one, else the empty interest
+        match = out["is_last"][:, :-1] & (batch.category[:, None, :] == target_cat[..., None])
+        has = match.any(-1)  # [B, T-1]
+        j = match.int().argmax(-1)
+        rows = torch.arange(B, device=device)[:, None]
+        empty_u, empty_l, empty_s = self.interest(target_cat[real], None, None)
+        vectors = []
+        for name, empty in (("interest", empty_u), ("long", empty_l), ("short", empty_s)):
+            seen = out[name][rows, j][real]  # [P, d]
+            vectors.append(torch.where(has[real][:, None], seen, empty))
+        tgt, tcat = target[real], target_cat[real]
+        table = self.item_table()
+        if negatives:
+            order, start, count = self._category_items()
+            uniform = torch.randint(1, table.shape[0], (negatives,), generator=generator).to(device)
+            draw = torch.rand(len(tgt), cfg.category_negatives, generator=generator).to(device)
+            at = start[tcat, None] + (draw * count[tcat, None]).long()
+            inside = order[at.clamp(max=len(order) - 1)]  # [P, S_c] items of c*
+            # a negative equal to the target is masked out, and so are draws from an empty c*
+            masked = torch.cat([uniform.expand(len(tgt), -1), inside], 1) == tgt[:, None]
+            masked[:, negatives:] |= (count[tcat] == 0)[:, None]
+        item_loss = 0.0
+        for weight, u in zip((1.0, cfg.aux_weight, cfg.aux_weight), vectors, strict=True):
+            if negatives:
+                logits = torch.cat(
+                    [
+                        (u * table[tgt]).sum(-1, keepdim=True),  # [P, 1]
+                        u @ table[uniform].T,  # [P, S] shared uniform negatives
+                        torch.einsum("pd,pnd->pn", u, table[inside]),  # [P, S_c]
+                    ],
+                    1,
+                )
+                logits[:, 1:] = logits[:, 1:].masked_fill(masked, float("-inf"))
+                log_prob = logits.log_softmax(-1)[:, 0]
+            else:
+                logits = u @ table.T
+                logits[:, 0] = float("-inf")
+                log_prob = logits.log_softmax(-1).gather(1, tgt[:, None])[:, 0]
+            item_loss = item_loss - weight * log_prob.mean()
+        log_p = out["log_p"][:, :-1][real]  # [P, C]
+        known = tcat > 0  # the unknown category is never predicted
+        cat_loss = -log_p[known].gather(1, tcat[known, None]).mean() if known.any() else 0.0
+        return item_loss + cfg.category_weight * cat_loss, int(real.sum())
+
+    # ------------------------------------------------------------------ serving form
+
+    def new_state(self, num_slots: int, device: torch.device | str = "cpu") -> ULIMState:
+        cfg = self.cfg
+
+        def zeros(*shape):
+            return torch.zeros(num_slots, *shape, dtype=torch.long, device=device)
+
+        M, L, K = cfg.slots, cfg.slot_len, cfg.window
+        return ULIMState(
+            slot_key=zeros(M),
+            slot_item=zeros(M, L),
+            slot_behavior=zeros(M, L),
+            slot_bucket=zeros(M, L),
+            slot_count=zeros(M),
+            slot_last_ts=zeros(M),
+            window_item=zeros(K),
+            window_behavior=zeros(K),
+            window_bucket=zeros(K),
+            last_category=zeros(),
+            evictions=zeros(),
+            count=zeros(),
+            last_ts=zeros(),
+        )
+
+    @torch.no_grad()
+    def apply_events(self, state: ULIMState, slots: torch.Tensor, batch: EventBatch) -> None:
+        """Apply each user's run of new events to its slot in place, one event at a time:
+        the category's slot (found, or an empty one, or the least frequent evicted) takes
+        the event into its ring, count and time; the user's window and clock move."""
+        cfg = self.cfg
+        one = torch.ones(1, dtype=torch.long, device=slots.device)
+        for m in range(int(batch.lengths.max())):
+            active = batch.lengths > m
+            users = slots[active]
+            item, cat = batch.item[active, m], batch.category[active, m]
+            behavior, ts = batch.behavior[active, m], batch.ts[active, m]
+            n = len(users)
+            rows = torch.arange(n, device=slots.device)
+            bucket = gap_bucket(ts - state.last_ts[users], state.count[users] > 0, cfg.time_buckets)
+            keys = state.slot_key[users]  # [n, M]
+            found = keys == (cat + 1)[:, None]
+            has = found.any(1)
+            # a new category takes an empty slot, else evicts the least frequent (then oldest)
+            counts = state.slot_count[users]
+            fewest = torch.where(keys == 0, -1, counts)  # an empty slot first
+            least = fewest == fewest.amin(1, keepdim=True)
+            oldest = torch.where(least, state.slot_last_ts[users], torch.iinfo(torch.long).max)
+            slot = torch.where(has, found.int().argmax(1), oldest.argmin(1))
+            evicted = ~has & (keys[rows, slot] != 0)
+            state.evictions[users] += evicted.long()
+            fresh = ~has  # the slot starts over
+            for ring, value in (
+                (state.slot_item, item),
+                (state.slot_behavior, behavior),
+                (state.slot_bucket, bucket),
+            ):
+                old = ring[users, slot]  # [n, L]
+                old = torch.where(fresh[:, None], torch.zeros_like(old), old)
+                ring[users, slot] = shift_window(old, value[:, None], one.expand(n))
+            state.slot_count[users, slot] = torch.where(fresh, 0, counts[rows, slot]) + 1
+            state.slot_key[users, slot] = cat + 1
+            state.slot_last_ts[users, slot] = ts
+            for ring, value in (
+                (state.window_item, item),
+                (state.window_behavior, behavior),
+                (state.window_bucket, bucket),
+            ):
+                ring[users] = shift_window(ring[users], value[:, None], one.expand(n))
+            state.last_category[users] = cat
+            state.count[users] += 1
+            state.last_ts[users] = ts
+
+    @torch.no_grad()
+    def read_state(self, state: ULIMState, slots: torch.Tensor) -> Readout:
+        """log P(c) and every slot's interest of these users (each with an event)."""
+        cfg = self.cfg
+        M, L, K = cfg.slots, cfg.slot_len, cfg.window
+        keys = state.slot_key[slots]  # [U, M]
+        U = len(slots)
+        occupied = keys > 0
+        u_idx, m_idx = occupied.nonzero(as_tuple=True)
+        user_slot = slots[u_idx]
+        held = state.slot_count[user_slot, m_idx].clamp(max=L)  # [S]
+        valid = torch.arange(L, device=slots.device)[None] >= (L - held)[:, None]  # [S, L]
+        x = (
+            self.embed(
+                state.slot_item[user_slot, m_idx],
+                state.slot_behavior[user_slot, m_idx],
+                state.slot_bucket[user_slot, m_idx],
+            )
+            * valid[..., None]
+        )
+        category = keys[u_idx, m_idx] - 1
+        interest = self.interest(category, x, valid)[0]  # [S, d]
+        newest_behavior = state.slot_behavior[user_slot, m_idx, -1]
+        part = self._slot_part(
+            category, interest, state.slot_count[user_slot, m_idx], newest_behavior
+        )
+        age = gap_bucket(
+            state.last_ts[user_slot] - state.slot_last_ts[user_slot, m_idx],
+            torch.ones_like(u_idx, dtype=torch.bool),
+            cfg.time_buckets,
+        )
+        h = part + self.slot_age(age)  # [S, d]
+        held_w = state.count[slots].clamp(max=K)
+        user_valid = torch.arange(K, device=slots.device)[None] >= (K - held_w)[:, None]
+        x_user = (
+            self.embed(
+                state.window_item[slots], state.window_behavior[slots], state.window_bucket[slots]
+            )
+            * user_valid[..., None]
+        )
+        user = self.user_short(x_user, user_valid)  # [U, d]
+        a = _segment_softmax(self._slot_logit(h, user[u_idx]), u_idx, U)
+        context = h.new_zeros(U, h.shape[-1]).index_add(0, u_idx, a[:, None] * h)
+        C = cfg.num_categories
+        copy = a.new_zeros(U * C).index_add(0, u_idx * C + category, a).view(U, C)
+        log_p = self._log_p(user, context, state.last_category[slots], copy)
+        slot_interest = h.new_zeros(U, M, h.shape[-1])
+        slot_interest[u_idx, m_idx] = interest
+        return Readout(log_p, torch.where(occupied, keys - 1, -1), slot_interest)
+
+    @torch.no_grad()
+    def step(self, state: ULIMState, slots: torch.Tensor, batch: EventBatch) -> torch.Tensor:
+        """Apply the runs, then each user's top category's interest [U, d] (the engine's
+        single query; the cascade's per-category queries come from `read_state`)."""
+        if self.training:
+            raise RuntimeError("ULIM.step serves a trained model: call model.eval() first")
+        self.apply_events(state, slots, batch)
+        read = self.read_state(state, slots)
+        top = read.log_p.argmax(-1)  # [U]
+        return self.category_interests(read, top[:, None])[:, 0]
+
+    @torch.no_grad()
+    def category_interests(self, read: Readout, categories: torch.Tensor) -> torch.Tensor:
+        """u^c [U, K, d] of categories [U, K]: the user's slot, else the empty interest."""
+        match = read.slot_category[:, None, :] == categories[..., None]  # [U, K, M]
+        has = match.any(-1)
+        seen = read.slot_interest.gather(
+            1, match.int().argmax(-1)[..., None].expand(-1, -1, read.slot_interest.shape[-1])
+        )
+        empty = self.empty_interest(categories.reshape(-1)).view(*categories.shape, -1)
+        return torch.where(has[..., None], seen, empty)
+
+    # ------------------------------------------------------------------ ranking
+
+    @torch.no_grad()
+    def readout(self, batch: EventBatch) -> Readout:
+        """The serving read-out after each row's last event (slots built by streaming)."""
+        state = self.new_state(len(batch.lengths), batch.item.device)
+        slots = torch.arange(len(batch.lengths), device=batch.item.device)
+        self.apply_events(state, slots, batch)
+        return self.read_state(state, slots)
+
+    @torch.no_grad()
+    def user_vector(self, batch: EventBatch) -> torch.Tensor:
+        """What `step` serves after each row's last event: the top category's u^c [B, d]."""
+        read = self.readout(batch)
+        return self.category_interests(read, read.log_p.argmax(-1)[:, None])[:, 0]
+
+    @torch.no_grad()
+    def category_scores(self, batch: EventBatch) -> torch.Tensor:
+        """log P(c) [B, C] after each row's last event."""
+        return self.readout(batch).log_p
+
+    @torch.no_grad()
+    def cascade_scores(
+        self,
+        read: Readout,
+        top_k: int | None,
+        oracle: torch.Tensor | None = None,
+        use_log_p: bool = True,
+    ) -> torch.Tensor:
+        """score(x) = log P(cat(x)) + u^{cat(x)} . e_x [U, num_items], -inf outside the top
+        K categories (top_k None: none gated; oracle [U]: only that category)."""
+        table = self.item_table()
+        item_cat = self.item_category  # [N]
+        U, N = read.log_p.shape[0], table.shape[0]
+        C = self.cfg.num_categories
+        empty = self.empty_interest(torch.arange(C, device=table.device))  # [C, d]
+        scores = (table * empty[item_cat]).sum(-1).expand(U, N).clone()
+        order, start, count = self._category_items()
+        u_idx, m_idx = (read.slot_category >= 0).nonzero(as_tuple=True)
+        cats = read.slot_category[u_idx, m_idx]
+        sizes = count[cats]
+        # the user's slots' items, in chunks of about 2^18 (user, item) pairs
+        ends = sizes.cumsum(0)
+        lo = 0
+        while lo < len(cats):
+            hi = int(torch.searchsorted(ends, ends[lo] - sizes[lo] + (1 << 18), right=True))
+            hi = max(hi, lo + 1)
+            s, c = sizes[lo:hi], cats[lo:hi]
+            pair = torch.repeat_interleave(torch.arange(hi - lo, device=table.device), s)
+            within = torch.arange(len(pair), device=table.device) - (s.cumsum(0) - s)[pair]
+            items = order[start[c][pair] + within]
+            u = read.slot_interest[u_idx[lo:hi][pair], m_idx[lo:hi][pair]]
+            scores[u_idx[lo:hi][pair], items] = (u * table[items]).sum(-1)
+            lo = hi
+        if use_log_p:
+            scores = scores + read.log_p[:, item_cat]
+        allowed = None
+        if oracle is not None:
+            allowed = item_cat[None] == oracle[:, None]
+        elif top_k is not None and top_k < C:
+            top = read.log_p.topk(top_k, -1).indices  # [U, K]
+            chosen = torch.zeros_like(read.log_p, dtype=torch.bool).scatter_(1, top, True)
+            allowed = chosen[:, item_cat]
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        scores[:, 0] = float("-inf")
+        return scores
+
+    @torch.no_grad()
+    def rank_scores(self, batch: EventBatch) -> torch.Tensor:
+        """The evaluation's scores: the cascade over the config's top K categories."""
+        return self.cascade_scores(self.readout(batch), self.cfg.top_categories)
