@@ -24,6 +24,7 @@ import torch
 
 from hytrec.model.base import CheckpointError, SequentialModel, read_checkpoint_meta
 from hytrec.model.events import EventLog
+from hytrec.model.hpgr import HPGR, HPGRConfig
 from hytrec.model.hstu import HSTU, HSTUConfig
 from hytrec.model.hytrec import HyTRec, HyTRecConfig
 from hytrec.model.recgrela import RecGRELA, RecGRELAConfig
@@ -56,6 +57,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("sasrec", SASRecConfig, SASRec),
         ModelSpec("recgrela", RecGRELAConfig, RecGRELA, fidelity="code"),
         ModelSpec("hstu", HSTUConfig, HSTU, fidelity="code"),
+        ModelSpec("hpgr", HPGRConfig, HPGR, fidelity="reading"),
     )
 }
 
