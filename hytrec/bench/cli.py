@@ -27,6 +27,7 @@ PARITY_REPORTS = {
     "hytrec": "hytrec.bench.parity",
     "recgrela": "hytrec.bench.recgrela_parity",
     "hstu": "hytrec.bench.hstu_parity",
+    "hpgr": "hytrec.bench.hpgr_parity",
 }
 
 
@@ -313,6 +314,10 @@ def register(commands, benchmarks) -> None:
     from hytrec.bench.state_store_benchmark import add_parser as add_state_store_benchmark
 
     add_state_store_benchmark(benchmarks)
+
+    from hytrec.bench.hpgr_cli import register as register_hpgr
+
+    register_hpgr(commands, benchmarks)
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -188,6 +188,7 @@ class HPGR(HSTU):
     NAME = "hpgr"
     CONFIG = HPGRConfig
     UNIT = SessionTransductionUnit
+    NEEDS_TIMESTAMPS = True  # `registry.build_model` refuses logs whose ts are positions
 
     def __init__(self, cfg: HPGRConfig, items=None, categories=None):
         super().__init__(cfg, items, categories)
