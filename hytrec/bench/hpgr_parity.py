@@ -21,7 +21,10 @@ from hytrec.bench.hstu_parity import (
     random_users,
 )
 from hytrec.bench.parity import UserEvents, pad_batch, stream_vs_parallel_max_abs
+from hytrec.bench.reports import provenance
 from hytrec.model.hpgr import HPGR, HPGRConfig
+
+PARITY_CONFIG = HPGRConfig(num_items=5000, top_k=16, recent=4)
 
 
 def randomised(cfg: HPGRConfig, seed: int) -> HPGR:
@@ -110,11 +113,16 @@ def sparse_with_k_at_least_T_vs_dense_max_abs(model: HPGR, users: list[UserEvent
     return (sparse(batch) - dense(batch))[batch.mask].abs().max().item()
 
 
-def parity_report(seed: int = 0) -> dict:
-    cfg = HPGRConfig(num_items=5000, top_k=16, recent=4)
+def parity_report(
+    seed: int = 0,
+    cfg: HPGRConfig = PARITY_CONFIG,
+    lengths: tuple[int, ...] = HISTORY_LENGTHS,
+) -> dict:
+    """The figures at N = 200, k = 16, w = 4 over histories of 1 to 600 events (three times
+    the window), with sessions at 30 minutes; the tests pass a smaller model."""
     model = randomised(cfg, seed)
     generator = torch.Generator().manual_seed(seed)
-    users = random_users(cfg, HISTORY_LENGTHS, generator)
+    users = random_users(cfg, lengths, generator)
     one_at_a_time = stream_vs_parallel_max_abs(model, users, max_batch=1, seed=seed)
     micro_batches = stream_vs_parallel_max_abs(model, users, max_batch=64, seed=seed)
     small = randomised(replace(cfg, num_items=300, max_len=24), seed)
@@ -138,9 +146,10 @@ def parity_report(seed: int = 0) -> dict:
         "max_len": cfg.max_len,
         "top_k": cfg.top_k,
         "recent": cfg.recent,
-        "history_lengths": list(HISTORY_LENGTHS),
+        "history_lengths": list(lengths),
         "selection_check": "the model above on the first four histories, and N = 24 over "
         "histories of 5, 40 and 90 events drawn from 12 items (ties common)",
         "dtype": "float32 (relevance: float64, rounded to float32)",
         "seed": seed,
+        **provenance(),
     }

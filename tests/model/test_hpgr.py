@@ -191,3 +191,32 @@ def test_registry_line_and_checkpoint_round_trip(tmp_path):
     model = small()
     loaded = load_model(model.save(tmp_path / "ckpt"))
     assert type(loaded) is HPGR and loaded.cfg == model.cfg and loaded.version == model.version
+
+
+# ---------------------------------------------------------------------------- check parity
+
+
+def test_parity_report_meets_the_issue_s_bounds_on_a_small_model():
+    from hytrec.bench.hpgr_parity import parity_report
+
+    report = parity_report(seed=1, cfg=SMALL, lengths=(1, 5, 17, 40))
+    assert report["fidelity"] == "reading"
+    assert report["stream_vs_parallel_max_abs"] <= 1e-4
+    assert report["selection_vs_brute_force_mismatches"] == 0
+    assert report["sparse_k_at_least_T_vs_dense_max_abs"] <= 1e-6
+    assert report["future_events_move_earlier_outputs_max_abs"] == 0.0
+
+
+def test_check_parity_model_hpgr_prints_and_writes_the_report(monkeypatch, tmp_path, capsys):
+    import json
+
+    from hytrec import cli
+    from hytrec.bench import hpgr_parity
+
+    monkeypatch.setattr(hpgr_parity, "parity_report", lambda seed: {"seed": seed})
+    out = tmp_path / "parity.json"
+    assert (
+        cli.main(["check", "parity", "--model", "hpgr", "--seed", "3", "--output", str(out)]) == 0
+    )
+    assert json.loads(capsys.readouterr().out) == {"seed": 3}
+    assert json.loads(out.read_text()) == {"seed": 3}
