@@ -31,6 +31,7 @@ from hytrec.model.evaluate import EvalConfig, leave_one_out, rank_targets, summa
 from hytrec.model.events import EventLog
 from hytrec.model.hpgr import HPGR, HPGRConfig
 from hytrec.model.pretrain import MIMConfig, pretrain, save, summary
+from hytrec.model.registry import load_model
 from hytrec.model.train import TrainConfig, train
 
 RESULTS = Path("benchmarks/results")
@@ -172,6 +173,8 @@ class SparsityConfig:
     negatives: int = 1024
     time_budget_s: float = 300.0  # fine-tuning, per k
     seed: int = 0
+    # a `hytrec pretrain mim` checkpoint to fine-tune from instead of pre-training here
+    init_from: str | None = None
 
 
 @torch.no_grad()
@@ -200,7 +203,12 @@ def run_sparsity(cfg: SparsityConfig, log: EventLog, output: Path, progress: boo
         negatives=cfg.negatives,
         seed=cfg.seed,
     )
-    pretrained = pretrain(mim, log, split, progress)
+    if cfg.init_from is None:
+        pretrained = pretrain(mim, log, split, progress)
+        pretrain_summary = {k: v for k, v in summary(pretrained, mim).items() if k != "config"}
+    else:
+        pretrained = None
+        pretrain_summary = load_model(cfg.init_from).checkpoint_extra.get("pretrain", {})
     tc = TrainConfig(
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
@@ -214,7 +222,7 @@ def run_sparsity(cfg: SparsityConfig, log: EventLog, output: Path, progress: boo
     starts, targets = split.targets("test")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        save(pretrained, mim, Path(tmp) / "pretrained")
+        init_from = cfg.init_from or str(save(pretrained, mim, Path(tmp) / "pretrained"))
         for k in cfg.ks:
             model_cfg = HPGRConfig(
                 max_len=cfg.max_len, top_k=k or None, recent=cfg.recent, selection="pretrained"
@@ -223,7 +231,7 @@ def run_sparsity(cfg: SparsityConfig, log: EventLog, output: Path, progress: boo
                 model_cfg,
                 log,
                 split,
-                replace(tc, init_from=str(Path(tmp) / "pretrained")),
+                replace(tc, init_from=init_from),
                 progress=progress,
             )
             test = summarize(rank_targets(result.model, log, split, "test", EvalConfig()))
@@ -253,7 +261,7 @@ def run_sparsity(cfg: SparsityConfig, log: EventLog, output: Path, progress: boo
     report = {
         **header("hpgr-sparsity", cfg.dataset, log),
         "config": asdict(cfg),
-        "pretrain": {k: v for k, v in summary(pretrained, mim).items() if k != "config"},
+        "pretrain": {k: v for k, v in pretrain_summary.items() if k != "config"},
         "train_config": asdict(tc),
         "protocol": "leave-one-out, full ranking over all items, whole histories, unfiltered",
         "flops_note": "attention FLOPs fraction = (query, key) pairs PGSA attends over the "

@@ -83,6 +83,7 @@ def register(commands, benchmarks) -> None:
     )
     dataset_argument(p)
     p.add_argument("--ks", help="k values, comma-separated; 0 = dense (all)")
+    p.add_argument("--init-from", help="a `hytrec pretrain mim` checkpoint (default: pre-train)")
     _flags(p, SPARSITY_FLAGS, "SparsityConfig")
     p.add_argument(
         "--output", help="report stem (default benchmarks/results/hpgr-sparsity-DATASET)"
@@ -149,6 +150,8 @@ def _sparsity(args) -> int:
 
     log = _load(args)
     cfg = replace(SparsityConfig(dataset=args.dataset), **_given(args, SPARSITY_FLAGS))
+    if args.init_from:
+        cfg = replace(cfg, init_from=args.init_from)
     if args.ks:
         cfg = replace(cfg, ks=tuple(int(v) for v in args.ks.split(",") if v))
     output = Path(args.output or RESULTS / f"hpgr-sparsity-{_name(args.dataset)}")

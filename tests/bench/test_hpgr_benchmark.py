@@ -56,6 +56,11 @@ def test_pretrain_curve_runs_with_and_without_the_session_module(tmp_path):
 
 
 def test_sparsity_curve_reports_ndcg_and_the_flops_fraction_per_k(tmp_path):
+    stem, mim = tmp_path / "events", tmp_path / "mim"
+    small_log().save(stem)
+    pretrain_args = ["pretrain", "mim", "--dataset", str(stem), "--out", str(mim), "--epochs", "1"]
+    pretrain_args += ["--max-len", "30", "--negatives", "32", "--output", str(tmp_path / "p")]
+    assert cli.main([*pretrain_args, "--no-progress"]) == 0
     cfg = replace(
         SparsityConfig(dataset="synthetic"),
         ks=(2, 0),
@@ -65,7 +70,8 @@ def test_sparsity_curve_reports_ndcg_and_the_flops_fraction_per_k(tmp_path):
         max_len=30,
         negatives=32,
     )
-    report = run_sparsity(cfg, small_log(), tmp_path / "sparsity", progress=False)
+    log = small_log()
+    report = run_sparsity(cfg, log, tmp_path / "sparsity", progress=False)
     rows = {r["k"]: r for r in report["rows"]}
     assert set(rows) == {2, "all"}
     assert rows["all"]["attention_flops_fraction"] == 1.0
@@ -73,3 +79,9 @@ def test_sparsity_curve_reports_ndcg_and_the_flops_fraction_per_k(tmp_path):
     assert rows[2]["pairs_dense"] == rows["all"]["pairs_attended"]
     assert report["fidelity"] == "reading" and "git_commit" in report
     assert (tmp_path / "sparsity.png").stat().st_size > 0
+    # from a saved pre-training instead: the report carries that run's summary
+    args = ["hpgr-sparsity", "--dataset", str(stem), "--ks", "0", "--epochs", "1"]
+    args += ["--max-len", "30", "--negatives", "32", "--init-from", str(mim)]
+    assert cli.main(["benchmark", *args, "--output", str(tmp_path / "s2"), "--no-progress"]) == 0
+    again = json.loads((tmp_path / "s2.json").read_text())
+    assert again["config"]["init_from"] == str(mim) and again["pretrain"]["leaked_targets"] == 0
