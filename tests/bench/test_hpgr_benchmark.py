@@ -85,3 +85,36 @@ def test_sparsity_curve_reports_ndcg_and_the_flops_fraction_per_k(tmp_path):
     assert cli.main(["benchmark", *args, "--output", str(tmp_path / "s2"), "--no-progress"]) == 0
     again = json.loads((tmp_path / "s2.json").read_text())
     assert again["config"]["init_from"] == str(mim) and again["pretrain"]["leaked_targets"] == 0
+
+
+def test_accuracy_harness_pretrains_for_the_hpgr_row_and_runs_its_ablations(tmp_path):
+    from hytrec.bench.accuracy import PRESETS, run_accuracy
+    from hytrec.model.train import TrainConfig
+
+    tc = TrainConfig(epochs=1, batch_size=16, max_len=30, negatives=32, valid_users=None)
+    names = ["HPGR", "HPGR no pre-training", "HPGR no sparse attention"]
+    stem = tmp_path / "acc"
+    run_accuracy("synthetic", small_log(), PRESETS["taobao"], stem, names, 16, tc, False)
+    models = json.loads(stem.with_suffix(".json").read_text())["models"]
+    assert set(names) <= set(models)
+    assert models["HPGR"]["pretraining"]["leaked_targets"] == 0
+    assert models["HPGR"]["config"]["selection"] == "pretrained"
+    assert "pretraining" not in models["HPGR no pre-training"]
+    assert models["HPGR no sparse attention"]["config"]["top_k"] is None
+
+
+def test_accuracy_harness_refuses_or_leaves_out_hpgr_without_timestamps(tmp_path):
+    import pytest
+
+    from hytrec.bench.accuracy import PRESETS, run_accuracy
+    from hytrec.model.data import DataError
+    from hytrec.model.train import TrainConfig
+    from tests.test_data import log_of
+
+    positions = log_of([list(range(12)), list(range(9)), list(range(7))])
+    tc = TrainConfig(epochs=1, batch_size=16, max_len=12, valid_users=None)
+    with pytest.raises(DataError, match="beauty and sports"):
+        run_accuracy("s3rec", positions, PRESETS["beauty"], tmp_path / "a", ["HPGR"], 16, tc, False)
+    run_accuracy("s3rec", positions, PRESETS["beauty"], tmp_path / "b", ["SASRec"], 16, tc, False)
+    left_out = json.loads((tmp_path / "b.json").read_text())["left_out"]
+    assert set(left_out) == {"HPGR", "HPGR no pre-training", "HPGR no sparse attention"}
