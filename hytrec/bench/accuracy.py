@@ -16,6 +16,7 @@ from __future__ import annotations
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from hytrec.bench.reports import machine_info, provenance
+from hytrec.model.data import require_timestamps, timestamps_are_positions
 from hytrec.model.evaluate import (
     EvalConfig,
     EvalSplit,
@@ -38,8 +40,12 @@ from hytrec.model.evaluate import (
 )
 from hytrec.model.events import EventLog
 from hytrec.model.heuristics import Popularity, heuristics
+from hytrec.model.hpgr import HPGRConfig
 from hytrec.model.hstu import HSTUConfig
 from hytrec.model.hytrec import HyTRecConfig
+from hytrec.model.pretrain import MIMConfig, pretrain
+from hytrec.model.pretrain import save as save_pretrained
+from hytrec.model.pretrain import summary as mim_summary
 from hytrec.model.recgrela import RecGRELAConfig
 from hytrec.model.repeat import RepeatConfig
 from hytrec.model.sasrec import SASRecConfig
@@ -54,11 +60,14 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     head (`repeat.py`, default `RepeatConfig`: the last 100 distinct items). RecGRELA at
     its published size (4 heads, 4 layers) with the paper's three ablations and with the
     head. HSTU at the wave-2 size (2 layers, 2 heads, dropout 0.2), its window and KV cache
-    N = the input length, and with the head."""
+    N = the input length, and with the head. HPGR (the same size, k 32, w 8) fine-tuned
+    from a session-based MIM pre-training the harness runs first (`hpgr_pretraining`),
+    without it (PGSA ranks with the model's own table), and without sparse attention."""
     hytrec = HyTRecConfig(d_model=d_model)
     recgrela = RecGRELAConfig(d_model=d_model)
     sasrec = SASRecConfig(d_model=d_model, layers=2, heads=2, max_len=max_len)
     hstu = HSTUConfig(d_model=d_model, max_len=max_len)
+    hpgr = HPGRConfig(d_model=d_model, max_len=max_len, selection="pretrained")
     return {
         "SASRec": sasrec,
         "SASRec" + HEAD: replace(sasrec, repeat_head=RepeatConfig()),
@@ -76,7 +85,28 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
         "RecGRELA no RoPE": replace(recgrela, rope=False),
         "HSTU": hstu,
         "HSTU" + HEAD: replace(hstu, repeat_head=RepeatConfig()),
+        "HPGR": hpgr,
+        "HPGR no pre-training": replace(hpgr, selection="own"),
+        "HPGR no sparse attention": replace(hpgr, top_k=None),
     }
+
+
+def hpgr_pretraining(log: EventLog, split: EvalSplit, tc: TrainConfig, d_model: int, out: Path):
+    """The MIM pre-training the HPGR rows start from: the train config's input length,
+    negatives, batch size, seed and time budget, at most 10 epochs; saved under `out`.
+    Returns (checkpoint path, the run's figures)."""
+    model = HPGRConfig(d_model=d_model, max_len=tc.max_len, top_k=None)
+    cfg = MIMConfig(
+        model=model,
+        max_len=tc.max_len,
+        negatives=tc.negatives,
+        batch_size=tc.batch_size,
+        time_budget_s=tc.time_budget_s,
+        seed=tc.seed,
+    )
+    result = pretrain(cfg, log, split, progress=False)
+    figures = {k: v for k, v in mim_summary(result, cfg).items() if k != "config"}
+    return str(save_pretrained(result, cfg, out)), figures
 
 
 def baselines(log: EventLog, split: EvalSplit) -> dict[str, torch.nn.Module]:
@@ -223,6 +253,15 @@ def run_accuracy(
     unknown = sorted(set(models or ()) - set(zoo))
     if unknown:
         raise ValueError(f"unknown models {unknown}; the zoo has {list(zoo)}")
+    left_out = {}  # rows a dataset cannot have, and why
+    if timestamps_are_positions(log):  # no sessions: HPGR refused if asked for, else left out
+        sessions = [name for name, cfg in zoo.items() if isinstance(cfg, HPGRConfig)]
+        if set(models or ()) & set(sessions):
+            require_timestamps(log, "HPGR")
+        left_out = {name: "no timestamps (positions): no sessions" for name in sessions}
+        zoo = {name: cfg for name, cfg in zoo.items() if name not in left_out}
+    scratch = tempfile.TemporaryDirectory(prefix="hytrec-accuracy-")
+    pretrained: dict[int, tuple[str, dict]] = {}  # seed -> HPGR's pre-training
     eval_cfg = EvalConfig(filter_history=preset.filter_history, seed=tc.seed)
     suffix = "_filtered" if preset.filter_history else ""
     rows: list[ModelReport] = []
@@ -245,9 +284,16 @@ def run_accuracy(
         runs = []
         for seed in seeds:
             began = time.perf_counter()
-            result = train(
-                cfg, log, split, replace(tc, seed=seed), dataset=dataset, progress=progress
-            )
+            run_tc = replace(tc, seed=seed)
+            pretraining = None
+            if getattr(cfg, "selection", None) == "pretrained" and tc.init_from is None:
+                if seed not in pretrained:
+                    pretrained[seed] = hpgr_pretraining(
+                        log, split, run_tc, d_model, Path(scratch.name) / f"mim-{seed}"
+                    )
+                run_tc = replace(run_tc, init_from=pretrained[seed][0])
+                pretraining = pretrained[seed][1]
+            result = train(cfg, log, split, run_tc, dataset=dataset, progress=progress)
             extra = {
                 "kind": "model",
                 "seed": seed,
@@ -260,6 +306,8 @@ def run_accuracy(
                 "valid": result.valid,
                 "parameters": sum(p.numel() for p in result.model.parameters()),
             }
+            if pretraining is not None:
+                extra["pretraining"] = pretraining
             runs.append(
                 ranked_row(
                     name if seed == seeds[0] else f"{name} (seed {seed})", result.model, extra
@@ -284,6 +332,7 @@ def run_accuracy(
             }
         rows.append(row)
 
+    scratch.cleanup()
     heuristic_rows = [r for r in rows if r.extra["kind"] == "heuristic"]
     best = max(heuristic_rows, key=lambda r: r.report["overall"]["NDCG@10"]).name
     for row in rows:
@@ -306,6 +355,7 @@ def run_accuracy(
         f"and {tc.time_budget_s} s of training",
         "seeds": list(seeds),
         "best_heuristic": best,
+        **({"left_out": left_out} if left_out else {}),
         "intervals": "95% percentile bootstrap over test users (2000 resamples, seed 0); "
         "ratios to the best heuristic resample the same users for both (paired)",
         "d_model": d_model,

@@ -27,6 +27,7 @@ PARITY_REPORTS = {
     "hytrec": "hytrec.bench.parity",
     "recgrela": "hytrec.bench.recgrela_parity",
     "hstu": "hytrec.bench.hstu_parity",
+    "hpgr": "hytrec.bench.hpgr_parity",
 }
 
 
@@ -356,6 +357,10 @@ def register(commands, benchmarks) -> None:
     from hytrec.bench.leaderboard import add_parser as add_leaderboard
 
     add_leaderboard(benchmarks)
+
+    from hytrec.bench.hpgr_cli import register as register_hpgr
+
+    register_hpgr(commands, benchmarks)
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -157,6 +157,7 @@ TRAIN_FLAGS = {
     "time_budget_s": float,
     "seed": int,
     "device": str,
+    "init_from": str,
 }
 
 

@@ -1332,6 +1332,26 @@ def sessionize(events: EventLog, gap_s: float = SESSION_GAP_S) -> tuple[np.ndarr
     return (count - user_base).astype(np.int64), (np.arange(n) - start_of).astype(np.int64)
 
 
+def timestamps_are_positions(events: EventLog) -> bool:
+    """Whether every user's ts is 0, 1, 2, ...: the position, not a time (the S3-Rec files,
+    Beauty and Sports), so there are no sessions to cut."""
+    n = len(events)
+    first = np.r_[True, events.user[1:] != events.user[:-1]] if n else np.zeros(0, bool)
+    start_of = np.maximum.accumulate(np.where(first, np.arange(n), 0)) if n else first
+    return bool(n) and np.array_equal(events.ts, np.arange(n) - start_of)
+
+
+def require_timestamps(events: EventLog, what: str) -> None:
+    """Refuse a log whose timestamps are positions for something that cuts sessions."""
+    if timestamps_are_positions(events):
+        raise DataError(
+            f"{what} cuts histories into sessions by the time between events, and this "
+            "dataset has no times: its timestamps are each event's position in its user's "
+            "history (the S3-Rec files beauty and sports). Use a dataset with timestamps "
+            "(taobao, foursquare, ml100k, ml-latest, or a file of your own with a ts column)"
+        )
+
+
 @dataclass(frozen=True)
 class TemporalSplit:
     """A global time cut, one row per user; arrays int64 [U], indices into the `EventLog`.

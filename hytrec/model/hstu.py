@@ -131,17 +131,22 @@ class SequentialTransductionUnit(nn.Module):
         uvqk = F.silu(self.uvqk(normed))  # [..., 4 d]
         return [t.unflatten(-1, (self.heads, self.head_dim)) for t in uvqk.chunk(4, dim=-1)]
 
-    def attend(self, q, k, v, offset, gap, allowed) -> torch.Tensor:
+    def attend(self, q, k, v, offset, gap, allowed, bias=None, keys_seen=None) -> torch.Tensor:
         """O = (SiLU(Q K^T + rab) / N * allowed) V for q [B, Tq, h, d_h] and k, v [B, Tk, h,
         d_h]; offset [1 or B, Tq, Tk] int64 (query index - key index), gap [B, Tq, Tk] int64
-        (query time - key time), allowed [1 or B, Tq, Tk] bool -> [B, Tq, h, d_h]."""
+        (query time - key time), allowed [1 or B, Tq, Tk] bool -> [B, Tq, h, d_h]. HPGR adds
+        a bias [B, h, Tq, Tk] to the logits and divides by its queries' key counts
+        keys_seen [B, Tq, 1] instead of N."""
         N = self.cfg.max_len
         rab = (  # offsets outside the window are masked below: clamped only to stay in range
-            self.rel_pos[N - 1 - offset.clamp(0, N - 1)]
+            self.rel_pos[N - 1 - offset.clamp(1 - N, N - 1)]
             + self.rel_time[time_bucket(gap, self.cfg.time_buckets)]
         )  # [B, Tq, Tk]
         logits = torch.einsum("bqhd,bkhd->bhqk", q, k) + rab[:, None]  # [B, h, Tq, Tk]
-        weights = F.silu(logits) / N * allowed[:, None]
+        if bias is not None:
+            logits = logits + bias
+        norm = N if keys_seen is None else keys_seen[:, None]
+        weights = F.silu(logits) / norm * allowed[:, None]
         return torch.einsum("bhqk,bkhd->bqhd", weights, v)
 
     def output(self, x: torch.Tensor, u: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -168,10 +173,11 @@ class SequentialTransductionUnit(nn.Module):
             )
         return self.output(x, u, torch.cat(out, dim=1))
 
-    def step(self, x, runs: PackedRuns, slots, key_pool, value_pool, offset, gap, allowed):
+    def step(self, x, runs: PackedRuns, slots, key_pool, value_pool, offset, gap, allowed, **extra):
         """x [n, d]: a micro-batch's new events, packed; key_pool, value_pool [P, N, h, d_h]:
-        each user's cached K and V, oldest first; offset, gap, allowed: over the keys [cached
-        N, then the run's M] (see `HSTU.step`). Updates the pools in place; returns [n, d]."""
+        each user's cached K and V, oldest first; offset, gap, allowed (and `attend`'s extra
+        bias and keys_seen): over the keys [cached N, then the run's M] (see `HSTU.step`).
+        Updates the pools in place; returns [n, d]."""
         u, v, q, k = self.project(x)  # [n, h, d_h] each
         new_k, new_v = runs.unpack(k), runs.unpack(v)  # [U, M, h, d_h]
         cached_k, cached_v = key_pool[slots], value_pool[slots]  # [U, N, h, d_h]
@@ -182,6 +188,7 @@ class SequentialTransductionUnit(nn.Module):
             offset,
             gap,
             allowed,
+            **extra,
         )  # [U, M, h, d_h]
         key_pool[slots] = shift_window(cached_k, new_k, runs.lengths)
         value_pool[slots] = shift_window(cached_v, new_v, runs.lengths)
@@ -219,6 +226,7 @@ class HSTUState(SlotState):
 class HSTU(SequentialModel):
     NAME = "hstu"
     CONFIG = HSTUConfig
+    UNIT = SequentialTransductionUnit  # HPGR's blocks add the session bias
 
     def __init__(
         self,
@@ -229,7 +237,7 @@ class HSTU(SequentialModel):
         super().__init__(cfg, items, categories)
         self.item_emb = nn.Embedding(cfg.num_items, cfg.d_model, padding_idx=0)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(SequentialTransductionUnit(cfg) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(self.UNIT(cfg) for _ in range(cfg.layers))
         self.repeat_head = (
             RepeatHead(cfg.repeat_head, cfg.d_model) if cfg.repeat_head is not None else None
         )

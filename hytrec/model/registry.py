@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from hytrec.model.base import CheckpointError, SequentialModel, read_checkpoint_meta
+from hytrec.model.data import require_timestamps
 from hytrec.model.events import EventLog
+from hytrec.model.hpgr import HPGR, HPGRConfig
 from hytrec.model.hstu import HSTU, HSTUConfig
 from hytrec.model.hytrec import HyTRec, HyTRecConfig
 from hytrec.model.recgrela import RecGRELA, RecGRELAConfig
@@ -58,6 +60,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("recgrela", RecGRELAConfig, RecGRELA, fidelity="code"),
         ModelSpec("hstu", HSTUConfig, HSTU, fidelity="code"),
         ModelSpec("ulim", ULIMConfig, ULIM, query="per_category", fidelity="reading"),
+        ModelSpec("hpgr", HPGRConfig, HPGR, fidelity="reading"),
     )
 }
 
@@ -96,6 +99,8 @@ def build_model(config, log: EventLog) -> SequentialModel:
     """A fresh model of `config`'s kind sized to the log's vocabularies (the config's sizes
     are replaced), its item -> category table filled from the log."""
     line = spec_of(config)
+    if getattr(line.model, "NEEDS_TIMESTAMPS", False):  # models that cut sessions
+        require_timestamps(log, line.model.__name__)
     sizes = {"num_items": len(log.items)}
     if "num_categories" in {f.name for f in fields(config)}:
         sizes["num_categories"] = len(log.categories)

@@ -42,7 +42,7 @@ from hytrec.model.evaluate import (
     summarize,
 )
 from hytrec.model.events import EventLog
-from hytrec.model.registry import build_model
+from hytrec.model.registry import build_model, load_model
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ class TrainConfig:
     time_budget_s: float | None = None  # stop training after this long (breaks determinism)
     seed: int = 0
     device: str = "cpu"
+    # a pre-training checkpoint (`hytrec pretrain mim`) whose item table the model starts
+    # from (models with `start_from`: HPGR)
+    init_from: str | None = None
 
 
 @dataclass
@@ -199,7 +202,15 @@ def train(
     rng = np.random.default_rng(tc.seed)
     generator = torch.Generator().manual_seed(tc.seed)
     device = torch.device(tc.device)
-    model = build_model(model_config, log).to(device)
+    model = build_model(model_config, log)
+    if tc.init_from is not None:
+        if not hasattr(model, "start_from"):
+            raise ValueError(
+                f"{type(model).__name__} cannot start from a pre-trained item table "
+                f"(init_from={tc.init_from!r}); HPGR can"
+            )
+        model.start_from(load_model(tc.init_from))
+    model = model.to(device)
     context = context_length(model, tc.max_len)
     starts, stops = training_rows(split, context)
     if not len(starts):
