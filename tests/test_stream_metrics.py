@@ -254,6 +254,7 @@ def test_status_summary_and_text_of_a_known_exposition():
         "dead_lettered": 10,
         "replays_skipped": 4,
         "unaccounted": 0,
+        "never_delivered": 0,
         "in_flight": 10,
     }
     assert account["balanced"] and account["partitions"]["1"]["applied"] == 396
@@ -285,6 +286,16 @@ def test_status_summary_and_text_of_a_known_exposition():
     unbalanced = parse_metrics(KNOWN.replace('partition="1"} 396.0', 'partition="1"} 395.0'))
     assert not summarize(unbalanced)["accounting"]["balanced"]
     assert "NOT BALANCED" in format_status(summarize(unbalanced))
+    assert "NEVER DELIVERED" not in text
+    hole = 'hytrec_partition_events_total{outcome="never_delivered",partition="1"} 3.0\n'
+    holed = parse_metrics(
+        KNOWN.replace(
+            "# TYPE hytrec_partition_events_in_flight",
+            hole + "# TYPE hytrec_partition_events_in_flight",
+        )
+    )
+    assert summarize(holed)["accounting"]["total"]["never_delivered"] == 3
+    assert "3 OFFSETS NEVER DELIVERED" in format_status(summarize(holed))
 
 
 # ---------------------------------------------------------------------- a real worker

@@ -559,6 +559,11 @@ def format_status(summary: Mapping[str, Any], url: str = "") -> str:
             f" {_n(t['replays_skipped'])} + in flight {_n(t['in_flight'])};"
             f" unaccounted {_n(t['unaccounted'])}"
             + ("" if account["balanced"] else "  NOT BALANCED")
+            + (
+                f"  {_n(t['never_delivered'])} OFFSETS NEVER DELIVERED"
+                if t.get("never_delivered")
+                else ""
+            )
         )
     dlq = ", ".join(f"{r} {_n(c)}" for r, c in sorted(summary["dlq"].items()))
     lines.append(
