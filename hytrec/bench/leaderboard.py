@@ -187,6 +187,8 @@ def _run_cell(path, budget, model, config, tc, log, split, eval_cfg, suffix) -> 
 def cohort_masks(history: np.ndarray) -> dict[str, np.ndarray]:
     """Boolean masks over test users by the number of events before the target: the
     `COHORTS`, then `LONG` (201 and more, overlapping the last two)."""
+    from hytrec.model.evaluate import cohort_name
+
     out = {}
     for low, high in COHORTS:
         out[cohort_name(low, high)] = (history >= low) & (
@@ -194,10 +196,6 @@ def cohort_masks(history: np.ndarray) -> dict[str, np.ndarray]:
         )
     out[LONG] = history >= 201
     return out
-
-
-def cohort_name(low: int, high: int | None) -> str:
-    return f"{low}+" if high is None else f"{low}-{high}"
 
 
 def _paired(a: np.ndarray, b: np.ndarray, name: str) -> dict:
@@ -473,6 +471,8 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from hytrec.model.evaluate import cohort_name
 
     tables = result["tables"]
     fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.8), squeeze=False)

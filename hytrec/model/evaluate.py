@@ -147,9 +147,10 @@ def paired_bootstrap(
         raise ValueError("nothing to resample: no users")
     rng = np.random.default_rng(seed)
     means_a, means_b = [], []
-    chunk = max(1, 2**20 // (n * max(len(a), 1 if b is None else len(b))))  # bounds memory
-    for lo in range(0, resamples, min(256, chunk)):
-        take = rng.integers(0, n, (min(256, chunk, resamples - lo), n))  # [chunk, n] users
+    seeds = max(len(a), 1 if b is None else len(b))
+    step = min(256, max(1, 2**20 // (n * seeds)))  # resamples at a time: bounds memory
+    for lo in range(0, resamples, step):
+        take = rng.integers(0, n, (min(step, resamples - lo), n))  # [step, n] users
         means_a.append(_resampled_means(a, take, rng))
         if b is not None:
             means_b.append(_resampled_means(b, take, rng))
@@ -308,6 +309,18 @@ def ranking_scores(model: torch.nn.Module, batch: EventBatch) -> torch.Tensor:
     return scores
 
 
+def evaluated_users(split: EvalSplit, which: str, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(start, target) of the `which` users evaluated: all, or `cfg.max_users` of them drawn
+    with `cfg.seed` (the same sample for item and category ranks)."""
+    starts, targets = split.targets(which)
+    if cfg.max_users is not None and len(starts) > cfg.max_users:
+        keep = np.sort(
+            np.random.default_rng(cfg.seed).choice(len(starts), cfg.max_users, replace=False)
+        )
+        starts, targets = starts[keep], targets[keep]
+    return starts, targets
+
+
 @torch.no_grad()
 def rank_targets(
     model: torch.nn.Module,
@@ -325,12 +338,7 @@ def rank_targets(
     (`category_scores(batch) -> [B, num_categories]`) "category_rank", the rank of the
     target event's category (category 0, unknown, is never a candidate).
     """
-    starts, targets = split.targets(which)
-    if cfg.max_users is not None and len(starts) > cfg.max_users:
-        keep = np.sort(
-            np.random.default_rng(cfg.seed).choice(len(starts), cfg.max_users, replace=False)
-        )
-        starts, targets = starts[keep], targets[keep]
+    starts, targets = evaluated_users(split, which, cfg)
     # batch users of similar history length together so that little is padding
     order = np.argsort(targets - starts, kind="stable")
     starts, targets = starts[order], targets[order]
@@ -376,12 +384,7 @@ def rank_categories(
     """int64 [users]: rank of each `which` target's category under `model.category_scores`
     (a model with a category head, or a category baseline of `heuristics.py`), in the
     split's user order, with the same user sample as `rank_targets`."""
-    starts, targets = split.targets(which)
-    if cfg.max_users is not None and len(starts) > cfg.max_users:
-        keep = np.sort(
-            np.random.default_rng(cfg.seed).choice(len(starts), cfg.max_users, replace=False)
-        )
-        starts, targets = starts[keep], targets[keep]
+    starts, targets = evaluated_users(split, which, cfg)
     ranks = []
     for b in range(0, len(starts), cfg.batch_size):
         s, t = starts[b : b + cfg.batch_size], targets[b : b + cfg.batch_size]

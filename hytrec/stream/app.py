@@ -124,10 +124,11 @@ class _Consumer(faust_aiokafka.Consumer):
         committed = await super().seek_to_committed()
         behaviors = self.app.hytrec_config.topics.behaviors
         for tp, offset in committed.items():
-            if offset is None or offset <= 0:
+            start = offset if offset is not None and offset > 0 else 0
+            if start == 0:
                 await self.seek(tp, 0)
             if tp.topic == behaviors:
-                self.app.hytrec_worker.stats.accounting.reading_from(tp.partition, offset or 0)
+                self.app.hytrec_worker.stats.accounting.reading_from(tp.partition, start)
         return committed
 
     def _new_consumer_thread(self):
