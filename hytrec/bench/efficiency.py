@@ -9,6 +9,8 @@ measures, side by side in one process:
     sasrec_recompute_us             SASRec's forward over the L+1 events (its cost per event)
     {hytrec,recgrela}_recompute_us  the parallel forward over the L+1 events (no state kept)
     *_train_tokens_per_s            forward+backward of the next-item loss over L events
+    *_train_mflop_per_token         the matrix-product work of that forward+backward, per token
+                                    (counted, not timed: why one model is slower than another)
 
 HSTU serves from a KV cache of its last N events instead: its step and its state grow with
 N, not with L. `cache_rows` gives, per cache size N, one event stepped into a full cache
@@ -36,6 +38,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    flop_registry,
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 from tqdm import tqdm
 
 from hytrec.bench.parity import UserEvents, pad_batch, random_user
@@ -47,6 +56,7 @@ from hytrec.model.recgrela import RecGRELA, RecGRELAConfig
 from hytrec.model.sasrec import SASRec, SASRecConfig
 from hytrec.model.train import next_item_loss
 
+aten = torch.ops.aten
 STREAMED = ("hytrec", "recgrela")  # the models with a per-user state, timed stepping
 MEASURES = (
     "hytrec_step_us",
@@ -57,6 +67,9 @@ MEASURES = (
     "hytrec_train_tokens_per_s",
     "recgrela_train_tokens_per_s",
     "sasrec_train_tokens_per_s",
+    "hytrec_train_mflop_per_token",
+    "recgrela_train_mflop_per_token",
+    "sasrec_train_mflop_per_token",
 )
 
 
@@ -221,6 +234,42 @@ def _train_tokens_per_s(model, user: UserEvents, L: int, cfg: EfficiencyConfig) 
     return [cfg.train_batch * L / t for t in times]
 
 
+# PyTorch's counter knows the CUDA attention kernels only; SASRec's CPU kernel skips the
+# blocks a causal mask hides, so a causal call counts half of the full product.
+def _cpu_attention_flops(query, key, value, dropout_p=0.0, is_causal=False, *_, **__) -> int:
+    return sdpa_flop_count(query, key, value) // (2 if is_causal else 1)
+
+
+def _cpu_attention_backward_flops(grad, query, key, value, *args, **__) -> int:
+    is_causal = args[3] if len(args) > 3 else False
+    return sdpa_backward_flop_count(grad, query, key, value) // (2 if is_causal else 1)
+
+
+for _op, _formula in (
+    (aten._scaled_dot_product_flash_attention_for_cpu, _cpu_attention_flops),
+    (aten._scaled_dot_product_flash_attention_for_cpu_backward, _cpu_attention_backward_flops),
+):
+    if _op not in flop_registry:
+        register_flop_formula(_op)(_formula)
+
+
+def _train_mflop_per_token(model, user: UserEvents, L: int, cfg: EfficiencyConfig) -> list:
+    """Matrix-product MFLOP per token of one forward+backward of `_train_tokens_per_s`'s loss
+    (mm, bmm, addmm, baddbmm, attention; not triangular solves or elementwise work)."""
+    device = torch.device(cfg.device)
+    inputs = _batch(user, 0, L, device, cfg.train_batch)
+    target = _batch(user, 1, L + 1, device, cfg.train_batch).item.reshape(-1)
+    model.train()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            u = model(inputs).reshape(-1, model.cfg.d_model)
+            next_item_loss(model, u, target, 0, torch.Generator().manual_seed(cfg.seed)).backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    return [counter.get_total_flops() / (cfg.train_batch * L) / 1e6]
+
+
 def run_efficiency(
     cfg: EfficiencyConfig, output: str | Path | None = None, progress: bool = True
 ) -> dict:
@@ -293,6 +342,8 @@ def run_efficiency(
         for name in (*STREAMED, "sasrec"):
             key = f"{name}_train_tokens_per_s"
             row[key] = measure(L, key, _train_tokens_per_s, trained[name], user, L, cfg)
+            key = f"{name}_train_mflop_per_token"
+            row[key] = measure(L, key, _train_mflop_per_token, trained[name], user, L, cfg)
         rows.append(row)
     bar.set_description("HSTU steps by cache size")
     cache_rows = _cache_rows(user, cfg)
@@ -329,6 +380,10 @@ def run_efficiency(
             "fp32, eval, no_grad",
             "train_tokens_per_s": f"batch {cfg.train_batch} x L tokens / median seconds of "
             "forward + backward of the full-softmax next-item loss (no optimizer step)",
+            "train_mflop_per_token": "matrix-product MFLOP of that forward + backward per "
+            "token, by torch.utils.flop_counter (mm, bmm, addmm, baddbmm; SDPA on CPU "
+            "registered here, a causal call at half the full product); triangular solves "
+            "and elementwise work are not counted",
             "kernels": "Backend.AUTO: the PyTorch forms on CPU; on CUDA the Triton step and, "
             "until the Triton chunked kernel is verified there, the PyTorch chunked form",
         },
@@ -350,10 +405,6 @@ def derived(rows: list[dict]) -> dict:
     recompute at the longest length, and how flat its step cost is across lengths
     (max / min; 1.0 = independent of the history)."""
     last = rows[-1]
-
-    def ratio(a, b):
-        return round(a / b, 1) if a and b else None
-
     out: dict = {"max_length": last["length"]}
     for name in STREAMED:
         step = f"{name}_step_us"
@@ -368,13 +419,36 @@ def derived(rows: list[dict]) -> dict:
         out[f"{name}_step_flatness_max_over_min"] = (
             round(max(steps) / min(steps), 3) if steps else None
         )
+    # issue 20's questions: HyTRec's training throughput and matrix-product work against
+    # SASRec's at each length, and how flat its throughput is from L = 500 on
+    out["hytrec_over_sasrec_train"] = [
+        {
+            "length": r["length"],
+            "tokens_per_s": ratio(
+                r["hytrec_train_tokens_per_s"], r["sasrec_train_tokens_per_s"], 2
+            ),
+            "mflop_per_token": ratio(
+                r["hytrec_train_mflop_per_token"], r["sasrec_train_mflop_per_token"], 2
+            ),
+        }
+        for r in rows
+    ]
+    speeds = [r["hytrec_train_tokens_per_s"] for r in rows if r["length"] >= 500]
+    out["hytrec_train_flatness_from_500"] = (
+        round(max(speeds) / min(speeds), 3) if speeds and all(speeds) else None
+    )
     return out
+
+
+def ratio(a: float | None, b: float | None, digits: int = 1) -> float | None:
+    return round(a / b, digits) if a and b else None
 
 
 def format_table(rows: list[dict]) -> str:
     heads = ("L", "HyTRec step us", "RecGRELA step us", "SASRec recompute us")
     heads += ("HyTRec recompute us", "RecGRELA recompute us", "HyTRec train tok/s")
-    heads += ("RecGRELA train tok/s", "SASRec train tok/s")
+    heads += ("RecGRELA train tok/s", "SASRec train tok/s", "HyTRec train MFLOP/tok")
+    heads += ("RecGRELA train MFLOP/tok", "SASRec train MFLOP/tok")
 
     def cell(v):
         return "null" if v is None else f"{v:,.1f}"

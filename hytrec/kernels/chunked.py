@@ -19,7 +19,9 @@ Substituting u, both are linear in S_0 with matrices known for every chunk in ad
     O   = (gamma Q - (Q K^T * D) W) S_0 + (Q K^T * D) U
 
 so the only sequential part is S_{n+1} = M_n S_n + R_n, one batched matrix product per
-chunk; everything else runs over all chunks at once. Everything is differentiable by
+chunk; everything else runs over all chunks at once. The read-outs are taken as
+o = gamma Q S_0 + (Q K^T * D)(U - W S_0): a [C, K] by [K, V] product per chunk instead of
+[C, C] by [C, K]. Everything is differentiable by
 autograd, and the loop reads its inputs through `unbind` (the gradient of a slice
 `x[:, :, n]` would be a zero tensor of x's full size per chunk: quadratic in the chunks).
 Decay ratios are formed as exp(g_t - g_i) on the causal triangle only, so they never overflow.
@@ -82,16 +84,15 @@ def chunk_tadn(
     # slow path on CPU, ~100x slower, and exp of a large positive exponent would make
     # inf * 0 = nan in the backward pass.
     causal = torch.ones(C, C, dtype=dtype, device=k.device).tril()
-    decay_ratio = ((g[..., :, None] - g[..., None, :]) * causal).exp().tril()
+    decay_ratio = ((g[..., :, None] - g[..., None, :]) * causal).exp() * causal
     gamma = g.exp()  # [B, H, N, C]
 
-    erase_strength = erase * beta  # [B, H, N, C]
-    kk = k @ k.transpose(-1, -2)  # [B, H, N, C, C]
-    I_plus_A = (erase_strength[..., None] * kk * decay_ratio).tril(-1) + torch.eye(
-        C, dtype=dtype, device=k.device
-    )
-    rhs = torch.cat([beta[..., None] * v, (erase_strength * gamma)[..., None] * k], dim=-1)
-    UW = torch.linalg.solve_triangular(I_plus_A, rhs, upper=False, unitriangular=True)
+    erase_k = (erase * beta)[..., None] * k  # [B, H, N, C, K]: row t scaled by erase_t beta_t
+    # I + A: the solve reads only the strictly lower triangle of A (unitriangular), and D is
+    # zero above the diagonal, so neither a tril nor the identity is ever formed
+    A = (erase_k @ k.transpose(-1, -2)) * decay_ratio  # [B, H, N, C, C]
+    rhs = torch.cat([beta[..., None] * v, gamma[..., None] * erase_k], dim=-1)
+    UW = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
     U, W = UW.split([V, K], dim=-1)  # [B, H, N, C, V], [B, H, N, C, K]; u = U - W S_0
     qk = (q @ k.transpose(-1, -2)) * decay_ratio  # [B, H, N, C, C]
 
@@ -109,7 +110,7 @@ def chunk_tadn(
         state = state.view(B, H, K, V)
     S = torch.stack(states, dim=2)  # [B, H, N, K, V]
 
-    # read-outs of every chunk from the state before it: (gamma Q - qk W) S_n + qk U
-    o = (gamma[..., None] * q - qk @ W) @ S + qk @ U  # [B, H, N, C, V]
+    # read-outs of every chunk from the state before it: gamma Q S_n + qk (U - W S_n)
+    o = (gamma[..., None] * q) @ S + qk @ (U - W @ S)  # [B, H, N, C, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
     return o.to(out_dtype), state

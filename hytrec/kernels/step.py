@@ -53,8 +53,8 @@ def step_tadn(
         raise TypeError(f"step_tadn: the state pool must be fp32 or fp64, got {state_pool.dtype}")
     M = k.shape[1]
     if M == 1:  # one event per user: every run is full (runs are never empty), no padding
-        o, final = naive_tadn(q, k, v, beta, erase, log_decay, initial_state=state_pool[slots])
-        state_pool[slots] = final.to(state_pool.dtype)
+        o, final = _one_event(state_pool[slots], q, k, v, beta, erase, log_decay)
+        state_pool[slots] = final
         return o
     real = run_mask(lengths, M)[..., None].to(beta.dtype)  # [U, M, 1]
     # Padded positions become identity steps: nothing written, erased or decayed.
@@ -68,3 +68,22 @@ def step_tadn(
         )
     state_pool[slots] = final.to(state_pool.dtype)
     return o * real[..., None].to(o.dtype)
+
+
+def _one_event(state, q, k, v, beta, erase, log_decay) -> tuple[torch.Tensor, torch.Tensor]:
+    """`naive_tadn` of one event per row with the update folded into one rank-1 write (the
+    serving step's common call, where every operator's fixed cost counts):
+
+        S' = a S + k (beta v - erase beta k^T (a S)),  a = exp(log_decay),  o = S'^T q
+
+    state [U, H, K, V] in the pool's dtype, the rest as `step_tadn` with M = 1; returns
+    o [U, 1, H, V] and the new state."""
+    dtype, out_dtype = state.dtype, v.dtype
+    q, k, v = (x.to(dtype).transpose(1, 2) for x in (q, k, v))  # [U, H, 1, K|V]
+    beta, erase, log_decay = (
+        x.to(dtype).transpose(1, 2)[..., None] for x in (beta, erase, log_decay)
+    )
+    state = state * log_decay.exp()  # [U, H, K, V]
+    write = beta * v - (erase * beta) * (k @ state)  # [U, H, 1, V]
+    state = state + k.transpose(-1, -2) @ write  # the rank-1 write k write^T
+    return (q @ state).transpose(1, 2).to(out_dtype), state

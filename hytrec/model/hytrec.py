@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -196,6 +197,14 @@ def _inverse_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
 
+class MixerConstants(NamedTuple):
+    weight: torch.Tensor  # [3d + 3H, d] the fused projection
+    bias: torch.Tensor  # [3d + 3H]
+    period: torch.Tensor  # [H, 2] erase period T and state period T_h, in time units
+    alpha: torch.Tensor  # [H] the learned gate's share of the erase strength
+    static_erase: torch.Tensor  # [H] (1 - alpha) g_static
+
+
 class TemporalDeltaMixer(nn.Module):
     """The TADN token mixer: projections and gates around `kernels.tadn_*`."""
 
@@ -218,12 +227,25 @@ class TemporalDeltaMixer(nn.Module):
             self.register_buffer("period_raw", raw)
         self.out_norm = nn.RMSNorm(self.head_dim)
         self.o_proj = nn.Linear(d, d, bias=False)
+        self._cached_constants: tuple[tuple[int, ...], MixerConstants] | None = None
 
-    def _projections(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything the mixer reads from x [..., d] in one matrix product: q, k, v (d
-        each), then the write strength's logit, the gate's x part and its mean part (H each).
-        The gate splits as W_g [h ; h - m] = (W_x + W_m) h - W_m m, so the causal mean m
-        enters through W_m's H outputs, not through a [d]-wide mean per position."""
+    def _constants(self) -> MixerConstants:
+        """What the mixer derives from its parameters alone. Rebuilt on every call while
+        autograd records (training); while it does not (serving), kept until a parameter
+        changes in place (an optimiser step, `load_state_dict`: both bump `_version`)."""
+        if torch.is_grad_enabled():
+            return self._build_constants()
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())  # moved or changed
+        if self._cached_constants is None or self._cached_constants[0] != key:
+            self._cached_constants = (key, self._build_constants())
+        return self._cached_constants[1]
+
+    def _build_constants(self) -> MixerConstants:
+        """The projection weight is everything the mixer reads from x [..., d] in one matrix
+        product: q, k, v (d each), then the write strength's logit, the gate's x part and its
+        mean part (H each). The gate splits as W_g [h ; h - m] = (W_x + W_m) h - W_m m, so the
+        causal mean m enters through W_m's H outputs, not through a [d]-wide mean per
+        position."""
         d = self.cfg.d_model
         w_x, w_m = self.gate_proj.weight.split(d, dim=1)  # [H, d] each
         weight = torch.cat(
@@ -232,9 +254,22 @@ class TemporalDeltaMixer(nn.Module):
         )  # [3d + 3H, d]
         zeros = self.beta_proj.bias.new_zeros(3 * d)
         bias = torch.cat([zeros, self.beta_proj.bias, self.gate_proj.bias, zeros[: self.heads]])
-        return F.linear(x, weight, bias)
+        alpha = torch.sigmoid(self.alpha_logit)
+        return MixerConstants(
+            weight=weight,
+            bias=bias,
+            period=F.softplus(self.period_raw),
+            alpha=alpha,
+            static_erase=(1 - alpha) * torch.sigmoid(self.static_logit),
+        )
 
-    def _inputs(self, proj: torch.Tensor, gate_of_mean: torch.Tensor, dt: torch.Tensor):
+    def _inputs(
+        self,
+        proj: torch.Tensor,
+        gate_of_mean: torch.Tensor,
+        dt: torch.Tensor,
+        constants: MixerConstants,
+    ):
         """Kernel inputs from the projections [B, T, 3d + 3H] of x, W_m times the causal mean
         of x [B, T, H], and gaps dt [B, T] (time units)."""
         B, T, _ = proj.shape
@@ -244,12 +279,11 @@ class TemporalDeltaMixer(nn.Module):
         q, k = F.normalize(qk, dim=-1).unbind(2)  # [B, T, H, dh] each
         beta_logit, gate_of_x, _ = gates.split(H, dim=-1)  # [B, T, H] each
         beta = torch.sigmoid(beta_logit)
-        period = F.softplus(self.period_raw)  # [H, 2]: erase T, state T_h
+        period = constants.period  # [H, 2]: erase T, state T_h
         dt = dt[..., None]  # [B, T, 1]
         tau = torch.exp(-dt / period[:, 0]) if self.cfg.erase_tau else torch.ones_like(beta)
-        alpha = torch.sigmoid(self.alpha_logit)
         learned = torch.sigmoid(gate_of_x - gate_of_mean)
-        erase = alpha * learned * tau + (1 - alpha) * torch.sigmoid(self.static_logit)
+        erase = constants.alpha * learned * tau + constants.static_erase
         log_decay = -dt / period[:, 1] if self.cfg.state_decay else torch.zeros_like(beta)
         return q, k, v.squeeze(2), beta, erase, log_decay
 
@@ -259,24 +293,27 @@ class TemporalDeltaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
         T, H = x.shape[1], self.heads
-        proj = self._projections(x)  # [B, T, 3d + 3H]
+        constants = self._constants()
+        proj = F.linear(x, constants.weight, constants.bias)  # [B, T, 3d + 3H]
         count = torch.arange(1, T + 1, device=x.device, dtype=x.dtype)
         gate_of_mean = proj[..., -H:].cumsum(1) / count[:, None]  # W_m mean_{i<=t} x_i
         # chunks of at most chunk_size, as equal as possible: the least padding
         chunks = -(-T // self.cfg.chunk_size)
-        o, _ = tadn_parallel(*self._inputs(proj, gate_of_mean, dt), chunk_size=-(-T // chunks))
+        inputs = self._inputs(proj, gate_of_mean, dt, constants)
+        o, _ = tadn_parallel(*inputs, chunk_size=-(-T // chunks))
         return self._output(o)
 
     def step(self, x, dt, runs, slots, count, tadn_pool, mean_pool) -> torch.Tensor:
         """x [N, d] and dt [N]: the new events, packed (see PackedRuns); count [U] events
         applied before them; mean_pool [P, d] each user's sum of x so far."""
         H = self.heads
-        proj = runs.unpack(self._projections(x))  # [U, M, 3d + 3H]
+        constants = self._constants()
+        proj = runs.unpack(F.linear(x, constants.weight, constants.bias))  # [U, M, 3d + 3H]
         seen = count[:, None] + torch.arange(1, runs.max_len + 1, device=x.device)  # [U, M]
         # W_m times the running mean, as in forward: the sum before the run, then the run's
-        prior = F.linear(mean_pool[slots], self.gate_proj.weight[:, self.cfg.d_model :])  # [U, H]
+        prior = F.linear(mean_pool[slots], constants.weight[-H:])  # [U, H]
         gate_of_mean = (prior[:, None] + proj[..., -H:].cumsum(1)) / seen[..., None]
-        inputs = self._inputs(proj, gate_of_mean, runs.unpack(dt))  # each [U, M, ...]
+        inputs = self._inputs(proj, gate_of_mean, runs.unpack(dt), constants)  # [U, M, ...]
         o = tadn_step(tadn_pool, slots, runs.lengths, *inputs)  # [U, M, H, dh]
         owner = slots.repeat_interleave(runs.lengths, output_size=x.shape[0])  # [N]
         mean_pool.index_add_(0, owner, x)

@@ -59,6 +59,11 @@ def test_run_efficiency_writes_rows_json_and_png(tmp_path):
     assert written["recgrela_step_speedup_vs_sasrec_at_max_length"] == recgrela
     assert written["recgrela_step_flatness_max_over_min"] >= 1.0
     assert written["recgrela_state_bytes_per_user"] > 0
+    for r, against in zip(written["rows"], written["hytrec_over_sasrec_train"], strict=True):
+        assert against["length"] == r["length"]
+        work = r["hytrec_train_mflop_per_token"] / r["sasrec_train_mflop_per_token"]
+        assert against["mflop_per_token"] == round(work, 2)
+    assert written["hytrec_train_flatness_from_500"] is None  # no L >= 500 here
     assert written["sasrec_config"]["max_len"] >= 33  # covers the L+1 recompute
     # HSTU by cache size: its state grows with N (keys and values of N events per layer)
     cache = written["cache_rows"]
@@ -133,3 +138,26 @@ def test_each_timed_step_sees_a_state_of_exactly_L_events_round_robin():
         assert item == int(user.item[count])
     assert sorted(times) == sorted(pairs)
     assert all(len(v) == cfg.step_repeats and min(v) > 0 for v in times.values())
+
+
+def test_cpu_attention_is_counted_and_a_causal_call_at_half():
+    """The counter did not know SASRec's CPU attention kernel (its work counted as 0); the
+    formulas registered by the benchmark count 2 products of 2 B H L^2 d flops each, half
+    of them when causal; the backward likewise."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 4, generator=g, requires_grad=True) for _ in range(3))
+
+    def flops(is_causal: bool, backward: bool) -> int:
+        with FlopCounterMode(display=False) as counter:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+            if backward:
+                out.sum().backward()
+        return counter.get_total_flops()
+
+    assert flops(False, False) == 2 * 2 * 1 * 2 * 8 * 8 * 4
+    assert flops(True, False) == 2 * 1 * 2 * 8 * 8 * 4
+    full_backward = flops(False, True) - flops(False, False)
+    assert full_backward > 0
+    assert flops(True, True) - flops(True, False) == full_backward // 2

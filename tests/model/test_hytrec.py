@@ -186,6 +186,31 @@ def test_tadn_mixer_gradients_are_those_of_the_documented_equations():
         torch.testing.assert_close(fast[name], p.grad, rtol=1e-6, atol=1e-9, msg=name)
 
 
+def test_serving_keeps_the_mixer_constants_only_while_the_weights_are_unchanged():
+    """The mixer keeps what it derives from its weights between serving steps (no autograd):
+    an optimiser step or a loaded checkpoint (both in place), or a move to another device,
+    must reach the next step all the same; while autograd records, nothing is kept."""
+    mixer = TemporalDeltaMixer(HyTRecConfig(num_items=20, d_model=16))
+
+    def fresh():
+        return mixer._build_constants()
+
+    with torch.no_grad():
+        kept = mixer._constants()
+        assert mixer._constants() is kept  # nothing changed: the same tensors
+        mixer.k_proj.weight.mul_(-1.5)  # in place, as an optimiser step
+        mixer.period_raw.add_(1.0)
+        changed = mixer._constants()
+        for name, value in fresh()._asdict().items():
+            torch.testing.assert_close(getattr(changed, name), value, rtol=0, atol=0)
+        assert not torch.equal(changed.weight, kept.weight)
+        mixer.load_state_dict(TemporalDeltaMixer(mixer.cfg).state_dict())  # a checkpoint
+        torch.testing.assert_close(mixer._constants().weight, fresh().weight, rtol=0, atol=0)
+        mixer.double()  # new storage: a moved or converted model
+        assert mixer._constants().weight.dtype == torch.float64
+    assert mixer._constants().weight.requires_grad  # training: built with the graph
+
+
 def test_state_size_is_documented_and_within_budget():
     model = HyTRec(HyTRecConfig())
     parts = model.new_state(1, "meta").bytes_by_part()
