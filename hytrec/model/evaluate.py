@@ -279,7 +279,8 @@ class EvalConfig:
     # cohorts by the number of events before the target: (low, high) inclusive, None = open
     cohorts: tuple[tuple[int, int | None], ...] = ((1, 20), (21, 100), (101, 500), (501, None))
     cold_start_max: int = 5  # users with at most this many events before the target
-    batch_size: int = 256
+    batch_size: int = 256  # users per batch, at most ...
+    batch_tokens: int = 32_768  # ... and at most this many positions, padding included
     max_len: int | None = None  # input events read per user; None = all the model can read
     max_users: int | None = None  # evaluate a fixed seeded sample of users (fast validation)
     seed: int = 0
@@ -321,6 +322,30 @@ def evaluated_users(split: EvalSplit, which: str, cfg: EvalConfig) -> tuple[np.n
     return starts, targets
 
 
+def evaluation_batches(reads: np.ndarray, cfg: EvalConfig) -> list[np.ndarray]:
+    """Indices of the users of each evaluation batch, from the number of events each reads:
+    users of similar length together (a batch pads to its longest), at most
+    `cfg.batch_size` users and `cfg.batch_tokens` positions a batch (long histories would
+    otherwise pad a batch of 256 users to the longest one's length)."""
+    order = np.argsort(reads, kind="stable")
+    batches, begin = [], 0
+    for end in range(1, len(order) + 1):
+        longest = reads[order[end - 1]]  # ascending: the last user is the longest
+        full = end - begin > cfg.batch_size or (end - begin) * longest > cfg.batch_tokens
+        if full and end - 1 > begin:
+            batches.append(order[begin : end - 1])
+            begin = end - 1
+    if begin < len(order):
+        batches.append(order[begin:])
+    return batches
+
+
+def _reads(starts: np.ndarray, targets: np.ndarray, context: int | None) -> np.ndarray:
+    """Events each user's input holds: its history before the target, cut to the context."""
+    history = targets - starts
+    return history if context is None else np.minimum(history, context)
+
+
 @torch.no_grad()
 def rank_targets(
     model: torch.nn.Module,
@@ -339,23 +364,21 @@ def rank_targets(
     target event's category (category 0, unknown, is never a candidate).
     """
     starts, targets = evaluated_users(split, which, cfg)
-    # batch users of similar history length together so that little is padding
-    order = np.argsort(targets - starts, kind="stable")
-    starts, targets = starts[order], targets[order]
     was_training = model.training
     model.eval()
     context = context_length(model, cfg.max_len)
-    out = {k: [] for k in ("rank", "candidates", "rank_filtered", "candidates_filtered")}
+    names = ["rank", "candidates", "rank_filtered", "candidates_filtered"]
     category_head = hasattr(model, "category_scores")
     if category_head:
-        out["category_rank"] = []
-    for b in range(0, len(starts), cfg.batch_size):
-        s, t = starts[b : b + cfg.batch_size], targets[b : b + cfg.batch_size]
+        names.append("category_rank")
+    out = {k: np.zeros(len(starts), np.int64) for k in names}  # in the split's user order
+    for users in evaluation_batches(_reads(starts, targets, context), cfg):
+        s, t = starts[users], targets[users]
         batch = history_batch(log, s, t, context).to(device)
         if category_head:
             target_category = torch.from_numpy(log.category[t]).to(device)
             rank, _ = target_ranks(model.category_scores(batch), target_category)
-            out["category_rank"].append(rank.cpu().numpy())
+            out["category_rank"][users] = rank.cpu().numpy()
         scores = ranking_scores(model, batch)  # [B, N]
         target = torch.from_numpy(log.item[t]).to(device)
         seen = torch.zeros_like(scores, dtype=torch.bool)
@@ -363,13 +386,11 @@ def rank_targets(
             seen[row, torch.from_numpy(log.item[a:z]).to(device)] = True  # whole history
         for suffix, exclude in (("", None), ("_filtered", seen)):
             rank, n = target_ranks(scores, target, exclude)
-            out["rank" + suffix].append(rank.cpu().numpy())
-            out["candidates" + suffix].append(n.cpu().numpy())
+            out["rank" + suffix][users] = rank.cpu().numpy()
+            out["candidates" + suffix][users] = n.cpu().numpy()
     model.train(was_training)
-    result = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in out.items()}
-    result["history"] = (targets - starts).astype(np.int64)
-    unsort = np.argsort(order)  # back to the split's user order
-    return {k: v[unsort] for k, v in result.items()}
+    out["history"] = (targets - starts).astype(np.int64)
+    return out
 
 
 @torch.no_grad()
@@ -385,13 +406,14 @@ def rank_categories(
     (a model with a category head, or a category baseline of `heuristics.py`), in the
     split's user order, with the same user sample as `rank_targets`."""
     starts, targets = evaluated_users(split, which, cfg)
-    ranks = []
-    for b in range(0, len(starts), cfg.batch_size):
-        s, t = starts[b : b + cfg.batch_size], targets[b : b + cfg.batch_size]
-        batch = history_batch(log, s, t, context_length(model, cfg.max_len)).to(device)
+    context = context_length(model, cfg.max_len)
+    ranks = np.zeros(len(starts), np.int64)
+    for users in evaluation_batches(_reads(starts, targets, context), cfg):
+        s, t = starts[users], targets[users]
+        batch = history_batch(log, s, t, context).to(device)
         target = torch.from_numpy(log.category[t]).to(device)
-        ranks.append(target_ranks(model.category_scores(batch), target)[0].cpu().numpy())
-    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+        ranks[users] = target_ranks(model.category_scores(batch), target)[0].cpu().numpy()
+    return ranks
 
 
 def summarize(ranked: dict[str, np.ndarray], cfg: EvalConfig = EvalConfig()) -> dict:

@@ -17,11 +17,13 @@ from hytrec.model.evaluate import (
     auc,
     context_length,
     evaluate,
+    evaluation_batches,
     history_batch,
     hit_rate,
     leave_one_out,
     mrr,
     ndcg,
+    rank_targets,
     ranking_metrics,
     summarize,
     target_ranks,
@@ -194,6 +196,51 @@ def test_history_batch_keeps_the_last_events_and_excludes_the_target():
     assert full.lengths.tolist() == [4, 3] and full.item[1, 3].item() == 0  # right-padded
     for column in (full.item, full.category, full.behavior, full.ts, full.lengths):
         assert column.dtype == torch.int64  # ids index embeddings; ts keeps its seconds
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    reads=st.lists(st.integers(1, 400), max_size=60),
+    users=st.integers(1, 20),
+    tokens=st.integers(1, 2_000),
+)
+def test_evaluation_batches_hold_each_user_once_within_both_bounds(reads, users, tokens):
+    reads = np.array(reads, dtype=np.int64)
+    cfg = EvalConfig(batch_size=users, batch_tokens=tokens)
+    batches = evaluation_batches(reads, cfg)
+    assert sorted(np.concatenate(batches).tolist() if batches else []) == list(range(len(reads)))
+    for batch in batches:
+        assert 1 <= len(batch) <= users
+        longest = reads[batch].max()
+        # a user longer than the token bound goes alone; no batch is cut earlier than needed
+        assert len(batch) * longest <= tokens or len(batch) == 1
+        assert np.all(np.diff(reads[batch]) >= 0)  # similar lengths together, ascending
+    for before, after in zip(batches, batches[1:], strict=False):
+        grown = len(before) + 1
+        assert grown > users or grown * reads[after[0]] > tokens  # it did not fit
+
+
+def test_ranks_do_not_depend_on_how_users_are_batched():
+    """The same ranks, each at its user in the split's order, whatever the batches (one user
+    each, a token bound that splits them unevenly, everyone together): a model whose ranks
+    differ from user to user, so a user given another's result would show."""
+    from hytrec.model.hytrec import HyTRecConfig
+    from hytrec.model.registry import build_model
+
+    log = tiny_log((9, 4, 12, 5, 7, 3, 10))
+    split = leave_one_out(log)
+    torch.manual_seed(0)
+    model = build_model(HyTRecConfig(d_model=16, long_layers=2, softmax_every=2), log)
+    ranks = [
+        rank_targets(model, log, split, "test", EvalConfig(batch_size=b, batch_tokens=n))
+        for b, n in ((1, 10_000), (256, 17), (256, 10_000))
+    ]
+    assert len(set(ranks[0]["rank"].tolist())) > 2  # users differ
+    starts, targets = split.targets("test")
+    assert ranks[0]["history"].tolist() == (targets - starts).tolist()
+    for other in ranks[1:]:
+        for key, values in ranks[0].items():
+            assert other[key].tolist() == values.tolist(), key
 
 
 class _Oracle(torch.nn.Module):
