@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hytrec.model.events import Behavior
-from hytrec.model.synthetic import SyntheticConfig, generate, generate_with_truth
+from hytrec.model.synthetic import SyntheticConfig, generate, generate_with_truth, long_range_log
 
 CFG = SyntheticConfig(users=60, min_events=300, max_events=600, seed=7)
 
@@ -89,3 +89,20 @@ def test_rejects_impossible_configs():
         generate(SyntheticConfig(categories=2, favourites=3))
     with pytest.raises(ValueError, match="min_events"):
         generate(SyntheticConfig(min_events=10, max_events=5))
+
+
+@pytest.mark.parametrize("distance", [1, 2, 50])
+def test_long_range_answer_depends_only_on_the_key_distance_back(distance):
+    keys, fillers = 5, 30
+    log = long_range_log(40, distance, keys=keys, fillers=fillers, seed=3)
+    rows = log.item.reshape(40, distance + 1)  # every user: key, fillers, answer
+    key, answer, between = rows[:, 0], rows[:, -1], rows[:, 1:-1]
+    assert set(key.tolist()) <= set(range(1, keys + 1))
+    assert (answer == key + keys).all()  # key j -> answer j
+    assert ((between > 2 * keys) & (between <= 2 * keys + fillers)).all()  # only fillers
+    assert len(set(key.tolist())) > 1  # the answer varies from user to user
+    assert (np.diff(log.ts.reshape(40, -1), axis=1) == 60).all()
+    assert len(log.items) == 1 + 2 * keys + fillers
+    assert (log.category == 0).all() and (log.behavior == int(Behavior.PRODUCT_CLICK)).all()
+    with pytest.raises(ValueError, match="keys >= 2"):
+        long_range_log(3, distance, keys=1)

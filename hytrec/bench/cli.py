@@ -161,6 +161,42 @@ def register(commands, benchmarks) -> None:
     eff.add_argument("--no-progress", action="store_true")
     eff.set_defaults(func=_benchmark_efficiency)
 
+    # defaults live in LongRangeConfig
+    long_range = benchmarks.add_parser(
+        "long-range",
+        help="a planted dependency thousands of events back: HyTRec (whole history) vs "
+        "TADN-only, softmax-only and SASRec (last N events)",
+        description="Each user's last event is the answer to a key event DISTANCE steps "
+        "back, random fillers between (synthetic.long_range_log). Per distance, trains "
+        "HyTRec 3:1, TADN-only, softmax-only and SASRec on the answer, tests on other "
+        "users (accuracy against chance) and times one new event for a user with that "
+        "history. Writes STEM.json and STEM.png. Unset options take LongRangeConfig's "
+        "defaults.",
+    )
+    long_range.add_argument("--distances", type=_ints, help="e.g. 100,300,1000,3000")
+    for name, kind in (
+        ("--keys", int),
+        ("--fillers", int),
+        ("--train-users", int),
+        ("--test-users", int),
+        ("--epochs", int),
+        ("--batch-tokens", int),
+        ("--lr", float),
+        ("--d-model", int),
+        ("--sasrec-max-len", int),
+        ("--time-budget-s", float),
+        ("--step-repeats", int),
+        ("--threads", int),
+        ("--seed", int),
+    ):
+        long_range.add_argument(name, type=kind)
+    long_range.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    long_range.add_argument(
+        "--output", help="report stem (default: benchmarks/results/long-range-cpu)"
+    )
+    long_range.add_argument("--no-progress", action="store_true")
+    long_range.set_defaults(func=_benchmark_long_range)
+
     # defaults live in StepBenchConfig
     step = benchmarks.add_parser(
         "step",
@@ -403,6 +439,14 @@ def _benchmark_efficiency(args: argparse.Namespace) -> int:
 
     return _run_benchmark(
         args, "efficiency", EfficiencyConfig(), QUICK, run_efficiency, progress=not args.no_progress
+    )
+
+
+def _benchmark_long_range(args: argparse.Namespace) -> int:
+    from hytrec.bench.long_range import QUICK, LongRangeConfig, run_long_range
+
+    return _run_benchmark(
+        args, "long-range", LongRangeConfig(), QUICK, run_long_range, progress=not args.no_progress
     )
 
 

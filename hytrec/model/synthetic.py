@@ -216,3 +216,40 @@ def revisiting_log(users=120, items=200, length=(15, 30), seed=0) -> EventLog:
         items=Vocabulary(str(i) for i in range(1, items + 1)),
         categories=Vocabulary(),
     )
+
+
+def long_range_log(
+    users: int, distance: int, keys: int = 8, fillers: int = 500, seed: int = 0
+) -> EventLog:
+    """A log where each user's last event depends only on an event `distance` steps back:
+    the first event is one of `keys` key items, the next `distance - 1` are filler items
+    drawn uniformly, and the last is the key's answer item (key j -> answer j). A model that
+    reads only the last n < distance events sees no key: among the answers it can only
+    guess (accuracy 1 / keys); one that remembers the first event can name the answer.
+    Events are a minute apart; every event is a view of category 0 (nothing but the key
+    tells the answer). Items: keys 1..keys, answers keys+1..2 keys, then the fillers."""
+    if distance < 1 or keys < 2 or fillers < 1:
+        raise ValueError(
+            f"need distance >= 1, keys >= 2, fillers >= 1; got {distance}, {keys}, {fillers}"
+        )
+    rng = np.random.default_rng(seed)
+    length = distance + 1
+    key = rng.integers(0, keys, users)  # [U]
+    item = 2 * keys + 1 + rng.integers(0, fillers, (users, length))  # [U, distance + 1]
+    item[:, 0] = 1 + key
+    item[:, -1] = 1 + keys + key
+    n = users * length
+    return EventLog(
+        user=np.repeat(np.arange(1, users + 1), length),
+        item=item.reshape(-1).astype(np.int64),
+        category=np.zeros(n, np.int64),
+        behavior=np.full(n, int(Behavior.PRODUCT_CLICK), np.int64),
+        ts=np.tile(1_600_000_000 + 60 * np.arange(length), users).astype(np.int64),
+        users=Vocabulary(f"u{u}" for u in range(users)),
+        items=Vocabulary(
+            [f"key{j}" for j in range(keys)]
+            + [f"answer{j}" for j in range(keys)]
+            + [f"filler{j}" for j in range(fillers)]
+        ),
+        categories=Vocabulary(),
+    )

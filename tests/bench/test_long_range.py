@@ -1,0 +1,61 @@
+"""`hytrec benchmark long-range` at tiny sizes: what each model reads, the rows, JSON and
+PNG. No accuracy or timing assertions (a smoke run trains for two epochs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from hytrec.bench.long_range import QUICK, _inputs, run_long_range
+from hytrec.cli import main
+from hytrec.model.synthetic import long_range_log
+
+
+def test_a_window_shorter_than_the_distance_never_holds_the_key():
+    keys = 4
+    log = long_range_log(10, 30, keys=keys, fillers=20, seed=1)
+    window, answers = _inputs(log, 20, torch.device("cpu"))
+    assert window.item.shape == (10, 20) and (window.item > 2 * keys).all()  # fillers only
+    whole, same = _inputs(log, None, torch.device("cpu"))
+    assert whole.item.shape == (10, 30) and torch.equal(answers, same)
+    assert torch.equal(whole.item[:, 0] + keys, answers)  # the key, 30 events back
+
+
+def test_run_writes_a_row_per_distance_and_model(tmp_path):
+    report = run_long_range(QUICK, tmp_path / "lr", progress=False)
+    rows = report["rows"]
+    assert [(r["distance"], r["model"]) for r in rows] == [
+        (d, m) for d in sorted(QUICK.distances) for m in QUICK.models()
+    ]
+    for r in rows:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["mean_rank"] >= 0 and r["event_cost_us"] > 0
+        assert 1 <= r["epochs_run"] <= QUICK.epochs and len(r["loss_by_epoch"]) == r["epochs_run"]
+        sasrec = r["model"].startswith("SASRec")
+        assert r["reads"] == (f"last {QUICK.sasrec_max_len} events" if sasrec else "whole history")
+    written = json.loads((tmp_path / "lr.json").read_text())
+    assert written["rows"] == rows and np.isclose(written["chance_accuracy"], 1 / QUICK.keys)
+    assert (tmp_path / "lr.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_command_line_runs_the_benchmark(tmp_path):
+    stem = tmp_path / "cli"
+    assert (
+        main(
+            [
+                "benchmark",
+                "long-range",
+                "--quick",
+                "--distances",
+                "6",
+                "--output",
+                str(stem),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert [r["distance"] for r in json.loads(stem.with_suffix(".json").read_text())["rows"]] == [
+        6
+    ] * 4
