@@ -180,6 +180,7 @@ def register(commands, benchmarks) -> None:
         ("--train-users", int),
         ("--test-users", int),
         ("--epochs", int),
+        ("--batch-users", int),
         ("--batch-tokens", int),
         ("--lr", float),
         ("--d-model", int),

@@ -52,7 +52,8 @@ class LongRangeConfig:
     train_users: int = 256
     test_users: int = 128
     epochs: int = 30  # at most; a model stops early once it names every training answer
-    batch_tokens: int = 16_384  # users per batch = max(1, batch_tokens // distance)
+    batch_users: int = 16  # users per batch, at most ...
+    batch_tokens: int = 16_384  # ... and at most this many events a batch
     lr: float = 3e-3
     d_model: int = 32
     sasrec_max_len: int = 200
@@ -106,14 +107,21 @@ def _rows(batch: EventBatch, rows: np.ndarray) -> EventBatch:
     return EventBatch(*(getattr(batch, f.name)[rows] for f in fields(batch)))
 
 
-def _answer_logits(model, batch) -> torch.Tensor:
-    return model.score(model.user_vector(batch))  # [B, num_items], padding row at -inf
+def _rows_per_batch(cfg: LongRangeConfig, distance: int) -> int:
+    return max(1, min(cfg.batch_users, cfg.batch_tokens // distance))
+
+
+def _answer_logits(model, batch: EventBatch) -> torch.Tensor:
+    """[B, num_items] scores after each row's last event (padding at -inf), with gradients
+    (`user_vector` serves without them)."""
+    rows = torch.arange(len(batch.lengths), device=batch.lengths.device)
+    return model.score(model(batch)[rows, batch.lengths - 1])
 
 
 def _train(model, batch, answers, cfg: LongRangeConfig, distance: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
-    rows_per_batch = max(1, cfg.batch_tokens // distance)
+    rows_per_batch = _rows_per_batch(cfg, distance)
     began, epochs, losses = time.perf_counter(), 0, []
     for _ in range(cfg.epochs):
         model.train()
@@ -209,7 +217,7 @@ def run_long_range(
                     "distance": distance,
                     "model": name,
                     "reads": "whole history" if max_len is None else f"last {max_len} events",
-                    **_test(model, test_batch, test_answers, max(1, cfg.batch_tokens // distance)),
+                    **_test(model, test_batch, test_answers, _rows_per_batch(cfg, distance)),
                     **trained,
                     "event_cost_us": _event_cost_us(model, test_log, max_len, cfg),
                 }

@@ -59,3 +59,19 @@ def test_command_line_runs_the_benchmark(tmp_path):
     assert [r["distance"] for r in json.loads(stem.with_suffix(".json").read_text())["rows"]] == [
         6
     ] * 4
+
+
+def test_training_reaches_the_network_not_only_the_item_table():
+    """The answer's loss must train the layers that could carry the key, not just the item
+    table (the serving `user_vector` computes without gradients)."""
+    from hytrec.bench.long_range import _answer_logits
+    from hytrec.model.registry import build_model
+
+    log = long_range_log(6, 10, keys=3, fillers=8, seed=0)
+    for config in QUICK.models().values():
+        model = build_model(config, log)
+        batch, answers = _inputs(log, getattr(config, "max_len", None), torch.device("cpu"))
+        torch.nn.functional.cross_entropy(_answer_logits(model, batch), answers).backward()
+        table = model.item_table()
+        others = [p for p in model.parameters() if p is not table and p.grad is not None]
+        assert any(p.grad.abs().sum() > 0 for p in others), type(model).__name__
