@@ -93,13 +93,12 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
 
 def hpgr_pretraining(log: EventLog, split: EvalSplit, tc: TrainConfig, d_model: int, out: Path):
     """The MIM pre-training the HPGR rows start from: the train config's input length,
-    negatives, batch size, seed and time budget, at most 10 epochs; saved under `out`.
-    Returns (checkpoint path, the run's figures)."""
+    batch size, seed and time budget, at most 10 epochs, the full softmax (`pretrain.py`
+    says why); saved under `out`. Returns (checkpoint path, the run's figures)."""
     model = HPGRConfig(d_model=d_model, max_len=tc.max_len, top_k=None)
     cfg = MIMConfig(
         model=model,
         max_len=tc.max_len,
-        negatives=tc.negatives,
         batch_size=tc.batch_size,
         time_budget_s=tc.time_budget_s,
         seed=tc.seed,
