@@ -94,7 +94,8 @@ def _plot_pretrain(report: dict, path: Path) -> None:
     epochs = [h["epoch"] for h in report["history"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(epochs, report["loss_by_epoch"], marker="o")
-    left.set(xlabel="epoch", ylabel="MIM loss (sampled softmax)", title="training loss")
+    loss = "full softmax" if not report["config"]["negatives"] else "sampled softmax"
+    left.set(xlabel="epoch", ylabel=f"MIM loss ({loss})", title="training loss")
     right.plot(epochs, [h["valid_HR@10"] for h in report["history"]], marker="o", label="HPGR MIM")
     right.axhline(report["popularity_HR@10"], color="gray", ls="--", label="popularity")
     right.set(xlabel="epoch", ylabel="HR@10", title="masked validation item")
@@ -170,7 +171,7 @@ class SparsityConfig:
     epochs: int = 3  # fine-tuning epochs per k
     max_len: int = 200
     batch_size: int = 32
-    negatives: int = 1024
+    negatives: int = 1024  # fine-tuning's sampled softmax (the pre-training's is full)
     time_budget_s: float = 300.0  # fine-tuning, per k
     seed: int = 0
     # a `hytrec pretrain mim` checkpoint to fine-tune from instead of pre-training here
@@ -200,9 +201,8 @@ def run_sparsity(cfg: SparsityConfig, log: EventLog, output: Path, progress: boo
         epochs=cfg.pretrain_epochs,
         max_len=cfg.max_len,
         batch_size=cfg.batch_size,
-        negatives=cfg.negatives,
         seed=cfg.seed,
-    )
+    )  # the full softmax, whatever the fine-tuning's negatives (`pretrain.py` says why)
     if cfg.init_from is None:
         pretrained = pretrain(mim, log, split, progress)
         pretrain_summary = {k: v for k, v in summary(pretrained, mim).items() if k != "config"}

@@ -52,9 +52,9 @@ def register(commands, benchmarks) -> None:
     p = pretrain.add_parser(
         "mim",
         help="HPGR stage 1: session-based masked item modelling on the training events",
-        description="Item and whole-session masking, bidirectional HPGR encoder, sampled "
-        "softmax, training events only. Saves the encoder (hytrec train --model hpgr "
-        "--init-from DIR) and writes the report (JSON + PNG).",
+        description="Item and whole-session masking, bidirectional HPGR encoder, full "
+        "softmax (--negatives N: sampled), training events only. Saves the encoder "
+        "(hytrec train --model hpgr --init-from DIR) and writes the report (JSON + PNG).",
     )
     dataset_argument(p)
     p.add_argument("--out", help="checkpoint directory (default runs/pretrain-mim-DATASET)")

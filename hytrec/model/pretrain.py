@@ -11,9 +11,23 @@ them) form one sequence. Per sequence and epoch one masking unit is drawn:
 A masked event's item input is replaced by a learned [MASK] vector; its behaviour, gap,
 in-session position and session id stay, so the encoder knows where the gap is. The encoder
 is HPGR's (`hpgr.py`, with or without its Session Enhancement Module) without the causal
-mask, and the loss is the sampled softmax of the masked events' items (as `train.py`'s):
+mask, and the loss is the full softmax of the masked events' items over the whole catalogue
+(`train.target_log_prob`; a sampled softmax with `negatives` > 0):
 
-    L = -(1/|M|) sum_{i in M} log softmax(h_i E^T)[s_i]     (shared uniform negatives)
+    L = -(1/|M|) sum_{i in M} log softmax(h_i E^T)[s_i]
+
+Why the full softmax (the design read "sampled softmax with 1,024 shared negatives"): on
+Taobao (55k items, most seen once or twice) the sampled loss collapses. A masked position's
+input is the same [MASK] vector in every row, so at first its outputs are nearly the same
+for all rows; each target item is pulled towards that common vector when it is a target
+and pushed away almost never (1,024 uniform negatives reach an item in ~2 % of steps), so
+the items seen in the data gather around it and every user gets the same ten items.
+Measured at 0e55f70 (max_len 50, batch 32, seed 0): with the sampled loss, after 234 steps
+the loss was still near its initial 10 (9.75), the masked-item HR@10 on validation 0 and
+the 815 users' top tens held 24 distinct items; with the full softmax, which pushes every
+item away at every step, HR@10 passed popularity's from about step 140 and was 0.023 at
+step 234 (19x popularity), the top tens holding 2,256 distinct items. The full softmax
+costs one [masked events, items] product per step, cheap at 55k items.
 
 Only training events are ever targets; `leaked_targets` counts masked events at or after
 their user's `train_stop` (from their log indices, not from how the windows were cut), and
@@ -57,15 +71,16 @@ from hytrec.model.train import epoch_batches, param_groups, target_log_prob
 
 @dataclass(frozen=True)
 class MIMConfig:
-    """The reading's defaults: rho 0.2 (BERT4Rec's, RecBole's), rho_s 0.15, 1,024 shared
-    negatives (Taobao), the encoder at HPGR's size over the last 200 training events."""
+    """The reading's defaults: rho 0.2 (BERT4Rec's, RecBole's), rho_s 0.15, the encoder at
+    HPGR's size over the last 200 training events; the full softmax (not the reading's
+    1,024 sampled negatives: see the module docstring)."""
 
     model: HPGRConfig = HPGRConfig(top_k=None)  # the encoder (its top_k is not used)
     mask_ratio: float = 0.2  # rho
     session_mask_ratio: float = 0.15  # rho_s
     session_share: float = 0.5  # share of sequences masked by whole sessions
     max_len: int = 200
-    negatives: int = 1024  # 0 = full softmax
+    negatives: int = 0  # 0 = full softmax (see the module docstring); N > 0: sampled
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
@@ -252,6 +267,9 @@ def summary(result: MIMResult, cfg: MIMConfig) -> dict:
     best = result.history[result.best_epoch - 1]
     return {
         "fidelity": "reading",
+        "loss": "full softmax"
+        if not cfg.negatives
+        else f"sampled softmax ({cfg.negatives} shared uniform negatives)",
         "sessions": result.sessions,
         "training_sessions": result.training_sessions,
         "masked_item_HR@10": best["valid_HR@10"],

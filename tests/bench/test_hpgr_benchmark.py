@@ -78,6 +78,7 @@ def test_sparsity_curve_reports_ndcg_and_the_flops_fraction_per_k(tmp_path):
     assert 0 < rows[2]["attention_flops_fraction"] < 1.0
     assert rows[2]["pairs_dense"] == rows["all"]["pairs_attended"]
     assert report["fidelity"] == "reading" and "git_commit" in report
+    assert report["pretrain"]["loss"] == "full softmax"  # whatever the fine-tuning's
     assert (tmp_path / "sparsity.png").stat().st_size > 0
     # from a saved pre-training instead: the report carries that run's summary
     args = ["hpgr-sparsity", "--dataset", str(stem), "--ks", "0", "--epochs", "1"]
@@ -98,6 +99,8 @@ def test_accuracy_harness_pretrains_for_the_hpgr_row_and_runs_its_ablations(tmp_
     models = json.loads(stem.with_suffix(".json").read_text())["models"]
     assert set(names) <= set(models)
     assert models["HPGR"]["pretraining"]["leaked_targets"] == 0
+    # not the fine-tuning's 32 sampled negatives: they make MIM collapse (`pretrain.py`)
+    assert models["HPGR"]["pretraining"]["loss"] == "full softmax"
     assert models["HPGR"]["config"]["selection"] == "pretrained"
     assert "pretraining" not in models["HPGR no pre-training"]
     assert models["HPGR no sparse attention"]["config"]["top_k"] is None

@@ -103,10 +103,14 @@ def test_a_masked_event_s_item_is_never_read():
     assert not torch.equal(model(other, masked & False), model(batch, masked & False))
 
 
-def test_mim_learns_to_fill_in_revisited_items_far_above_popularity():
-    log = revisiting_log(users=120, items=200, length=(15, 30))
+def test_mim_with_its_default_loss_fills_in_revisits_of_a_sparse_catalogue_quickly():
+    """Taobao's shape: 50k items, most drawn once, the rest revisits. With the default loss
+    (the full softmax) the masked-item HR@10 passes 3x popularity's within 5 epochs; with
+    1,024 uniform sampled negatives (2 % of the items, the loss that scored 0 on Taobao:
+    the planted bug) it stays at popularity's (0.017) for those 5 epochs."""
+    log = revisiting_log(users=120, items=50_000, length=(15, 30))
     split = leave_one_out(log)
-    cfg = replace(MIM, epochs=10, negatives=0, batch_size=16, lr=3e-3)
+    cfg = replace(MIM, epochs=5, negatives=MIMConfig().negatives, batch_size=16, lr=3e-3)
     result = pretrain(cfg, log, split, progress=False)
     best = result.history[result.best_epoch - 1]["valid_HR@10"]
     assert best >= 3 * result.popularity_hr10
