@@ -362,6 +362,10 @@ def register(commands, benchmarks) -> None:
 
     register_hpgr(commands, benchmarks)
 
+    from hytrec.bench.hisac_cli import register as register_hisac
+
+    register_hisac(commands, benchmarks)
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v)
