@@ -28,6 +28,7 @@ PARITY_REPORTS = {
     "recgrela": "hytrec.bench.recgrela_parity",
     "hstu": "hytrec.bench.hstu_parity",
     "hpgr": "hytrec.bench.hpgr_parity",
+    "hisac": "hytrec.bench.hisac_parity",
 }
 
 
