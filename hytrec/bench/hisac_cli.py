@@ -35,6 +35,24 @@ def register(commands, benchmarks) -> None:
     )
     p.set_defaults(func=_build_semantic_ids)
 
+    p = benchmarks.add_parser(
+        "hisac-routing",
+        help="HiSAC: quantisation error and long-tail retention, hard vs soft routing",
+        description="Activates each test user's interest agents from the semantic IDs and "
+        "measures, over every behaviour of the history and over the long tail, the "
+        "quantisation error |s_i - sum_p beta_{i,p} mu(p)|^2 and the share of behaviours "
+        "kept (weight >= 0.1 on an agent), for hard routing and soft routing at several "
+        "temperatures; also the share of users whose serving map overflows its cap. Writes "
+        "benchmarks/results/hisac-routing-DATASET.{json,png}.",
+    )
+    p.add_argument("--dataset", default="taobao")
+    p.add_argument("--semantic-ids", required=True, help="a build-semantic-ids directory")
+    p.add_argument("--max-users", type=int, help="the first N test users (default: all)")
+    p.add_argument(
+        "--output", help="report stem (default: benchmarks/results/hisac-routing-DATASET)"
+    )
+    p.set_defaults(func=_benchmark_routing)
+
 
 def _build_semantic_ids(args: argparse.Namespace) -> int:
     import json
@@ -49,4 +67,20 @@ def _build_semantic_ids(args: argparse.Namespace) -> int:
     print(json.dumps(report, indent=2))
     if args.report:
         write_json(report, args.report)
+    return 0
+
+
+def _benchmark_routing(args: argparse.Namespace) -> int:
+    from hytrec.bench.hisac_benchmark import RoutingConfig, run_routing
+    from hytrec.model.data import load_named
+
+    cfg = RoutingConfig(
+        dataset=args.dataset, semantic_ids=args.semantic_ids, max_users=args.max_users
+    )
+    output = args.output or str(RESULTS / f"hisac-routing-{args.dataset}")
+    report = run_routing(cfg, load_named(args.dataset), output)
+    for row in report["rows"]:
+        print(row)
+    print(f"share of users hitting the cap: {report['share_of_users_hitting_the_cap']:.3f}")
+    print(f"-> {output}.json and {output}.png")
     return 0

@@ -1,0 +1,74 @@
+"""`hytrec benchmark hisac-routing`: the behaviour weights against a brute force from their
+definitions, and the report's figures against a direct recomputation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hytrec.bench.hisac_benchmark import RoutingConfig, _agents, _weights, run_routing
+from hytrec.bench.hisac_parity import codebook_for
+from tests.model.test_registry import tiny_log
+
+N = 120
+
+
+@pytest.fixture(scope="module")
+def setup():
+    log = tiny_log(users=8, length=40, items=N)
+    return log, codebook_for(N, sizes=(4, 3, 3), route_top=3, seed=1)
+
+
+def test_weights_match_their_definitions(setup):
+    log, sids = setup
+    tree = (torch.from_numpy(sids.node_level), torch.from_numpy(sids.node_parent))
+    items = log.item[:40]
+    agents = _agents(sids, items, RoutingConfig(), tree)
+    assert len(agents)
+    hard, soft = _weights(sids, items, agents, None), _weights(sids, items, agents, 0.1)
+    for i, item in enumerate(items):
+        want_hard = [float(p in sids.item_nodes[item - 1]) for p in agents]
+        np.testing.assert_array_equal(hard[i], want_hard)
+        x = []
+        for p in agents:
+            level = sids.node_level[p] - 1
+            routes = list(sids.routes[item - 1, level])
+            x.append(float(sids.route_logits[item - 1, level, routes.index(p)]) / 0.1 if p in routes
+                     else -np.inf)  # fmt: skip
+        x = np.array(x, dtype=np.float64)
+        if np.isfinite(x).any():
+            w = np.exp(x - x[np.isfinite(x)].max())
+            np.testing.assert_allclose(soft[i], w / w.sum(), atol=1e-9)
+        else:
+            assert (soft[i] == 0).all()
+        assert hard[i].sum() <= 1  # a tree cut: at most one agent owns a behaviour
+        # the agent owning a behaviour is among its routes: soft reaches every one hard does
+        assert not (hard[i] > 0).any() or soft[i].sum() == pytest.approx(1.0)
+
+
+def test_report_recomputes_and_writes_json_and_png(setup, tmp_path):
+    log, sids = setup
+    sids.save(tmp_path / "sids")
+    cfg = RoutingConfig(dataset="tiny", semantic_ids=str(tmp_path / "sids"), temperatures=(0.1,))
+    report = run_routing(cfg, log, tmp_path / "out")
+    assert json.loads((tmp_path / "out.json").read_text())["fidelity"] == "reading"
+    assert (tmp_path / "out.png").stat().st_size > 0
+    hard, soft = report["rows"]
+    # the hard error recomputed: |s - mu(owner)|^2, or |s|^2 = 1 with no owner
+    from hytrec.model.evaluate import leave_one_out
+
+    tree = (torch.from_numpy(sids.node_level), torch.from_numpy(sids.node_parent))
+    errors = []
+    for start, target in zip(*leave_one_out(log).targets("test"), strict=True):
+        items = log.item[start:target]
+        agents = _agents(sids, items, cfg, tree)
+        for item in items:
+            owner = [p for p in agents if p in sids.item_nodes[item - 1]]
+            centre = sids.centres[owner[0]] if owner else 0.0
+            errors.append(float(np.sum((sids.vectors[item - 1] - centre) ** 2)))
+    assert hard["mean_quantization_error"] == pytest.approx(np.mean(errors), rel=1e-6)
+    assert report["behaviours"] == len(errors)
+    assert 0.0 <= report["share_of_users_hitting_the_cap"] <= 1.0
