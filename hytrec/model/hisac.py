@@ -73,6 +73,7 @@ class HiSACConfig:
     routing: str = "soft"  # "soft" | "hard" (own node only, equal weights)
     node_cap: int = 1024  # M_max: nodes kept per user in the serving state
     window: int = 20  # K: the short branch's last events
+    train_len: int = 64  # positions per training row (the training form is quadratic)
     use_short: bool = True  # False: a learned query pools the agents, no fusion
     dropout: float = 0.1
     hashed_seed: int = 0  # the hashed codebook's permutation (semantic_ids=None)
@@ -488,6 +489,37 @@ class HiSAC(SequentialModel):
         self.apply_events(state, slots, batch)
         return self.read_state(state, slots).user
 
+    # ------------------------------------------------------------------ training
+
+    def position_vectors(self, read: Agents, target: torch.Tensor) -> torch.Tensor:
+        """The vector each position's loss reads: the user vector [P, d]."""
+        return read.user
+
+    def training_loss(
+        self, batch: EventBatch, negatives: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, int]:
+        """(mean next-item cross-entropy, positions) over each row's last `train_len` + 1
+        events (the training form is quadratic in the row; serving and evaluation read the
+        whole history through the map)."""
+        from hytrec.model.train import next_item_loss  # train imports the registry
+
+        batch = last_events(batch, self.cfg.train_len + 1)
+        T = batch.item.shape[1]
+        inputs = EventBatch(
+            batch.item[:, :-1],
+            batch.category[:, :-1],
+            batch.behavior[:, :-1],
+            batch.ts[:, :-1],
+            batch.lengths - 1,
+        )
+        keep = torch.arange(T - 1, device=batch.item.device)[None] < inputs.lengths[:, None]
+        keep = keep.reshape(-1)
+        read = self.forward_agents(inputs)
+        read = Agents(read.vectors[keep], read.nodes[keep], read.user[keep])
+        target = batch.item[:, 1:].reshape(-1)[keep]
+        u = self.position_vectors(read, target)
+        return next_item_loss(self, u, target, negatives, generator), int(keep.sum())
+
     # ------------------------------------------------------------------ ranking
 
     @torch.no_grad()
@@ -507,6 +539,24 @@ class HiSAC(SequentialModel):
         """Scores [B, num_items] after each row's whole history, from the serving form
         (the training form is quadratic in the history)."""
         return self.score(self.user_vector(batch))
+
+
+def last_events(batch: EventBatch, n: int) -> EventBatch:
+    """Each row's last n events (rows right-padded, as the batch)."""
+    if batch.item.shape[1] <= n:
+        return batch
+    start = (batch.lengths - n).clamp(min=0)  # [B]
+    index = (start[:, None] + torch.arange(n, device=start.device)).clamp(
+        max=batch.item.shape[1] - 1
+    )
+    lengths = batch.lengths.clamp(max=n)
+    keep = torch.arange(n, device=start.device)[None] < lengths[:, None]
+
+    def crop(t: torch.Tensor) -> torch.Tensor:
+        return t.gather(1, index) * keep
+
+    return EventBatch(crop(batch.item), crop(batch.category), crop(batch.behavior),
+                      crop(batch.ts), lengths)  # fmt: skip
 
 
 def _candidate_index(cand: torch.Tensor, agents: torch.Tensor) -> torch.Tensor:
@@ -553,28 +603,10 @@ class HiSACMulti(HiSAC):
     def rank_scores(self, batch: EventBatch) -> torch.Tensor:
         return self.score_agents(self.readout(batch)[0])
 
-    def training_loss(
-        self, batch: EventBatch, negatives: int, generator: torch.Generator
-    ) -> tuple[torch.Tensor, int]:
+    def position_vectors(self, read: Agents, target: torch.Tensor) -> torch.Tensor:
         """ComiRec's rule: at every position the agent scoring the next item highest takes
-        the next-item cross-entropy (full or sampled softmax, as the other models)."""
-        from hytrec.model.train import next_item_loss  # train imports the registry
-
-        T = batch.item.shape[1]
-        inputs = EventBatch(
-            batch.item[:, :-1],
-            batch.category[:, :-1],
-            batch.behavior[:, :-1],
-            batch.ts[:, :-1],
-            batch.lengths - 1,
-        )
-        real = torch.arange(T - 1, device=batch.item.device)[None] < inputs.lengths[:, None]
-        read = self.forward_agents(inputs)
-        target = batch.item[:, 1:].reshape(-1)
-        keep = real.reshape(-1)
-        a, has = read.vectors[keep], read.present[keep]  # [P, M, d], [P, M]
+        the loss. read: the agents at P positions, target [P] -> [P, d]."""
         with torch.no_grad():
-            fit = torch.einsum("pmd,pd->pm", a, self.item_table()[target[keep]])
-            best = fit.masked_fill(~has, NEG_INF).argmax(1)
-        u = a[torch.arange(len(a), device=a.device), best]
-        return next_item_loss(self, u, target[keep], negatives, generator), int(keep.sum())
+            fit = torch.einsum("pmd,pd->pm", read.vectors, self.item_table()[target])
+            best = fit.masked_fill(~read.present, NEG_INF).argmax(1)
+        return read.vectors[torch.arange(len(best), device=best.device), best]

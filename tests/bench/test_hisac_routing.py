@@ -72,3 +72,28 @@ def test_report_recomputes_and_writes_json_and_png(setup, tmp_path):
     assert hard["mean_quantization_error"] == pytest.approx(np.mean(errors), rel=1e-6)
     assert report["behaviours"] == len(errors)
     assert 0.0 <= report["share_of_users_hitting_the_cap"] <= 1.0
+
+
+def test_accuracy_harness_runs_the_hisac_rows_over_given_semantic_ids(tmp_path):
+    from hytrec.bench.accuracy import PRESETS, run_accuracy
+    from hytrec.model.synthetic import revisiting_log
+    from hytrec.model.train import TrainConfig
+
+    log = revisiting_log(users=30, length=(8, 14))
+    tc = TrainConfig(epochs=1, batch_size=16, max_len=16, negatives=8, valid_users=None)
+    kwargs = dict(d_model=8, train_config=tc, progress=False)
+    rows = ["HiSAC", "HiSAC-mi", "HiSAC hard routing"]
+    with pytest.raises(ValueError, match="need --semantic-ids"):
+        run_accuracy("planted", log, PRESETS["taobao"], tmp_path / "a", models=rows, **kwargs)
+    run_accuracy("planted", log, PRESETS["taobao"], tmp_path / "b", models=[], **kwargs)
+    left = json.loads((tmp_path / "b.json").read_text())["left_out"]
+    assert {name: left[name] for name in rows} == dict.fromkeys(
+        rows, "no semantic IDs (--semantic-ids)"
+    )
+    codebook_for(len(log.items), sizes=(3, 2, 2), route_top=2).save(tmp_path / "sids")
+    run_accuracy("planted", log, PRESETS["taobao"], tmp_path / "c", models=rows,
+                 semantic_ids=str(tmp_path / "sids"), **kwargs)  # fmt: skip
+    models = json.loads((tmp_path / "c.json").read_text())["models"]
+    assert list(models)[-3:] == rows
+    assert models["HiSAC hard routing"]["config"]["route_top"] == 1
+    assert models["HiSAC"]["config"]["semantic_ids"] == str(tmp_path / "sids")

@@ -198,3 +198,16 @@ def test_parity_report_meets_the_issue_thresholds():
     for name in ("hisac", "hisac_mi"):
         assert report[name]["share_of_users_hitting_the_cap"] == 0.0
         assert report[name]["share_of_users_hitting_a_cap_of_64"] > 0.0
+
+
+def test_last_events_keeps_each_rows_newest_events_right_padded():
+    from hytrec.model.hisac import last_events
+
+    users = users_for(model_of(HiSAC, HiSACConfig, None), (3, 9, 14), seed=6)
+    cropped = last_events(pad_batch(users), 5)
+    assert cropped.lengths.tolist() == [3, 5, 5]
+    for row, user in enumerate(users):
+        n = min(5, len(user))
+        assert cropped.item[row, :n].tolist() == user.item[-n:].tolist()
+        assert cropped.ts[row, :n].tolist() == user.ts[-n:].tolist()
+        assert (cropped.item[row, n:] == 0).all()
