@@ -417,42 +417,69 @@ class HiSAC(SequentialModel):
             users = slots[active]
             item, behavior = batch.item[active, m], batch.behavior[active, m]
             n = len(users)
-            rows = torch.arange(n, device=slots.device)
             v = self.values(item, behavior)  # [n, d]
             routes = self.item_routes[item].view(n, -1)  # [n, L * R]
             logits = (self.item_route_logit[item] / cfg.temperature).view(n, -1)
             is_own = torch.zeros_like(routes, dtype=torch.bool).view(n, cfg.levels, -1)
             is_own[..., 0] = True
             is_own = is_own.view(n, -1)
-            for k in range(routes.shape[1]):
-                node = routes[:, k]
-                ok = node >= 0
-                keys = state.node_key[users]  # [n, C]
-                found = keys == (node + 1)[:, None]
-                has = found.any(1)
-                # a new node takes an empty entry, else evicts the least voted (then first)
-                fewest = torch.where(keys == 0, -1, state.node_votes[users])
-                slot = torch.where(has, found.int().argmax(1), fewest.argmin(1))
-                fresh = ~has
-                evicted = ok & fresh & (keys[rows, slot] != 0)
-                state.evictions[users] += evicted.long()
-                x = logits[:, k]
-                old_m = torch.where(fresh, x, state.node_max[users, slot])
-                old_z = torch.where(fresh, 0.0, state.node_z[users, slot])
-                old_sum = torch.where(fresh[:, None], 0.0, state.node_sum[users, slot])
-                old_votes = torch.where(fresh, 0, state.node_votes[users, slot])
-                new_m = torch.maximum(old_m, x)
-                scale, w = (old_m - new_m).exp(), (x - new_m).exp()
-                u, s = users[ok], slot[ok]
-                state.node_key[u, s] = node[ok] + 1
-                state.node_max[u, s] = new_m[ok]
-                state.node_z[u, s] = (old_z * scale + w)[ok]
-                state.node_sum[u, s] = (old_sum * scale[:, None] + w[:, None] * v)[ok]
-                state.node_votes[u, s] = (old_votes + is_own[:, k].long())[ok]
+            slot = self._free_slots(state, users, routes)
+            if slot is not None:  # room for every new node: all routes at once
+                self._accumulate(state, users, routes, slot, logits, v, is_own)
+            else:  # a map is full: one route at a time, evicting the least voted
+                for k in range(routes.shape[1]):
+                    node = routes[:, k : k + 1]
+                    keys = state.node_key[users]  # [n, C]
+                    found = keys == node + 1
+                    has = found.any(1, keepdim=True)
+                    fewest = torch.where(keys == 0, -1, state.node_votes[users])
+                    slot = torch.where(has, found.int().argmax(1, keepdim=True),
+                                       fewest.argmin(1, keepdim=True))  # fmt: skip
+                    evicted = (node >= 0) & ~has & (keys.gather(1, slot) != 0)
+                    state.evictions[users] += evicted[:, 0].long()
+                    self._accumulate(state, users, node, slot, logits[:, k : k + 1], v,
+                                     is_own[:, k : k + 1])  # fmt: skip
             for ring, value in ((state.window_item, item), (state.window_behavior, behavior)):
                 ring[users] = shift_window(ring[users], value[:, None], one.expand(n))
             state.count[users] += 1
             state.last_ts[users] = batch.ts[active, m]
+
+    @staticmethod
+    def _free_slots(state: HiSACState, users: torch.Tensor, nodes: torch.Tensor):
+        """int64 [n, K]: the map entry of each node [n, K] (-1 nodes: ignored): its own, or a
+        new node the next empty entry; None when some user has fewer empty entries than new
+        nodes (the caller evicts one node at a time)."""
+        keys = state.node_key[users]  # [n, C]
+        C = keys.shape[1]
+        found = keys[:, None, :] == (nodes + 1)[..., None]  # [n, K, C]
+        has = found.any(-1)
+        new = (nodes >= 0) & ~has
+        empty = keys == 0
+        if (new.sum(1) > empty.sum(1)).any():
+            return None
+        free = torch.where(empty, torch.arange(C, device=keys.device), C).sort(1).values
+        nth = (new.long().cumsum(1) - 1).clamp(min=0)  # the j-th new node takes free[j]
+        return torch.where(has, found.int().argmax(-1), free.gather(1, nth).clamp(max=C - 1))
+
+    def _accumulate(self, state, users, nodes, slot, x, v, own) -> None:
+        """Add each route (nodes [n, K] at map entries slot [n, K], logits x [n, K]) to its
+        node's accumulators: m' = max(m, x), Z' = Z e^{m - m'} + e^{x - m'}, N' = N e^{m - m'}
+        + e^{x - m'} v; an own node counts a vote. A new node (key differs) starts at 0."""
+        ok = nodes >= 0
+        rows = users[:, None].expand_as(slot)
+        fresh = state.node_key[rows, slot] != nodes + 1
+        old_m = torch.where(fresh, x, state.node_max[rows, slot])
+        old_z = torch.where(fresh, 0.0, state.node_z[rows, slot])
+        old_sum = torch.where(fresh[..., None], 0.0, state.node_sum[rows, slot])  # [n, K, d]
+        old_votes = torch.where(fresh, 0, state.node_votes[rows, slot])
+        new_m = torch.maximum(old_m, x)
+        scale, w = (old_m - new_m).exp(), (x - new_m).exp()
+        u, s = rows[ok], slot[ok]
+        state.node_key[u, s] = (nodes + 1)[ok]
+        state.node_max[u, s] = new_m[ok]
+        state.node_z[u, s] = (old_z * scale + w)[ok]
+        state.node_sum[u, s] = (old_sum * scale[..., None] + w[..., None] * v[:, None])[ok]
+        state.node_votes[u, s] = (old_votes + own.long())[ok]
 
     @torch.no_grad()
     def read_state(self, state: HiSACState, slots: torch.Tensor) -> Agents:

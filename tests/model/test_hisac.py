@@ -211,3 +211,17 @@ def test_last_events_keeps_each_rows_newest_events_right_padded():
         assert cropped.item[row, :n].tolist() == user.item[-n:].tolist()
         assert cropped.ts[row, :n].tolist() == user.ts[-n:].tolist()
         assert (cropped.item[row, n:] == 0).all()
+
+
+def test_the_one_route_at_a_time_path_gives_the_same_state(codebook, monkeypatch):
+    model = model_of(HiSAC, HiSACConfig, codebook, node_cap=256)
+    batch = pad_batch(users_for(model, (7, 33), seed=7))
+    slots = torch.arange(2)
+    fast = model.new_state(2)
+    model.apply_events(fast, slots, batch)
+    monkeypatch.setattr(HiSAC, "_free_slots", staticmethod(lambda *args: None))
+    slow = model.new_state(2)
+    model.apply_events(slow, slots, batch)
+    assert int(fast.evictions.sum()) == int(slow.evictions.sum()) == 0
+    for name, tensor in fast.parts().items():
+        assert torch.allclose(tensor.float(), slow.parts()[name].float(), atol=1e-6), name
