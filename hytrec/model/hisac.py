@@ -423,43 +423,53 @@ class HiSAC(SequentialModel):
             is_own = torch.zeros_like(routes, dtype=torch.bool).view(n, cfg.levels, -1)
             is_own[..., 0] = True
             is_own = is_own.view(n, -1)
-            slot = self._free_slots(state, users, routes)
-            if slot is not None:  # room for every new node: all routes at once
-                self._accumulate(state, users, routes, slot, logits, v, is_own)
-            else:  # a map is full: one route at a time, evicting the least voted
-                for k in range(routes.shape[1]):
-                    node = routes[:, k : k + 1]
-                    keys = state.node_key[users]  # [n, C]
-                    found = keys == node + 1
-                    has = found.any(1, keepdim=True)
-                    fewest = torch.where(keys == 0, -1, state.node_votes[users])
-                    slot = torch.where(has, found.int().argmax(1, keepdim=True),
-                                       fewest.argmin(1, keepdim=True))  # fmt: skip
-                    evicted = (node >= 0) & ~has & (keys.gather(1, slot) != 0)
-                    state.evictions[users] += evicted[:, 0].long()
-                    self._accumulate(state, users, node, slot, logits[:, k : k + 1], v,
-                                     is_own[:, k : k + 1])  # fmt: skip
+            slot, room = self._free_slots(state, users, routes)
+            # users with room for their new nodes: all routes at once
+            self._accumulate(state, users[room], routes[room], slot[room], logits[room],
+                             v[room], is_own[room])  # fmt: skip
+            full = ~room  # a full map: one route at a time, evicting the least voted
+            if full.any():
+                self._evicting(state, users[full], routes[full], logits[full], v[full],
+                               is_own[full])  # fmt: skip
             for ring, value in ((state.window_item, item), (state.window_behavior, behavior)):
                 ring[users] = shift_window(ring[users], value[:, None], one.expand(n))
             state.count[users] += 1
             state.last_ts[users] = batch.ts[active, m]
 
     @staticmethod
-    def _free_slots(state: HiSACState, users: torch.Tensor, nodes: torch.Tensor):
-        """int64 [n, K]: the map entry of each node [n, K] (-1 nodes: ignored): its own, or a
-        new node the next empty entry; None when some user has fewer empty entries than new
-        nodes (the caller evicts one node at a time)."""
+    def _free_slots(
+        state: HiSACState, users: torch.Tensor, nodes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot int64 [n, K], room bool [n]): the map entry of each node [n, K] (-1 nodes:
+        ignored), its own or, for a new node, the next empty entry; room: the user has an
+        empty entry for each of its new nodes (slot is meaningless where it has not)."""
         keys = state.node_key[users]  # [n, C]
         C = keys.shape[1]
         found = keys[:, None, :] == (nodes + 1)[..., None]  # [n, K, C]
         has = found.any(-1)
         new = (nodes >= 0) & ~has
         empty = keys == 0
-        if (new.sum(1) > empty.sum(1)).any():
-            return None
+        room = new.sum(1) <= empty.sum(1)
         free = torch.where(empty, torch.arange(C, device=keys.device), C).sort(1).values
-        nth = (new.long().cumsum(1) - 1).clamp(min=0)  # the j-th new node takes free[j]
-        return torch.where(has, found.int().argmax(-1), free.gather(1, nth).clamp(max=C - 1))
+        nth = (new.long().cumsum(1) - 1).clamp(0, C - 1)  # the j-th new node takes free[j]
+        slot = torch.where(has, found.int().argmax(-1), free.gather(1, nth).clamp(max=C - 1))
+        return slot, room
+
+    def _evicting(self, state, users, routes, logits, v, own) -> None:
+        """The routes one at a time: a new node takes an empty entry, else evicts the least
+        voted (then the first), counted in `evictions`."""
+        for k in range(routes.shape[1]):
+            node = routes[:, k : k + 1]
+            keys = state.node_key[users]  # [n, C]
+            found = keys == node + 1
+            has = found.any(1, keepdim=True)
+            fewest = torch.where(keys == 0, -1, state.node_votes[users])
+            slot = torch.where(has, found.int().argmax(1, keepdim=True),
+                               fewest.argmin(1, keepdim=True))  # fmt: skip
+            evicted = (node >= 0) & ~has & (keys.gather(1, slot) != 0)
+            state.evictions[users] += evicted[:, 0].long()
+            self._accumulate(state, users, node, slot, logits[:, k : k + 1], v,
+                             own[:, k : k + 1])  # fmt: skip
 
     def _accumulate(self, state, users, nodes, slot, x, v, own) -> None:
         """Add each route (nodes [n, K] at map entries slot [n, K], logits x [n, K]) to its
