@@ -442,17 +442,19 @@ class HiSAC(SequentialModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(slot int64 [n, K], room bool [n]): the map entry of each node [n, K] (-1 nodes:
         ignored), its own or, for a new node, the next empty entry; room: the user has an
-        empty entry for each of its new nodes (slot is meaningless where it has not)."""
+        empty entry for each of its new nodes (slot is meaningless where it has not).
+        Entries fill from the left and are only ever replaced, so the occupied ones are a
+        prefix of the map."""
         keys = state.node_key[users]  # [n, C]
         C = keys.shape[1]
-        found = keys[:, None, :] == (nodes + 1)[..., None]  # [n, K, C]
+        occupied = (keys > 0).sum(1)  # [n]
+        width = max(1, int(occupied.max()))
+        found = keys[:, None, :width] == (nodes + 1)[..., None]  # [n, K, width]
         has = found.any(-1)
         new = (nodes >= 0) & ~has
-        empty = keys == 0
-        room = new.sum(1) <= empty.sum(1)
-        free = torch.where(empty, torch.arange(C, device=keys.device), C).sort(1).values
-        nth = (new.long().cumsum(1) - 1).clamp(0, C - 1)  # the j-th new node takes free[j]
-        slot = torch.where(has, found.int().argmax(-1), free.gather(1, nth).clamp(max=C - 1))
+        room = occupied + new.sum(1) <= C
+        nth = new.long().cumsum(1) - 1  # the j-th new node takes the entry occupied + j
+        slot = torch.where(has, found.int().argmax(-1), (occupied[:, None] + nth).clamp(0, C - 1))
         return slot, room
 
     def _evicting(self, state, users, routes, logits, v, own) -> None:
