@@ -4,6 +4,7 @@ definitions, and the report's figures against a direct recomputation."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from hytrec.bench.hisac_benchmark import RoutingConfig, _agents, _weights, run_routing
 from hytrec.bench.hisac_parity import codebook_for
+from hytrec.model.codebook import SemanticIds
 from tests.model.test_registry import tiny_log
 
 N = 120
@@ -97,3 +99,28 @@ def test_accuracy_harness_runs_the_hisac_rows_over_given_semantic_ids(tmp_path):
     assert list(models)[-3:] == rows
     assert models["HiSAC hard routing"]["config"]["route_top"] == 1
     assert models["HiSAC"]["config"]["semantic_ids"] == str(tmp_path / "sids")
+
+
+def test_the_demo_gives_hisac_semantic_ids_from_a_cached_sasrec(tmp_path, monkeypatch):
+    from hytrec.bench import demo
+    from hytrec.model.hisac import HiSACConfig
+    from hytrec.model.registry import load_model
+    from hytrec.model.synthetic import revisiting_log
+    from hytrec.model.train import TrainConfig
+
+    monkeypatch.setenv("HYTREC_CACHE", str(tmp_path / "cache"))
+    log = revisiting_log(users=30, length=(8, 14))
+    config = demo.DemoConfig(
+        model=HiSACConfig(d_model=8),
+        train=TrainConfig(epochs=1, batch_size=16, max_len=16, valid_users=None),
+        train_seconds=10,
+        device="cpu",
+    )
+    checkpoint, reused = demo.trained_checkpoint(log, log, config, "cpu")
+    model = load_model(checkpoint)
+    codes = SemanticIds.load(model.cfg.semantic_ids)
+    source = load_model(Path(model.cfg.semantic_ids).parent)
+    assert not reused and model.NAME == "hisac" and source.NAME == "sasrec"
+    assert codes.meta["model_version"] == source.version
+    assert model.cfg.num_nodes == codes.num_nodes
+    assert demo.trained_checkpoint(log, log, config, "cpu") == (checkpoint, True)
