@@ -628,7 +628,7 @@ def _check_codebook(codebook: SemanticIds, cfg: HiSACConfig, items: Vocabulary |
 class HiSACMulti(HiSAC):
     """HiSAC-mi: several queries per user (the agents), scored by max over them."""
 
-    NAME = "hisac_mi"
+    NAME = "hisacmulti"
     CONFIG = HiSACMultiConfig
 
     def score_agents(self, agents: Agents) -> torch.Tensor:

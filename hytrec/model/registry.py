@@ -63,7 +63,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("ulim", ULIMConfig, ULIM, query="per_category", fidelity="reading"),
         ModelSpec("hpgr", HPGRConfig, HPGR, fidelity="reading"),
         ModelSpec("hisac", HiSACConfig, HiSAC, fidelity="reading"),
-        ModelSpec("hisac_mi", HiSACMultiConfig, HiSACMulti, query="multi", fidelity="reading"),
+        ModelSpec("hisacmulti", HiSACMultiConfig, HiSACMulti, query="multi", fidelity="reading"),
     )
 }
 

@@ -168,7 +168,7 @@ def test_a_codebook_of_another_vocabulary_is_refused(codebook):
         del codebook.meta["items_hash"]
 
 
-@pytest.mark.parametrize("name", ["hisac", "hisac_mi"])
+@pytest.mark.parametrize("name", ["hisac", "hisacmulti"])
 def test_both_variants_train_and_rank_through_the_harness(name, codebook, tmp_path):
     from hytrec.model.evaluate import EvalConfig, leave_one_out, rank_targets
     from hytrec.model.registry import spec
