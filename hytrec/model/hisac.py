@@ -196,28 +196,40 @@ def activate(
 ) -> torch.Tensor:
     """bool [N, C]: which candidates are agents. Candidates: node ids [N, C] with their
     votes [N, C] (valid [N, C]: a real, distinct node with a vote). See the module
-    docstring for the rule; pairwise over the C candidates of each row."""
+    docstring for the rule. Sorts and binary searches per row, O(C log C): the serving map
+    holds up to node_cap candidates."""
+    N, C = node.shape
     safe = node.clamp(min=0)
     level = torch.where(valid, node_level[safe], 0)  # [N, C]
     parent = torch.where(valid, node_parent[safe], -2)
-    # rank among siblings: more votes first, then the smaller node id
-    ahead = (votes[:, None, :] > votes[:, :, None]) | (
-        (votes[:, None, :] == votes[:, :, None]) & (node[:, None, :] < node[:, :, None])
-    )  # [N, C(c), C(c')]: c' is ahead of c
-    sibling = (parent[:, None, :] == parent[:, :, None]) & valid[:, None, :]
-    rank = (ahead & sibling).sum(-1)  # [N, C]
+    # rank among siblings: group by parent, then more votes first, then the smaller node id
+    order = node.sort(dim=1, stable=True).indices
+    order = order.gather(1, (-votes.gather(1, order)).sort(dim=1, stable=True).indices)
+    order = order.gather(1, parent.gather(1, order).sort(dim=1, stable=True).indices)
+    grouped = parent.gather(1, order)
+    pos = torch.arange(C, device=node.device).expand(N, C)
+    new_group = torch.ones_like(grouped, dtype=torch.bool)
+    new_group[:, 1:] = grouped[:, 1:] != grouped[:, :-1]
+    start = torch.where(new_group, pos, 0).cummax(1).values
+    rank = torch.empty_like(pos).scatter_(1, order, pos - start)  # [N, C]
+    # where each candidate's parent sits among the candidates (-1: not a candidate)
+    key = torch.where(valid, node, torch.iinfo(torch.long).max)
+    by_node = key.sort(1).indices
+    sorted_nodes = key.gather(1, by_node)
+    at = torch.searchsorted(sorted_nodes, parent.contiguous()).clamp(max=C - 1)
+    parent_pos = torch.where(sorted_nodes.gather(1, at) == parent, by_node.gather(1, at), -1)
+    has_parent = parent_pos >= 0
+    parent_at = parent_pos.clamp(min=0)
     enough = votes >= min_votes
     first = valid & (level == 1)
     active = first & enough & (rank < beams[0])
     # nobody with n_min votes: the most voted level-1 node stands alone
     active |= first & (rank == 0) & ~active.any(1, keepdim=True)
     for lv in range(2, len(beams) + 1):
-        parent_active = (active[:, None, :] & (node[:, None, :] == parent[:, :, None])).any(
-            -1
-        )  # [N, C]
+        parent_active = has_parent & active.gather(1, parent_at)
         active |= valid & (level == lv) & enough & (rank < beams[lv - 1]) & parent_active
-    has_active_child = (active[:, None, :] & (parent[:, None, :] == node[:, :, None])).any(-1)
-    return active & ~has_active_child
+    children = torch.zeros_like(pos).scatter_add_(1, parent_at, (active & has_parent).long())
+    return active & (children == 0)
 
 
 def _pick(mask: torch.Tensor, node: torch.Tensor, m: int) -> torch.Tensor:
@@ -498,11 +510,13 @@ class HiSAC(SequentialModel):
         """The agents and user vector of these users from their maps."""
         cfg = self.cfg
         keys = state.node_key[slots]  # [U, C]
-        node = keys - 1
-        order = torch.where(keys > 0, node, torch.iinfo(torch.long).max).argsort(1)
-        node = node.gather(1, order)  # sorted by node id, empty (-1) entries last
+        voted = (keys > 0) & (state.node_votes[slots] > 0)  # only voted nodes can activate
+        order = torch.where(voted, keys - 1, torch.iinfo(torch.long).max).argsort(1)
+        # the voted entries sorted by node id, the rest cut off (activation is pairwise)
+        order = order[:, : max(1, int(voted.sum(1).max()))]
+        valid = voted.gather(1, order)
+        node = torch.where(valid, (keys - 1).gather(1, order), -1)
         votes = state.node_votes[slots].gather(1, order)
-        valid = (node >= 0) & (votes > 0)
         agents = self._activate(node, votes, valid)  # [U, M]
         has = agents >= 0
         where = _candidate_index(node, agents)  # [U, M] positions in the sorted map
