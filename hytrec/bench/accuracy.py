@@ -272,7 +272,8 @@ def run_accuracy(
     if semantic_ids is None:
         if set(models or ()) & set(hisac):
             raise ValueError(f"{sorted(set(models) & set(hisac))} need --semantic-ids")
-        left_out |= {name: "no semantic IDs (--semantic-ids)" for name in hisac}
+        if models is None:  # the whole zoo was asked for: say why these rows are missing
+            left_out |= {name: "no semantic IDs (--semantic-ids)" for name in hisac}
         zoo = {name: cfg for name, cfg in zoo.items() if name not in hisac}
     else:
         zoo |= {name: replace(zoo[name], semantic_ids=semantic_ids) for name in hisac}
