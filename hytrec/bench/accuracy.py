@@ -40,6 +40,7 @@ from hytrec.model.evaluate import (
 )
 from hytrec.model.events import EventLog
 from hytrec.model.heuristics import Popularity, heuristics
+from hytrec.model.hisac import HiSACConfig, HiSACMultiConfig
 from hytrec.model.hpgr import HPGRConfig
 from hytrec.model.hstu import HSTUConfig
 from hytrec.model.hytrec import HyTRecConfig
@@ -62,7 +63,9 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     head. HSTU at the wave-2 size (2 layers, 2 heads, dropout 0.2), its window and KV cache
     N = the input length, and with the head. HPGR (the same size, k 32, w 8) fine-tuned
     from a session-based MIM pre-training the harness runs first (`hpgr_pretraining`),
-    without it (PGSA ranks with the model's own table), and without sparse attention."""
+    without it (PGSA ranks with the model's own table), and without sparse attention.
+    HiSAC (fused with its short branch), HiSAC-mi (max over agents) and HiSAC with hard
+    routing, over the semantic IDs given to `run_accuracy` (left out without them)."""
     hytrec = HyTRecConfig(d_model=d_model)
     recgrela = RecGRELAConfig(d_model=d_model)
     sasrec = SASRecConfig(d_model=d_model, layers=2, heads=2, max_len=max_len)
@@ -88,6 +91,9 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
         "HPGR": hpgr,
         "HPGR no pre-training": replace(hpgr, selection="own"),
         "HPGR no sparse attention": replace(hpgr, top_k=None),
+        "HiSAC": HiSACConfig(d_model=d_model),
+        "HiSAC-mi": HiSACMultiConfig(d_model=d_model),
+        "HiSAC hard routing": HiSACConfig(d_model=d_model, routing="hard"),
     }
 
 
@@ -251,10 +257,12 @@ def run_accuracy(
     train_config: TrainConfig | None = None,
     progress: bool = True,
     seeds: tuple[int, ...] | None = None,
+    semantic_ids: str | None = None,
 ) -> dict:
     """Rank the test targets with the baselines and every model of `model_zoo` (or those in
     `models`; [] for the baselines alone), trained once per seed (default: the train
-    config's); write the reports."""
+    config's); write the reports. `semantic_ids`: the `hytrec build-semantic-ids` directory
+    the HiSAC rows route through (built on this dataset); without it they are left out."""
     tc = train_config or preset.train
     seeds = tuple(seeds or (tc.seed,))
     split = leave_one_out(log)
@@ -269,6 +277,15 @@ def run_accuracy(
             require_timestamps(log, "HPGR")
         left_out = {name: "no timestamps (positions): no sessions" for name in sessions}
         zoo = {name: cfg for name, cfg in zoo.items() if name not in left_out}
+    hisac = [name for name, cfg in zoo.items() if isinstance(cfg, HiSACConfig)]
+    if semantic_ids is None:
+        if set(models or ()) & set(hisac):
+            raise ValueError(f"{sorted(set(models) & set(hisac))} need --semantic-ids")
+        if models is None:  # the whole zoo was asked for: say why these rows are missing
+            left_out |= {name: "no semantic IDs (--semantic-ids)" for name in hisac}
+        zoo = {name: cfg for name, cfg in zoo.items() if name not in hisac}
+    else:
+        zoo |= {name: replace(zoo[name], semantic_ids=semantic_ids) for name in hisac}
     scratch = tempfile.TemporaryDirectory(prefix="hytrec-accuracy-")
     pretrained: dict[int, tuple[str, dict]] = {}  # seed -> HPGR's pre-training
     eval_cfg = EvalConfig(filter_history=preset.filter_history, seed=tc.seed)

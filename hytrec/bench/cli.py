@@ -28,6 +28,7 @@ PARITY_REPORTS = {
     "recgrela": "hytrec.bench.recgrela_parity",
     "hstu": "hytrec.bench.hstu_parity",
     "hpgr": "hytrec.bench.hpgr_parity",
+    "hisac": "hytrec.bench.hisac_parity",
 }
 
 
@@ -103,6 +104,11 @@ def register(commands, benchmarks) -> None:
         "the spread (default: --seed)",
     )
     p.add_argument("--d-model", type=int, default=64)
+    p.add_argument(
+        "--semantic-ids",
+        help="a `hytrec build-semantic-ids` directory built on this dataset: the HiSAC rows "
+        "route through it (without it they are left out)",
+    )
     p.add_argument(
         "--output",
         help="report stem (default: benchmarks/results/accuracy-NAME for a preset, else "
@@ -399,6 +405,10 @@ def register(commands, benchmarks) -> None:
 
     register_hpgr(commands, benchmarks)
 
+    from hytrec.bench.hisac_cli import register as register_hisac
+
+    register_hisac(commands, benchmarks)
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v)
@@ -570,7 +580,17 @@ def _benchmark_accuracy(args: argparse.Namespace) -> int:
         default = Path("runs") / f"accuracy-{Path(args.dataset).name.split('.')[0] or 'data'}"
     stem = Path(args.output or default)
     seeds = tuple(int(v) for v in args.seeds.split(",")) if args.seeds else None
-    run_accuracy(args.dataset, log, preset, stem, args.models, args.d_model, tc, seeds=seeds)
+    run_accuracy(
+        args.dataset,
+        log,
+        preset,
+        stem,
+        args.models,
+        args.d_model,
+        tc,
+        seeds=seeds,
+        semantic_ids=args.semantic_ids,
+    )
     print(f"wrote {stem}.json, .md, .png")
     return 0
 

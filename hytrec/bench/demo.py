@@ -42,7 +42,10 @@ from tqdm import tqdm
 
 from hytrec.bench.reports import machine_info, provenance
 from hytrec.index import IndexConfig, build_from_checkpoint
+from hytrec.index.semantic_ids import SemanticIdConfig
+from hytrec.index.semantic_ids import build_from_checkpoint as build_semantic_ids
 from hytrec.model.base import CheckpointError
+from hytrec.model.codebook import SemanticIds, SemanticIdsError
 from hytrec.model.data import (
     TAOBAO_WINDOW,
     ColumnMap,
@@ -55,9 +58,11 @@ from hytrec.model.data import (
 from hytrec.model.device import resolve_device
 from hytrec.model.evaluate import leave_one_out
 from hytrec.model.events import EventLog
+from hytrec.model.hisac import HiSACConfig
 from hytrec.model.hytrec import HyTRecConfig
 from hytrec.model.registry import load_model, spec_of
 from hytrec.model.repeat import RepeatConfig
+from hytrec.model.sasrec import SASRecConfig
 from hytrec.model.synthetic import generate
 from hytrec.model.train import TrainConfig, train
 from hytrec.stream.broker import EmbeddedBroker, die_with_parent, stop_process
@@ -173,11 +178,30 @@ def time_cut(events: EventLog, heldout_fraction: float) -> int:
     return int(last - heldout_fraction * (last - first))
 
 
+def semantic_ids_for(events: EventLog, history: EventLog, config: DemoConfig, device: str):
+    """The semantic-IDs directory HiSAC routes through: beside a SASRec trained on the
+    demo's history (half the training time), built once and cached with it."""
+    sasrec = SASRecConfig(d_model=64, layers=2, heads=2, max_len=50)
+    source = replace(config, model=sasrec, train_seconds=config.train_seconds / 2)
+    checkpoint, _ = trained_checkpoint(events, history, source, device)
+    directory = checkpoint / "semantic-ids"
+    try:
+        SemanticIds.load(directory)
+    except SemanticIdsError:
+        print(f"building semantic IDs over {checkpoint}'s item table", flush=True)
+        build_semantic_ids(checkpoint, SemanticIdConfig()).save(directory)
+    return directory
+
+
 def trained_checkpoint(
     events: EventLog, history: EventLog, config: DemoConfig, device: str
 ) -> tuple[Path, bool]:
     """(checkpoint directory, reused): train on `history`, or reuse the cached result of the
-    same data and configuration."""
+    same data and configuration. HiSAC without semantic IDs first gets them: a SASRec
+    trained (and cached) the same way, its item table coded by `build-semantic-ids`."""
+    if isinstance(config.model, HiSACConfig) and config.model.semantic_ids is None:
+        codes = semantic_ids_for(events, history, config, device)
+        config = replace(config, model=replace(config.model, semantic_ids=str(codes)))
     model_config, name = config.model, spec_of(config.model).name  # train() sizes it
     train_config = replace(
         config.train,

@@ -25,6 +25,7 @@ import torch
 from hytrec.model.base import CheckpointError, SequentialModel, read_checkpoint_meta
 from hytrec.model.data import require_timestamps
 from hytrec.model.events import EventLog
+from hytrec.model.hisac import HiSAC, HiSACConfig, HiSACMulti, HiSACMultiConfig
 from hytrec.model.hpgr import HPGR, HPGRConfig
 from hytrec.model.hstu import HSTU, HSTUConfig
 from hytrec.model.hytrec import HyTRec, HyTRecConfig
@@ -61,6 +62,8 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("hstu", HSTUConfig, HSTU, fidelity="code"),
         ModelSpec("ulim", ULIMConfig, ULIM, query="per_category", fidelity="reading"),
         ModelSpec("hpgr", HPGRConfig, HPGR, fidelity="reading"),
+        ModelSpec("hisac", HiSACConfig, HiSAC, fidelity="reading"),
+        ModelSpec("hisacmulti", HiSACMultiConfig, HiSACMulti, query="multi", fidelity="reading"),
     )
 }
 
