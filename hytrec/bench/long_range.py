@@ -36,6 +36,7 @@ from tqdm import tqdm
 from hytrec.bench.reports import machine_info, write_report
 from hytrec.bench.timing import report_header, synchronized, time_calls
 from hytrec.model.batch import EventBatch
+from hytrec.model.data import user_bounds
 from hytrec.model.evaluate import history_batch
 from hytrec.model.events import EventLog
 from hytrec.model.hytrec import HyTRecConfig
@@ -97,9 +98,9 @@ QUICK = LongRangeConfig(
 
 def _inputs(log: EventLog, max_len: int | None, device: torch.device):
     """Every user's events but the last (the key, then the fillers) and the answers."""
-    user_starts = np.flatnonzero(np.r_[True, log.user[1:] != log.user[:-1]])
-    stops = np.r_[user_starts[1:], len(log.user)] - 1  # the answer is each user's last event
-    batch = history_batch(log, user_starts, stops, max_len).to(device)
+    _, starts, ends = user_bounds(log)
+    stops = ends - 1  # the answer is each user's last event
+    batch = history_batch(log, starts, stops, max_len).to(device)
     return batch, torch.from_numpy(log.item[stops]).to(device)
 
 
@@ -169,7 +170,8 @@ def _event_cost_us(model, log: EventLog, max_len: int | None, cfg: LongRangeConf
     step into a state holding it, or (a model without a state here: SASRec) the forward
     over its window."""
     device = torch.device(cfg.device)
-    user = history_batch(log, np.array([0]), np.array([int(np.sum(log.user == 1))])).to(device)
+    _, starts, ends = user_bounds(log)
+    user = history_batch(log, starts[:1], ends[:1]).to(device)  # the first user, answer included
     T = int(user.lengths[0]) - 1  # the history; event T is the new one
     if max_len is not None:  # SASRec: the user vector over the last max_len events
         window = _slice(user, max(0, T + 1 - max_len), T + 1)
