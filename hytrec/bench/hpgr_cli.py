@@ -36,6 +36,13 @@ SPARSITY_FLAGS = {
 }
 
 
+def _mim_arguments(p) -> None:
+    """The pre-training's options, shared by `pretrain mim` and `hpgr-pretrain-curve`."""
+    _flags(p, MIM_FLAGS, "MIMConfig")
+    p.add_argument("--d-model", type=int, help="the encoder's width (HPGRConfig.d_model)")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _flags(p: argparse.ArgumentParser, flags: dict, owner: str) -> None:
     for name, kind in flags.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"{owner}.{name}")
@@ -59,9 +66,7 @@ def register(commands, benchmarks) -> None:
     dataset_argument(p)
     p.add_argument("--out", help="checkpoint directory (default runs/pretrain-mim-DATASET)")
     p.add_argument("--output", help="report stem (default benchmarks/results/pretrain-mim-DATASET)")
-    _flags(p, MIM_FLAGS, "MIMConfig")
-    p.add_argument("--d-model", type=int, help="the encoder's width (HPGRConfig.d_model)")
-    p.add_argument("--no-progress", action="store_true")
+    _mim_arguments(p)
     p.set_defaults(func=_pretrain)
 
     p = benchmarks.add_parser(
@@ -72,9 +77,7 @@ def register(commands, benchmarks) -> None:
     p.add_argument(
         "--output", help="report stem (default benchmarks/results/hpgr-pretrain-curve-DATASET)"
     )
-    _flags(p, MIM_FLAGS, "MIMConfig")
-    p.add_argument("--d-model", type=int, help="the encoder's width (HPGRConfig.d_model)")
-    p.add_argument("--no-progress", action="store_true")
+    _mim_arguments(p)
     p.set_defaults(func=_curve)
 
     p = benchmarks.add_parser(
