@@ -205,7 +205,9 @@ def test_convert_train_evaluate_and_accuracy_from_the_cli(tmp_path, capsys):
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["dataset"] == str(path)
     users = len({r[0] for r in rows})
-    assert [m["overall"]["users"] for m in report["models"].values()] == [users] * 5
+    assert [m["overall"]["users"] for m in report["models"].values()] == [
+        users
+    ] * 6  # the model, popularity, four heuristics
 
     accuracy = ["benchmark", "accuracy", "--dataset", str(path), *OPTIONS, "--models"]
     assert main([*accuracy, "--output", str(tmp_path / "acc")]) == 0  # the baselines alone
@@ -217,6 +219,7 @@ def test_convert_train_evaluate_and_accuracy_from_the_cli(tmp_path, capsys):
         "popularity",
         "recent-items",
         "user-frequency",
+        "recency-frequency",
         "item-transition",
     ]
 

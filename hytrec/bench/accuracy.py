@@ -1,14 +1,14 @@
 """The accuracy benchmark: HyTRec, its ablations, SASRec, each with and without the repeat
 head, RecGRELA, HSTU, beside popularity and the heuristics, in one harness.
 
-Every model trains on the same split with the same `TrainConfig` (epochs, time budget,
-batch size, input length, loss, seed) and is ranked on the same test targets with the same
-`EvalConfig`; the baselines (popularity, recent-items, user-frequency, item-transition:
-`heuristics.py`) always run, whatever `--models` selects. Each row carries a 95% bootstrap
-interval over users for NDCG@10, and each trained model its ratio to the best heuristic
-with a paired bootstrap interval (`evaluate.paired_bootstrap`); with several `--seeds` the
-trained models run once per seed and the spread is reported. `hytrec benchmark accuracy
---dataset NAME` writes `benchmarks/results/accuracy-NAME.{json,md,png}`.
+Every model trains on the same split with the same `TrainConfig` (epochs, time budget, batch
+size, input length, loss, seed) and is ranked on the same test targets with the same
+`EvalConfig`; the baselines (popularity, recent-items, user-frequency, recency-frequency,
+item-transition: `heuristics.py`) always run, whatever `--models` selects. Each row carries
+a 95% bootstrap interval over users for NDCG@10, and each trained model its ratio to the
+best heuristic with a paired bootstrap interval (`evaluate.paired_bootstrap`); with several
+`--seeds` the trained models run once per seed and the spread is reported. `hytrec benchmark
+accuracy --dataset NAME` writes `benchmarks/results/accuracy-NAME.{json,md,png}`.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     head. HSTU at the wave-2 size (2 layers, 2 heads, dropout 0.2), its window and KV cache
     N = the input length, and with the head. HPGR (the same size, k 32, w 8) fine-tuned
     from a session-based MIM pre-training the harness runs first (`hpgr_pretraining`),
-    without it (PGSA ranks with the model's own table), and without sparse attention.
+    with the head, without it (PGSA ranks with the model's own table), and without sparse attention.
     HiSAC (fused with its short branch), HiSAC-mi (max over agents) and HiSAC with hard
     routing, over the semantic IDs given to `run_accuracy` (left out without them)."""
     hytrec = HyTRecConfig(d_model=d_model)
@@ -89,6 +89,7 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
         "HSTU": hstu,
         "HSTU" + HEAD: replace(hstu, repeat_head=RepeatConfig()),
         "HPGR": hpgr,
+        "HPGR" + HEAD: replace(hpgr, repeat_head=RepeatConfig()),
         "HPGR no pre-training": replace(hpgr, selection="own"),
         "HPGR no sparse attention": replace(hpgr, top_k=None),
         "HiSAC": HiSACConfig(d_model=d_model),

@@ -96,7 +96,7 @@ def register(commands, benchmarks) -> None:
         "--models",
         nargs="*",
         help="subset of the trained models (default: all); popularity and the heuristics "
-        "(recent-items, user-frequency, item-transition) always run",
+        "(recent-items, user-frequency, recency-frequency, item-transition) always run",
     )
     p.add_argument(
         "--seeds",

@@ -15,16 +15,20 @@ are integers (held in float64, exact) built so that the order is exactly the int
                                                        the history (0-based); 0 if absent
     user-frequency   n(i) (T + 1) + 1 + p(i)           n(i) = i's events in the history,
                                                        T = history length; 0 if absent
+    recency-frequency  n(i) / (1 + r(i)), ties by p(i) r(i) = distinct items touched after
+                                                       i's newest event (0: the newest item)
     item-transition  C[a, i] (pop_max + 1) + pop(i)    a = the history's last item; C[a, i] =
                                                        how often i directly follows a in a
                                                        user's training events
 
 So recent-items lists the user's distinct items newest first, user-frequency by count with
-ties broken by recency, item-transition by transition count with popularity breaking ties
-and taking over where the last item has no (or no more) successors. Items outside the
-user's history all score 0 under recent-items and user-frequency: no popularity tie-breaker
-is added, so a target the user never touched ties with every other untouched candidate and,
-ties counting against, ranks behind all of them (these two are the pure heuristics).
+ties broken by recency, recency-frequency by count divided by recency rank (an item touched
+twice, one item ago, weighs as much as the newest item touched once: the two signals a shop
+combines by hand, with no parameter to tune), item-transition by transition count with
+popularity breaking ties and taking over where the last item has no (or no more) successors.
+Items outside the user's history all score 0 under the three history rules: no popularity
+tie-breaker is added, so a target the user never touched ties with every other untouched
+candidate and, ties counting against, ranks behind all of them (the pure heuristics).
 """
 
 from __future__ import annotations
@@ -105,6 +109,27 @@ class UserFrequency(Heuristic):
         return torch.where(count > 0, count * (T + 1) + newest, 0.0)
 
 
+class RecencyFrequency(Heuristic):
+    """The user's items by count / (1 + distinct items touched since), ties by recency."""
+
+    def rank_scores(self, batch: EventBatch) -> torch.Tensor:
+        newest = _newest_position(batch, self.num_items)  # [B, N]
+        count = torch.zeros_like(newest).scatter_add_(1, batch.item, batch.mask.double())
+        # r(i) = items whose newest event is later than i's
+        ascending = newest.sort(1).values
+        later = newest.shape[1] - torch.searchsorted(ascending, newest, right=True)
+        # equal ratios give equal float64 quotients (both correctly rounded) and different
+        # ones differ by >= 1 / (T + 1)^2: sort by recency, then stably by the ratio, and
+        # score by the place in that order
+        ratio = torch.where(count > 0, count / (1.0 + later), 0.0)
+        by_recency = newest.argsort(dim=1, stable=True)
+        order = by_recency.gather(1, ratio.gather(1, by_recency).argsort(dim=1, stable=True))
+        place = torch.empty_like(order).scatter_(
+            1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+        )
+        return torch.where(count > 0, place.double(), 0.0)
+
+
 class ItemTransition(Heuristic):
     """First-order next-item counts from the training events, applied to the user's last
     item, backed off to training popularity."""
@@ -176,10 +201,11 @@ def category_baselines(log: EventLog) -> dict[str, LastCategory]:
 HEURISTICS = {
     "recent-items": lambda log, split: RecentItems(len(log.items)),
     "user-frequency": lambda log, split: UserFrequency(len(log.items)),
+    "recency-frequency": lambda log, split: RecencyFrequency(len(log.items)),
     "item-transition": ItemTransition,
 }
 
 
 def heuristics(log: EventLog, split: EvalSplit) -> dict[str, Heuristic]:
-    """The three heuristic baselines every accuracy table reports, fitted to `split`."""
+    """The four heuristic baselines every accuracy table reports, fitted to `split`."""
     return {name: make(log, split) for name, make in HEURISTICS.items()}

@@ -22,12 +22,16 @@ The head, for a user after event t with user vector u and item scores s:
 
     h_k        = E_rank[k] + E_count[b(count_k - 1)] + E_age[b(last_ts_0 - last_ts_k)]
                  + E_stage[stage_k] + s_{item_k} w_s + W_u u                     [R]
-    c_k        = v . GELU(h_k) + prior_k + a s_{item_k}          prior_k = -log(1 + k) at init
+    c_k        = v . GELU(h_k) + prior_k + w log(count_k) + a s_{item_k}
+                 prior_k = -log(1 + k), w = 1, a = 0 at init
     P_copy(i)  = softmax_k(c)_k  if i = item_k,   0 for items outside the buffer
     p_repeat   = sigmoid(MLP([u ; repeats / events ; 1[count_0 > 1]]))
     P(i)       = p_repeat P_copy(i) + (1 - p_repeat) P_explore(i),   P_explore = softmax_i(s)
 
-with b(x) = floor(log2(1 + x)), capped (`log2_bucket`). Training maximises log P(i_{t+1}) at
+with b(x) = floor(log2(1 + x)), capped (`log2_bucket`). Untrained, P_copy(item_k) is
+count_k / (1 + k) normalised: the recency-frequency heuristic (`heuristics.py`, the best of
+them on Taobao and Foursquare) within the buffer, so training starts from it, not from
+recent-items. Training maximises log P(i_{t+1}) at
 every position, jointly with the model. Full ranking scores every item by log P(i).
 
 Normalisation of P_explore. With a full softmax it is exact in training and in ranking. With
@@ -239,8 +243,11 @@ class RepeatHead(nn.Module):
         self.score_w = nn.Parameter(torch.zeros(R))
         self.user_proj = nn.Linear(d_model, R)
         self.copy_out = nn.Linear(R, 1, bias=False)
+        nn.init.zeros_(self.copy_out.weight)  # untrained, the priors below alone rank the copies
         # newer slots likelier from the start: P_copy ~ 1 / (1 + k) before any training
         self.rank_prior = nn.Parameter(-torch.log1p(torch.arange(N, dtype=torch.float32)))
+        # and likelier the more often touched: with the rank prior, count_k / (1 + k)
+        self.count_weight = nn.Parameter(torch.ones(()))
         self.score_scale = nn.Parameter(torch.zeros(()))
         self.gate = nn.Sequential(nn.Linear(d_model + 2, R), nn.GELU(), nn.Linear(R, 1))
 
@@ -254,16 +261,22 @@ class RepeatHead(nn.Module):
         # the filled slots only (a training window's early positions hold few items)
         qi, k = buffer.valid.nonzero(as_tuple=True)  # [M] each
         age = buffer.last_ts[qi, 0] - buffer.last_ts[qi, k]  # seconds before the newest event
+        count = buffer.count[qi, k]
         s = score[qi, k]
         h = (
             self.rank_emb(k)
-            + self.count_emb(log2_bucket(buffer.count[qi, k] - 1, cfg.count_buckets))
+            + self.count_emb(log2_bucket(count - 1, cfg.count_buckets))
             + self.age_emb(log2_bucket(age, cfg.age_buckets))
             + self.stage_emb(buffer.stage[qi, k])
             + s[:, None] * self.score_w
             + self.user_proj(u)[qi]
         )  # [M, R]
-        filled = self.copy_out(F.gelu(h))[:, 0] + self.rank_prior[k] + self.score_scale * s
+        filled = (
+            self.copy_out(F.gelu(h))[:, 0]
+            + self.rank_prior[k]
+            + self.count_weight * count.float().log()
+            + self.score_scale * s
+        )
         logits = score.new_full(score.shape, float("-inf")).index_put((qi, k), filled)
         log_copy = logits.log_softmax(-1)  # [Q, N], -inf in empty slots
         share = buffer.repeats.float() / buffer.events.clamp(min=1).float()

@@ -33,12 +33,13 @@ def test_accuracy_harness_reports_heuristics_intervals_and_seeds(tmp_path):
         "popularity",
         "recent-items",
         "user-frequency",
+        "recency-frequency",
         "item-transition",
         "SASRec",
         "SASRec + repeat head",
     ]
     best = report["best_heuristic"]
-    assert best in ("recent-items", "user-frequency", "item-transition")
+    assert best in ("recent-items", "user-frequency", "recency-frequency", "item-transition")
     assert report["seeds"] == [0, 1] and "at most 1 epochs" in report["budget"]
     for name, row in models.items():
         low, high = row["NDCG@10_ci95"]
@@ -87,7 +88,13 @@ def test_train_and_evaluate_commands_with_the_head_and_reference_lines(tmp_path,
     args = ["evaluate", "--dataset", str(tmp_path / "log"), "--checkpoint", str(tmp_path / "ckpt")]
     main([*args, "--output", str(tmp_path / "eval")])
     out = capsys.readouterr().out
-    for name in ("popularity", "recent-items", "user-frequency", "item-transition"):
+    for name in (
+        "popularity",
+        "recent-items",
+        "user-frequency",
+        "recency-frequency",
+        "item-transition",
+    ):
         assert f"reference {name}: HR@10" in out
     models = json.loads((tmp_path / "eval.json").read_text())["models"]
     assert list(models)[0] == "SASRec + repeat head" and "recent-items" in models

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections import Counter
+from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from hytrec.model.batch import EventBatch
 from hytrec.model.evaluate import EvalConfig, leave_one_out, rank_targets
 from hytrec.model.events import EventLog, Vocabulary
-from hytrec.model.heuristics import Popularity, heuristics
+from hytrec.model.heuristics import Popularity, RecencyFrequency, heuristics
 
 NUM_ITEMS = 9  # items 1..8, 0 is padding
 
@@ -54,6 +59,16 @@ def order_frequency(history: list[int]) -> list[tuple]:
     return [(1, counts[i], newest[i]) if i in counts else (0, 0, 0) for i in range(NUM_ITEMS)]
 
 
+def order_recency_frequency(history: list[int]) -> list[tuple]:
+    """count / (1 + distinct items touched after the item's newest event), ties by recency."""
+    counts, newest = Counter(history), {item: p for p, item in enumerate(history)}
+    later = {i: sum(1 for j in newest if newest[j] > newest[i]) for i in newest}
+    return [
+        (1, Fraction(counts[i], 1 + later[i]), newest[i]) if i in counts else (0, 0, 0)
+        for i in range(NUM_ITEMS)
+    ]
+
+
 def order_transition(history: list[int], training: list[list[int]]) -> list[tuple]:
     pairs = Counter((a, b) for run in training for a, b in zip(run, run[1:], strict=False))
     pop = Counter(i for run in training for i in run)
@@ -85,6 +100,7 @@ def test_heuristics_match_brute_force(which, filter_history):
     references = {
         "recent-items": lambda h: order_recent(h),
         "user-frequency": lambda h: order_frequency(h),
+        "recency-frequency": lambda h: order_recency_frequency(h),
         "item-transition": lambda h: order_transition(h, training),
         "popularity": lambda h: order_popularity(h, training),
     }
@@ -109,8 +125,34 @@ def test_hand_log_exercises_every_rule():
         name: rank_targets(model, log, split, "test")["rank"].tolist()
         for name, model in heuristics(log, split).items()
     }
-    assert len({tuple(r) for r in ranks.values()}) == 3  # three different rankings
+    assert len({tuple(r) for r in ranks.values()}) == 4  # four different rankings
     assert ranks["recent-items"][0] == 1  # user 1: 4 then 2, newest first
     assert ranks["user-frequency"][0] == 0  # user 1: item 2 occurs twice before the target
     # user 2's test target 8 follows 7 in no training run: popularity decides (8 seen once)
     assert ranks["item-transition"][1] > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.integers(1, NUM_ITEMS - 1), min_size=1, max_size=14), min_size=1, max_size=4
+    )
+)
+def test_recency_frequency_orders_as_its_definition(histories):
+    """Any right-padded batch: every pair of items in the order of the exact (Fraction) key,
+    padding included (a padded row must not count its zeros)."""
+    T = max(len(h) for h in histories)
+    item = torch.zeros(len(histories), T, dtype=torch.long)
+    for row, history in enumerate(histories):
+        item[row, : len(history)] = torch.tensor(history)
+    zeros = torch.zeros_like(item)
+    lengths = torch.tensor([len(h) for h in histories])
+    batch = EventBatch(item, zeros, zeros, zeros, lengths)
+    scores = RecencyFrequency(NUM_ITEMS).rank_scores(batch)
+    for row, history in enumerate(histories):
+        key = order_recency_frequency(history)
+        for i in range(1, NUM_ITEMS):
+            for j in range(1, NUM_ITEMS):
+                expected = (key[i] > key[j]) - (key[i] < key[j])
+                got = scores[row, i].item() - scores[row, j].item()
+                assert (got > 0) - (got < 0) == expected, (history, i, j)

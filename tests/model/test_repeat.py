@@ -199,6 +199,7 @@ def tiny_model(kind: str = "sasrec"):
     with torch.no_grad():
         model.repeat_head.score_scale.fill_(0.7)
         model.repeat_head.score_w.normal_()
+        model.repeat_head.copy_out.weight.normal_()
         model.repeat_head.gate[2].bias.fill_(0.3)
         model.item_table().mul_(20)  # item scores of order 1, not 0.02
     return model
@@ -282,6 +283,21 @@ def test_mixture_and_copy_distribution():
     assert (copy_mass[0, [1, 3, 5, 6, 8, 9]].abs() < 1e-7).all()  # items 4, 7, 2 only
 
 
+def test_the_untrained_copy_distribution_is_recency_frequency():
+    """A fresh head copies slot k in proportion to count_k / (1 + k): the recency-frequency
+    heuristic within the buffer, the point training starts from."""
+    torch.manual_seed(0)
+    head = repeat.RepeatHead(TINY_HEAD, 16)
+    rows = [[(4, 5, 2), (7, 30, 8), (4, 9, 1), (2, 1, 1), (4, 2, 1), (9, 3, 9), (2, 1, 1)]]
+    buffer = stack([reference_buffers(rows, TINY_HEAD.buffer_size)[0][-1]])
+    with torch.no_grad():
+        _, _, log_copy = head.log_probs(buffer, torch.randn(1, 16), torch.randn(1, 5))
+    assert buffer.item[0].tolist() == [2, 9, 4, 7, 0]
+    assert buffer.count[0].tolist() == [2, 1, 3, 1, 0]
+    weight = torch.tensor([2 / 1, 1 / 2, 3 / 3, 1 / 4])
+    assert torch.allclose(log_copy[0, :4].exp(), weight / weight.sum(), atol=1e-6)
+
+
 @pytest.mark.parametrize("negatives", [0, 4])
 def test_gradients_reach_the_head_and_the_model(negatives):
     model = tiny_model().train()
@@ -339,7 +355,7 @@ def test_checkpoints_keep_the_head(tmp_path):
 def test_the_head_wins_on_planted_repeats():
     log = revisiting_log()
     split = leave_one_out(log)
-    tc = TrainConfig(lr=3e-3, epochs=4, batch_size=32, max_len=30, valid_users=None, seed=0)
+    tc = TrainConfig(lr=3e-3, epochs=8, batch_size=32, max_len=30, valid_users=None, seed=0)
     base = SASRecConfig(d_model=16, max_len=30, dropout=0.0)
     cfg = EvalConfig(ks=(10,))
     plain = evaluate(train(base, log, split, tc, progress=False).model, log, split, "test", cfg)
@@ -347,8 +363,10 @@ def test_the_head_wins_on_planted_repeats():
     headed = evaluate(train(head, log, split, tc, progress=False).model, log, split, "test", cfg)
     recent = evaluate(RecentItems(len(log.items)), log, split, "test", cfg)
     ndcg = [r["overall"]["NDCG@10"] for r in (plain, headed, recent)]
-    # measured: 0.338 without the head, 0.548 with it, 0.545 for recent-items (the planted
-    # revisits favour the newest items, so recency is nearly the best a model can do)
+    # measured: 0.338 without the head, 0.536 with it, 0.545 for recent-items (the planted
+    # revisits favour the newest items, so recency is nearly the best a model can do; the
+    # head starts from recency-frequency, 0.510 here, and learns its way towards recency:
+    # 0.521 after 4 epochs, hence 8)
     assert ndcg[1] > 1.4 * ndcg[0] and ndcg[1] > 0.97 * ndcg[2], ndcg
 
 
