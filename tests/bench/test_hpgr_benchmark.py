@@ -120,4 +120,9 @@ def test_accuracy_harness_refuses_or_leaves_out_hpgr_without_timestamps(tmp_path
         run_accuracy("s3rec", positions, PRESETS["beauty"], tmp_path / "a", ["HPGR"], 16, tc, False)
     run_accuracy("s3rec", positions, PRESETS["beauty"], tmp_path / "b", ["SASRec"], 16, tc, False)
     left_out = json.loads((tmp_path / "b.json").read_text())["left_out"]
-    assert set(left_out) == {"HPGR", "HPGR no pre-training", "HPGR no sparse attention"}
+    assert set(left_out) == {
+        "HPGR",
+        "HPGR + repeat head",
+        "HPGR no pre-training",
+        "HPGR no sparse attention",
+    }

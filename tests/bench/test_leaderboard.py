@@ -121,6 +121,48 @@ def test_a_resumed_run_trains_no_finished_cell_and_reports_the_trained_config(
         run_leaderboard(changed, tmp_path, shared_data, progress=False)
 
 
+def test_hpgr_cells_start_from_a_kept_pretraining_and_need_timestamps(
+    shared_data, tmp_path, monkeypatch
+):
+    """HPGR's row pre-trains once per seed (kept beside the cells, read again on resume, its
+    checkpoint the cell's init_from); on a data set without timestamps it is left out."""
+    hpgr = "HPGR + repeat head"
+    profile = Profile(
+        "test",
+        (DatasetBudget("ml100k", 20.0, max_users=40), DatasetBudget("beauty", 20.0, 40)),
+        models=(hpgr,),
+        seeds=(0,),
+        epochs=1,
+        patience=1,
+        d_model=16,
+    )
+    first = run_leaderboard(profile, tmp_path, shared_data, progress=False)
+    pretrained = sorted((tmp_path / "test" / "ml100k" / "pretraining").glob("*/checkpoint.json"))
+    assert len(pretrained) == 1
+    row = first["tables"]["ml100k"]["rows"][hpgr]
+    assert row["training"]["config"]["repeat_head"] is not None
+    beauty = first["tables"]["beauty"]
+    assert hpgr not in beauty["rows"] and "timestamps" in beauty["left_out"][hpgr]
+    cell = json.loads(
+        next((tmp_path / "test" / "ml100k" / "hpgr-repeat-head").glob("*.json")).read_text()
+    )
+    assert cell["model"] == hpgr
+
+    import hytrec.bench.accuracy as accuracy
+    import hytrec.model.train as training
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("run again")
+
+    monkeypatch.setattr(accuracy, "hpgr_pretraining", no_run)
+    monkeypatch.setattr(training, "train", no_run)
+    again = run_leaderboard(profile, tmp_path, shared_data, progress=False)
+    assert json.dumps(again["tables"]) == json.dumps(first["tables"])
+    assert "HPGR + repeat head: not run here (no timestamps" in leaderboard.markdown(
+        {**again, "command": "c", "machine": {}}
+    )
+
+
 def test_the_readme_shows_the_committed_leaderboard():
     result = json.loads((REPO / "benchmarks/results/leaderboard.json").read_text())
     readme = (REPO / "README.md").read_text()
