@@ -56,7 +56,14 @@ import torch.nn.functional as F
 
 from hytrec.model.batch import EventBatch, PackedRuns, shift_window
 from hytrec.model.events import NUM_BEHAVIORS
-from hytrec.model.hstu import HSTU, HSTUConfig, HSTUState, SequentialTransductionUnit, time_bucket
+from hytrec.model.hstu import (
+    HSTU,
+    HSTUConfig,
+    HSTUState,
+    SequentialTransductionUnit,
+    cache_window,
+    time_bucket,
+)
 from hytrec.model.repeat import push_runs
 
 SELECTIONS = ("own", "pretrained")
@@ -387,10 +394,7 @@ class HPGR(HSTU):
         times = torch.cat([cached["times"], batch.ts], dim=1)  # [U, N + M]
         items = torch.cat([cached["items"], batch.item], dim=1)
         sessions = torch.cat([cached["sessions"], session], dim=1)
-        columns = torch.arange(N + M, device=device)
-        offset = (torch.arange(M, device=device)[:, None] + N - columns[None])[None]  # [1, M, N+M]
-        holds_event = columns[None] >= (N - count)[:, None]  # [U, N + M]
-        window = (offset >= 0) & (offset < N) & holds_event[:, None]  # [U, M, N + M]
+        offset, window = cache_window(count, N, M)
         allowed = self.select(batch.item, items, offset, window)
         keys_seen = allowed.sum(-1, keepdim=True).clamp(min=1)  # [U, M, 1]
         distance = session[:, :, None] - sessions[:, None]

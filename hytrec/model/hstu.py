@@ -111,6 +111,18 @@ def time_bucket(gap: torch.Tensor, num_buckets: int) -> torch.Tensor:
     return log_gap.long().clamp(0, num_buckets)
 
 
+def cache_window(count: torch.Tensor, N: int, M: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a run of M new events looks in a KV cache of N: key columns are the cache
+    (column j holds event count - N + j) then the run (new event m is event count + m).
+    Returns (offset [1, M, N + M]: how far back each column is from each new event, window
+    [U, M, N + M]: the columns each new event may attend to, the last N events up to
+    itself; a user with fewer than N events has empty columns at the front)."""
+    columns = torch.arange(N + M, device=count.device)
+    offset = (torch.arange(M, device=count.device)[:, None] + N - columns[None])[None]
+    holds_event = columns[None] >= (N - count)[:, None]  # [U, N + M]
+    return offset, (offset >= 0) & (offset < N) & holds_event[:, None]
+
+
 class SequentialTransductionUnit(nn.Module):
     """One HSTU block: the parallel form (`forward`) and the cached serving form (`step`)
     share the projection, the attention and the output."""
@@ -294,12 +306,7 @@ class HSTU(SequentialModel):
         count = state.count[slots]
         cached_times = state.times[slots]  # [U, N]
         times = torch.cat([cached_times, batch.ts], dim=1)  # [U, N + M]: the cache, then the run
-        # key column j holds event count - N + j, new event m is event count + m
-        columns = torch.arange(N + M, device=device)
-        offset = (torch.arange(M, device=device)[:, None] + N - columns[None])[None]  # [1, M, N+M]
-        # a user with fewer than N events has empty rows at the front of its cache
-        holds_event = columns[None] >= (N - count)[:, None]  # [U, N + M]
-        allowed = (offset >= 0) & (offset < N) & holds_event[:, None]  # [U, M, N + M]
+        offset, allowed = cache_window(count, N, M)
         gap = batch.ts[:, :, None] - times[:, None]  # [U, M, N + M]
         x = self.embed(runs.pack(batch.item))  # [n, d]
         for block, key_pool, value_pool in zip(self.blocks, state.keys, state.values, strict=True):
