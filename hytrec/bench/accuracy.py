@@ -51,6 +51,7 @@ from hytrec.model.recgrela import RecGRELAConfig
 from hytrec.model.repeat import RepeatConfig
 from hytrec.model.sasrec import SASRecConfig
 from hytrec.model.train import TrainConfig, train
+from hytrec.model.ulim import ULIMConfig
 
 HEAD = " + repeat head"
 
@@ -64,7 +65,8 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     N = the input length, and with the head. HPGR (the same size, k 32, w 8) fine-tuned
     from a session-based MIM pre-training the harness runs first (`hpgr_pretraining`),
     with the head, without it (PGSA ranks with the model's own table), and without sparse attention.
-    HiSAC (fused with its short branch), HiSAC-mi (max over agents) and HiSAC with hard
+    ULIM at the reading's defaults, ranked by its cascade (its top 10 categories). HiSAC
+    (fused with its short branch), HiSAC-mi (max over agents) and HiSAC with hard
     routing, over the semantic IDs given to `run_accuracy` (left out without them)."""
     hytrec = HyTRecConfig(d_model=d_model)
     recgrela = RecGRELAConfig(d_model=d_model)
@@ -92,6 +94,7 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
         "HPGR" + HEAD: replace(hpgr, repeat_head=RepeatConfig()),
         "HPGR no pre-training": replace(hpgr, selection="own"),
         "HPGR no sparse attention": replace(hpgr, top_k=None),
+        "ULIM": ULIMConfig(d_model=d_model),
         "HiSAC": HiSACConfig(d_model=d_model),
         "HiSAC-mi": HiSACMultiConfig(d_model=d_model),
         "HiSAC hard routing": HiSACConfig(d_model=d_model, routing="hard"),
