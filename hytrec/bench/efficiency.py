@@ -12,10 +12,11 @@ measures, side by side in one process:
     *_train_mflop_per_token         the matrix-product work of that forward+backward, per token
                                     (counted, not timed: why one model is slower than another)
 
-HSTU serves from a KV cache of its last N events instead: its step and its state grow with
-N, not with L. `cache_rows` gives, per cache size N, one event stepped into a full cache
-(`hstu_step_us`) and the state's bytes per user, beside HyTRec's and RecGRELA's constant
-states.
+HSTU and HPGR serve from a KV cache of their last N events instead: their step and state
+grow with N, not with L. `cache_rows` gives, per cache size N, one event stepped into a full
+cache (`hstu_step_us`, `hpgr_step_us`: HPGR's step adds the session features and the
+preference-guided selection of k = 32 keys of the N) and the states' bytes per user, beside
+HyTRec's and RecGRELA's constant states.
 
 Every figure is the median of repeated `time.perf_counter` timings after a warm-up call.
 A measurement stops repeating once it has used `budget_s` (a full forward over 12k events
@@ -50,6 +51,7 @@ from tqdm import tqdm
 from hytrec.bench.parity import UserEvents, pad_batch, random_user
 from hytrec.bench.reports import cpu_info, machine_info, write_report
 from hytrec.bench.timing import report_header, synchronized, time_calls
+from hytrec.model.hpgr import HPGR, HPGRConfig
 from hytrec.model.hstu import HSTU, HSTUConfig
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
 from hytrec.model.recgrela import RecGRELA, RecGRELAConfig
@@ -112,6 +114,9 @@ class EfficiencyConfig:
 
     def hstu(self, cache: int) -> HSTUConfig:
         return HSTUConfig(num_items=self.hytrec().num_items, d_model=self.d_model, max_len=cache)
+
+    def hpgr(self, cache: int) -> HPGRConfig:
+        return HPGRConfig(num_items=self.hytrec().num_items, d_model=self.d_model, max_len=cache)
 
     def sasrec(self) -> SASRecConfig:
         # positions must cover the longest recompute (L + 1 events)
@@ -180,35 +185,39 @@ def _interleaved_step_us(models: dict, user: UserEvents, lengths: list[int], cfg
     return times
 
 
+CACHED = {"hstu": (HSTU, EfficiencyConfig.hstu), "hpgr": (HPGR, EfficiencyConfig.hpgr)}
+
+
 def _cache_rows(user: UserEvents, cfg: EfficiencyConfig) -> list[dict]:
-    """Per cache size N: HSTU's step of one event into a full cache (N events held), the
-    median of `step_repeats` calls after a warm-up, and its state's bytes per user."""
+    """Per cache size N: each KV-cache model's step of one event into a full cache (N events
+    held), the median of `step_repeats` calls after a warm-up, the models taken in turn
+    call by call, and its state's bytes per user."""
     device = torch.device(cfg.device)
     slot = torch.tensor([0], device=device)
     rows = []
     for N in sorted(set(cfg.cache_sizes)):
-        torch.manual_seed(cfg.seed)
-        model = HSTU(cfg.hstu(N)).eval().to(device)
-        state = model.new_state(1, device)
-        _build_state(model, state, slot, user, 0, N, cfg.build_chunk)
-        full = state.read(slot)
+        steps, fulls, states, times = {}, {}, {}, {name: [] for name in CACHED}
+        row = {"cache": N}
+        for name, (model_class, config_of) in CACHED.items():
+            torch.manual_seed(cfg.seed)
+            model = model_class(config_of(cfg, N)).eval().to(device)
+            states[name] = model.new_state(1, device)
+            _build_state(model, states[name], slot, user, 0, N, cfg.build_chunk)
+            fulls[name] = states[name].read(slot)
+            steps[name] = synchronized(device, partial(model.step, states[name], slot))
+            row[f"{name}_state_bytes"] = model.state_bytes_per_user()
         new_event = _batch(user, N, N + 1, device)
-        step = synchronized(device, partial(model.step, state, slot))
-        times = []
         for call in range(cfg.step_repeats + 1):
-            state.write(slot, full)  # untimed: exactly N events each time
-            t0 = time.perf_counter()
-            step(new_event)
-            if call:  # call 0 warms up
-                times.append((time.perf_counter() - t0) * 1e6)
-        rows.append(
-            {
-                "cache": N,
-                "hstu_step_us": round(statistics.median(times), 2),
-                "hstu_step_us_min_max": [round(min(times), 2), round(max(times), 2)],
-                "hstu_state_bytes": model.state_bytes_per_user(),
-            }
-        )
+            for name in CACHED:
+                states[name].write(slot, fulls[name])  # untimed: exactly N events each time
+                t0 = time.perf_counter()
+                steps[name](new_event)
+                if call:  # call 0 warms up
+                    times[name].append((time.perf_counter() - t0) * 1e6)
+        for name, taken in times.items():
+            row[f"{name}_step_us"] = round(statistics.median(taken), 2)
+            row[f"{name}_step_us_min_max"] = [round(min(taken), 2), round(max(taken), 2)]
+        rows.append(row)
     return rows
 
 
@@ -345,7 +354,7 @@ def run_efficiency(
             key = f"{name}_train_mflop_per_token"
             row[key] = measure(L, key, _train_mflop_per_token, trained[name], user, L, cfg)
         rows.append(row)
-    bar.set_description("HSTU steps by cache size")
+    bar.set_description("HSTU and HPGR steps by cache size")
     cache_rows = _cache_rows(user, cfg)
     bar.close()
 
@@ -364,6 +373,7 @@ def run_efficiency(
         "state_bytes_per_user": models["hytrec"].state_bytes_per_user(),
         "recgrela_state_bytes_per_user": models["recgrela"].state_bytes_per_user(),
         "hstu_config": asdict(cfg.hstu(max(cfg.cache_sizes))),
+        "hpgr_config": asdict(cfg.hpgr(max(cfg.cache_sizes))),
         "method": {
             "step_us": "median us of one step of a single event for one user whose state "
             f"holds L events (built by stepping them, {cfg.build_chunk} per call); fp32, "
@@ -378,6 +388,8 @@ def run_efficiency(
             "hstu_step_us": "median us of one HSTU step of a single event into a KV cache "
             f"holding N events (its max_len), {cfg.step_repeats} calls after a warm-up; "
             "fp32, eval, no_grad",
+            "hpgr_step_us": "the same for HPGR (selection by its own item table, k 32, w 8), "
+            "its calls alternating with HSTU's",
             "train_tokens_per_s": f"batch {cfg.train_batch} x L tokens / median seconds of "
             "forward + backward of the full-softmax next-item loss (no optimizer step)",
             "train_mflop_per_token": "matrix-product MFLOP of that forward + backward per "
@@ -462,13 +474,14 @@ def format_table(rows: list[dict]) -> str:
 def format_cache_table(report: dict) -> str:
     hytrec, recgrela = report["state_bytes_per_user"], report["recgrela_state_bytes_per_user"]
     lines = [
-        "HSTU cache N | HSTU step us | HSTU state B/user | HyTRec state B | RecGRELA state B",
-        "--- | --- | --- | --- | ---",
+        "cache N | HSTU step us | HPGR step us | HSTU state B/user | HPGR state B/user | "
+        "HyTRec state B | RecGRELA state B",
+        "--- | --- | --- | --- | --- | --- | ---",
     ]
     for r in report["cache_rows"]:
         lines.append(
-            f"{r['cache']} | {r['hstu_step_us']:,.1f} | {r['hstu_state_bytes']:,} | "
-            f"{hytrec:,} | {recgrela:,}"
+            f"{r['cache']} | {r['hstu_step_us']:,.1f} | {r['hpgr_step_us']:,.1f} | "
+            f"{r['hstu_state_bytes']:,} | {r['hpgr_state_bytes']:,} | {hytrec:,} | {recgrela:,}"
         )
     return "\n".join(lines)
 
@@ -497,12 +510,13 @@ def plot(report: dict, path: Path) -> None:
     ):
         left.plot(*series(key), style, label=label)
     cache = report.get("cache_rows") or []
-    left.plot(
-        [r["cache"] for r in cache],
-        [r["hstu_step_us"] for r in cache],
-        "v:",
-        label="HSTU step (KV cache of N = L events)",
-    )
+    for name, label, style in (("hstu", "HSTU", "v:"), ("hpgr", "HPGR", "<:")):
+        left.plot(
+            [r["cache"] for r in cache],
+            [r[f"{name}_step_us"] for r in cache],
+            style,
+            label=f"{label} step (KV cache of N = L events)",
+        )
     left.set(xscale="log", yscale="log", xlabel="history length L (events)")
     left.set(ylabel="cost of one new event (us)", title="per-event cost")
     left.grid(True, which="both", alpha=0.3)

@@ -68,9 +68,11 @@ def test_run_efficiency_writes_rows_json_and_png(tmp_path):
     # HSTU by cache size: its state grows with N (keys and values of N events per layer)
     cache = written["cache_rows"]
     assert [r["cache"] for r in cache] == [4, 16]
-    assert all(r["hstu_step_us"] > 0 for r in cache)
+    assert all(r["hstu_step_us"] > 0 and r["hpgr_step_us"] > 0 for r in cache)
     per_event = 2 * 2 * 16 * 4 + 8  # K and V of 2 layers (d 16, fp32), and a timestamp
     assert cache[1]["hstu_state_bytes"] - cache[0]["hstu_state_bytes"] == 12 * per_event
+    per_event += 8 + 8  # HPGR also keeps each cached event's item and session id
+    assert cache[1]["hpgr_state_bytes"] - cache[0]["hpgr_state_bytes"] == 12 * per_event
     assert "--lengths 32,8" in written["command"]
 
     png = (tmp_path / "eff.png").read_bytes()
