@@ -66,7 +66,7 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     from a session-based MIM pre-training the harness runs first (`hpgr_pretraining`),
     with the head, without it (PGSA ranks with the model's own table), and without sparse attention.
     ULIM at the reading's defaults, ranked by its cascade (its top 10 categories). HiSAC
-    (fused with its short branch), HiSAC-mi (max over agents) and HiSAC with hard
+    (fused with its short branch; and with the head), HiSAC-mi (max over agents) and HiSAC with hard
     routing, over the semantic IDs given to `run_accuracy` (left out without them)."""
     hytrec = HyTRecConfig(d_model=d_model)
     recgrela = RecGRELAConfig(d_model=d_model)
@@ -96,6 +96,7 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
         "HPGR no sparse attention": replace(hpgr, top_k=None),
         "ULIM": ULIMConfig(d_model=d_model),
         "HiSAC": HiSACConfig(d_model=d_model),
+        "HiSAC" + HEAD: HiSACConfig(d_model=d_model, repeat_head=RepeatConfig()),
         "HiSAC-mi": HiSACMultiConfig(d_model=d_model),
         "HiSAC hard routing": HiSACConfig(d_model=d_model, routing="hard"),
     }

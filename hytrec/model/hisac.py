@@ -53,6 +53,7 @@ from hytrec.model.base import SequentialModel
 from hytrec.model.batch import EventBatch, shift_window
 from hytrec.model.codebook import SemanticIds, SemanticIdsError, vocabulary_hash
 from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
+from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config, new_recent, push_runs
 from hytrec.model.streaming import SlotState
 from hytrec.model.ulim import NewestQueryReadout
 
@@ -77,9 +78,13 @@ class HiSACConfig:
     use_short: bool = True  # False: a learned query pools the agents, no fusion
     dropout: float = 0.1
     hashed_seed: int = 0  # the hashed codebook's permutation (semantic_ids=None)
+    # the repeat/explore head over the user's recent distinct items (`repeat.py`; not in
+    # the paper); HiSAC only: HiSAC-mi's max over agents has no single user vector
+    repeat_head: RepeatConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "beams", tuple(self.beams))  # a list after a JSON round trip
+        object.__setattr__(self, "repeat_head", as_repeat_config(self.repeat_head))
         if self.num_items < 2 or self.levels < 1 or self.route_top < 1 or self.window < 1:
             raise ValueError("HiSACConfig: num_items >= 2, levels, route_top, window >= 1")
         if len(self.beams) != self.levels or min(self.beams) < 1:
@@ -98,6 +103,11 @@ class HiSACMultiConfig(HiSACConfig):
 
     use_short: bool = False
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.repeat_head is not None:
+            raise ValueError("HiSACMultiConfig: no repeat head (it mixes one user vector)")
+
 
 @dataclass
 class HiSACState(SlotState):
@@ -111,6 +121,8 @@ class HiSACState(SlotState):
     window_item, window_behavior: [P, K] int64  the last K events, oldest first
     evictions:  [P]       int64  map entries lost to the cap (0: the state is exact)
     count, last_ts: [P]   int64
+    recent:     [P, R, 5] int64  the repeat head's buffer (`repeat.RECENT_COLUMNS`)
+    recent_counts: [P, 2] int64  its repeats and events; both None without a head
     """
 
     node_key: torch.Tensor
@@ -123,6 +135,8 @@ class HiSACState(SlotState):
     evictions: torch.Tensor
     count: torch.Tensor
     last_ts: torch.Tensor
+    recent: torch.Tensor | None = None
+    recent_counts: torch.Tensor | None = None
 
 
 @dataclass
@@ -291,6 +305,7 @@ class HiSAC(SequentialModel):
             self.pool_query = nn.Parameter(torch.zeros(d))
         self.norm = nn.LayerNorm(d)
         self.apply(self._init_weights)
+        self.repeat_head = RepeatHead(cfg.repeat_head, d) if cfg.repeat_head else None
 
     # ------------------------------------------------------------------ shared pieces
 
@@ -403,6 +418,8 @@ class HiSAC(SequentialModel):
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(num_slots, *shape, dtype=dtype, device=device)
 
+        head = cfg.repeat_head
+        recent = new_recent(num_slots, head.buffer_size, device) if head else (None, None)
         return HiSACState(
             node_key=zeros(C),
             node_votes=zeros(C),
@@ -414,6 +431,8 @@ class HiSAC(SequentialModel):
             evictions=zeros(),
             count=zeros(),
             last_ts=zeros(),
+            recent=recent[0],
+            recent_counts=recent[1],
         )
 
     @torch.no_grad()
@@ -447,6 +466,8 @@ class HiSAC(SequentialModel):
                 ring[users] = shift_window(ring[users], value[:, None], one.expand(n))
             state.count[users] += 1
             state.last_ts[users] = batch.ts[active, m]
+        if self.repeat_head is not None:
+            push_runs(state.recent, state.recent_counts, slots, batch)
 
     @staticmethod
     def _free_slots(
@@ -553,8 +574,9 @@ class HiSAC(SequentialModel):
     ) -> tuple[torch.Tensor, int]:
         """(mean next-item cross-entropy, positions) over each row's last `train_len` + 1
         events (the training form is quadratic in the row; serving and evaluation read the
-        whole history through the map)."""
-        from hytrec.model.train import next_item_loss  # train imports the registry
+        whole history through the map); with the repeat head, the mixture's -log P(target)
+        over the same events."""
+        from hytrec.model.train import next_item_loss, target_log_prob  # train imports us
 
         batch = last_events(batch, self.cfg.train_len + 1)
         T = batch.item.shape[1]
@@ -571,7 +593,14 @@ class HiSAC(SequentialModel):
         read = Agents(read.vectors[keep], read.nodes[keep], read.user[keep])
         target = batch.item[:, 1:].reshape(-1)[keep]
         u = self.position_vectors(read, target)
-        return next_item_loss(self, u, target, negatives, generator), int(keep.sum())
+        if self.repeat_head is None:
+            return next_item_loss(self, u, target, negatives, generator), int(keep.sum())
+        log_explore = target_log_prob(self, u, target, negatives, generator, estimate_full=True)
+        real = keep.view(len(batch.lengths), T - 1)
+        u_rows = u.new_zeros(*real.shape, u.shape[-1]).masked_scatter(real[..., None], u)
+        log_p = self.repeat_head.training_log_prob(batch, u_rows, real, log_explore,
+                                                   self.item_table())  # fmt: skip
+        return -log_p.mean(), int(keep.sum())
 
     # ------------------------------------------------------------------ ranking
 
@@ -590,8 +619,12 @@ class HiSAC(SequentialModel):
     @torch.no_grad()
     def rank_scores(self, batch: EventBatch) -> torch.Tensor:
         """Scores [B, num_items] after each row's whole history, from the serving form
-        (the training form is quadratic in the history)."""
-        return self.score(self.user_vector(batch))
+        (the training form is quadratic in the history); with the head, log P(i)."""
+        u = self.user_vector(batch)
+        scores = self.score(u)
+        if self.repeat_head is None:
+            return scores
+        return self.repeat_head.rank_scores(batch, u, scores, self.item_table())
 
 
 def last_events(batch: EventBatch, n: int) -> EventBatch:

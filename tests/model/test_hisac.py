@@ -5,6 +5,8 @@ and a codebook of another vocabulary refused."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from hytrec.bench.parity import pad_batch, streamed_user_vectors
 from hytrec.model.codebook import SemanticIdsError, vocabulary_hash
 from hytrec.model.events import Vocabulary
 from hytrec.model.hisac import HiSAC, HiSACConfig, HiSACMulti, HiSACMultiConfig, activate
+from hytrec.model.repeat import RepeatConfig
 
 N = 200
 
@@ -168,8 +171,8 @@ def test_a_codebook_of_another_vocabulary_is_refused(codebook):
         del codebook.meta["items_hash"]
 
 
-@pytest.mark.parametrize("name", ["hisac", "hisacmulti"])
-def test_both_variants_train_and_rank_through_the_harness(name, codebook, tmp_path):
+@pytest.mark.parametrize("name,head", [("hisac", False), ("hisac", True), ("hisacmulti", False)])
+def test_both_variants_train_and_rank_through_the_harness(name, head, codebook, tmp_path):
     from hytrec.model.evaluate import EvalConfig, leave_one_out, rank_targets
     from hytrec.model.registry import spec
     from hytrec.model.train import TrainConfig, train
@@ -178,6 +181,8 @@ def test_both_variants_train_and_rank_through_the_harness(name, codebook, tmp_pa
     log = tiny_log(users=12, length=15, items=N)
     codebook.save(tmp_path / "sids")
     cfg = spec(name).config(d_model=8, semantic_ids=str(tmp_path / "sids"))
+    if head:
+        cfg = replace(cfg, repeat_head=RepeatConfig(buffer_size=8))
     split = leave_one_out(log)
     result = train(
         cfg, log, split, TrainConfig(epochs=2, batch_size=4, negatives=16), progress=False

@@ -17,6 +17,7 @@ from hytrec.model.base import config_from_dict
 from hytrec.model.evaluate import EvalConfig, evaluate, leave_one_out
 from hytrec.model.events import Behavior, EventLog, Vocabulary
 from hytrec.model.heuristics import RecentItems
+from hytrec.model.hisac import HiSACConfig, HiSACMultiConfig
 from hytrec.model.hstu import HSTUConfig
 from hytrec.model.hytrec import EventBatch, HyTRecConfig
 from hytrec.model.registry import build_model, load_model
@@ -179,6 +180,8 @@ def tiny_model(kind: str = "sasrec"):
         cfg = SASRecConfig(num_items=NUM_ITEMS, d_model=16, max_len=40, repeat_head=TINY_HEAD)
     elif kind == "hstu":
         cfg = HSTUConfig(num_items=NUM_ITEMS, d_model=16, max_len=40, repeat_head=TINY_HEAD)
+    elif kind == "hisac":  # its hashed codebook: routes without semantics, same arithmetic
+        cfg = HiSACConfig(num_items=NUM_ITEMS, d_model=16, dropout=0.0, repeat_head=TINY_HEAD)
     else:
         cfg = HyTRecConfig(
             num_items=NUM_ITEMS,
@@ -212,7 +215,7 @@ def stack(buffers: list[DistinctItemBuffer]) -> RecentBuffer:
     return RecentBuffer(**{f: torch.cat([getattr(p, f) for p in parts]) for f in fields})
 
 
-@pytest.mark.parametrize("kind", ["sasrec", "hytrec", "hstu"])
+@pytest.mark.parametrize("kind", ["sasrec", "hytrec", "hstu", "hisac"])
 def test_training_form_equals_serving_form_at_every_position(kind):
     """log P(target) of the training form (vectorised buffers, scores through one bmm) equals
     the serving form's log P(i) from the one-event-at-a-time buffers and the user vectors,
@@ -253,6 +256,34 @@ def test_training_form_equals_serving_form_at_every_position(kind):
         served = model.repeat_head.serve(buffer, u[real], model.score(u[real]), model.item_table())
     assert len(trained) == 40 + 23 + 2 + 31 - 4
     assert torch.allclose(trained, served[torch.arange(len(target)), target], atol=1e-5)
+
+
+def test_hisac_takes_the_head_and_hisac_mi_refuses_it():
+    """HiSAC's own training loss is the mixture's: equal to the head's log P(target) from
+    its user vectors over the same last events; HiSAC-mi (max over agents) has no single
+    user vector to mix and refuses a head."""
+    model = tiny_model("hisac").train()
+    rows = [[(1, 5, 1), (2, 5, 1), (1, 5, 8), (3, 5, 1), (1, 5, 1)], [(4, 1, 1)] * 3]
+    batch = batch_of(rows)
+    loss, positions = batch_loss(model, batch, 0, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert positions == 6 and torch.isfinite(loss)
+    assert model.repeat_head.count_weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        inputs = EventBatch(*(t[:, :-1] for t in (batch.item, batch.category, batch.behavior,
+                                                   batch.ts)), batch.lengths - 1)  # fmt: skip
+        real = inputs.mask
+        u = model(inputs)
+        target = batch.item[:, 1:][real]
+        log_explore = target_log_prob(model, u[real], target, 0, torch.Generator())
+        expected = model.repeat_head.training_log_prob(
+            batch, u, real, log_explore, model.item_table()
+        )
+        loss, _ = batch_loss(model, batch, 0, torch.Generator())
+    assert torch.allclose(loss, -expected.mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="no repeat head"):
+        HiSACMultiConfig(repeat_head=TINY_HEAD)
 
 
 def test_mixture_and_copy_distribution():
