@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from hytrec.bench.reports import machine_info, provenance
-from hytrec.model.data import require_timestamps, timestamps_are_positions
 from hytrec.model.evaluate import (
     EvalConfig,
     EvalSplit,
@@ -48,6 +47,7 @@ from hytrec.model.pretrain import MIMConfig, pretrain
 from hytrec.model.pretrain import save as save_pretrained
 from hytrec.model.pretrain import summary as mim_summary
 from hytrec.model.recgrela import RecGRELAConfig
+from hytrec.model.registry import missing_input, require_inputs
 from hytrec.model.repeat import RepeatConfig
 from hytrec.model.sasrec import SASRecConfig
 from hytrec.model.train import TrainConfig, train
@@ -275,13 +275,12 @@ def run_accuracy(
     unknown = sorted(set(models or ()) - set(zoo))
     if unknown:
         raise ValueError(f"unknown models {unknown}; the zoo has {list(zoo)}")
-    left_out = {}  # rows a dataset cannot have, and why
-    if timestamps_are_positions(log):  # no sessions: HPGR refused if asked for, else left out
-        sessions = [name for name, cfg in zoo.items() if isinstance(cfg, HPGRConfig)]
-        if set(models or ()) & set(sessions):
-            require_timestamps(log, "HPGR")
-        left_out = {name: "no timestamps (positions): no sessions" for name in sessions}
-        zoo = {name: cfg for name, cfg in zoo.items() if name not in left_out}
+    # rows the dataset cannot have (HPGR without times, ULIM without categories): refused
+    # when asked for by name, else left out and said why
+    left_out = {name: why for name, cfg in zoo.items() if (why := missing_input(cfg, log))}
+    for name in sorted(set(models or ()) & set(left_out)):
+        require_inputs(zoo[name], log)
+    zoo = {name: cfg for name, cfg in zoo.items() if name not in left_out}
     hisac = [name for name, cfg in zoo.items() if isinstance(cfg, HiSACConfig)]
     if semantic_ids is None:
         if set(models or ()) & set(hisac):

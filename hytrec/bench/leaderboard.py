@@ -319,9 +319,9 @@ def run_leaderboard(
     from tqdm import tqdm
 
     from hytrec.bench.accuracy import PRESETS, baselines, model_zoo
-    from hytrec.model.data import load_named, timestamps_are_positions
+    from hytrec.model.data import load_named
     from hytrec.model.evaluate import EvalConfig, leave_one_out, rank_targets
-    from hytrec.model.hpgr import HPGRConfig
+    from hytrec.model.registry import missing_input
 
     root = cells_root / profile.name
     tables, datasets_info = {}, {}
@@ -354,8 +354,8 @@ def run_leaderboard(
         left_out: dict[str, str] = {}
         for model in profile.models:
             base = zoo[model]
-            if isinstance(base, HPGRConfig) and timestamps_are_positions(log):
-                left_out[model] = "no timestamps (positions): no sessions"
+            if why := missing_input(base, log):
+                left_out[model] = why
                 bar.update(len(profile.grid) + len(profile.seeds) - 1)
                 continue
             first = profile.seeds[0]

@@ -1341,6 +1341,22 @@ def timestamps_are_positions(events: EventLog) -> bool:
     return bool(n) and np.array_equal(events.ts, np.arange(n) - start_of)
 
 
+def has_categories(events: EventLog) -> bool:
+    """Whether any event has a known category (index > 0; 0 is unknown)."""
+    return bool((events.category > 0).any())
+
+
+def require_categories(events: EventLog, what: str) -> None:
+    """Refuse a log without item categories for something that predicts them."""
+    if not has_categories(events):
+        raise DataError(
+            f"{what} predicts the next category and retrieves items inside it, and this "
+            "dataset has no item categories (every event's category is unknown, as in the "
+            "shared foursquare, beauty and sports files). Use a dataset with categories "
+            "(taobao, ml100k, ml-latest, or a file of your own with a category column)"
+        )
+
+
 def require_timestamps(events: EventLog, what: str) -> None:
     """Refuse a log whose timestamps are positions for something that cuts sessions."""
     if timestamps_are_positions(events):

@@ -218,6 +218,14 @@ def target_ranks(
     exclude [B, N] bool marks items removed from the candidates (the target too, if set:
     it then ranks last). rank = #{other candidates with score >= the target's}.
     """
+    nan = torch.isnan(scores).any(1)
+    if nan.any():  # a NaN compares false with everything: its target would rank -1
+        rows = nan.nonzero()[:, 0].tolist()
+        raise ValueError(
+            f"target_ranks: the model scored NaN for {len(rows)} of {len(scores)} users "
+            f"(rows {rows[:5]} of this batch): its ranking is undefined (a model that cannot "
+            "handle this data, e.g. a softmax over no allowed entry)"
+        )
     scores = scores.clone()
     scores[:, 0] = float("-inf")
     candidate = torch.ones_like(scores, dtype=torch.bool)

@@ -23,7 +23,12 @@ import numpy as np
 import torch
 
 from hytrec.model.base import CheckpointError, SequentialModel, read_checkpoint_meta
-from hytrec.model.data import require_timestamps
+from hytrec.model.data import (
+    has_categories,
+    require_categories,
+    require_timestamps,
+    timestamps_are_positions,
+)
 from hytrec.model.events import EventLog
 from hytrec.model.hisac import HiSAC, HiSACConfig, HiSACMulti, HiSACMultiConfig
 from hytrec.model.hpgr import HPGR, HPGRConfig
@@ -98,12 +103,33 @@ def most_frequent_category(log: EventLog) -> np.ndarray:
     return out
 
 
+def missing_input(config, log: EventLog) -> str | None:
+    """Why a model of `config`'s kind cannot run on `log` (None: it can): models that cut
+    sessions need times (`NEEDS_TIMESTAMPS`), models that predict categories need them
+    (`NEEDS_CATEGORIES`)."""
+    model = spec_of(config).model
+    if getattr(model, "NEEDS_TIMESTAMPS", False) and timestamps_are_positions(log):
+        return "no timestamps (positions): no sessions"
+    if getattr(model, "NEEDS_CATEGORIES", False) and not has_categories(log):
+        return "no item categories"
+    return None
+
+
+def require_inputs(config, log: EventLog) -> None:
+    """`missing_input`'s refusal as the data's error, which says what to use instead."""
+    model = spec_of(config).model
+    if getattr(model, "NEEDS_TIMESTAMPS", False):
+        require_timestamps(log, model.__name__)
+    if getattr(model, "NEEDS_CATEGORIES", False):
+        require_categories(log, model.__name__)
+
+
 def build_model(config, log: EventLog) -> SequentialModel:
     """A fresh model of `config`'s kind sized to the log's vocabularies (the config's sizes
-    are replaced), its item -> category table filled from the log."""
+    are replaced), its item -> category table filled from the log; refused (`DataError`)
+    on a log without what the model needs (`require_inputs`)."""
     line = spec_of(config)
-    if getattr(line.model, "NEEDS_TIMESTAMPS", False):  # models that cut sessions
-        require_timestamps(log, line.model.__name__)
+    require_inputs(config, log)
     sizes = {"num_items": len(log.items)}
     if "num_categories" in {f.name for f in fields(config)}:
         sizes["num_categories"] = len(log.categories)
@@ -150,7 +176,9 @@ __all__ = [
     "checkpoint_model_name",
     "describe",
     "load_model",
+    "missing_input",
     "most_frequent_category",
+    "require_inputs",
     "spec",
     "spec_of",
 ]

@@ -159,6 +159,7 @@ def _segment_softmax(logits: torch.Tensor, group: torch.Tensor, groups: int) -> 
 
 class ULIM(SequentialModel):
     NAME = "ulim"
+    NEEDS_CATEGORIES = True  # `registry.build_model` refuses logs without item categories
     CONFIG = ULIMConfig
 
     def __init__(

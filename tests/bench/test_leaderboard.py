@@ -125,12 +125,13 @@ def test_hpgr_cells_start_from_a_kept_pretraining_and_need_timestamps(
     shared_data, tmp_path, monkeypatch
 ):
     """HPGR's row pre-trains once per seed (kept beside the cells, read again on resume, its
-    checkpoint the cell's init_from); on a data set without timestamps it is left out."""
+    checkpoint the cell's init_from); on a data set without timestamps it is left out, and
+    ULIM on one without categories (Beauty has neither)."""
     hpgr = "HPGR + repeat head"
     profile = Profile(
         "test",
         (DatasetBudget("ml100k", 20.0, max_users=40), DatasetBudget("beauty", 20.0, 40)),
-        models=(hpgr,),
+        models=(hpgr, "ULIM"),
         seeds=(0,),
         epochs=1,
         patience=1,
@@ -143,6 +144,8 @@ def test_hpgr_cells_start_from_a_kept_pretraining_and_need_timestamps(
     assert row["training"]["config"]["repeat_head"] is not None
     beauty = first["tables"]["beauty"]
     assert hpgr not in beauty["rows"] and "timestamps" in beauty["left_out"][hpgr]
+    assert beauty["left_out"]["ULIM"] == "no item categories"
+    assert first["tables"]["ml100k"]["rows"]["ULIM"]["ndcg@10_mean"] >= 0
     cell = json.loads(
         next((tmp_path / "test" / "ml100k" / "hpgr-repeat-head").glob("*.json")).read_text()
     )

@@ -76,6 +76,14 @@ def test_target_ranks_ties_padding_and_filtering():
     assert rank.item() == 3 and n.item() == 4  # an excluded target ranks last
 
 
+def test_target_ranks_refuse_nan_scores():
+    """A NaN compares false with everything, so its target would rank -1 (an NDCG of inf):
+    refused, naming the rows."""
+    scores = torch.tensor([[9.0, 0.2, 0.5], [9.0, float("nan"), 0.1]])
+    with pytest.raises(ValueError, match=r"NaN for 1 of 2 users \(rows \[1\]"):
+        target_ranks(scores, torch.tensor([1, 2]))
+
+
 def test_target_ranks_counts_the_candidates_of_each_row():
     scores = torch.tensor([[9.0, 0.2, 0.5, 0.1], [9.0, 0.3, 0.1, 0.9]])
     exclude = torch.tensor([[False, False, True, False], [False, False, False, False]])

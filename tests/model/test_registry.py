@@ -32,6 +32,27 @@ def tiny_log(users=6, length=9, items=20, categories=4) -> EventLog:
     )
 
 
+def test_a_model_is_refused_data_without_what_it_needs():
+    """ULIM predicts categories: on a log without any (every event's category unknown) it
+    is refused by name with what to use instead, and `missing_input` gives the harness's
+    reason; HPGR the same for times."""
+    from dataclasses import replace
+
+    from hytrec.model.data import DataError
+    from hytrec.model.registry import missing_input
+
+    log = tiny_log()
+    no_categories = replace(log, category=np.zeros_like(log.category))
+    ulim = spec("ulim").config()
+    assert missing_input(ulim, log) is None
+    assert missing_input(ulim, no_categories) == "no item categories"
+    with pytest.raises(DataError, match="ULIM predicts the next category.*taobao, ml100k"):
+        build_model(ulim, no_categories)
+    positions = replace(log, ts=np.tile(np.arange(9), 6))
+    assert missing_input(spec("hpgr").config(), positions).startswith("no timestamps")
+    assert missing_input(spec("sasrec").config(), no_categories) is None
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_registered_model_builds_saves_and_loads_back(name, tmp_path):
     log = tiny_log()
