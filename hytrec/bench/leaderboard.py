@@ -457,9 +457,20 @@ def markdown(result: dict) -> str:
     """The leaderboard as markdown: one table per data set, cohorts, and in plain words
     where each model wins, ties and loses."""
     profile = result["profile"]
+    commit = result.get("git_commit", "?")
+    trained = sorted(
+        {
+            c[:10]
+            for table in result["tables"].values()
+            for row in table["rows"].values()
+            for c in row.get("training", {}).get("cell_commits", [])
+        }
+        - {commit[:10]}
+    )
+    resumed = f"; cells trained at {', '.join(trained)} and read back" if trained else ""
     lines = [
         f"Leaderboard, profile `{profile['name']}` ({result['command']}, commit "
-        f"{result.get('git_commit', '?')[:10]}, {result['machine'].get('cpu', '')}): "
+        f"{commit[:10]}{resumed}, {result['machine'].get('cpu', '')}): "
         f"{profile['note']}. Seeds {profile['seeds']}; {result['statistics']}.",
         "",
     ]

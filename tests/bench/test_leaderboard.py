@@ -116,6 +116,14 @@ def test_a_resumed_run_trains_no_finished_cell_and_reports_the_trained_config(
     assert trained["num_items"] == len(log.items) != 1000  # the data's, not the default
     assert trained["d_model"] == 16
 
+    # a report over cells trained at another commit says so
+    commit = row["training"]["cell_commits"][0]
+    header = {"command": "c", "machine": {}}
+    text = leaderboard.markdown({**again, **header, "git_commit": "f" * 40})
+    assert f"commit ffffffffff; cells trained at {commit[:10]} and read back" in text
+    text = leaderboard.markdown({**again, **header, "git_commit": commit})
+    assert "cells trained at" not in text
+
     changed = replace(profile, epochs=2)  # another budget: other cells, trained afresh
     with pytest.raises(AssertionError, match="trained again"):
         run_leaderboard(changed, tmp_path, shared_data, progress=False)
