@@ -28,6 +28,12 @@ class EventBatch:
     def mask(self) -> torch.Tensor:
         return run_mask(self.lengths, self.item.shape[1])  # [B, T]
 
+    def inputs(self) -> EventBatch:
+        """A training window's inputs: each row's events but its last ([B, T-1]; position
+        t's target is event t + 1 of the window)."""
+        cut = (t[:, :-1] for t in (self.item, self.category, self.behavior, self.ts))
+        return EventBatch(*cut, self.lengths - 1)
+
 
 @dataclass(frozen=True)
 class PackedRuns:

@@ -580,13 +580,7 @@ class HiSAC(SequentialModel):
 
         batch = last_events(batch, self.cfg.train_len + 1)
         T = batch.item.shape[1]
-        inputs = EventBatch(
-            batch.item[:, :-1],
-            batch.category[:, :-1],
-            batch.behavior[:, :-1],
-            batch.ts[:, :-1],
-            batch.lengths - 1,
-        )
+        inputs = batch.inputs()
         keep = torch.arange(T - 1, device=batch.item.device)[None] < inputs.lengths[:, None]
         keep = keep.reshape(-1)
         read = self.forward_agents(inputs)

@@ -156,13 +156,7 @@ def batch_loss(
     if hasattr(model, "training_loss"):
         return model.training_loss(batch, negatives, generator)
     T = batch.item.shape[1]
-    inputs = type(batch)(
-        batch.item[:, :-1],
-        batch.category[:, :-1],
-        batch.behavior[:, :-1],
-        batch.ts[:, :-1],
-        batch.lengths - 1,
-    )
+    inputs = batch.inputs()
     target = batch.item[:, 1:]  # [B, T-1]
     real = torch.arange(T - 1, device=target.device)[None] < inputs.lengths[:, None]
     u = model(inputs)  # [B, T-1, d]

@@ -235,13 +235,7 @@ def test_training_form_equals_serving_form_at_every_position(kind):
     ]
     model = tiny_model(kind)
     batch = batch_of(rows)
-    inputs = EventBatch(
-        batch.item[:, :-1],
-        batch.category[:, :-1],
-        batch.behavior[:, :-1],
-        batch.ts[:, :-1],
-        batch.lengths - 1,
-    )
+    inputs = batch.inputs()
     real = inputs.mask
     b, q = real.nonzero().unbind(1)
     with torch.no_grad():
@@ -271,8 +265,7 @@ def test_hisac_takes_the_head_and_hisac_mi_refuses_it():
     assert model.repeat_head.count_weight.grad is not None
     model.eval()
     with torch.no_grad():
-        inputs = EventBatch(*(t[:, :-1] for t in (batch.item, batch.category, batch.behavior,
-                                                   batch.ts)), batch.lengths - 1)  # fmt: skip
+        inputs = batch.inputs()
         real = inputs.mask
         u = model(inputs)
         target = batch.item[:, 1:][real]
