@@ -174,12 +174,15 @@ def register(commands, benchmarks) -> None:
         "TADN-only, softmax-only and SASRec (last N events)",
         description="Each user's last event is the answer to a key event DISTANCE steps "
         "back, random fillers between (synthetic.long_range_log). Per distance, trains "
-        "HyTRec 3:1, TADN-only, softmax-only and SASRec on the answer, tests on other "
-        "users (accuracy against chance) and times one new event for a user with that "
-        "history. Writes STEM.json and STEM.png. Unset options take LongRangeConfig's "
-        "defaults.",
+        "HyTRec 3:1, TADN-only, softmax-only and SASRec on the answer (new users every "
+        "epoch), tests on other users (accuracy against chance), there and at the longer "
+        "test distances, and times one new event for a user with that history. Writes "
+        "STEM.json and STEM.png. Unset options take LongRangeConfig's defaults.",
     )
-    long_range.add_argument("--distances", type=_ints, help="e.g. 100,300,1000,3000")
+    long_range.add_argument("--distances", type=_ints, help="trained at: e.g. 100,300,1000")
+    long_range.add_argument(
+        "--test-distances", type=_ints, help="also tested at (those above the trained): 3000,5000"
+    )
     for name, kind in (
         ("--keys", int),
         ("--fillers", int),

@@ -3,8 +3,8 @@
 Each user's last event is the answer to a key event `distance` steps earlier, with random
 fillers between (`synthetic.long_range_log`): a model that reads only its last n < distance
 events cannot see the key and can only guess among the answers (accuracy 1 / keys), one
-with long memory can name it. For each distance, four models are trained on the same
-users and tested on others:
+with long memory can name it. For each distance, four models are trained and tested on
+other users:
 
     HyTRec 3:1        the whole history, through the TADN state (3 TADN : 1 softmax layer)
     TADN-only         the whole history, TADN layers only (no softmax layer, no short branch)
@@ -13,11 +13,17 @@ users and tested on others:
 
 Training fits only the answer (cross-entropy of the last position's user vector over all
 items): the fillers are noise by construction, so next-item targets on them would only
-dilute the one signal the task has. Per distance and model: test accuracy (the answer
-ranked first among all items) and the answer's mean rank, the epochs run and the
-training seconds; beside them what one new event costs a model serving a user with that
-history (a streaming step into a state holding `distance` events; SASRec's forward over
-its window). Writes STEM.json and STEM.png.
+dilute the one signal the task has. Every epoch draws `train_users` new users: with a fixed
+training set a model that sees only the last events can name each training user's answer
+from its fillers alone (training loss near 0, test accuracy at chance), which says nothing
+about memory. Training stops when an epoch names every answer of its new users, or at the
+time budget. Per distance and model: test accuracy (the answer ranked first among all
+items) and the answer's mean rank, the epochs run and the training seconds; the same
+trained model tested on users with longer histories (every `test_distances` entry above
+its own: does what it learned hold further back than it was trained?); and what one new
+event costs a model serving a user with that history (a streaming step into a state
+holding `distance` events; SASRec's forward over its window). Writes STEM.json and
+STEM.png.
 """
 
 from __future__ import annotations
@@ -47,12 +53,13 @@ from hytrec.model.synthetic import long_range_log
 
 @dataclass(frozen=True)
 class LongRangeConfig:
-    distances: tuple[int, ...] = (100, 300, 1000, 3000)  # events between the key and answer
+    distances: tuple[int, ...] = (100, 300, 1000)  # events between the key and answer
+    test_distances: tuple[int, ...] = (3000, 5000)  # also tested there, trained shorter
     keys: int = 8  # key -> answer pairs (chance accuracy 1 / keys)
     fillers: int = 500  # filler items drawn uniformly between them
-    train_users: int = 256
+    train_users: int = 256  # new users every epoch
     test_users: int = 128
-    epochs: int = 30  # at most; a model stops early once it names every training answer
+    epochs: int = 200  # at most; stops early once an epoch names every answer of its users
     batch_users: int = 16  # users per batch, at most ...
     batch_tokens: int = 16_384  # ... and at most this many events a batch
     lr: float = 3e-3
@@ -65,7 +72,7 @@ class LongRangeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.distances or min(self.distances) < 2:
+        if not self.distances or min(self.distances + self.test_distances) < 2:
             raise ValueError("LongRangeConfig: distances must be >= 2")
         if min(self.train_users, self.test_users, self.epochs, self.step_repeats) < 1:
             raise ValueError("LongRangeConfig: users, epochs and repeats must be >= 1")
@@ -84,6 +91,7 @@ class LongRangeConfig:
 
 QUICK = LongRangeConfig(
     distances=(4, 12),
+    test_distances=(20,),
     keys=3,
     fillers=10,
     train_users=12,
@@ -119,12 +127,21 @@ def _answer_logits(model, batch: EventBatch) -> torch.Tensor:
     return model.score(model(batch)[rows, batch.lengths - 1])
 
 
-def _train(model, batch, answers, cfg: LongRangeConfig, distance: int) -> dict:
+def _users(cfg: LongRangeConfig, distance: int, max_len: int | None, draw: tuple, device):
+    """The inputs and answers of new users with this distance; `draw` seeds them apart
+    (training epochs (0, epoch), the test users (1,))."""
+    count = cfg.test_users if draw == (1,) else cfg.train_users
+    log = long_range_log(count, distance, cfg.keys, cfg.fillers, (cfg.seed, distance, *draw))
+    return _inputs(log, max_len, device)
+
+
+def _train(model, cfg: LongRangeConfig, distance: int, max_len: int | None, device) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
     rows_per_batch = _rows_per_batch(cfg, distance)
     began, epochs, losses = time.perf_counter(), 0, []
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
+        batch, answers = _users(cfg, distance, max_len, (0, epoch), device)
         model.train()
         total, correct = 0.0, 0
         order = rng.permutation(len(answers))
@@ -153,7 +170,9 @@ def _train(model, batch, answers, cfg: LongRangeConfig, distance: int) -> dict:
 
 
 @torch.no_grad()
-def _test(model, batch, answers, rows_per_batch: int) -> dict:
+def _test(model, cfg: LongRangeConfig, distance: int, max_len: int | None, device) -> dict:
+    batch, answers = _users(cfg, distance, max_len, (1,), device)
+    rows_per_batch = _rows_per_batch(cfg, distance)
     ranks = []
     for b in range(0, len(answers), rows_per_batch):
         rows = np.arange(b, min(b + rows_per_batch, len(answers)))
@@ -204,24 +223,27 @@ def run_long_range(
     rows = []
     bar = tqdm(total=len(cfg.distances) * len(models), unit="model", disable=not progress)
     for distance in sorted(set(cfg.distances)):
-        train_log = long_range_log(cfg.train_users, distance, cfg.keys, cfg.fillers, cfg.seed)
-        test_log = long_range_log(cfg.test_users, distance, cfg.keys, cfg.fillers, cfg.seed + 1)
+        longer = sorted(d for d in set(cfg.test_distances) if d > distance)
         for name, model_cfg in models.items():
             bar.set_description(f"distance {distance}: {name}")
             max_len = getattr(model_cfg, "max_len", None)  # SASRec's window
             torch.manual_seed(cfg.seed)
-            model = build_model(model_cfg, train_log).to(device)
-            train_batch, train_answers = _inputs(train_log, max_len, device)
-            trained = _train(model, train_batch, train_answers, cfg, distance)
-            test_batch, test_answers = _inputs(test_log, max_len, device)
+            model = build_model(model_cfg, long_range_log(1, distance, cfg.keys, cfg.fillers))
+            model = model.to(device)
+            trained = _train(model, cfg, distance, max_len, device)
             rows.append(
                 {
                     "distance": distance,
                     "model": name,
                     "reads": "whole history" if max_len is None else f"last {max_len} events",
-                    **_test(model, test_batch, test_answers, _rows_per_batch(cfg, distance)),
+                    **_test(model, cfg, distance, max_len, device),
                     **trained,
-                    "event_cost_us": _event_cost_us(model, test_log, max_len, cfg),
+                    "tested_longer": [
+                        {"distance": d, **_test(model, cfg, d, max_len, device)} for d in longer
+                    ],
+                    "event_cost_us": _event_cost_us(
+                        model, long_range_log(1, distance, cfg.keys, cfg.fillers), max_len, cfg
+                    ),
                 }
             )
             bar.update()
@@ -256,32 +278,63 @@ def format_table(report: dict) -> str:
             f"{r['mean_rank']:.1f} | {r['epochs_run']} | {r['train_seconds']} | "
             f"{r['event_cost_us']:,.0f}"
         )
+    longer = [(r, t) for r in report["rows"] for t in r["tested_longer"]]
+    if longer:
+        lines += [
+            "",
+            "trained at | model | tested at | accuracy | mean rank",
+            "---: | --- | ---: | ---: | ---:",
+        ]
+        for r, t in longer:
+            lines.append(
+                f"{r['distance']:,} | {r['model']} | {t['distance']:,} | {t['accuracy']:.3f} | "
+                f"{t['mean_rank']:.1f}"
+            )
     lines.append(f"chance accuracy (a guess among the answers): {report['chance_accuracy']:.3f}")
     return "\n".join(lines)
 
 
 def plot(report: dict, path: Path) -> None:
-    """Left: test accuracy against the distance per model, chance dashed; right: what one
-    new event costs against the distance."""
+    """Left: test accuracy against the distance it was trained at, per model, chance
+    dashed; middle: each trained model tested on longer histories (one line per model and
+    training distance); right: what one new event costs against the distance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in dict.fromkeys(r["model"] for r in report["rows"]):
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.4))
+    names = list(dict.fromkeys(r["model"] for r in report["rows"]))
+    colours = {name: f"C{i}" for i, name in enumerate(names)}
+    styles = ["-", "--", ":", "-."]
+    for name in names:
         mine = [r for r in report["rows"] if r["model"] == name]
         distance = [r["distance"] for r in mine]
-        left.plot(distance, [r["accuracy"] for r in mine], "o-", label=name)
-        right.plot(distance, [r["event_cost_us"] for r in mine], "o-", label=name)
-    left.axhline(report["chance_accuracy"], color="grey", ls="--", label="chance (a guess)")
-    left.set(xscale="log", ylim=(0, 1.05), xlabel="events between the key and its answer")
-    left.set(ylabel="test accuracy (answer ranked first)", title="long-range recall")
+        left.plot(distance, [r["accuracy"] for r in mine], "o-", color=colours[name], label=name)
+        right.plot(
+            distance, [r["event_cost_us"] for r in mine], "o-", color=colours[name], label=name
+        )
+        for k, r in enumerate(mine):
+            chain = [r] + r["tested_longer"]
+            middle.plot(
+                [t["distance"] for t in chain],
+                [t["accuracy"] for t in chain],
+                marker="o",
+                ls=styles[k % len(styles)],
+                color=colours[name],
+                label=f"{name}, trained at {r['distance']:,}",
+            )
+    for axis in (left, middle):
+        axis.axhline(report["chance_accuracy"], color="grey", ls="--", label="chance (a guess)")
+        axis.set(xscale="log", ylim=(0, 1.05), ylabel="test accuracy (answer ranked first)")
+    left.set(xlabel="events between the key and its answer", title="trained and tested there")
+    middle.set(xlabel="events between the key and its answer (test users)")
+    middle.set(title="tested on longer histories than trained on")
     right.set(xscale="log", yscale="log", xlabel="history length (events)")
     right.set(ylabel="cost of one new event (us)", title="serving cost per event")
-    for axis in (left, right):
+    for axis in (left, middle, right):
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=6 if axis is middle else 8)
     fig.suptitle(f"{report['device']}, d_model {report['config']['d_model']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

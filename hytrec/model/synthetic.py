@@ -37,6 +37,7 @@ catalogue (index = 1 + position), users in order. Events are sorted by (user, ts
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -219,7 +220,11 @@ def revisiting_log(users=120, items=200, length=(15, 30), seed=0) -> EventLog:
 
 
 def long_range_log(
-    users: int, distance: int, keys: int = 8, fillers: int = 500, seed: int = 0
+    users: int,
+    distance: int,
+    keys: int = 8,
+    fillers: int = 500,
+    seed: int | Sequence[int] = 0,
 ) -> EventLog:
     """A log where each user's last event depends only on an event `distance` steps back:
     the first event is one of `keys` key items, the next `distance - 1` are filler items
@@ -227,7 +232,8 @@ def long_range_log(
     reads only the last n < distance events sees no key: among the answers it can only
     guess (accuracy 1 / keys); one that remembers the first event can name the answer.
     Events are a minute apart; every event is a view of category 0 (nothing but the key
-    tells the answer). Items: keys 1..keys, answers keys+1..2 keys, then the fillers."""
+    tells the answer). Items: keys 1..keys, answers keys+1..2 keys, then the fillers. `seed`:
+    anything `np.random.default_rng` takes (a tuple keeps draws of several sizes apart)."""
     if distance < 1 or keys < 2 or fillers < 1:
         raise ValueError(
             f"need distance >= 1, keys >= 2, fillers >= 1; got {distance}, {keys}, {fillers}"

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import torch
 
-from hytrec.bench.long_range import QUICK, _inputs, run_long_range
+from hytrec.bench.long_range import QUICK, _inputs, _users, run_long_range
 from hytrec.cli import main
 from hytrec.model.synthetic import long_range_log
 
@@ -23,6 +23,23 @@ def test_a_window_shorter_than_the_distance_never_holds_the_key():
     assert torch.equal(whole.item[:, 0] + keys, answers)  # the key, 30 events back
 
 
+def test_every_epoch_trains_on_new_users_and_the_test_users_are_others():
+    """With a fixed training set a short-window model names each training answer from the
+    user's fillers (loss near 0, test accuracy at chance): new users every epoch stop that."""
+    device = torch.device("cpu")
+    first, second, test = (
+        _users(QUICK, 12, None, draw, device)[0].item for draw in [(0, 0), (0, 1), (1,)]
+    )
+    assert first.shape == second.shape == (QUICK.train_users, 12)
+    assert test.shape == (QUICK.test_users, 12)
+    fillers = [{tuple(row[1:].tolist()) for row in users} for users in (first, second, test)]
+    assert (
+        not fillers[0] & fillers[1] and not fillers[0] & fillers[2] and not fillers[1] & fillers[2]
+    )
+    again = _users(QUICK, 12, None, (0, 1), device)[0].item
+    assert torch.equal(second, again)  # seeded
+
+
 def test_run_writes_a_row_per_distance_and_model(tmp_path):
     report = run_long_range(QUICK, tmp_path / "lr", progress=False)
     rows = report["rows"]
@@ -34,6 +51,9 @@ def test_run_writes_a_row_per_distance_and_model(tmp_path):
         assert 1 <= r["epochs_run"] <= QUICK.epochs and len(r["loss_by_epoch"]) == r["epochs_run"]
         sasrec = r["model"].startswith("SASRec")
         assert r["reads"] == (f"last {QUICK.sasrec_max_len} events" if sasrec else "whole history")
+        longer = [t["distance"] for t in r["tested_longer"]]
+        assert longer == [d for d in sorted(QUICK.test_distances) if d > r["distance"]] == [20]
+        assert all(0.0 <= t["accuracy"] <= 1.0 for t in r["tested_longer"])
     written = json.loads((tmp_path / "lr.json").read_text())
     assert written["rows"] == rows and np.isclose(written["chance_accuracy"], 1 / QUICK.keys)
     assert (tmp_path / "lr.png").read_bytes().startswith(b"\x89PNG")
