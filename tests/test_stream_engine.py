@@ -580,3 +580,31 @@ def test_a_bad_shop_rule_value_stops_the_worker_command_with_its_name(monkeypatc
     with pytest.raises(SystemExit) as stopped:
         worker_engine_config(monkeypatch, ["--min-explore-share=2"])
     assert stopped.value.code == 2 and "min_explore_share" in capsys.readouterr().err
+
+
+def test_the_compiled_step_comes_from_a_worker_option_and_an_environment_variable(monkeypatch):
+    from hytrec.stream.app import _engine_config_from_env
+
+    assert not worker_engine_config(monkeypatch, []).compile_step  # off by default
+    assert worker_engine_config(monkeypatch, ["--compile-step"]).compile_step
+    monkeypatch.setenv("HYTREC_COMPILE_STEP", "1")
+    assert worker_engine_config(monkeypatch, []).compile_step
+    assert _engine_config_from_env({"HYTREC_COMPILE_STEP": "1"}).compile_step
+    assert not _engine_config_from_env({"HYTREC_COMPILE_STEP": "0"}).compile_step
+
+
+def test_an_engine_with_the_compiled_step_serves_what_the_eager_one_does(checkpoint):
+    """One event per user per micro-batch (the compiled call) and a run of several (eager):
+    the same recommendations and scores as the eager engine."""
+    eager = engine_of(checkpoint, top_k=5)
+    compiled = engine_of(checkpoint, top_k=5, compile_step=True)
+    assert compiled.compiled_step.active, compiled.compiled_step.reason
+    events = random_events(num_users=4, per_user=6, seed=9)
+    for size in (1, 1, 1, 4, 17):
+        chunk, events = events[:size], events[size:]
+        expected, served = eager.process(chunk), compiled.process(chunk)
+        assert [r.items for r in served.recommendations] == [
+            r.items for r in expected.recommendations
+        ]
+        for a, b in zip(served.recommendations, expected.recommendations, strict=True):
+            np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)

@@ -29,6 +29,7 @@ PARITY_REPORTS = {
     "hstu": "hytrec.bench.hstu_parity",
     "hpgr": "hytrec.bench.hpgr_parity",
     "hisac": "hytrec.bench.hisac_parity",
+    "ulim": "hytrec.bench.ulim_parity",
 }
 
 
@@ -160,6 +161,11 @@ def register(commands, benchmarks) -> None:
         ("--seed", int),
     ):
         eff.add_argument(name, type=kind)
+    eff.add_argument(
+        "--compile-step",
+        action=argparse.BooleanOptionalAction,
+        help="also time HyTRec's compiled one-event step (default on; --quick: off)",
+    )
     eff.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     eff.add_argument(
         "--output", help="report stem (default: benchmarks/results/efficiency-<device>)"

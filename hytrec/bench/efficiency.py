@@ -6,6 +6,8 @@ recompute the user vector over all L+1 events for every new event. For each L th
 measures, side by side in one process:
 
     {hytrec,recgrela}_step_us       one event stepped into a state that has absorbed L events
+    hytrec_compiled_step_us         the same through `CompiledStep` (torch.compile), timed in
+                                    the same rounds: what the engine's --compile-step serves
     sasrec_recompute_us             SASRec's forward over the L+1 events (its cost per event)
     {hytrec,recgrela}_recompute_us  the parallel forward over the L+1 events (no state kept)
     *_train_tokens_per_s            forward+backward of the next-item loss over L events
@@ -51,6 +53,7 @@ from tqdm import tqdm
 from hytrec.bench.parity import UserEvents, pad_batch, random_user
 from hytrec.bench.reports import cpu_info, machine_info, write_report
 from hytrec.bench.timing import report_header, synchronized, time_calls
+from hytrec.model.compiled_step import CompiledStep
 from hytrec.model.hpgr import HPGR, HPGRConfig
 from hytrec.model.hstu import HSTU, HSTUConfig
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
@@ -96,6 +99,7 @@ class EfficiencyConfig:
     train_dropout: float = 0.0
     threads: int | None = None  # torch threads; None = PyTorch's default
     device: str = "cpu"  # "cuda": models and states on the GPU, timings synchronize it
+    compile_step: bool = True  # also time HyTRec's compiled step (about a minute to compile)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -138,6 +142,7 @@ QUICK = EfficiencyConfig(
     recompute_repeats=2,
     train_iters=2,
     budget_s=1.0,
+    compile_step=False,
 )
 
 
@@ -154,14 +159,20 @@ def _build_state(model, state, slot, user: UserEvents, start: int, stop: int, ch
         model.step(state, slot, _batch(user, a, min(a + chunk, stop), slot.device))
 
 
-def _interleaved_step_us(models: dict, user: UserEvents, lengths: list[int], cfg) -> dict:
-    """{(model, L): [us, ...]}: one new event stepped into a state holding L events, for
-    every streamed model and length, timed round-robin (one call per model and length per
-    round, after a warm-up round). Load that comes and goes on a shared machine then lands
-    on every length alike, so the flatness ratio compares like with like."""
+def _interleaved_step_us(
+    models: dict, user: UserEvents, lengths: list[int], cfg, compiled: CompiledStep | None = None
+) -> dict:
+    """{(stepper, L): [us, ...]}: one new event stepped into a state holding L events, for
+    every streamed model (and HyTRec's compiled step, sharing HyTRec's states) and length,
+    timed round-robin (one call per stepper and length per round, after a warm-up round).
+    Load that comes and goes on a shared machine then lands on every length alike, so the
+    flatness ratio compares like with like."""
     device = torch.device(cfg.device)
     slot = torch.tensor([0], device=device)
     saved, states, new_events = {}, {}, {}
+    steppers = {name: (name, models[name].step) for name in STREAMED}
+    if compiled is not None:
+        steppers["hytrec_compiled"] = ("hytrec", compiled)
     for name in STREAMED:
         states[name] = models[name].new_state(1, device)
         built = 0
@@ -171,17 +182,18 @@ def _interleaved_step_us(models: dict, user: UserEvents, lengths: list[int], cfg
             built = L
     for L in lengths:
         new_events[L] = _batch(user, L, L + 1, device)
-    times: dict = {key: [] for key in saved}
+    times: dict = {(stepper, L): [] for stepper in steppers for L in lengths}
     for round_ in range(cfg.step_repeats + 1):
-        for name, L in saved:
+        for stepper, L in times:
+            name, step_fn = steppers[stepper]
             states[name].write(slot, saved[name, L])  # untimed: exactly L events each time
-            step = synchronized(device, partial(models[name].step, states[name], slot))
+            step = synchronized(device, partial(step_fn, states[name], slot))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             step(new_events[L])
             if round_:  # round 0 warms up
-                times[name, L].append((time.perf_counter() - t0) * 1e6)
+                times[stepper, L].append((time.perf_counter() - t0) * 1e6)
     return times
 
 
@@ -331,13 +343,25 @@ def run_efficiency(
 
     # (a) the stream: the (L+1)-th event stepped into a held state, all lengths round-robin
     bar.set_description("steps, round-robin over L")
-    step_times = _interleaved_step_us(models, user, lengths, cfg)
+    compiled = None
+    if cfg.compile_step:
+        bar.set_description("compiling HyTRec's step")
+        compiled = CompiledStep(models["hytrec"])
+        if not compiled.warm_up():
+            notes.append({"measure": "hytrec_compiled_step_us", "reason": compiled.reason})
+            compiled = None
+    step_times = _interleaved_step_us(models, user, lengths, cfg, compiled)
     for L in lengths:
         history = _batch(user, 0, L + 1, device)
         row: dict = {"length": L}
         for name in STREAMED:
             key = f"{name}_step_us"
             row[key] = measure(L, key, step_times.__getitem__, (name, L))
+        row["hytrec_compiled_step_us"] = (
+            measure(L, "hytrec_compiled_step_us", step_times.__getitem__, ("hytrec_compiled", L))
+            if compiled is not None
+            else None
+        )
         # (b), (c) no state: the whole history again for the new event
         with torch.no_grad():
             for name in ("sasrec", *STREAMED):
@@ -379,6 +403,9 @@ def run_efficiency(
             f"holds L events (built by stepping them, {cfg.build_chunk} per call); fp32, "
             f"eval, no_grad; {cfg.step_repeats} calls per model and length, taken "
             "round-robin over the lengths after a warm-up round",
+            "hytrec_compiled_step_us": "the same through CompiledStep (torch.compile, checked "
+            "against the eager step when it warms up), its calls in the same rounds; null "
+            "with compile_step off",
             "sasrec_recompute_us": "median us of SASRec.user_vector over the L+1 events",
             "hytrec_recompute_us": "median us of HyTRec.user_vector (parallel, chunked "
             "TADN) over the L+1 events; it runs the whole forward, short branch at every "
@@ -431,6 +458,15 @@ def derived(rows: list[dict]) -> dict:
         out[f"{name}_step_flatness_max_over_min"] = (
             round(max(steps) / min(steps), 3) if steps else None
         )
+    # issue 20: the compiled one-event step against the eager one, in the same rounds
+    speedups = [
+        ratio(r["hytrec_step_us"], r["hytrec_compiled_step_us"], 2)
+        for r in rows
+        if r.get("hytrec_compiled_step_us")
+    ]
+    out["hytrec_compiled_step_speedup_min_max"] = (
+        [min(speedups), max(speedups)] if speedups else None
+    )
     # issue 20's questions: HyTRec's training throughput and matrix-product work against
     # SASRec's at each length, and how flat its throughput is from L = 500 on
     out["hytrec_over_sasrec_train"] = [
@@ -460,14 +496,15 @@ def format_table(rows: list[dict]) -> str:
     heads = ("L", "HyTRec step us", "RecGRELA step us", "SASRec recompute us")
     heads += ("HyTRec recompute us", "RecGRELA recompute us", "HyTRec train tok/s")
     heads += ("RecGRELA train tok/s", "SASRec train tok/s", "HyTRec train MFLOP/tok")
-    heads += ("RecGRELA train MFLOP/tok", "SASRec train MFLOP/tok")
+    heads += ("RecGRELA train MFLOP/tok", "SASRec train MFLOP/tok", "HyTRec compiled step us")
 
     def cell(v):
         return "null" if v is None else f"{v:,.1f}"
 
     lines = [" | ".join(heads), " | ".join("---" for _ in heads)]
     for r in rows:
-        lines.append(" | ".join([str(r["length"]), *(cell(r[m]) for m in MEASURES)]))
+        figures = (r[m] for m in (*MEASURES, "hytrec_compiled_step_us"))
+        lines.append(" | ".join([str(r["length"]), *(cell(v) for v in figures)]))
     return "\n".join(lines)
 
 
@@ -497,12 +534,13 @@ def plot(report: dict, path: Path) -> None:
     rows = report["rows"]
 
     def series(key):
-        pts = [(r["length"], r[key]) for r in rows if r[key]]
+        pts = [(r["length"], r[key]) for r in rows if r.get(key)]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, label, style in (
         ("hytrec_step_us", "HyTRec step (streaming state)", "o-"),
+        ("hytrec_compiled_step_us", "HyTRec step, compiled", "o:"),
         ("recgrela_step_us", "RecGRELA step (streaming state)", "D-"),
         ("hytrec_recompute_us", "HyTRec recompute over L+1", "s--"),
         ("recgrela_recompute_us", "RecGRELA recompute over L+1", "x--"),

@@ -47,7 +47,11 @@ def step_tadn(
     Returns:
         o: [U, M, H, V] read-outs after each event (zeros at padded positions).
     """
-    if slots.numel() > 1 and slots.numel() != torch.unique(slots).numel():
+    if (
+        not torch.compiler.is_compiling()
+        and slots.numel() > 1
+        and slots.numel() != torch.unique(slots).numel()
+    ):
         raise ValueError("step_tadn: slots must be distinct (one run per user per call)")
     if state_pool.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"step_tadn: the state pool must be fp32 or fp64, got {state_pool.dtype}")

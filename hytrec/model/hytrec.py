@@ -233,7 +233,7 @@ class TemporalDeltaMixer(nn.Module):
         """What the mixer derives from its parameters alone. Rebuilt on every call while
         autograd records (training); while it does not (serving), kept until a parameter
         changes in place (an optimiser step, `load_state_dict`: both bump `_version`)."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._build_constants()
         key = tuple((p.data_ptr(), p._version) for p in self.parameters())  # moved or changed
         if self._cached_constants is None or self._cached_constants[0] != key:

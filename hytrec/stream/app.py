@@ -339,7 +339,8 @@ def _engine_config_from_env(env: Mapping[str, str]):
     """HYTREC_DEVICE, HYTREC_TOP_K, HYTREC_STATE_BUDGET_MIB, HYTREC_OUT_OF_ORDER_TOLERANCE_S,
     the disk tier's HYTREC_HOST_BUDGET_MIB and HYTREC_STATE_DIR, and the shop rules
     HYTREC_EXCLUDE_PAID_HOURS, HYTREC_EXPLORE_ONLY (1/0),
-    HYTREC_MIN_EXPLORE_SHARE; unset ones keep their defaults."""
+    HYTREC_MIN_EXPLORE_SHARE, and HYTREC_COMPILE_STEP (1/0); unset ones keep their
+    defaults."""
     from hytrec.stream.engine import EngineConfig
 
     d = EngineConfig()
@@ -358,4 +359,5 @@ def _engine_config_from_env(env: Mapping[str, str]):
         if env.get("HYTREC_HOST_BUDGET_MIB")
         else None,
         state_dir=env.get("HYTREC_STATE_DIR") or None,
+        compile_step=env.get("HYTREC_COMPILE_STEP", "0") not in ("", "0", "false"),
     )

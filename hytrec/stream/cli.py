@@ -164,6 +164,14 @@ def register(commands, benchmarks) -> None:
         help="recommend only items new to the user (default $HYTREC_EXPLORE_ONLY=1: on)",
     )
     worker.add_argument(
+        "--compile-step",
+        action="store_true",
+        default=os.environ.get("HYTREC_COMPILE_STEP", "0") not in ("", "0", "false"),
+        help="one-event-per-user steps through torch.compile: about 3x cheaper per call on "
+        "a CPU, after about a minute of compiling at start-up; falls back to the eager step, "
+        "with a warning, where compiling fails (default $HYTREC_COMPILE_STEP=1: on)",
+    )
+    worker.add_argument(
         "--min-explore-share",
         type=float,
         default=float(os.environ.get("HYTREC_MIN_EXPLORE_SHARE", 0.0)),
@@ -389,6 +397,7 @@ def _worker(args) -> int:
             exclude_paid_hours=args.exclude_paid_hours,
             explore_only=args.explore_only,
             min_explore_share=args.min_explore_share,
+            compile_step=args.compile_step,
         )
     except ValueError as exc:  # a shop rule's value out of range, said plainly
         args.parser.error(str(exc))

@@ -44,6 +44,7 @@ import torch
 
 from hytrec.index import IndexConfig, ItemIndex, build_from_checkpoint
 from hytrec.model.batch import EventBatch
+from hytrec.model.compiled_step import CompiledStep
 from hytrec.model.device import resolve_device
 from hytrec.model.events import Behavior
 from hytrec.model.registry import load_model
@@ -74,6 +75,9 @@ class EngineConfig:
     exclude_paid_hours: float = 0.0
     explore_only: bool = False  # ... recommend only items new to the user (not in the buffer)
     min_explore_share: float = 0.0  # ... at least this share of top_k from the explore side
+    # one-event-per-user steps through torch.compile (`model.compiled_step`): about 3x less
+    # per call on a CPU, for a compile of about a minute when the engine starts
+    compile_step: bool = False
 
     def __post_init__(self) -> None:
         if self.exclude_paid_hours < 0:
@@ -138,6 +142,9 @@ class RecommendationEngine:
             )
         self.device = resolve_device(config.device)
         self.model = model.to(self.device).eval()
+        self.compiled_step = CompiledStep(self.model) if config.compile_step else None
+        if self.compiled_step is not None:
+            self.compiled_step.warm_up()  # now, not in the first micro-batch
         self.index = index
         self.config = config
         self.model_version = model.version
@@ -148,9 +155,10 @@ class RecommendationEngine:
         )
         self.stats = EngineStats()
         log.info(
-            "engine: model %s on %s, %d user slots (%.1f MiB, %d B per user)%s, index %s",
+            "engine: model %s on %s%s, %d user slots (%.1f MiB, %d B per user)%s, index %s",
             self.model_version,
             self.device,
+            ", compiled one-event step" if self.compiled_step and self.compiled_step.active else "",
             num_slots,
             self.store.device_bytes / 2**20,
             self.store.bytes_per_user,
@@ -252,7 +260,8 @@ class RecommendationEngine:
         lengths = torch.tensor(sizes)
         batch = EventBatch(*torch.from_numpy(columns), lengths=lengths).to(self.device)
         slots = self.store.acquire(users)
-        vectors = self.model.step(self.store.state, slots.to(self.device), batch)
+        step = self.compiled_step or self.model.step
+        vectors = step(self.store.state, slots.to(self.device), batch)
         for user, run in zip(users, runs, strict=True):
             for step in run:  # offsets grow along a run within each partition
                 self.store.mark_applied(user, step.event.partition, step.event.offset)

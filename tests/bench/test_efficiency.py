@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import torch
 
@@ -33,6 +34,7 @@ def test_run_efficiency_writes_rows_json_and_png(tmp_path):
         recompute_repeats=2,
         train_iters=2,
         budget_s=1.0,
+        compile_step=False,  # compiling takes a minute: the next test covers the column
     )
     report = run_efficiency(cfg, tmp_path / "eff", progress=False)
 
@@ -64,6 +66,8 @@ def test_run_efficiency_writes_rows_json_and_png(tmp_path):
         work = r["hytrec_train_mflop_per_token"] / r["sasrec_train_mflop_per_token"]
         assert against["mflop_per_token"] == round(work, 2)
     assert written["hytrec_train_flatness_from_500"] is None  # no L >= 500 here
+    assert all(r["hytrec_compiled_step_us"] is None for r in written["rows"])
+    assert written["hytrec_compiled_step_speedup_min_max"] is None
     assert written["sasrec_config"]["max_len"] >= 33  # covers the L+1 recompute
     # HSTU by cache size: its state grows with N (keys and values of N events per layer)
     cache = written["cache_rows"]
@@ -115,7 +119,9 @@ def test_time_calls_runs_setup_before_every_call_and_respects_repeats():
 def test_each_timed_step_sees_a_state_of_exactly_L_events_round_robin():
     """The step timings alternate over the lengths, and every timed call steps event L into
     a state that holds L events (not the one left by the previous call)."""
-    cfg = EfficiencyConfig(lengths=(8, 3, 20), d_model=16, build_chunk=5, step_repeats=4)
+    cfg = EfficiencyConfig(
+        lengths=(8, 3, 20), d_model=16, build_chunk=5, step_repeats=4, compile_step=False
+    )
     models = {
         "hytrec": HyTRec(cfg.hytrec()).eval(),
         "recgrela": RecGRELA(cfg.recgrela()).eval(),
@@ -163,3 +169,32 @@ def test_cpu_attention_is_counted_and_a_causal_call_at_half():
     full_backward = flops(False, True) - flops(False, False)
     assert full_backward > 0
     assert flops(True, True) - flops(True, False) == full_backward // 2
+
+
+def test_the_compiled_step_is_timed_in_the_same_rounds(tmp_path, monkeypatch):
+    """With compile_step on, every length gets the compiled step's figure and the speedup
+    range is the eager / compiled ratio of the rows (the compile itself is tested in
+    tests/model/test_compiled_step.py; here a stand-in that counts its calls)."""
+    from hytrec.bench import efficiency
+
+    calls = []
+
+    class CountingStep:
+        def __init__(self, model):
+            self.model = model
+
+        def warm_up(self):
+            return True
+
+        def __call__(self, state, slots, batch):
+            calls.append(batch.item.shape)
+            return self.model.step(state, slots, batch)
+
+    monkeypatch.setattr(efficiency, "CompiledStep", CountingStep)
+    cfg = replace(QUICK, compile_step=True, cache_sizes=(4,))
+    report = run_efficiency(cfg, None, progress=False)
+    assert len(calls) == len(cfg.lengths) * (cfg.step_repeats + 1)  # a warm-up round too
+    assert all(shape == (1, 1) for shape in calls)
+    speedups = [r["hytrec_step_us"] / r["hytrec_compiled_step_us"] for r in report["rows"]]
+    low, high = report["hytrec_compiled_step_speedup_min_max"]
+    assert low == round(min(speedups), 2) and high == round(max(speedups), 2)

@@ -4,10 +4,14 @@ cascade gates items by the top categories."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
+from hytrec.bench.parity import UserEvents
+from hytrec.bench.ulim_parity import stream_vs_parallel_max_abs
 from hytrec.model.batch import EventBatch
 from hytrec.model.ulim import ULIM, ULIMConfig
 
@@ -68,17 +72,24 @@ def test_p_of_c_is_a_distribution_with_the_pointer_generator_limits():
         )
 
 
+def users_of(batch: EventBatch) -> list[UserEvents]:
+    return [
+        UserEvents(*(getattr(batch, f)[row, :n] for f in ("item", "category", "behavior", "ts")))
+        for row, n in enumerate(batch.lengths.tolist())
+    ]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_stream_equals_training_form_after_every_event(seed):
-    """One event at a time and in mixed micro-batches, the slots give the training form's
-    u^c of each event's category and P(c) over every category, at every position."""
+    """One event at a time and in random micro-batches (users interleaved in one shared
+    state), the slots give the training form's u^c of each event's category and P(c) over
+    every category, at every position; fixed runs give the same state either way."""
     model = model_of(seed=seed)
     lengths = [17, 9, 1, 13]
     batch = random_batch(lengths, seed=seed)
-    with torch.no_grad():
-        parallel = model.forward_all(batch)
-    worst = 0.0
-    # one event at a time, the users in their own slots of one shared state
+    for max_batch in (1, 5):
+        worst = stream_vs_parallel_max_abs(model, users_of(batch), max_batch, seed)
+        assert worst <= 1e-5, (max_batch, worst)
     state = model.new_state(6)
     slots = torch.tensor([4, 0, 5, 2])
     for t in range(max(lengths)):
@@ -88,21 +99,6 @@ def test_stream_equals_training_form_after_every_event(seed):
             lengths=torch.ones(len(rows), dtype=torch.long),
         )
         model.step(state, slots[rows], step)
-        read = model.read_state(state, slots[rows])
-        for i, r in enumerate(rows):
-            worst = max(
-                worst, float((read.log_p[i].exp() - parallel["log_p"][r, t].exp()).abs().max())
-            )
-            u = model.category_interests(
-                type(read)(
-                    read.log_p[i : i + 1],
-                    read.slot_category[i : i + 1],
-                    read.slot_interest[i : i + 1],
-                ),
-                batch.category[r : r + 1, t : t + 1],
-            )[0, 0]
-            worst = max(worst, float((u - parallel["interest"][r, t]).abs().max()))
-    assert worst <= 1e-5, worst
     assert int((state.slot_key > 0).sum(1).max()) <= CFG.slots
     # mixed micro-batches: runs of several events per user in one call
     mixed = model.new_state(6)
@@ -219,3 +215,30 @@ def test_evaluate_reports_next_category_metrics_and_the_baselines_rank_by_rule()
             assert frequent[row] == expected, row
         else:  # an unseen category ties with every other unseen one, behind all
             assert frequent[row] == len(log.categories) - 2
+
+
+def test_parity_breaks_when_the_slots_forget_a_category():
+    """The parity figure can fail: a stream that drops the slots' counts is detected."""
+    model = model_of()
+    users = users_of(random_batch([17, 9], seed=4))
+    assert stream_vs_parallel_max_abs(model, users, 1) <= 1e-5
+    apply_events = model.apply_events
+
+    def forgetful(state, slots, batch):
+        apply_events(state, slots, batch)
+        state.slot_count[slots] = state.slot_count[slots].clamp(max=1)
+
+    model.apply_events = forgetful
+    assert stream_vs_parallel_max_abs(model, users, 1) > 1e-3
+
+
+def test_parity_report_meets_the_issue_thresholds():
+    from hytrec.bench.ulim_parity import CONFIG, parity_report
+
+    report = parity_report(cfg=replace(CONFIG, num_items=300, d_model=16), lengths=(1, 6, 40))
+    assert report["fidelity"] == "reading"
+    assert report["stream_vs_parallel_max_abs"] <= 1e-5
+    assert report["p_of_c_sum_max_abs_error"] <= 1e-6
+    for name in ("ulim", "ulim_without_pointer"):
+        assert report[name]["share_of_users_hitting_the_cap"] == 0.0
+        assert report[name]["share_of_users_hitting_a_cap_of_8"] > 0.0
