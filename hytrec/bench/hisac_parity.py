@@ -12,6 +12,7 @@ from hytrec.bench.parity import (
     UserEvents,
     pad_batch,
     revisiting_user,
+    share_hitting_cap,
     stream_vs_parallel_max_abs,
 )
 from hytrec.bench.reports import provenance
@@ -59,14 +60,6 @@ def routing_sum_max_abs(model: HiSAC, users: list[UserEvents]) -> float:
     route = model.routing(pad_batch(users))
     present = route.agents >= 0
     return (route.alpha.sum(-1)[present] - 1).abs().max().item()
-
-
-@torch.no_grad()
-def share_hitting_cap(model: HiSAC, users: list[UserEvents]) -> float:
-    """Share of users whose map evicted a node (their state is no longer exact)."""
-    state = model.new_state(len(users))
-    model.apply_events(state, torch.arange(len(users)), pad_batch(users))
-    return float((state.evictions > 0).float().mean())
 
 
 def parity_report(seed: int = 0, num_items: int = NUM_ITEMS, lengths=HISTORY_LENGTHS) -> dict:

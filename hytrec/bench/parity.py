@@ -119,6 +119,15 @@ def streamed_user_vectors(
     return out
 
 
+@torch.no_grad()
+def share_hitting_cap(model, users: list[UserEvents]) -> float:
+    """Share of users whose bounded state (HiSAC's node map, ULIM's category slots) evicted
+    something: their later figures are no longer exact."""
+    state = model.new_state(len(users))
+    model.apply_events(state, torch.arange(len(users)), pad_batch(users))
+    return float((state.evictions > 0).float().mean())
+
+
 def stream_vs_parallel_max_abs(
     model: HyTRec, users: list[UserEvents], max_batch: int, seed: int = 0
 ) -> float:

@@ -10,7 +10,13 @@ from dataclasses import replace
 
 import torch
 
-from hytrec.bench.parity import UserEvents, pad_batch, random_user, streamed_user_vectors
+from hytrec.bench.parity import (
+    UserEvents,
+    pad_batch,
+    random_user,
+    share_hitting_cap,
+    streamed_user_vectors,
+)
 from hytrec.bench.reports import provenance
 from hytrec.model.hytrec import HyTRecConfig
 from hytrec.model.ulim import ULIM, ULIMConfig
@@ -79,14 +85,6 @@ def p_of_c_sum_max_abs_error(model: ULIM, users: list[UserEvents]) -> float:
     p = model.forward_all(pad_batch(users))["log_p"].exp().sum(-1)  # [B, T]
     real = pad_batch(users).mask
     return (p[real] - 1).abs().max().item()
-
-
-@torch.no_grad()
-def share_hitting_cap(model: ULIM, users: list[UserEvents]) -> float:
-    """Share of users whose slots evicted a category (their state is no longer exact)."""
-    state = model.new_state(len(users))
-    model.apply_events(state, torch.arange(len(users)), pad_batch(users))
-    return float((state.evictions > 0).float().mean())
 
 
 def parity_report(seed: int = 0, cfg: ULIMConfig = CONFIG, lengths=HISTORY_LENGTHS) -> dict:
