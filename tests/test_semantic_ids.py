@@ -129,3 +129,20 @@ def test_build_semantic_ids_command_reports_a_checkpoint_build(tmp_path, capsys)
     sids = SemanticIds.load(tmp_path / "sids")
     assert sids.meta["items_hash"] == vocabulary_hash(log.items.to_json())
     assert json.loads(capsys.readouterr().out)["items"] == len(log.items) - 1
+
+
+def test_level_one_codes_become_the_events_categories():
+    from hytrec.bench.hisac_parity import codebook_for
+    from hytrec.model.codebook import vocabulary_hash
+    from hytrec.model.synthetic import revisiting_log
+
+    log = revisiting_log(users=10, length=(5, 9))
+    sids = codebook_for(len(log.items))
+    pseudo = sids.as_categories(log)
+    code = dict(zip(sids.ids.tolist(), sids.codes[:, 0].tolist(), strict=True))
+    assert pseudo.category.tolist() == [code[i] + 1 for i in log.item.tolist()]
+    assert pseudo.categories.raw(1) == "code0" and len(pseudo.categories) == 16 + 1
+    assert (pseudo.item == log.item).all() and (pseudo.ts == log.ts).all()
+    sids.meta["items_hash"] = vocabulary_hash(["<pad>", "another"])
+    with pytest.raises(SemanticIdsError, match="another item vocabulary"):
+        sids.as_categories(log)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from hytrec.bench.reports import machine_info, provenance
+from hytrec.model.codebook import SemanticIds
+from hytrec.model.data import has_categories
 from hytrec.model.evaluate import (
     EvalConfig,
     EvalSplit,
@@ -267,19 +269,29 @@ def run_accuracy(
     """Rank the test targets with the baselines and every model of `model_zoo` (or those in
     `models`; [] for the baselines alone), trained once per seed (default: the train
     config's); write the reports. `semantic_ids`: the `hytrec build-semantic-ids` directory
-    the HiSAC rows route through (built on this dataset); without it they are left out."""
+    the HiSAC rows route through (built on this dataset); without it they are left out. On
+    a dataset without categories, ULIM reads the codebook's level-1 codes as its categories
+    (`SemanticIds.as_categories`); the other rows read the data as it is."""
     tc = train_config or preset.train
     seeds = tuple(seeds or (tc.seed,))
-    split = leave_one_out(log)
+    split = leave_one_out(log)  # positions: the same for a log with other categories
     zoo = model_zoo(d_model, tc.max_len)
     unknown = sorted(set(models or ()) - set(zoo))
     if unknown:
         raise ValueError(f"unknown models {unknown}; the zoo has {list(zoo)}")
+    pseudo = None
+    if semantic_ids is not None and not has_categories(log):
+        pseudo = SemanticIds.load(semantic_ids).as_categories(log)
+
+    def log_of(cfg) -> EventLog:
+        """The events a row trains and ranks on."""
+        return pseudo if pseudo is not None and isinstance(cfg, ULIMConfig) else log
+
     # rows the dataset cannot have (HPGR without times, ULIM without categories): refused
     # when asked for by name, else left out and said why
-    left_out = {name: why for name, cfg in zoo.items() if (why := missing_input(cfg, log))}
+    left_out = {n: why for n, cfg in zoo.items() if (why := missing_input(cfg, log_of(cfg)))}
     for name in sorted(set(models or ()) & set(left_out)):
-        require_inputs(zoo[name], log)
+        require_inputs(zoo[name], log_of(zoo[name]))
     zoo = {name: cfg for name, cfg in zoo.items() if name not in left_out}
     hisac = [name for name, cfg in zoo.items() if isinstance(cfg, HiSACConfig)]
     if semantic_ids is None:
@@ -297,8 +309,8 @@ def run_accuracy(
     rows: list[ModelReport] = []
     per_user: dict[str, np.ndarray] = {}  # NDCG@10 of every test user, primary protocol
 
-    def ranked_row(name: str, model: torch.nn.Module, extra: dict) -> ModelReport:
-        ranked = rank_targets(model, log, split, "test", eval_cfg, tc.device)
+    def ranked_row(name: str, model: torch.nn.Module, extra: dict, events=log) -> ModelReport:
+        ranked = rank_targets(model, events, split, "test", eval_cfg, tc.device)
         per_user[name] = ndcg_per_user(ranked["rank" + suffix], 10)
         row = ModelReport(name, report_of(ranked, split, "test", eval_cfg), extra)
         o = row.report["overall"]
@@ -323,7 +335,7 @@ def run_accuracy(
                     )
                 run_tc = replace(run_tc, init_from=pretrained[seed][0])
                 pretraining = pretrained[seed][1]
-            result = train(cfg, log, split, run_tc, dataset=dataset, progress=progress)
+            result = train(cfg, log_of(cfg), split, run_tc, dataset=dataset, progress=progress)
             extra = {
                 "kind": "model",
                 "seed": seed,
@@ -338,11 +350,10 @@ def run_accuracy(
             }
             if pretraining is not None:
                 extra["pretraining"] = pretraining
-            runs.append(
-                ranked_row(
-                    name if seed == seeds[0] else f"{name} (seed {seed})", result.model, extra
-                )
-            )
+            if log_of(cfg) is not log:
+                extra["categories"] = "pseudo: the semantic IDs' level-1 codes"
+            label = name if seed == seeds[0] else f"{name} (seed {seed})"
+            runs.append(ranked_row(label, result.model, extra, log_of(cfg)))
             runs[-1].extra["run_seconds"] = round(time.perf_counter() - began, 1)
         row = runs[0]  # the first seed's run is the row; the others give the spread
         if len(runs) > 1:

@@ -108,7 +108,8 @@ def register(commands, benchmarks) -> None:
     p.add_argument(
         "--semantic-ids",
         help="a `hytrec build-semantic-ids` directory built on this dataset: the HiSAC rows "
-        "route through it (without it they are left out)",
+        "route through it (without it they are left out); on data without categories ULIM "
+        "reads its level-1 codes as categories (without it ULIM is left out there)",
     )
     p.add_argument(
         "--output",

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+from hytrec.model.events import EventLog, Vocabulary
 
 META_FILE = "semantic-ids.json"
 FORMAT = "hytrec-semantic-ids"
@@ -132,6 +134,25 @@ class SemanticIds:
         out = cls(**arrays, meta=rest)
         out.check()
         return out
+
+    def as_categories(self, log: EventLog) -> EventLog:
+        """`log` with each event's category replaced by its item's level-1 code (code j is
+        category j + 1, named "code{j}"; an item the codebook does not hold is unknown, 0):
+        pseudo-categories for a model that needs categories (ULIM) on data without any
+        (Beauty, Sports, Foursquare). Refused for a codebook of another item vocabulary."""
+        want = self.meta.get("items_hash")
+        if want is not None and vocabulary_hash(log.items.to_json()) != want:
+            raise SemanticIdsError(f"built for another item vocabulary (hash {want})")
+        if int(self.ids.max(initial=0)) >= len(log.items):
+            raise SemanticIdsError(f"item ids up to {int(self.ids.max())}, the log has fewer")
+        of_item = np.zeros(len(log.items), dtype=np.int64)  # [items]: 0 = unknown
+        of_item[self.ids] = self.codes[:, 0] + 1
+        level_one = int(self.codes[:, 0].max(initial=-1)) + 1
+        return replace(
+            log,
+            category=of_item[log.item],
+            categories=Vocabulary(f"code{j}" for j in range(level_one)),
+        )
 
     def check(self) -> None:
         """Shapes agree with each other (a mixed directory is refused by name)."""

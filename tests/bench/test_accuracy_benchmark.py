@@ -141,3 +141,21 @@ def test_head_cost_benchmark_smoke(tmp_path):
     assert report["command"].startswith("hytrec benchmark head-cost --dataset taobao")
     assert json.loads((tmp_path / "c.json").read_text())["positions_per_step"] > 0
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_ulim_reads_level_one_codes_as_categories_where_the_data_has_none(tmp_path):
+    from hytrec.bench.hisac_parity import codebook_for
+    from hytrec.model.data import DataError
+
+    log = revisiting_log(users=30, length=(8, 12))  # no categories
+    codebook_for(len(log.items)).save(tmp_path / "sids")
+    tc = TrainConfig(epochs=1, batch_size=16, max_len=16, valid_users=None, seed=0)
+    args = ("planted", log, PRESETS["taobao"])
+    options = {"d_model": 16, "train_config": tc, "progress": False, "models": ["ULIM"]}
+    with pytest.raises(DataError, match="categor"):  # no categories and no codebook
+        run_accuracy(*args, tmp_path / "refused", **options)
+    run_accuracy(*args, tmp_path / "acc", semantic_ids=str(tmp_path / "sids"), **options)
+    ulim = json.loads((tmp_path / "acc.json").read_text())["models"]["ULIM"]
+    assert ulim["categories"] == "pseudo: the semantic IDs' level-1 codes"
+    assert ulim["config"]["num_categories"] == 16 + 1  # 16 level-1 codes and the unknown
+    assert 0.0 <= ulim["overall"]["NDCG@10"] <= 1.0
