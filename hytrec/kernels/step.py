@@ -47,7 +47,7 @@ def step_tadn(
     Returns:
         o: [U, M, H, V] read-outs after each event (zeros at padded positions).
     """
-    if (
+    if (  # a data-dependent check torch.compile cannot trace (the eager step keeps it)
         not torch.compiler.is_compiling()
         and slots.numel() > 1
         and slots.numel() != torch.unique(slots).numel()

@@ -231,8 +231,10 @@ class TemporalDeltaMixer(nn.Module):
 
     def _constants(self) -> MixerConstants:
         """What the mixer derives from its parameters alone. Rebuilt on every call while
-        autograd records (training); while it does not (serving), kept until a parameter
-        changes in place (an optimiser step, `load_state_dict`: both bump `_version`)."""
+        autograd records (training) and under torch.compile (which cannot trace the cache's
+        pointer check, and fuses the products into its graph anyway); while it does not
+        (serving), kept until a parameter changes in place (an optimiser step,
+        `load_state_dict`: both bump `_version`)."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._build_constants()
         key = tuple((p.data_ptr(), p._version) for p in self.parameters())  # moved or changed
