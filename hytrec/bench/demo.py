@@ -377,6 +377,16 @@ def user_frequency(past: list[str], top_k: int) -> list[str]:
     return sorted(counts, key=lambda i: (-counts[i], -newest[i]))[:top_k]
 
 
+def recency_frequency(past: list[str], top_k: int) -> list[str]:
+    """The user's items by count / (1 + distinct items touched since its newest event), ties
+    by recency (`heuristics.RecencyFrequency`; equal ratios give equal floats, both correctly
+    rounded)."""
+    newest_first = list(dict.fromkeys(reversed(past)))  # k: distinct items touched since
+    counts = Counter(past)
+    ranked = sorted(range(len(newest_first)), key=lambda k: (-counts[newest_first[k]] / (1 + k), k))
+    return [newest_first[k] for k in ranked[:top_k]]
+
+
 def hit_rates(
     received, history: list[dict], heldout: list[dict], sent: Sent, top_k: int
 ) -> dict[str, float | int]:
@@ -397,7 +407,8 @@ def hit_rates(
         seen.setdefault(p["user_id"], []).append(p["item_id"])
     in_history = {user: len(items) for user, items in seen.items()}
     heldout_offsets: dict[str, list[int]] = {}  # user -> offsets of its held-out events so far
-    names = ("model", "popularity", "recent_items", "user_frequency", "item_transition")
+    names = ("model", "popularity", "recent_items", "user_frequency", "recency_frequency")
+    names += ("item_transition",)
     hits, new_hits = Counter(), Counter()
     scored = new_scored = all_events_hits = 0
     for i, p in enumerate(heldout):
@@ -416,6 +427,7 @@ def hit_rates(
                 "popularity": popular,
                 "recent_items": list(dict.fromkeys(reversed(known)))[:top_k],
                 "user_frequency": user_frequency(known, top_k),
+                "recency_frequency": recency_frequency(known, top_k),
                 "item_transition": transition.recommend(known[-1] if known else None),
             }
             scored += 1
@@ -498,11 +510,13 @@ def plot(summary: dict, latencies: np.ndarray, path: Path) -> None:
     latency_histogram(left, latencies)
     left.set_title(f"latency, held-out replay at {summary['heldout_rate_eps']:.0f} events/s")
     k, q = summary["top_k"], summary["quality"]
-    names = ["model", "recent_items", "user_frequency", "item_transition", "popularity"]
+    names = ["model", "recent_items", "user_frequency", "recency_frequency", "item_transition"]
+    names.append("popularity")
     labels = [
         summary["model"] + (" +\nrepeat head" if summary.get("repeat_head") else ""),
         "recent\nitems",
         "user\nfrequency",
+        "recency-\nfrequency",
         "item\ntransition",
         "popularity",
     ]
@@ -663,7 +677,8 @@ def quality_lines(s: dict) -> list[str]:
     return [
         f"next-event hit@{k}    {model} {q[f'model_hit@{k}']:.3f} | user's recent items "
         f"{q[f'recent_items_hit@{k}']:.3f} | user frequency {q[f'user_frequency_hit@{k}']:.3f} "
-        f"| item transition {q[f'item_transition_hit@{k}']:.3f} | popularity "
+        f"| recency-frequency {q[f'recency_frequency_hit@{k}']:.3f} | item transition "
+        f"{q[f'item_transition_hit@{k}']:.3f} | popularity "
         f"{q[f'popularity_hit@{k}']:.3f} ({q['scored_events']:,} held-out events)",
         f"  knowing every earlier event (no micro-batch lag): user's recent items "
         f"{q[f'recent_items_hit@{k}_all_events']:.3f}",

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hytrec.bench import demo
 from hytrec.bench.demo import DemoConfig, run_demo, summary_lines
@@ -48,6 +51,15 @@ def by_frequency(items: list[str], k: int) -> list[str]:
     """The user's items by count, ties by the newest event on them."""
     score = {item: (items.count(item), n) for n, item in enumerate(items)}
     return sorted(score, key=lambda item: score[item], reverse=True)[:k]
+
+
+def by_recency_frequency(items: list[str], k: int) -> list[str]:
+    """The user's items by count / (1 + items whose newest event is later), exactly; ties
+    by the newest event on them."""
+    newest = {item: n for n, item in enumerate(items)}
+    later = {i: sum(newest[j] > newest[i] for j in newest) for i in newest}
+    key = {i: (Fraction(items.count(i), 1 + later[i]), newest[i]) for i in newest}
+    return sorted(newest, key=key.__getitem__, reverse=True)[:k]
 
 
 def next_items(history: list[dict], last: str | None, popular: list[str], k: int) -> list[str]:
@@ -93,7 +105,7 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
     n = dict.fromkeys(
         ["scored", "hytrec", "popular", "recent", "frequent", "next", "new", "new_hits"], 0
     )
-    n.update(new_popular=0, new_next=0, recent_all=0)
+    n.update(new_popular=0, new_next=0, recent_all=0, recency_frequency=0)
     for i, p in enumerate(heldout):
         user, item, offset = p["user_id"], p["item_id"], int(heldout_sent.offset[i])
         earlier = [(o, items) for o, items in answered.get(user, []) if o < offset]
@@ -109,6 +121,7 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
             n["recent"] += item in recent_distinct(known, top_k)
             n["recent_all"] += item in recent_distinct(mine, top_k)
             n["frequent"] += item in by_frequency(known, top_k)
+            n["recency_frequency"] += item in by_recency_frequency(known, top_k)
             last = known[-1] if known else None
             if last not in transitions:
                 transitions[last] = next_items(history, last, popular_list, top_k)
@@ -125,6 +138,7 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
         f"popularity_hit@{top_k}": n["popular"] / n["scored"],
         f"recent_items_hit@{top_k}": n["recent"] / n["scored"],
         f"user_frequency_hit@{top_k}": n["frequent"] / n["scored"],
+        f"recency_frequency_hit@{top_k}": n["recency_frequency"] / n["scored"],
         f"item_transition_hit@{top_k}": n["next"] / n["scored"],
         f"recent_items_hit@{top_k}_all_events": n["recent_all"] / n["scored"],
         "new_item_events": n["new"],
@@ -164,6 +178,8 @@ def test_each_held_out_event_is_scored_against_the_recommendation_before_it():
         "recent_items_hit@2": 1 / 4,
         # by count, ties by recency: (b, a) before "a" at 8, then (a, b)
         "user_frequency_hit@2": 1 / 4,
+        # count / (1 + distinct items since): b 2/1, a 2/2 before "a" at 8, then a 3/1, b 2/2
+        "recency_frequency_hit@2": 1 / 4,
         # after b: a (u's b -> a), then a, b; after a: b, then a: "a" at 8 hits only (with
         # every event known, "d" would hit after c, w's c -> d)
         "item_transition_hit@2": 1 / 4,
@@ -270,3 +286,10 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path, monkeypatch, capsys):
 
     # a second run reuses the trained checkpoint
     assert run_demo(config)["checkpoint_reused"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from("abcdefg"), max_size=40), st.integers(1, 8))
+def test_the_demos_recency_frequency_is_the_heuristic(items, k):
+    """The demo's list (floats) equals the definition computed with exact fractions."""
+    assert demo.recency_frequency(items, k) == by_recency_frequency(items, k)
