@@ -12,8 +12,9 @@
    stream, which measures throughput), then the held-out part paced over about
    `heldout_seconds` (which measures event-to-recommendation latency without a backlog).
 5. Score every held-out event against the recommendation its user had just before it,
-   beside four baselines on the same events (popularity, the user's recent items, the
-   user's items by frequency, item-to-item transitions; `hit_rates`), also on the events
+   beside five baselines on the same events (popularity, the user's recent items, the
+   user's items by frequency and by recency-frequency, item-to-item transitions;
+   `hit_rates`), also on the events
    whose item is new to the user; print a summary, write JSON (with the commit and the
    machine it ran on) and a plot; stop the worker and the broker.
 
