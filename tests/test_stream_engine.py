@@ -6,6 +6,8 @@ budget (eviction to host and back) changes nothing."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -593,6 +595,9 @@ def test_the_compiled_step_comes_from_a_worker_option_and_an_environment_variabl
     assert not _engine_config_from_env({"HYTREC_COMPILE_STEP": "0"}).compile_step
 
 
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler for inductor"
+)
 def test_an_engine_with_the_compiled_step_serves_what_the_eager_one_does(checkpoint):
     """One event per user per micro-batch (the compiled call) and a run of several (eager):
     the same recommendations and scores as the eager engine."""
