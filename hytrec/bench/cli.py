@@ -207,6 +207,9 @@ def register(commands, benchmarks) -> None:
         ("--seed", int),
     ):
         long_range.add_argument(name, type=kind)
+    long_range.add_argument(
+        "--models-run", nargs="+", help="only these rows, e.g. 'HyTRec 3:1, long-first fusion'"
+    )
     long_range.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     long_range.add_argument(
         "--output", help="report stem (default: benchmarks/results/long-range-cpu)"
@@ -466,6 +469,8 @@ def _benchmark_efficiency(args: argparse.Namespace) -> int:
 def _benchmark_long_range(args: argparse.Namespace) -> int:
     from hytrec.bench.long_range import QUICK, LongRangeConfig, run_long_range
 
+    if args.models_run:
+        args.models_run = tuple(args.models_run)
     return _run_benchmark(
         args, "long-range", LongRangeConfig(), QUICK, run_long_range, progress=not args.no_progress
     )

@@ -3,13 +3,14 @@
 Each user's last event is the answer to a key event `distance` steps earlier, with random
 fillers between (`synthetic.long_range_log`): a model that reads only its last n < distance
 events cannot see the key and can only guess among the answers (accuracy 1 / keys), one
-with long memory can name it. For each distance, four models are trained and tested on
-other users:
+with long memory can name it. For each distance, these models (or those named in
+`models_run`) are trained and tested on other users:
 
     HyTRec 3:1        the whole history, through the TADN state (3 TADN : 1 softmax layer)
     TADN-only         the whole history, TADN layers only (no softmax layer, no short branch)
     softmax-only      every long layer a softmax over the last `long_window` events
     SASRec (last N)   the last `sasrec_max_len` events, as the harness and the stream feed it
+    HyTRec 3:1, long-first fusion   HyTRec 3:1 whose fusion gate starts on the long branch
 
 Training fits only the answer (cross-entropy of the last position's user vector over all
 items): the fillers are noise by construction, so next-item targets on them would only
@@ -70,23 +71,33 @@ class LongRangeConfig:
     threads: int | None = None
     device: str = "cpu"
     seed: int = 0
+    models_run: tuple[str, ...] | None = None  # these rows of `models()` only; None: all
 
     def __post_init__(self) -> None:
         if not self.distances or min(self.distances + self.test_distances) < 2:
             raise ValueError("LongRangeConfig: distances must be >= 2")
         if min(self.train_users, self.test_users, self.epochs, self.step_repeats) < 1:
             raise ValueError("LongRangeConfig: users, epochs and repeats must be >= 1")
+        unknown = sorted(set(self.models_run or ()) - set(self.models(every=True)))
+        if unknown:
+            raise ValueError(f"LongRangeConfig: unknown models {unknown}")
 
-    def models(self) -> dict:
+    def models(self, every: bool = False) -> dict:
+        """The compared rows (those in `models_run`, unless `every`); the long-first row is
+        HyTRec 3:1 whose fusion gate starts at g = sigmoid(2) = 0.88 on the long branch."""
         hytrec = HyTRecConfig(d_model=self.d_model, dropout=0.0)
-        return {
+        rows = {
             "HyTRec 3:1": hytrec,
             "TADN-only": replace(hytrec, use_short=False, softmax_every=0),
             "softmax-only": replace(hytrec, softmax_every=1),
             f"SASRec (last {self.sasrec_max_len})": SASRecConfig(
                 d_model=self.d_model, layers=2, heads=2, max_len=self.sasrec_max_len, dropout=0.0
             ),
+            "HyTRec 3:1, long-first fusion": replace(hytrec, fusion_gate_bias=2.0),
         }
+        if every or self.models_run is None:
+            return rows
+        return {name: rows[name] for name in self.models_run}
 
 
 QUICK = LongRangeConfig(

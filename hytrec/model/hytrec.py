@@ -95,6 +95,9 @@ class HyTRecConfig:
     time_buckets: int = 40  # log2-spaced buckets of gaps in seconds
     # fusion and scoring
     fusion: str = "gate"  # "gate" or "moe"
+    # initial bias of the gate (g: the long branch's share): 0 starts at g = 0.5; > 0 starts
+    # on the long branch (`benchmark long-range`: it learns the long-range task more often)
+    fusion_gate_bias: float = 0.0
     moe_experts: int = 4
     moe_heads: int = 2
     tie_item_embeddings: bool = True
@@ -512,6 +515,8 @@ class HyTRec(SequentialModel):
             self.item_out = nn.Embedding(cfg.num_items, d, padding_idx=0)
         self.repeat_head = RepeatHead(cfg.repeat_head, d) if cfg.repeat_head is not None else None
         self.apply(self._init_weights)
+        if cfg.use_short and cfg.fusion == "gate":
+            nn.init.constant_(self.fusion.gate.bias, cfg.fusion_gate_bias)
 
     # ------------------------------------------------------------------ shared pieces
 

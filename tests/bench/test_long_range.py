@@ -4,8 +4,10 @@ PNG. No accuracy or timing assertions (a smoke run trains for two epochs)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from hytrec.bench.long_range import QUICK, _inputs, _users, run_long_range
@@ -76,9 +78,24 @@ def test_command_line_runs_the_benchmark(tmp_path):
         )
         == 0
     )
-    assert [r["distance"] for r in json.loads(stem.with_suffix(".json").read_text())["rows"]] == [
-        6
-    ] * 4
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert [r["distance"] for r in rows] == [6] * len(QUICK.models())
+    chosen = stem.with_name("chosen")
+    argv = ["benchmark", "long-range", "--quick", "--distances", "6", "--no-progress"]
+    argv += ["--models-run", "TADN-only", "HyTRec 3:1, long-first fusion", "--output", str(chosen)]
+    assert main(argv) == 0
+    rows = json.loads(chosen.with_suffix(".json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["TADN-only", "HyTRec 3:1, long-first fusion"]
+
+
+def test_the_long_first_row_starts_its_fusion_gate_on_the_long_branch():
+    from hytrec.model.hytrec import HyTRec
+
+    config = QUICK.models()["HyTRec 3:1, long-first fusion"]
+    assert HyTRec(config).fusion.gate.bias.eq(2.0).all()
+    assert HyTRec(QUICK.models()["HyTRec 3:1"]).fusion.gate.bias.eq(0.0).all()
+    with pytest.raises(ValueError, match="unknown models"):
+        replace(QUICK, models_run=("GPT",))
 
 
 def test_training_reaches_the_network_not_only_the_item_table():
