@@ -408,8 +408,14 @@ def hit_rates(
         seen.setdefault(p["user_id"], []).append(p["item_id"])
     in_history = {user: len(items) for user, items in seen.items()}
     heldout_offsets: dict[str, list[int]] = {}  # user -> offsets of its held-out events so far
-    names = ("model", "popularity", "recent_items", "user_frequency", "recency_frequency")
-    names += ("item_transition",)
+    names = (
+        "model",
+        "popularity",
+        "recent_items",
+        "user_frequency",
+        "recency_frequency",
+        "item_transition",
+    )
     hits, new_hits = Counter(), Counter()
     scored = new_scored = all_events_hits = 0
     for i, p in enumerate(heldout):
@@ -511,8 +517,14 @@ def plot(summary: dict, latencies: np.ndarray, path: Path) -> None:
     latency_histogram(left, latencies)
     left.set_title(f"latency, held-out replay at {summary['heldout_rate_eps']:.0f} events/s")
     k, q = summary["top_k"], summary["quality"]
-    names = ["model", "recent_items", "user_frequency", "recency_frequency", "item_transition"]
-    names.append("popularity")
+    names = [
+        "model",
+        "recent_items",
+        "user_frequency",
+        "recency_frequency",
+        "item_transition",
+        "popularity",
+    ]
     labels = [
         summary["model"] + (" +\nrepeat head" if summary.get("repeat_head") else ""),
         "recent\nitems",

@@ -129,10 +129,18 @@ def share_hitting_cap(model, users: list[UserEvents]) -> float:
 
 
 def stream_vs_parallel_max_abs(
-    model: HyTRec, users: list[UserEvents], max_batch: int, seed: int = 0
+    model: HyTRec,
+    users: list[UserEvents],
+    max_batch: int,
+    seed: int = 0,
+    parallel: list[torch.Tensor] | None = None,
+    readout=None,
 ) -> float:
-    parallel = parallel_user_vectors(model, users)
-    streamed = streamed_user_vectors(model, users, max_batch, seed)
+    """Max |served - training form| after every run of every user: the user vectors, or
+    what `readout` reads after a step against the rows of `parallel` (both or neither)."""
+    if parallel is None:
+        parallel = parallel_user_vectors(model, users)
+    streamed = streamed_user_vectors(model, users, max_batch, seed, readout)
     return max(
         (vector - parallel[u][t]).abs().max().item()
         for u in range(len(users))

@@ -10,13 +10,8 @@ from dataclasses import replace
 
 import torch
 
-from hytrec.bench.parity import (
-    UserEvents,
-    pad_batch,
-    random_user,
-    share_hitting_cap,
-    streamed_user_vectors,
-)
+from hytrec.bench import parity
+from hytrec.bench.parity import UserEvents, pad_batch, random_user, share_hitting_cap
 from hytrec.bench.reports import provenance
 from hytrec.model.hytrec import HyTRecConfig
 from hytrec.model.ulim import ULIM, ULIMConfig
@@ -69,13 +64,13 @@ def stream_vs_parallel_max_abs(
     model: ULIM, users: list[UserEvents], max_batch: int, seed: int = 0
 ) -> float:
     """Max |served - training form| of P(c) and u^c after every run of every user."""
-    parallel = parallel_readouts(model, users)
-    readout = lambda state, slots, vectors: served_readout(model, state, slots, vectors)  # noqa: E731
-    streamed = streamed_user_vectors(model, users, max_batch, seed, readout)
-    return max(
-        (row - parallel[u][t]).abs().max().item()
-        for u in range(len(users))
-        for t, row in streamed[u].items()
+    return parity.stream_vs_parallel_max_abs(
+        model,
+        users,
+        max_batch,
+        seed,
+        parallel=parallel_readouts(model, users),
+        readout=lambda state, slots, vectors: served_readout(model, state, slots, vectors),
     )
 
 
