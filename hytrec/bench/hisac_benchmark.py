@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from hytrec.bench.reports import machine_info, provenance, write_report
 from hytrec.index.semantic_ids import SemanticIdConfig, build_from_checkpoint
-from hytrec.model.codebook import SemanticIds, SemanticIdsError, vocabulary_hash
+from hytrec.model.codebook import SemanticIds
 from hytrec.model.evaluate import history_batch, leave_one_out
 from hytrec.model.events import EventLog
 from hytrec.model.hisac import HiSAC, HiSACConfig, activate
@@ -113,8 +113,7 @@ def routing_report(log: EventLog, sids: SemanticIds, cfg: RoutingConfig) -> dict
     with weight >= threshold on some activated agent, hard vs soft routing, over every
     behaviour of each test user's history (events before the test target), and over the
     long tail (items in the bottom half of popularity)."""
-    if sids.meta.get("items_hash") not in (None, vocabulary_hash(log.items.to_json())):
-        raise SemanticIdsError(f"{cfg.semantic_ids}: built for another item vocabulary")
+    sids.require_items(log.items, f"{cfg.semantic_ids}: ")
     split = leave_one_out(log)
     starts, targets = split.targets("test")
     if cfg.max_users is not None:

@@ -135,14 +135,19 @@ class SemanticIds:
         out.check()
         return out
 
+    def require_items(self, items: Vocabulary, where: str = "") -> None:
+        """Refuse an item vocabulary other than the one the codebook was built for (a
+        codebook without the hash, built from a model without a vocabulary, passes)."""
+        want = self.meta.get("items_hash")
+        if want is not None and vocabulary_hash(items.to_json()) != want:
+            raise SemanticIdsError(f"{where}built for another item vocabulary (hash {want})")
+
     def as_categories(self, log: EventLog) -> EventLog:
         """`log` with each event's category replaced by its item's level-1 code (code j is
         category j + 1, named "code{j}"; an item the codebook does not hold is unknown, 0):
         pseudo-categories for a model that needs categories (ULIM) on data without any
         (Beauty, Sports, Foursquare). Refused for a codebook of another item vocabulary."""
-        want = self.meta.get("items_hash")
-        if want is not None and vocabulary_hash(log.items.to_json()) != want:
-            raise SemanticIdsError(f"built for another item vocabulary (hash {want})")
+        self.require_items(log.items)
         if int(self.ids.max(initial=0)) >= len(log.items):
             raise SemanticIdsError(f"item ids up to {int(self.ids.max())}, the log has fewer")
         of_item = np.zeros(len(log.items), dtype=np.int64)  # [items]: 0 = unknown

@@ -51,7 +51,7 @@ import torch.nn as nn
 
 from hytrec.model.base import SequentialModel
 from hytrec.model.batch import EventBatch, shift_window
-from hytrec.model.codebook import SemanticIds, SemanticIdsError, vocabulary_hash
+from hytrec.model.codebook import SemanticIds, SemanticIdsError
 from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
 from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config, new_recent, push_runs
 from hytrec.model.streaming import SlotState
@@ -655,11 +655,8 @@ def _check_codebook(codebook: SemanticIds, cfg: HiSACConfig, items: Vocabulary |
             f"{cfg.semantic_ids}: item ids up to {int(codebook.ids.max())}, the model has "
             f"{cfg.num_items} rows"
         )
-    want = codebook.meta.get("items_hash")
-    if want is not None and items is not None and vocabulary_hash(items.to_json()) != want:
-        raise SemanticIdsError(
-            f"{cfg.semantic_ids}: built for another item vocabulary (hash {want})"
-        )
+    if items is not None:
+        codebook.require_items(items, f"{cfg.semantic_ids}: ")
     if len(cfg.beams) != codebook.levels:
         raise SemanticIdsError(
             f"{cfg.semantic_ids}: {codebook.levels} levels, the config has beams {cfg.beams}"
