@@ -57,7 +57,7 @@ from hytrec.model.data import (
     utc_date,
 )
 from hytrec.model.device import resolve_device
-from hytrec.model.evaluate import leave_one_out
+from hytrec.model.evaluate import leave_one_out, paired_bootstrap
 from hytrec.model.events import EventLog
 from hytrec.model.hisac import HiSACConfig
 from hytrec.model.hytrec import HyTRecConfig
@@ -397,12 +397,16 @@ def hit_rates(
     answered (the worker answers a user's newest event of each micro-batch, so the events
     just before one may not have reached its recommendation yet), and so are the events
     whose item is new to the user (where the user's own items cannot hit). For reference,
-    `recent_items_hit@K_all_events`: the user's recent items knowing every earlier event."""
+    `recent_items_hit@K_all_events`: the user's recent items knowing every earlier event.
+
+    Beside hit@K, NDCG@K (1 / log2(2 + rank) for a hit at 0-based rank) says how high the
+    list put the item; `vs_best_heuristic` gives, for each metric, the model's difference to
+    the best baseline on it with a 95 % interval (paired bootstrap over users, each user's
+    events together: `paired_bootstrap` with events as weights)."""
     recs_by_user: dict[str, list[tuple[int, list[str]]]] = {}
     for _, rec in sorted(received, key=lambda pair: pair[1].source_offset):
         recs_by_user.setdefault(rec.user_id, []).append((rec.source_offset, rec.items))
     transition = TransitionBaseline(history, top_k)
-    popular = set(transition.popular)
     seen: dict[str, list[str]] = {}  # user -> items in time order, for the user baselines
     for p in history:
         seen.setdefault(p["user_id"], []).append(p["item_id"])
@@ -416,8 +420,9 @@ def hit_rates(
         "recency_frequency",
         "item_transition",
     )
-    hits, new_hits = Counter(), Counter()
+    hits, gains, new_hits = Counter(), Counter(), Counter()
     scored = new_scored = all_events_hits = 0
+    per_user: dict[str, Counter] = {}  # user -> its events, hits and gains per list
     for i, p in enumerate(heldout):
         user, item, offset = p["user_id"], p["item_id"], int(sent.offset[i])
         mine = recs_by_user.get(user, [])
@@ -431,7 +436,7 @@ def hit_rates(
             known = past[: in_history.get(user, 0) + bisect.bisect_right(offsets, answered)]
             lists = {
                 "model": recommended[:top_k],
-                "popularity": popular,
+                "popularity": transition.popular,
                 "recent_items": list(dict.fromkeys(reversed(known)))[:top_k],
                 "user_frequency": user_frequency(known, top_k),
                 "recency_frequency": recency_frequency(known, top_k),
@@ -440,10 +445,16 @@ def hit_rates(
             scored += 1
             new = item not in past
             new_scored += new
+            mine_scored = per_user.setdefault(user, Counter())
+            mine_scored["events"] += 1
             for name in names:
                 hit = item in lists[name]
+                gain = 1.0 / np.log2(2 + lists[name].index(item)) if hit else 0.0
                 hits[name] += hit
+                gains[name] += gain
                 new_hits[name] += hit and new
+                mine_scored[f"{name}_hit"] += hit
+                mine_scored[f"{name}_ndcg"] += gain
             all_events_hits += item in list(dict.fromkeys(reversed(past)))[:top_k]
         past.append(item)
         offsets.append(offset)
@@ -451,13 +462,35 @@ def hit_rates(
     return {
         "scored_events": scored,
         **{f"{name}_hit@{top_k}": rate(hits[name], scored) for name in names},
+        **{f"{name}_ndcg@{top_k}": rate(gains[name], scored) for name in names},
         f"recent_items_hit@{top_k}_all_events": rate(all_events_hits, scored),
         "new_item_events": new_scored,
         **{
             f"{name}_hit@{top_k}_new_items": rate(new_hits[name], new_scored)
             for name in ("model", "popularity", "item_transition")
         },
+        "vs_best_heuristic": {
+            f"{metric}@{top_k}": against_best_heuristic(per_user, names[1:], metric)
+            for metric in ("hit", "ndcg")
+        },
     }
+
+
+def against_best_heuristic(per_user: dict[str, Counter], heuristics, metric: str) -> dict:
+    """The model's difference in `metric` ("hit" or "ndcg") per scored event to the best of
+    `heuristics` on it, with a 95 % interval: per-user means weighted by the user's events,
+    users resampled (their events stay together), the same users for both sides."""
+    if not per_user:
+        return {"heuristic": None, "diff": float("nan"), "diff_ci95": [float("nan")] * 2}
+    users = list(per_user.values())
+    events = np.array([u["events"] for u in users], dtype=np.float64)
+
+    def means(name: str) -> np.ndarray:
+        return np.array([u[f"{name}_{metric}"] for u in users]) / events
+
+    best = max(heuristics, key=lambda name: float(np.average(means(name), weights=events)))
+    out = paired_bootstrap(means("model"), means(best), weights=events)
+    return {"heuristic": best, "diff": out["diff"], "diff_ci95": out["diff_ci"]}
 
 
 def sample_users(received, events: list[dict], count: int, shown: int = 5) -> list[dict]:
@@ -693,11 +726,35 @@ def quality_lines(s: dict) -> list[str]:
         f"| recency-frequency {q[f'recency_frequency_hit@{k}']:.3f} | item transition "
         f"{q[f'item_transition_hit@{k}']:.3f} | popularity "
         f"{q[f'popularity_hit@{k}']:.3f} ({q['scored_events']:,} held-out events)",
+        *ranking_lines(s),
         f"  knowing every earlier event (no micro-batch lag): user's recent items "
         f"{q[f'recent_items_hit@{k}_all_events']:.3f}",
         f"  items new to the user: {model} {q[f'model_hit@{k}_new_items']:.3f} | item "
         f"transition {q[f'item_transition_hit@{k}_new_items']:.3f} | popularity "
         f"{q[f'popularity_hit@{k}_new_items']:.3f} ({q['new_item_events']:,} events)",
+    ]
+
+
+def ranking_lines(s: dict) -> list[str]:
+    """NDCG of every list and the model against the best heuristic (summaries before these
+    were measured have neither)."""
+    k, q = s["top_k"], s["quality"]
+    if "vs_best_heuristic" not in q:
+        return []
+    model = s["model"] + (" with the repeat head" if s.get("repeat_head") else "")
+
+    def versus(metric: str, label: str) -> str:
+        v = q["vs_best_heuristic"][f"{metric}@{k}"]
+        low, high = v["diff_ci95"]
+        return f"{label} {v['diff']:+.3f} [{low:+.3f}, {high:+.3f}] ({v['heuristic']})"
+
+    return [
+        f"next-event NDCG@{k}   {model} {q[f'model_ndcg@{k}']:.3f} | user's recent items "
+        f"{q[f'recent_items_ndcg@{k}']:.3f} | user frequency {q[f'user_frequency_ndcg@{k}']:.3f} "
+        f"| recency-frequency {q[f'recency_frequency_ndcg@{k}']:.3f} | item transition "
+        f"{q[f'item_transition_ndcg@{k}']:.3f} | popularity {q[f'popularity_ndcg@{k}']:.3f}",
+        f"  {model} minus the best heuristic (95 % interval over users): "
+        f"{versus('hit', f'hit@{k}')}, {versus('ndcg', f'NDCG@{k}')}",
     ]
 
 

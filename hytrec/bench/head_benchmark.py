@@ -56,7 +56,9 @@ def run_head_cost(cfg: HeadCostConfig, log: EventLog, output: str) -> dict:
         for name in (base, base + HEAD):
             torch.manual_seed(cfg.seed)
             model = build_model(zoo[name], log)
-            optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
+            optimizer = torch.optim.AdamW(
+                param_groups(model, tc.weight_decay, tc.lr, tc.head_lr_scale), lr=tc.lr
+            )
             models[name] = (model, optimizer)
     generator = torch.Generator().manual_seed(cfg.seed)
 

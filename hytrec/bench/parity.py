@@ -156,9 +156,7 @@ def parallel_log_probs(model, users: list[UserEvents]) -> list[tuple[torch.Tenso
     batch = pad_batch(users)
     u = model(batch)  # [B, T, d]
     size = model.repeat_head.cfg.buffer_size
-    buffer, where = RecentBuffer.from_events(
-        batch.item, batch.ts, batch.behavior, batch.lengths, batch.mask, size
-    )
+    buffer, where = RecentBuffer.from_events(batch, batch.mask, size)
     b, q = where.unbind(1)  # row-major: user by user, event by event
     log_p = model.repeat_head.serve(buffer, u[b, q], model.score(u[b, q]), model.item_table())
     sizes = batch.lengths.tolist()

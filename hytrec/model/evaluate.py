@@ -123,10 +123,13 @@ def paired_bootstrap(
     resamples: int = 2000,
     level: float = 0.95,
     seed: int = 0,
+    weights: np.ndarray | None = None,
 ) -> dict:
     """Percentile bootstrap over users of the mean of per-user values `a` and, when `b` (the
     same users under another model) is given, of mean(a) - mean(b) and mean(a) / mean(b),
-    resampling the users once for both so that the pairing is kept.
+    resampling the users once for both so that the pairing is kept. With `weights` [U] (e.g.
+    each user's scored events, `a` and `b` then the user's mean per event) every mean is
+    weighted by them: the mean over events, resampled by user.
 
     `a` and `b` are [U] (one run) or [S, U] (S seeds of a model, the same users in the same
     order): with several seeds each resample also draws that side's seeds with replacement
@@ -145,27 +148,32 @@ def paired_bootstrap(
             raise ValueError(f"paired values need equal lengths, got {n} and {b.shape[1]}")
     if n == 0:
         raise ValueError("nothing to resample: no users")
+    w = None if weights is None else np.asarray(weights, dtype=np.float64)
+    if w is not None and w.shape != (n,):
+        raise ValueError(f"weights need one value per user ({n}), got shape {w.shape}")
     rng = np.random.default_rng(seed)
     means_a, means_b = [], []
     seeds = max(len(a), 1 if b is None else len(b))
     step = min(256, max(1, 2**20 // (n * seeds)))  # resamples at a time: bounds memory
     for lo in range(0, resamples, step):
         take = rng.integers(0, n, (min(step, resamples - lo), n))  # [step, n] users
-        means_a.append(_resampled_means(a, take, rng))
+        means_a.append(_resampled_means(a, take, rng, w))
         if b is not None:
-            means_b.append(_resampled_means(b, take, rng))
+            means_b.append(_resampled_means(b, take, rng, w))
     qs = ((1 - level) / 2, (1 + level) / 2)
     ma = np.concatenate(means_a)
-    out = {"mean": float(a.mean()), "ci": [float(v) for v in np.quantile(ma, qs)]}
+    mean_a = float(np.average(a.mean(0), weights=w))
+    out = {"mean": mean_a, "ci": [float(v) for v in np.quantile(ma, qs)]}
     if b is None:
         return out
     mb = np.concatenate(means_b)
+    mean_b = float(np.average(b.mean(0), weights=w))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = ma / mb
-        ratio = a.mean() / b.mean() if b.mean() else float("nan")
+        ratio = mean_a / mean_b if mean_b else float("nan")
     out.update(
-        mean_b=float(b.mean()),
-        diff=float(a.mean() - b.mean()),
+        mean_b=mean_b,
+        diff=mean_a - mean_b,
         diff_ci=[float(v) for v in np.quantile(ma - mb, qs)],
         ratio=float(ratio),
         ratio_ci=[float(v) for v in np.quantile(ratios, qs)],
@@ -174,14 +182,19 @@ def paired_bootstrap(
     return out
 
 
-def _resampled_means(values: np.ndarray, take: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """[R] means of `values` [S, U] over the users `take` [R, n] of each resample and, with
-    several seeds, over S seeds drawn with replacement per resample."""
+def _resampled_means(
+    values: np.ndarray, take: np.ndarray, rng: np.random.Generator, weights: np.ndarray | None
+) -> np.ndarray:
+    """[R] means of `values` [S, U] (weighted by `weights` [U], if given) over the users
+    `take` [R, n] of each resample and, with several seeds, over S seeds drawn with
+    replacement per resample."""
     if len(values) == 1:
-        return values[0][take].mean(1)
-    seeds = rng.integers(0, len(values), (len(take), len(values)))  # [R, S]
-    per_user = values[seeds].mean(1)  # [R, U]: each resample's seeds averaged
-    return np.take_along_axis(per_user, take, axis=1).mean(1)
+        picked = values[0][take]  # [R, n]
+    else:
+        seeds = rng.integers(0, len(values), (len(take), len(values)))  # [R, S]
+        per_user = values[seeds].mean(1)  # [R, U]: each resample's seeds averaged
+        picked = np.take_along_axis(per_user, take, axis=1)
+    return picked.mean(1) if weights is None else np.average(picked, axis=1, weights=weights[take])
 
 
 def category_metrics(ranks: np.ndarray, ks: Sequence[int] = CATEGORY_KS) -> dict[str, float]:

@@ -121,7 +121,7 @@ class HiSACState(SlotState):
     window_item, window_behavior: [P, K] int64  the last K events, oldest first
     evictions:  [P]       int64  map entries lost to the cap (0: the state is exact)
     count, last_ts: [P]   int64
-    recent:     [P, R, 5] int64  the repeat head's buffer (`repeat.RECENT_COLUMNS`)
+    recent:     [P, R, 6] int64  the repeat head's buffer (`repeat.RECENT_COLUMNS`)
     recent_counts: [P, 2] int64  its repeats and events; both None without a head
     """
 

@@ -219,7 +219,7 @@ class HSTUState(SlotState):
     times:     [P, N] int64   their timestamps (the time-gap bias)
     count:     [P]    int64   events applied: row j holds event count - N + j (none if < 0)
     last_ts:   [P]    int64   time of the newest applied event
-    recent:    [P, R, 5] int64 the repeat head's buffer (`repeat.RECENT_COLUMNS`)
+    recent:    [P, R, 6] int64 the repeat head's buffer (`repeat.RECENT_COLUMNS`)
     recent_counts: [P, 2] int64 its repeats and events; both None without a head
     """
 

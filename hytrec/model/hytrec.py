@@ -168,7 +168,7 @@ class StreamState(SlotState):
     window:      [P, K, 5]      int64 item, category, behaviour, gap bucket, ts of the last K
     count:       [P]            int64 events applied
     last_ts:     [P]            int64 time of the newest applied event
-    recent:      [P, N, 5]      int64 the repeat head's buffer (`repeat.RECENT_COLUMNS`)
+    recent:      [P, N, 6]      int64 the repeat head's buffer (`repeat.RECENT_COLUMNS`)
     recent_counts: [P, 2]       int64 its repeats and events; both None without a head
     """
 

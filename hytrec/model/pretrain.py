@@ -188,7 +188,7 @@ def pretrain(cfg: MIMConfig, log: EventLog, split: EvalSplit, progress: bool = T
     rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = MaskedItemModel(build_model(cfg.model, log))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr)
     starts, stops, train_stop = mim_windows(split, cfg.max_len)
     sessions, positions = sessionize(log, cfg.model.session_gap_s)
     result = MIMResult(

@@ -271,7 +271,7 @@ class RecGRELAState(SlotState):
     conv[l]: [P, K-1, D]      fp32  the layer's last K-1 values, oldest first
     count:   [P]              int64 events applied (the next RoPE position)
     last_ts: [P]              int64 time of the newest applied event
-    recent:  [P, N, 5]        int64 the repeat head's buffer (`repeat.RECENT_COLUMNS`)
+    recent:  [P, N, 6]        int64 the repeat head's buffer (`repeat.RECENT_COLUMNS`)
     recent_counts: [P, 2]     int64 its repeats and events; both None without a head
     """
 

@@ -13,6 +13,7 @@ The buffer. After each event a user keeps the last N distinct items it touched, 
     item_k, count_k   events on the item since it last entered the buffer
             last_ts_k time of the item's newest event
             stage_k   funnel stage (`Behavior`) of the item's newest event
+            cat_k     category of the item's newest event (0: unknown)
 
 and the user keeps `repeats` (events whose item was in the buffer already) and `events`.
 The newest event's item is always slot 0, so the query time is last_ts_0 and the newest
@@ -21,9 +22,10 @@ event was a repeat exactly when count_0 > 1.
 The head, for a user after event t with user vector u and item scores s:
 
     h_k        = E_rank[k] + E_count[b(count_k - 1)] + E_age[b(last_ts_0 - last_ts_k)]
-                 + E_stage[stage_k] + s_{item_k} w_s + W_u u                     [R]
-    c_k        = v . GELU(h_k) + prior_k + w log(count_k) + a s_{item_k}
-                 prior_k = -log(1 + k), w = 1, a = 0 at init
+                 + E_stage[stage_k] + E_same[same_k] + s_{item_k} w_s + W_u u     [R]
+    c_k        = v . GELU(h_k) + prior_k + w log(count_k) + a s_{item_k} + c same_k
+                 prior_k = -log(1 + k), w = 1, a = 0, c = 0 at init
+    same_k     = 1[cat_k = cat_0 > 0]: the item is of the category the user is on now
     P_copy(i)  = softmax_k(c)_k  if i = item_k,   0 for items outside the buffer
     p_repeat   = sigmoid(MLP([u ; repeats / events ; 1[count_0 > 1]]))
     P(i)       = p_repeat P_copy(i) + (1 - p_repeat) P_explore(i),   P_explore = softmax_i(s)
@@ -32,7 +34,12 @@ with b(x) = floor(log2(1 + x)), capped (`log2_bucket`). Untrained, P_copy(item_k
 count_k / (1 + k) normalised: the recency-frequency heuristic (`heuristics.py`, the best of
 them on Taobao and Foursquare) within the buffer, so training starts from it, not from
 recent-items. Training maximises log P(i_{t+1}) at
-every position, jointly with the model. Full ranking scores every item by log P(i).
+every position, jointly with the model (the head's parameters at a higher learning rate,
+`TrainConfig.head_lr_scale`: its scalars start at the heuristic and must move by O(1) in
+the few hundred steps a small log gives). Full ranking scores every item by log P(i).
+same_k is a signal the user heuristics leave out: a shopper who returns to an item often
+returns to one of the category being browsed now. On files without categories every cat_k
+is 0 and the feature is inert.
 
 Normalisation of P_explore. With a full softmax it is exact in training and in ranking. With
 a sampled softmax of S uniform negatives from the N_items - 1 real items, training uses
@@ -48,7 +55,7 @@ Three forms of one computation. `RecentBuffer.from_events` builds the buffer aft
 marked events of a batch, vectorised ([B, T, T] comparisons, no loop over events): training
 marks every input position, ranking the last event of each row. `DistinctItemBuffer` is the
 same buffer one event at a time, in plain Python: the oracle. `push_runs` is the serving form:
-the buffers live in the users' stream state (`new_recent`, a `recent` [P, N, 5] and a
+the buffers live in the users' stream state (`new_recent`, a `recent` [P, N, 6] and a
 `recent_counts` [P, 2] part) and each micro-batch moves them one event position at a time,
 vectorised over users. The tests check that all three agree at every position and that
 P(i) from either is the same.
@@ -105,29 +112,29 @@ class DistinctItemBuffer:
 
     def __init__(self, size: int):
         self.size = size
-        self.entries: OrderedDict[int, tuple[int, int, int]] = OrderedDict()  # newest last
+        self.entries: OrderedDict[int, tuple[int, int, int, int]] = OrderedDict()  # newest last
         self.repeats = 0
         self.events = 0
 
-    def push(self, item: int, ts: int, stage: int) -> None:
+    def push(self, item: int, ts: int, stage: int, category: int = 0) -> None:
         self.events += 1
         count = 1
         if item in self.entries:
             count += self.entries.pop(item)[0]
             self.repeats += 1
-        self.entries[item] = (count, ts, stage)
+        self.entries[item] = (count, ts, stage, category)
         if len(self.entries) > self.size:
             self.entries.popitem(last=False)  # the least recently used
 
-    def newest_first(self) -> list[tuple[int, int, int, int]]:
-        """(item, count, last_ts, stage) per slot, slot 0 first."""
+    def newest_first(self) -> list[tuple[int, int, int, int, int]]:
+        """(item, count, last_ts, stage, category) per slot, slot 0 first."""
         return [(item, *entry) for item, entry in reversed(self.entries.items())]
 
 
 @dataclass
 class RecentBuffer:
     """Buffers of Q queries (users after some event), slot 0 = newest, as the stream keeps
-    them. item/count/last_ts/stage: [Q, N] int64, item 0 (and zeros) in empty slots;
+    them. item/count/last_ts/stage/category: [Q, N] int64, item 0 (and zeros) in empty slots;
     repeats, events: [Q] int64. source [Q, N]: where offline buffers come from, the position
     of the slot's newest event in its batch row (-1 for empty slots, and for serving)."""
 
@@ -135,6 +142,7 @@ class RecentBuffer:
     count: torch.Tensor
     last_ts: torch.Tensor
     stage: torch.Tensor
+    category: torch.Tensor
     repeats: torch.Tensor
     events: torch.Tensor
     source: torch.Tensor
@@ -145,20 +153,19 @@ class RecentBuffer:
 
     @classmethod
     def from_events(
-        cls, item, ts, stage, lengths, query: torch.Tensor, size: int
+        cls, batch, query: torch.Tensor, size: int
     ) -> tuple[RecentBuffer, torch.Tensor]:
-        """The buffer after every marked event of right-padded rows item/ts/stage [B, T]
-        (query [B, T] bool, only real events), and the (row, position) [Q, 2] of each query,
-        in `query.nonzero()` order. Costs [B, T, T] comparisons, taken a few rows at a time
+        """The buffer after every marked event of a batch's right-padded rows [B, T] (query
+        [B, T] bool, only real events), and the (row, position) [Q, 2] of each query, in
+        `query.nonzero()` order. Costs [B, T, T] comparisons, taken a few rows at a time
         (`CHUNK_COMPARISONS`)."""
-        B, T = item.shape
+        B, T = batch.item.shape
         chunk = max(1, CHUNK_COMPARISONS // max(T * T, 1))
         buffers, wheres = [], []
         for r in range(0, B, chunk):
             rows = slice(r, r + chunk)
-            buffer, where = _buffers_of_rows(
-                item[rows], ts[rows], stage[rows], lengths[rows], query[rows], size
-            )
+            columns = (batch.item, batch.ts, batch.behavior, batch.category, batch.lengths, query)
+            buffer, where = _buffers_of_rows(*(c[rows] for c in columns), size)
             where[:, 0] += r
             buffers.append(buffer)
             wheres.append(where)
@@ -168,7 +175,7 @@ class RecentBuffer:
         )
 
 
-def _buffers_of_rows(item, ts, stage, lengths, query, size):
+def _buffers_of_rows(item, ts, stage, category, lengths, query, size):
     """`RecentBuffer.from_events` for one chunk of rows."""
     B, T = item.shape
     device = item.device
@@ -211,13 +218,14 @@ def _buffers_of_rows(item, ts, stage, lengths, query, size):
     k = rank[b[qi], q[qi], j]
     out = {
         name: torch.zeros(Q, size, dtype=torch.long, device=device)
-        for name in ("item", "count", "last_ts", "stage")
+        for name in ("item", "count", "last_ts", "stage", "category")
     }
     source = torch.full((Q, size), -1, dtype=torch.long, device=device)
     out["item"][qi, k] = item[b[qi], j]
     out["count"][qi, k] = count[b[qi], j]
     out["last_ts"][qi, k] = ts[b[qi], j]
     out["stage"][qi, k] = stage[b[qi], j]
+    out["category"][qi, k] = category[b[qi], j]
     source[qi, k] = j
     buffer = RecentBuffer(
         **out,
@@ -240,6 +248,7 @@ class RepeatHead(nn.Module):
         self.count_emb = nn.Embedding(cfg.count_buckets, R)
         self.age_emb = nn.Embedding(cfg.age_buckets, R)
         self.stage_emb = nn.Embedding(NUM_BEHAVIORS, R)
+        self.same_category_emb = nn.Embedding(2, R)
         self.score_w = nn.Parameter(torch.zeros(R))
         self.user_proj = nn.Linear(d_model, R)
         self.copy_out = nn.Linear(R, 1, bias=False)
@@ -249,6 +258,7 @@ class RepeatHead(nn.Module):
         # and likelier the more often touched: with the rank prior, count_k / (1 + k)
         self.count_weight = nn.Parameter(torch.ones(()))
         self.score_scale = nn.Parameter(torch.zeros(()))
+        self.same_category_weight = nn.Parameter(torch.zeros(()))
         self.gate = nn.Sequential(nn.Linear(d_model + 2, R), nn.GELU(), nn.Linear(R, 1))
 
     def log_probs(
@@ -263,11 +273,14 @@ class RepeatHead(nn.Module):
         age = buffer.last_ts[qi, 0] - buffer.last_ts[qi, k]  # seconds before the newest event
         count = buffer.count[qi, k]
         s = score[qi, k]
+        category = buffer.category[qi, k]
+        same = ((category == buffer.category[qi, 0]) & (category > 0)).long()  # same_k
         h = (
             self.rank_emb(k)
             + self.count_emb(log2_bucket(count - 1, cfg.count_buckets))
             + self.age_emb(log2_bucket(age, cfg.age_buckets))
             + self.stage_emb(buffer.stage[qi, k])
+            + self.same_category_emb(same)
             + s[:, None] * self.score_w
             + self.user_proj(u)[qi]
         )  # [M, R]
@@ -276,6 +289,7 @@ class RepeatHead(nn.Module):
             + self.rank_prior[k]
             + self.count_weight * count.float().log()
             + self.score_scale * s
+            + self.same_category_weight * same
         )
         logits = score.new_full(score.shape, float("-inf")).index_put((qi, k), filled)
         log_copy = logits.log_softmax(-1)  # [Q, N], -inf in empty slots
@@ -295,9 +309,7 @@ class RepeatHead(nn.Module):
         """
         B, T = batch.item.shape
         query = F.pad(real, (0, 1))  # [B, T]: the real input positions
-        buffer, where = RecentBuffer.from_events(
-            batch.item, batch.ts, batch.behavior, batch.lengths, query, self.cfg.buffer_size
-        )
+        buffer, where = RecentBuffer.from_events(batch, query, self.cfg.buffer_size)
         b, q = where.unbind(1)
         # the model's score of each slot's item: u_q . e_item[j], through one [B, T-1, T] bmm
         row_scores = torch.bmm(u, items[batch.item].transpose(1, 2))  # [B, T-1, T]
@@ -317,9 +329,7 @@ class RepeatHead(nn.Module):
         (column 0, padding, -inf), u [B, d], items [N_items, d]."""
         last = torch.zeros_like(batch.item, dtype=torch.bool)
         last[torch.arange(len(last), device=last.device), batch.lengths - 1] = True
-        buffer, _ = RecentBuffer.from_events(
-            batch.item, batch.ts, batch.behavior, batch.lengths, last, self.cfg.buffer_size
-        )
+        buffer, _ = RecentBuffer.from_events(batch, last, self.cfg.buffer_size)
         return self.serve(buffer, u, scores, items)
 
     def serve(
@@ -339,13 +349,14 @@ class RepeatHead(nn.Module):
 # ---------------------------------------------------------------------------- serving form
 
 # columns of a stream state's `recent` part, per slot (0 = newest): the buffer's item, count,
-# last_ts and stage, and paid_ts, the time of the newest payment for the item while it held
-# a slot (0: none; the shop rule `exclude_paid_hours` reads it, the head does not)
-RECENT_COLUMNS = ("item", "count", "last_ts", "stage", "paid_ts")
+# last_ts and stage, paid_ts, the time of the newest payment for the item while it held
+# a slot (0: none; the shop rule `exclude_paid_hours` reads it, the head does not), and the
+# category of the item's newest event
+RECENT_COLUMNS = ("item", "count", "last_ts", "stage", "paid_ts", "category")
 
 
 def new_recent(num_slots: int, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty buffers for a stream state: `recent` [P, N, 5] int64 (`RECENT_COLUMNS`; an
+    """Empty buffers for a stream state: `recent` [P, N, 6] int64 (`RECENT_COLUMNS`; an
     empty slot is all zeros, count 0) and `recent_counts` [P, 2] int64 (repeats, events)."""
     recent = torch.zeros(num_slots, size, len(RECENT_COLUMNS), dtype=torch.long, device=device)
     return recent, torch.zeros(num_slots, 2, dtype=torch.long, device=device)
@@ -357,12 +368,17 @@ def push_runs(recent: torch.Tensor, counts: torch.Tensor, slots: torch.Tensor, b
     its slot's buffer in place: `DistinctItemBuffer.push`, one event position at a time,
     all users at once. An unknown item (index 0) takes a slot like any other; the head
     reads such a slot as empty."""
-    buffer, counter = recent[slots], counts[slots]  # [U, N, 5], [U, 2]
+    buffer, counter = recent[slots], counts[slots]  # [U, N, 6], [U, 2]
     U, N, C = buffer.shape
     rows, index = torch.arange(U, device=buffer.device), torch.arange(N, device=buffer.device)
     for m in range(batch.item.shape[1]):
         live = m < batch.lengths  # [U]: users with an m-th event in this batch
-        item, ts, stage = batch.item[:, m], batch.ts[:, m], batch.behavior[:, m]
+        item, ts, stage, category = (
+            batch.item[:, m],
+            batch.ts[:, m],
+            batch.behavior[:, m],
+            batch.category[:, m],
+        )
         filled = buffer[..., 1] > 0  # count > 0; empty slots hold item 0 too
         match = filled & (buffer[..., 0] == item[:, None])  # [U, N], at most one per row
         hit = match.any(1)
@@ -374,7 +390,7 @@ def push_runs(recent: torch.Tensor, counts: torch.Tensor, slots: torch.Tensor, b
         moved = buffer.gather(1, source.clamp(min=0)[..., None].expand(U, N, C))
         paid = torch.where(stage == Behavior.PAYMENT, ts, torch.where(hit, old[:, 4], 0))
         count = torch.where(hit, old[:, 1] + 1, 1)
-        moved[:, 0] = torch.stack([item, count, ts, stage, paid], -1)
+        moved[:, 0] = torch.stack([item, count, ts, stage, paid, category], -1)
         buffer = torch.where(live[:, None, None], moved, buffer)
         counter = counter + torch.stack([hit & live, live], -1).long()
     recent[slots], counts[slots] = buffer, counter
@@ -382,14 +398,15 @@ def push_runs(recent: torch.Tensor, counts: torch.Tensor, slots: torch.Tensor, b
 
 def serving_buffer(recent: torch.Tensor, counts: torch.Tensor, slots: torch.Tensor) -> RecentBuffer:
     """These slots' buffers as the head reads them (`RecentBuffer`, no source)."""
-    buffer = recent[slots]  # [U, N, 5]
-    item, count, last_ts, stage = buffer[..., :4].unbind(-1)
+    buffer = recent[slots]  # [U, N, 6]
+    item, count, last_ts, stage, _, category = buffer.unbind(-1)
     counter = counts[slots]
     return RecentBuffer(
         item=item,
         count=count,
         last_ts=last_ts,
         stage=stage,
+        category=category,
         repeats=counter[:, 0],
         events=counter[:, 1],
         source=torch.full_like(item, -1),

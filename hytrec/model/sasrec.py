@@ -55,7 +55,7 @@ class SASRecState(SlotState):
     window:  [P, max_len] int64  the last max_len item ids, oldest first, newest at the end
     count:   [P]          int64  events applied
     last_ts: [P]          int64  time of the newest applied event
-    recent:  [P, N, 5]    int64  the repeat head's buffer (`repeat.RECENT_COLUMNS`)
+    recent:  [P, N, 6]    int64  the repeat head's buffer (`repeat.RECENT_COLUMNS`)
     recent_counts: [P, 2] int64  its repeats and events; both None without a head
     """
 

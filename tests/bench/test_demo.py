@@ -4,6 +4,7 @@ through a real broker and a worker process, reports, and leaves no process behin
 from __future__ import annotations
 
 import json
+import math
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -106,6 +107,12 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
         ["scored", "hytrec", "popular", "recent", "frequent", "next", "new", "new_hits"], 0
     )
     n.update(new_popular=0, new_next=0, recent_all=0, recency_frequency=0)
+    gains = dict.fromkeys(["hytrec", "popular", "recent", "frequent", "recency_frequency"], 0.0)
+    gains["next"] = 0.0
+
+    def gain(item: str, ranked: list[str]) -> float:
+        return 1 / math.log2(2 + ranked.index(item)) if item in ranked else 0.0
+
     for i, p in enumerate(heldout):
         user, item, offset = p["user_id"], p["item_id"], int(heldout_sent.offset[i])
         earlier = [(o, items) for o, items in answered.get(user, []) if o < offset]
@@ -118,6 +125,11 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
             n["scored"] += 1
             n["hytrec"] += item in recommended
             n["popular"] += item in popular
+            gains["hytrec"] += gain(item, recommended)
+            gains["popular"] += gain(item, popular_list)
+            gains["recent"] += gain(item, recent_distinct(known, top_k))
+            gains["frequent"] += gain(item, by_frequency(known, top_k))
+            gains["recency_frequency"] += gain(item, by_recency_frequency(known, top_k))
             n["recent"] += item in recent_distinct(known, top_k)
             n["recent_all"] += item in recent_distinct(mine, top_k)
             n["frequent"] += item in by_frequency(known, top_k)
@@ -126,6 +138,7 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
             if last not in transitions:
                 transitions[last] = next_items(history, last, popular_list, top_k)
             n["next"] += item in transitions[last]
+            gains["next"] += gain(item, transitions[last])
             if item not in mine:
                 n["new"] += 1
                 n["new_hits"] += item in recommended
@@ -140,6 +153,12 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
         f"user_frequency_hit@{top_k}": n["frequent"] / n["scored"],
         f"recency_frequency_hit@{top_k}": n["recency_frequency"] / n["scored"],
         f"item_transition_hit@{top_k}": n["next"] / n["scored"],
+        f"model_ndcg@{top_k}": gains["hytrec"] / n["scored"],
+        f"popularity_ndcg@{top_k}": gains["popular"] / n["scored"],
+        f"recent_items_ndcg@{top_k}": gains["recent"] / n["scored"],
+        f"user_frequency_ndcg@{top_k}": gains["frequent"] / n["scored"],
+        f"recency_frequency_ndcg@{top_k}": gains["recency_frequency"] / n["scored"],
+        f"item_transition_ndcg@{top_k}": gains["next"] / n["scored"],
         f"recent_items_hit@{top_k}_all_events": n["recent_all"] / n["scored"],
         "new_item_events": n["new"],
         f"model_hit@{top_k}_new_items": n["new_hits"] / n["new"],
@@ -170,7 +189,13 @@ def test_each_held_out_event_is_scored_against_the_recommendation_before_it():
     ]
     sent = demo.Sent(np.zeros(5, np.int64), np.arange(8, 13), np.zeros(5, np.int64))
     received = [rec("u", 3, ["a"]), rec("u", 8, ["x"]), rec("v", 10, ["a"]), rec("u", 12, ["c"])]
-    assert demo.hit_rates(received, history, heldout, sent, top_k=2) == {
+    rates = demo.hit_rates(received, history, heldout, sent, top_k=2)
+    # every baseline hits "a" at 8 only (as does the model): the first of them is the best,
+    # and u, the one scored user, is every resample
+    no_difference = {"heuristic": "popularity", "diff": 0.0, "diff_ci95": [0.0, 0.0]}
+    assert rates.pop("vs_best_heuristic") == {"hit@2": no_difference, "ndcg@2": no_difference}
+    second = 1 / math.log2(3)  # the gain of a hit at rank 1
+    assert rates == {
         "scored_events": 4,
         "model_hit@2": 1 / 4,  # "a" only
         "popularity_hit@2": 1 / 4,  # each item twice, the first counted first: a, b
@@ -185,6 +210,14 @@ def test_each_held_out_event_is_scored_against_the_recommendation_before_it():
         "item_transition_hit@2": 1 / 4,
         # knowing every event, (d, c) before "c" at 12 hits too
         "recent_items_hit@2_all_events": 2 / 4,
+        # "a" at 8 at rank 0 in the model's, popularity's and item transition's lists, at
+        # rank 1 in the user baselines' (b first)
+        "model_ndcg@2": 1 / 4,
+        "popularity_ndcg@2": 1 / 4,
+        "recent_items_ndcg@2": second / 4,
+        "user_frequency_ndcg@2": second / 4,
+        "recency_frequency_ndcg@2": second / 4,
+        "item_transition_ndcg@2": 1 / 4,
         "new_item_events": 2,  # "c" at 9 and "d" are new to u
         "model_hit@2_new_items": 0.0,
         "popularity_hit@2_new_items": 0.0,
@@ -271,8 +304,27 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path, monkeypatch, capsys):
 
     # the hit rates and both baselines, recomputed from the replayed events and the
     # recommendations that came back
-    assert summary["quality"] == expected_quality(replays, recommendations, config.top_k)
-    assert summary["quality"]["scored_events"] > 0.9 * len(heldout)
+    quality = dict(summary["quality"])
+    versus = quality.pop("vs_best_heuristic")
+    expected = expected_quality(replays, recommendations, config.top_k)
+    assert quality == pytest.approx(expected)
+    assert quality["scored_events"] > 0.9 * len(heldout)
+    for metric in ("hit", "ndcg"):  # the model against the best baseline on each metric
+        v = versus[f"{metric}@{config.top_k}"]
+        rates = {
+            name: expected[f"{name}_{metric}@{config.top_k}"]
+            for name in (
+                "popularity",
+                "recent_items",
+                "user_frequency",
+                "recency_frequency",
+                "item_transition",
+            )
+        }
+        assert rates[v["heuristic"]] == max(rates.values())
+        model = expected[f"model_{metric}@{config.top_k}"]
+        assert v["diff"] == pytest.approx(model - max(rates.values()))
+        assert v["diff_ci95"][0] <= v["diff"] <= v["diff_ci95"][1]
 
     assert summary["git_commit"] == git_commit() and "provenance_ok" in summary
     assert summary["machine"]["cpus"] == len(os.sched_getaffinity(0))

@@ -74,3 +74,24 @@ def test_seeds_widen_the_interval_by_their_spread_and_keep_the_pairing():
     assert paired["diff_ci"] == pytest.approx([0.1, 0.1])  # users paired across the sides
     with pytest.raises(ValueError, match="equal lengths"):
         paired_bootstrap(same_seeds, b[:10])
+
+
+def test_weights_give_the_mean_over_events_resampled_by_user():
+    """Per-user means weighted by each user's events: the mean over events; equal weights
+    change nothing; a constant per-event difference keeps a zero-width interval."""
+    rng = np.random.default_rng(4)
+    hits = [rng.random(int(k)) < 0.4 for k in rng.integers(1, 30, 300)]  # events per user
+    per_user = np.array([h.mean() for h in hits])
+    events = np.array([len(h) for h in hits])
+    out = paired_bootstrap(per_user, weights=events, seed=1)
+    assert out["mean"] == pytest.approx(np.concatenate(hits).mean())
+    assert out["ci"][0] < out["mean"] < out["ci"][1]
+    plain = paired_bootstrap(per_user, seed=1)
+    equal = paired_bootstrap(per_user, weights=np.full(300, 7.0), seed=1)
+    assert equal["ci"] == pytest.approx(plain["ci"]) and equal["mean"] == pytest.approx(
+        plain["mean"]
+    )
+    shifted = paired_bootstrap(per_user + 0.1, per_user, weights=events, resamples=300)
+    assert shifted["diff"] == pytest.approx(0.1) and shifted["diff_ci"] == pytest.approx([0.1, 0.1])
+    with pytest.raises(ValueError, match="one value per user"):
+        paired_bootstrap(per_user, weights=events[:5])

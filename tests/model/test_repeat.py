@@ -27,6 +27,7 @@ from hytrec.model.synthetic import revisiting_log
 from hytrec.model.train import (
     TrainConfig,
     batch_loss,
+    param_groups,
     target_log_prob,
     train,
 )
@@ -39,6 +40,12 @@ FAST = settings(
 # are common
 event = st.tuples(st.integers(1, 9), st.integers(0, 5000), st.integers(1, 9))
 history = st.lists(event, min_size=1, max_size=40)
+
+
+def category_of(item: int, stage: int) -> int:
+    """An event's category: varies between one item's events (the buffer keeps its newest
+    event's) and is 0 (unknown) for about half of them."""
+    return (item + stage) % 2
 
 
 def brute_count(items: list[int], at: int, size: int) -> int:
@@ -60,7 +67,7 @@ def test_buffer_is_bounded_distinct_newest_first_with_right_counts(events, size)
     buffer = DistinctItemBuffer(size)
     items = []
     for n, (item, _, stage) in enumerate(events):
-        buffer.push(item, 1000 + n, stage)
+        buffer.push(item, 1000 + n, stage, category_of(item, stage))
         items.append(item)
         slots = buffer.newest_first()
         ids = [s[0] for s in slots]
@@ -68,8 +75,9 @@ def test_buffer_is_bounded_distinct_newest_first_with_right_counts(events, size)
         # exactly the `size` most recently touched distinct items, newest first
         assert ids == list(dict.fromkeys(reversed(items)))[:size]
         newest = {i: p for p, i in enumerate(items)}
-        for item_, count, last_ts, stage_ in slots:
+        for item_, count, last_ts, stage_, category in slots:
             assert last_ts == 1000 + newest[item_] and stage_ == events[newest[item_]][2]
+            assert category == category_of(item_, stage_)
             assert count == brute_count(items, newest[item_], size)
     repeats = sum(
         1
@@ -89,7 +97,7 @@ def batch_of(rows: list[list[tuple[int, int, int]]]) -> EventBatch:
     ts = [np.cumsum([1_500_000_000] + [g for _, g, _ in r][1:]).tolist() for r in rows]
     return EventBatch(
         item=column([[i for i, _, _ in r] for r in rows]),
-        category=torch.zeros(len(rows), T, dtype=torch.long),
+        category=column([[category_of(i, s) for i, _, s in r] for r in rows]),
         behavior=column([[s for _, _, s in r] for r in rows]),
         ts=column(ts),
         lengths=torch.tensor([len(r) for r in rows]),
@@ -102,7 +110,7 @@ def reference_buffers(rows, size) -> list[list[DistinctItemBuffer]]:
     for r, ts_row in zip(rows, batch_of(rows).ts.tolist(), strict=True):
         buffer, states = DistinctItemBuffer(size), []
         for (item, _, stage), ts in zip(r, ts_row, strict=False):
-            buffer.push(item, ts, stage)
+            buffer.push(item, ts, stage, category_of(item, stage))
             copy = DistinctItemBuffer(size)
             copy.entries, copy.repeats, copy.events = (
                 buffer.entries.copy(),
@@ -116,13 +124,16 @@ def reference_buffers(rows, size) -> list[list[DistinctItemBuffer]]:
 
 def dense(buffer: DistinctItemBuffer) -> RecentBuffer:
     """A reference buffer as the [1, N] tensors the head reads."""
-    slots = buffer.newest_first() + [(0, 0, 0, 0)] * (buffer.size - len(buffer.entries))
-    item, count, last_ts, stage = (torch.tensor([list(c)]) for c in zip(*slots, strict=True))
+    slots = buffer.newest_first() + [(0, 0, 0, 0, 0)] * (buffer.size - len(buffer.entries))
+    item, count, last_ts, stage, category = (
+        torch.tensor([list(c)]) for c in zip(*slots, strict=True)
+    )
     return RecentBuffer(
         item=item,
         count=count,
         last_ts=last_ts,
         stage=stage,
+        category=category,
         repeats=torch.tensor([buffer.repeats]),
         events=torch.tensor([buffer.events]),
         source=torch.full_like(item, -1),
@@ -135,14 +146,12 @@ def test_vectorised_buffer_equals_the_serving_buffer_at_every_position(rows, siz
     """The training form's buffer after each event is the serving form's after the same
     events: items, counts, times, stages, repeats and events, slot by slot."""
     batch = batch_of(rows)
-    buffer, where = RecentBuffer.from_events(
-        batch.item, batch.ts, batch.behavior, batch.lengths, batch.mask, size
-    )
+    buffer, where = RecentBuffer.from_events(batch, batch.mask, size)
     refs = reference_buffers(rows, size)
     assert where.tolist() == batch.mask.nonzero().tolist()
     for n, (b, q) in enumerate(where.tolist()):
         expect = dense(refs[b][q])
-        for field in ("item", "count", "last_ts", "stage", "repeats", "events"):
+        for field in ("item", "count", "last_ts", "stage", "category", "repeats", "events"):
             assert getattr(buffer, field)[n].tolist() == getattr(expect, field)[0].tolist(), field
         j = buffer.source[n]
         assert (batch.item[b, j[j >= 0]] == buffer.item[n, j >= 0]).all()
@@ -159,18 +168,26 @@ def test_vectorised_buffer_in_row_chunks_equals_whole_rows(monkeypatch):
     batch = batch_of(rows)
     last = torch.zeros_like(batch.mask)
     last[torch.arange(7), batch.lengths - 1] = True
-    chunked, where = RecentBuffer.from_events(
-        batch.item, batch.ts, batch.behavior, batch.lengths, last, 20
-    )
+    chunked, where = RecentBuffer.from_events(batch, last, 20)
     assert where.tolist() == [[b, len(rows[b]) - 1] for b in range(7)]
     for b in range(7):
         expect = dense(reference_buffers([rows[b]], 20)[0][-1])
-        for field in ("item", "count", "last_ts", "repeats", "events"):
+        for field in ("item", "count", "last_ts", "category", "repeats", "events"):
             assert getattr(chunked, field)[b].tolist() == getattr(expect, field)[0].tolist()
 
 
 TINY_HEAD = RepeatConfig(buffer_size=5, hidden=8)
 NUM_ITEMS = 10
+
+
+def tiny_log() -> EventLog:
+    """An event log whose vocabularies size the tiny models (its one event is not used)."""
+    return EventLog(
+        *(np.ones(1, np.int64) for _ in range(5)),
+        users=Vocabulary("u"),
+        items=Vocabulary(str(i) for i in range(1, NUM_ITEMS)),
+        categories=Vocabulary("c"),
+    )
 
 
 def tiny_model(kind: str = "sasrec"):
@@ -192,15 +209,10 @@ def tiny_model(kind: str = "sasrec"):
             short_window=4,
             repeat_head=TINY_HEAD,
         )
-    log = EventLog(
-        *(np.ones(1, np.int64) for _ in range(5)),
-        users=Vocabulary("u"),
-        items=Vocabulary(str(i) for i in range(1, NUM_ITEMS)),
-        categories=Vocabulary("c"),
-    )
-    model = build_model(cfg, log).eval()
+    model = build_model(cfg, tiny_log()).eval()
     with torch.no_grad():
         model.repeat_head.score_scale.fill_(0.7)
+        model.repeat_head.same_category_weight.fill_(0.9)
         model.repeat_head.score_w.normal_()
         model.repeat_head.copy_out.weight.normal_()
         model.repeat_head.gate[2].bias.fill_(0.3)
@@ -322,6 +334,54 @@ def test_the_untrained_copy_distribution_is_recency_frequency():
     assert torch.allclose(log_copy[0, :4].exp(), weight / weight.sum(), atol=1e-6)
 
 
+def test_the_same_category_weight_moves_exactly_the_items_of_the_current_category():
+    """same_k = 1 for the slots whose category is the newest event's, never for unknown
+    (0) categories: with the copy MLP silent, log P_copy of those slots rises by exactly
+    the weight against the untrained head's."""
+    torch.manual_seed(0)
+    head = repeat.RepeatHead(TINY_HEAD, 16)
+    # newest first: item 5 (category 1), 3 (category 1), 2 (category 0), 1 (category 2)
+    buffer = RecentBuffer(
+        item=torch.tensor([[5, 3, 2, 1, 0]]),
+        count=torch.tensor([[1, 2, 1, 3, 0]]),
+        last_ts=torch.tensor([[900, 800, 700, 600, 0]]),
+        stage=torch.ones(1, 5, dtype=torch.long),
+        category=torch.tensor([[1, 1, 0, 2, 0]]),
+        repeats=torch.tensor([3]),
+        events=torch.tensor([7]),
+        source=torch.full((1, 5), -1),
+    )
+    u, score = torch.randn(1, 16), torch.randn(1, 5)
+    with torch.no_grad():
+        _, _, before = head.log_probs(buffer, u, score)
+        head.same_category_weight.fill_(1.5)
+        _, _, after = head.log_probs(buffer, u, score)
+    shift = (after - before)[0, :4]
+    assert torch.allclose(shift[:2] - shift[2], torch.full((2,), 1.5), atol=1e-6)
+    assert torch.allclose(shift[3], shift[2], atol=1e-6)
+    unknown = replace(buffer, category=torch.zeros_like(buffer.category))
+    with torch.no_grad():
+        _, _, inert = head.log_probs(unknown, u, score)
+    assert torch.allclose(inert, before, atol=1e-6)  # no categories: the feature is silent
+
+
+def test_the_head_learns_at_its_own_rate():
+    """The optimiser groups: every parameter once; the head's at lr * head_lr_scale, with
+    weight decay on matrices and embeddings only; a model without a head is unchanged."""
+    model = tiny_model("sasrec")
+    groups = param_groups(model, 0.01, 1e-3, head_lr_scale=10.0)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    head = {id(p) for p in model.repeat_head.parameters()}
+    for g in groups:
+        owned = {id(p) in head for p in g["params"]}
+        assert len(owned) == 1
+        assert g["lr"] == pytest.approx(1e-2 if owned.pop() else 1e-3)
+        assert g["weight_decay"] == (0.01 if g["params"][0].dim() >= 2 else 0.0)
+    plain = build_model(SASRecConfig(num_items=NUM_ITEMS, d_model=16), tiny_log())
+    assert [g["lr"] for g in param_groups(plain, 0.01, 1e-3, 10.0)] == [1e-3, 1e-3]
+
+
 @pytest.mark.parametrize("negatives", [0, 4])
 def test_gradients_reach_the_head_and_the_model(negatives):
     model = tiny_model().train()
@@ -401,7 +461,8 @@ def test_the_stream_states_buffer_equals_the_serving_buffer_after_every_micro_ba
 ):
     """`push_runs` (the buffer in a stream state, users' runs of up to `max_run` events per
     micro-batch) holds after every batch exactly the one-event-at-a-time buffer of each
-    user: bounded, distinct, newest first, counts, times, stages, repeats, events; and
+    user: bounded, distinct, newest first, counts, times, stages, categories, repeats,
+    events; and
     paid_ts is the newest payment on the item since it last entered the buffer."""
     refs = reference_buffers(rows, size)
     ts = [row[: len(r)] for r, row in zip(rows, batch_of(rows).ts.tolist(), strict=True)]
@@ -422,7 +483,9 @@ def test_the_stream_states_buffer_equals_the_serving_buffer_after_every_micro_ba
 
         batch = EventBatch(
             item=column(0),
-            category=torch.zeros(len(users), M, dtype=torch.long),
+            category=torch.tensor(
+                [[category_of(e[0], e[2]) for e in run] + [0] * (M - len(run)) for run in events]
+            ),
             behavior=column(2),
             ts=column(3),
             lengths=torch.tensor([len(e) for e in events]),
@@ -433,11 +496,11 @@ def test_the_stream_states_buffer_equals_the_serving_buffer_after_every_micro_ba
             ref = refs[u][applied[u] - 1]
             expect = dense(ref)
             served = repeat.serving_buffer(recent, counts, slot_of[[u]])
-            for field in ("item", "count", "last_ts", "stage", "repeats", "events"):
+            for field in ("item", "count", "last_ts", "stage", "category", "repeats", "events"):
                 assert getattr(served, field).tolist() == getattr(expect, field).tolist(), field
             seen = [(i, s, t) for (i, _, s), t in zip(rows[u], ts[u], strict=False)][: applied[u]]
             paid = []
-            for item, count, _, _ in ref.newest_first():
+            for item, count, *_ in ref.newest_first():
                 mine = [(s, t) for i, s, t in seen if i == item][-count:]
                 paid.append(max([t for s, t in mine if s == Behavior.PAYMENT], default=0))
             paid += [0] * (size - len(paid))
