@@ -746,7 +746,8 @@ def ranking_lines(s: dict) -> list[str]:
     def versus(metric: str, label: str) -> str:
         v = q["vs_best_heuristic"][f"{metric}@{k}"]
         low, high = v["diff_ci95"]
-        return f"{label} {v['diff']:+.3f} [{low:+.3f}, {high:+.3f}] ({v['heuristic']})"
+        best = v["heuristic"].replace("_", "-")
+        return f"{label} {v['diff']:+.3f} [{low:+.3f}, {high:+.3f}] against {best}"
 
     return [
         f"next-event NDCG@{k}   {model} {q[f'model_ndcg@{k}']:.3f} | user's recent items "

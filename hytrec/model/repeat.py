@@ -161,10 +161,10 @@ class RecentBuffer:
         (`CHUNK_COMPARISONS`)."""
         B, T = batch.item.shape
         chunk = max(1, CHUNK_COMPARISONS // max(T * T, 1))
+        columns = (batch.item, batch.ts, batch.behavior, batch.category, batch.lengths, query)
         buffers, wheres = [], []
         for r in range(0, B, chunk):
             rows = slice(r, r + chunk)
-            columns = (batch.item, batch.ts, batch.behavior, batch.category, batch.lengths, query)
             buffer, where = _buffers_of_rows(*(c[rows] for c in columns), size)
             where[:, 0] += r
             buffers.append(buffer)
