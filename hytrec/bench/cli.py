@@ -167,6 +167,11 @@ def register(commands, benchmarks) -> None:
         action=argparse.BooleanOptionalAction,
         help="also time HyTRec's compiled one-event step (default on; --quick: off)",
     )
+    eff.add_argument(
+        "--compile-train",
+        action=argparse.BooleanOptionalAction,
+        help="also time HyTRec's training with its forward compiled (default on; --quick: off)",
+    )
     eff.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     eff.add_argument(
         "--output", help="report stem (default: benchmarks/results/efficiency-<device>)"

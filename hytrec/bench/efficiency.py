@@ -11,6 +11,9 @@ measures, side by side in one process:
     sasrec_recompute_us             SASRec's forward over the L+1 events (its cost per event)
     {hytrec,recgrela}_recompute_us  the parallel forward over the L+1 events (no state kept)
     *_train_tokens_per_s            forward+backward of the next-item loss over L events
+    hytrec_compiled_train_tokens_per_s  the same with HyTRec's forward through torch.compile
+                                    (inductor, one graph per L, compiled in the untimed
+                                    warm-up call); the eager figure is what `train` runs
     *_train_mflop_per_token         the matrix-product work of that forward+backward, per token
                                     (counted, not timed: why one model is slower than another)
 
@@ -100,6 +103,8 @@ class EfficiencyConfig:
     threads: int | None = None  # torch threads; None = PyTorch's default
     device: str = "cpu"  # "cuda": models and states on the GPU, timings synchronize it
     compile_step: bool = True  # also time HyTRec's compiled step (about a minute to compile)
+    # also time HyTRec's training with its forward compiled (about a minute per length)
+    compile_train: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -143,6 +148,7 @@ QUICK = EfficiencyConfig(
     train_iters=2,
     budget_s=1.0,
     compile_step=False,
+    compile_train=False,
 )
 
 
@@ -233,9 +239,12 @@ def _cache_rows(user: UserEvents, cfg: EfficiencyConfig) -> list[dict]:
     return rows
 
 
-def _train_tokens_per_s(model, user: UserEvents, L: int, cfg: EfficiencyConfig) -> tuple:
+def _train_tokens_per_s(
+    model, user: UserEvents, L: int, cfg: EfficiencyConfig, forward: Callable | None = None
+) -> list[float]:
     """Forward+backward of the dense next-item loss (every position predicts the next item,
-    full softmax over the items, as `train` does with negatives=0) over L events."""
+    full softmax over the items, as `train` does with negatives=0) over L events; `forward`
+    (default: the model's own) computes the user vectors."""
     device = torch.device(cfg.device)
     inputs = _batch(user, 0, L, device, cfg.train_batch)
     target = _batch(user, 1, L + 1, device, cfg.train_batch).item.reshape(-1)
@@ -244,7 +253,7 @@ def _train_tokens_per_s(model, user: UserEvents, L: int, cfg: EfficiencyConfig) 
 
     def one_iteration():
         model.zero_grad(set_to_none=True)
-        u = model(inputs).reshape(-1, model.cfg.d_model)
+        u = (forward or model)(inputs).reshape(-1, model.cfg.d_model)
         next_item_loss(model, u, target, 0, generator).backward()
 
     try:
@@ -351,6 +360,10 @@ def run_efficiency(
             notes.append({"measure": "hytrec_compiled_step_us", "reason": compiled.reason})
             compiled = None
     step_times = _interleaved_step_us(models, user, lengths, cfg, compiled)
+    # dynamic=False: one graph per length, each compiled in its measurement's warm-up call
+    compiled_forward = (
+        torch.compile(trained["hytrec"].forward, dynamic=False) if cfg.compile_train else None
+    )
     for L in lengths:
         history = _batch(user, 0, L + 1, device)
         row: dict = {"length": L}
@@ -377,6 +390,12 @@ def run_efficiency(
             row[key] = measure(L, key, _train_tokens_per_s, trained[name], user, L, cfg)
             key = f"{name}_train_mflop_per_token"
             row[key] = measure(L, key, _train_mflop_per_token, trained[name], user, L, cfg)
+        key = "hytrec_compiled_train_tokens_per_s"
+        row[key] = (
+            measure(L, key, _train_tokens_per_s, trained["hytrec"], user, L, cfg, compiled_forward)
+            if compiled_forward is not None
+            else None
+        )
         rows.append(row)
     bar.set_description("HSTU and HPGR steps by cache size")
     cache_rows = _cache_rows(user, cfg)
@@ -419,6 +438,10 @@ def run_efficiency(
             "its calls alternating with HSTU's",
             "train_tokens_per_s": f"batch {cfg.train_batch} x L tokens / median seconds of "
             "forward + backward of the full-softmax next-item loss (no optimizer step)",
+            "hytrec_compiled_train_tokens_per_s": "the same with HyTRec's forward through "
+            "torch.compile (inductor, dynamic=False: one graph per length, compiled in the "
+            "untimed warm-up call; the backward through AOTAutograd); null with "
+            "compile_train off",
             "train_mflop_per_token": "matrix-product MFLOP of that forward + backward per "
             "token, by torch.utils.flop_counter (mm, bmm, addmm, baddbmm; SDPA on CPU "
             "registered here, a causal call at half the full product); triangular solves "
@@ -478,6 +501,13 @@ def derived(rows: list[dict]) -> dict:
             "mflop_per_token": ratio(
                 r["hytrec_train_mflop_per_token"], r["sasrec_train_mflop_per_token"], 2
             ),
+            # HyTRec's training forward compiled, against eager SASRec and eager HyTRec
+            "compiled_tokens_per_s": ratio(
+                r.get("hytrec_compiled_train_tokens_per_s"), r["sasrec_train_tokens_per_s"], 2
+            ),
+            "compiled_over_eager": ratio(
+                r.get("hytrec_compiled_train_tokens_per_s"), r["hytrec_train_tokens_per_s"], 2
+            ),
         }
         for r in rows
     ]
@@ -497,13 +527,15 @@ def format_table(rows: list[dict]) -> str:
     heads += ("HyTRec recompute us", "RecGRELA recompute us", "HyTRec train tok/s")
     heads += ("RecGRELA train tok/s", "SASRec train tok/s", "HyTRec train MFLOP/tok")
     heads += ("RecGRELA train MFLOP/tok", "SASRec train MFLOP/tok", "HyTRec compiled step us")
+    heads += ("HyTRec compiled train tok/s",)
 
     def cell(v):
         return "null" if v is None else f"{v:,.1f}"
 
     lines = [" | ".join(heads), " | ".join("---" for _ in heads)]
     for r in rows:
-        figures = (r[m] for m in (*MEASURES, "hytrec_compiled_step_us"))
+        compiled = ("hytrec_compiled_step_us", "hytrec_compiled_train_tokens_per_s")
+        figures = (r.get(m) for m in (*MEASURES, *compiled))
         lines.append(" | ".join([str(r["length"]), *(cell(v) for v in figures)]))
     return "\n".join(lines)
 
@@ -561,6 +593,7 @@ def plot(report: dict, path: Path) -> None:
     left.legend(fontsize=8)
     for key, label, style in (
         ("hytrec_train_tokens_per_s", "HyTRec (chunked TADN)", "o-"),
+        ("hytrec_compiled_train_tokens_per_s", "HyTRec, forward compiled", "o:"),
         ("recgrela_train_tokens_per_s", "RecGRELA (chunked linear attention)", "D-"),
         ("sasrec_train_tokens_per_s", "SASRec (SDPA)", "^-"),
     ):

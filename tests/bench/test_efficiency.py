@@ -34,7 +34,8 @@ def test_run_efficiency_writes_rows_json_and_png(tmp_path):
         recompute_repeats=2,
         train_iters=2,
         budget_s=1.0,
-        compile_step=False,  # compiling takes a minute: the next test covers the column
+        compile_step=False,  # compiling takes a minute: tests below cover the columns
+        compile_train=False,
     )
     report = run_efficiency(cfg, tmp_path / "eff", progress=False)
 
@@ -68,6 +69,8 @@ def test_run_efficiency_writes_rows_json_and_png(tmp_path):
     assert written["hytrec_train_flatness_from_500"] is None  # no L >= 500 here
     assert all(r["hytrec_compiled_step_us"] is None for r in written["rows"])
     assert written["hytrec_compiled_step_speedup_min_max"] is None
+    assert all(r["hytrec_compiled_train_tokens_per_s"] is None for r in written["rows"])
+    assert all(a["compiled_tokens_per_s"] is None for a in written["hytrec_over_sasrec_train"])
     assert written["sasrec_config"]["max_len"] >= 33  # covers the L+1 recompute
     # HSTU by cache size: its state grows with N (keys and values of N events per layer)
     cache = written["cache_rows"]
@@ -198,3 +201,33 @@ def test_the_compiled_step_is_timed_in_the_same_rounds(tmp_path, monkeypatch):
     speedups = [r["hytrec_step_us"] / r["hytrec_compiled_step_us"] for r in report["rows"]]
     low, high = report["hytrec_compiled_step_speedup_min_max"]
     assert low == round(min(speedups), 2) and high == round(max(speedups), 2)
+
+
+def test_the_compiled_training_forward_is_timed_at_every_length(monkeypatch):
+    """With compile_train on, HyTRec's training forward goes through torch.compile (here a
+    stand-in that counts the calls of what it wraps) at every length, and the derived
+    ratios are the rows' figures over SASRec's and over HyTRec's eager ones."""
+    from hytrec.bench import efficiency
+
+    calls = []
+
+    def counting_compile(fn, dynamic=None):
+        def wrapped(batch):
+            calls.append(batch.item.shape)
+            return fn(batch)
+
+        return wrapped
+
+    monkeypatch.setattr(efficiency.torch, "compile", counting_compile)
+    cfg = replace(QUICK, compile_train=True, cache_sizes=(4,))
+    report = run_efficiency(cfg, None, progress=False)
+    assert sorted({shape[1] for shape in calls}) == sorted(cfg.lengths)  # [1, L] batches
+    for row, against in zip(report["rows"], report["hytrec_over_sasrec_train"], strict=True):
+        compiled = row["hytrec_compiled_train_tokens_per_s"]
+        assert compiled > 0
+        assert against["compiled_tokens_per_s"] == round(
+            compiled / row["sasrec_train_tokens_per_s"], 2
+        )
+        assert against["compiled_over_eager"] == round(
+            compiled / row["hytrec_train_tokens_per_s"], 2
+        )
