@@ -103,16 +103,9 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
     for p in history:
         past.setdefault(p["user_id"], []).append(p["item_id"])
     transitions: dict[str | None, list[str]] = {}  # last item -> the baseline's list
-    n = dict.fromkeys(
-        ["scored", "hytrec", "popular", "recent", "frequent", "next", "new", "new_hits"], 0
-    )
-    n.update(new_popular=0, new_next=0, recent_all=0, recency_frequency=0)
-    gains = dict.fromkeys(["hytrec", "popular", "recent", "frequent", "recency_frequency"], 0.0)
-    gains["next"] = 0.0
-
-    def gain(item: str, ranked: list[str]) -> float:
-        return 1 / math.log2(2 + ranked.index(item)) if item in ranked else 0.0
-
+    n = dict.fromkeys(["scored", "new", "new_hits", "new_popular", "new_next", "recent_all"], 0)
+    hits: dict[str, int] = {}
+    gains: dict[str, float] = {}
     for i, p in enumerate(heldout):
         user, item, offset = p["user_id"], p["item_id"], int(heldout_sent.offset[i])
         earlier = [(o, items) for o, items in answered.get(user, []) if o < offset]
@@ -122,23 +115,24 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
             recommended = recommended[:top_k]
             # the baselines know what the recommendation knew
             known = [i for o, i in events[user] if o <= answered_offset]
-            n["scored"] += 1
-            n["hytrec"] += item in recommended
-            n["popular"] += item in popular
-            gains["hytrec"] += gain(item, recommended)
-            gains["popular"] += gain(item, popular_list)
-            gains["recent"] += gain(item, recent_distinct(known, top_k))
-            gains["frequent"] += gain(item, by_frequency(known, top_k))
-            gains["recency_frequency"] += gain(item, by_recency_frequency(known, top_k))
-            n["recent"] += item in recent_distinct(known, top_k)
-            n["recent_all"] += item in recent_distinct(mine, top_k)
-            n["frequent"] += item in by_frequency(known, top_k)
-            n["recency_frequency"] += item in by_recency_frequency(known, top_k)
             last = known[-1] if known else None
             if last not in transitions:
                 transitions[last] = next_items(history, last, popular_list, top_k)
-            n["next"] += item in transitions[last]
-            gains["next"] += gain(item, transitions[last])
+            lists = {
+                "model": recommended,
+                "popularity": popular_list,
+                "recent_items": recent_distinct(known, top_k),
+                "user_frequency": by_frequency(known, top_k),
+                "recency_frequency": by_recency_frequency(known, top_k),
+                "item_transition": transitions[last],
+            }
+            n["scored"] += 1
+            for name, ranked in lists.items():
+                hits[name] = hits.get(name, 0) + (item in ranked)
+                # NDCG of one target: 1 / log2(2 + its 0-based rank) when listed
+                gain = 1 / math.log2(2 + ranked.index(item)) if item in ranked else 0.0
+                gains[name] = gains.get(name, 0.0) + gain
+            n["recent_all"] += item in recent_distinct(mine, top_k)
             if item not in mine:
                 n["new"] += 1
                 n["new_hits"] += item in recommended
@@ -147,18 +141,8 @@ def expected_quality(replays: dict, recommendations: list, top_k: int) -> dict:
         mine.append(item)
     return {
         "scored_events": n["scored"],
-        f"model_hit@{top_k}": n["hytrec"] / n["scored"],
-        f"popularity_hit@{top_k}": n["popular"] / n["scored"],
-        f"recent_items_hit@{top_k}": n["recent"] / n["scored"],
-        f"user_frequency_hit@{top_k}": n["frequent"] / n["scored"],
-        f"recency_frequency_hit@{top_k}": n["recency_frequency"] / n["scored"],
-        f"item_transition_hit@{top_k}": n["next"] / n["scored"],
-        f"model_ndcg@{top_k}": gains["hytrec"] / n["scored"],
-        f"popularity_ndcg@{top_k}": gains["popular"] / n["scored"],
-        f"recent_items_ndcg@{top_k}": gains["recent"] / n["scored"],
-        f"user_frequency_ndcg@{top_k}": gains["frequent"] / n["scored"],
-        f"recency_frequency_ndcg@{top_k}": gains["recency_frequency"] / n["scored"],
-        f"item_transition_ndcg@{top_k}": gains["next"] / n["scored"],
+        **{f"{name}_hit@{top_k}": count / n["scored"] for name, count in hits.items()},
+        **{f"{name}_ndcg@{top_k}": total / n["scored"] for name, total in gains.items()},
         f"recent_items_hit@{top_k}_all_events": n["recent_all"] / n["scored"],
         "new_item_events": n["new"],
         f"model_hit@{top_k}_new_items": n["new_hits"] / n["new"],
