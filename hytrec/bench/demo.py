@@ -420,7 +420,7 @@ def hit_rates(
         "recency_frequency",
         "item_transition",
     )
-    hits, gains, new_hits = Counter(), Counter(), Counter()
+    new_hits = Counter()
     scored = new_scored = all_events_hits = 0
     per_user: dict[str, Counter] = {}  # user -> its events, hits and gains per list
     for i, p in enumerate(heldout):
@@ -450,8 +450,6 @@ def hit_rates(
             for name in names:
                 hit = item in lists[name]
                 gain = 1.0 / np.log2(2 + lists[name].index(item)) if hit else 0.0
-                hits[name] += hit
-                gains[name] += gain
                 new_hits[name] += hit and new
                 mine_scored[f"{name}_hit"] += hit
                 mine_scored[f"{name}_ndcg"] += gain
@@ -459,10 +457,11 @@ def hit_rates(
         past.append(item)
         offsets.append(offset)
     rate = lambda n, d: n / d if d else float("nan")  # noqa: E731
+    totals = sum(per_user.values(), Counter())  # hits and gains per list, over all users
     return {
         "scored_events": scored,
-        **{f"{name}_hit@{top_k}": rate(hits[name], scored) for name in names},
-        **{f"{name}_ndcg@{top_k}": rate(gains[name], scored) for name in names},
+        **{f"{name}_hit@{top_k}": rate(totals[f"{name}_hit"], scored) for name in names},
+        **{f"{name}_ndcg@{top_k}": rate(totals[f"{name}_ndcg"], scored) for name in names},
         f"recent_items_hit@{top_k}_all_events": rate(all_events_hits, scored),
         "new_item_events": new_scored,
         **{
