@@ -535,7 +535,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [" | ".join(heads), " | ".join("---" for _ in heads)]
     for r in rows:
         compiled = ("hytrec_compiled_step_us", "hytrec_compiled_train_tokens_per_s")
-        figures = (r.get(m) for m in (*MEASURES, *compiled))
+        figures = (r[m] for m in (*MEASURES, *compiled))
         lines.append(" | ".join([str(r["length"]), *(cell(v) for v in figures)]))
     return "\n".join(lines)
 
