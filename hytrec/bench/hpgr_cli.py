@@ -32,7 +32,6 @@ SPARSITY_FLAGS = {
     "batch_size": int,
     "negatives": int,
     "time_budget_s": float,
-    "seed": int,
 }
 
 
@@ -86,6 +85,7 @@ def register(commands, benchmarks) -> None:
     )
     dataset_argument(p)
     p.add_argument("--ks", help="k values, comma-separated; 0 = dense (all)")
+    p.add_argument("--seeds", help="fine-tuning seeds, comma-separated (default 0)")
     p.add_argument("--init-from", help="a `hytrec pretrain mim` checkpoint (default: pre-train)")
     _flags(p, SPARSITY_FLAGS, "SparsityConfig")
     p.add_argument(
@@ -157,6 +157,8 @@ def _sparsity(args) -> int:
         cfg = replace(cfg, init_from=args.init_from)
     if args.ks:
         cfg = replace(cfg, ks=tuple(int(v) for v in args.ks.split(",") if v))
+    if args.seeds:
+        cfg = replace(cfg, seeds=tuple(int(v) for v in args.seeds.split(",") if v))
     output = Path(args.output or RESULTS / f"hpgr-sparsity-{_name(args.dataset)}")
     run_sparsity(cfg, log, output, not args.no_progress)
     print(f"-> {output}.json and .png")

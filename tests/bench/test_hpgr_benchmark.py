@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
+import pytest
+
 from hytrec import cli
 from hytrec.bench.hpgr_benchmark import SparsityConfig, run_pretrain_curve, run_sparsity
 from hytrec.model.hpgr import HPGRConfig
@@ -69,11 +72,22 @@ def test_sparsity_curve_reports_ndcg_and_the_flops_fraction_per_k(tmp_path):
         epochs=1,
         max_len=30,
         negatives=32,
+        seeds=(0, 1),
     )
     log = small_log()
     report = run_sparsity(cfg, log, tmp_path / "sparsity", progress=False)
     rows = {r["k"]: r for r in report["rows"]}
     assert set(rows) == {2, "all"}
+    # each k once per seed, every run its full epochs, and the paired interval against dense
+    assert all(r["epochs_run"] == [1, 1] and not r["cut_by_time_budget"] for r in rows.values())
+    assert len(rows[2]["NDCG@10_per_seed"]) == 2
+    assert rows[2]["NDCG@10"] == pytest.approx(np.mean(rows[2]["NDCG@10_per_seed"]))
+    low, high = rows[2]["NDCG@10_vs_dense_ci95"]
+    assert low <= rows[2]["NDCG@10_vs_dense"] <= high
+    # dense against itself: ratio 1, and (its seeds drawn independently on each side) an
+    # interval around 0
+    low, high = rows["all"]["NDCG@10_minus_dense_ci95"]
+    assert rows["all"]["NDCG@10_vs_dense"] == 1.0 and low <= 0.0 <= high
     assert rows["all"]["attention_flops_fraction"] == 1.0
     assert 0 < rows[2]["attention_flops_fraction"] < 1.0
     assert rows[2]["pairs_dense"] == rows["all"]["pairs_attended"]
@@ -86,6 +100,8 @@ def test_sparsity_curve_reports_ndcg_and_the_flops_fraction_per_k(tmp_path):
     assert cli.main(["benchmark", *args, "--output", str(tmp_path / "s2"), "--no-progress"]) == 0
     again = json.loads((tmp_path / "s2.json").read_text())
     assert again["config"]["init_from"] == str(mim) and again["pretrain"]["leaked_targets"] == 0
+    with pytest.raises(ValueError, match="dense"):
+        SparsityConfig(ks=(4, 8))
 
 
 def test_accuracy_harness_pretrains_for_the_hpgr_row_and_runs_its_ablations(tmp_path):
@@ -107,7 +123,6 @@ def test_accuracy_harness_pretrains_for_the_hpgr_row_and_runs_its_ablations(tmp_
 
 
 def test_accuracy_harness_refuses_or_leaves_out_hpgr_without_timestamps(tmp_path):
-    import pytest
 
     from hytrec.bench.accuracy import PRESETS, run_accuracy
     from hytrec.model.data import DataError
