@@ -17,6 +17,17 @@
 #   3. hytrec benchmark kernels: PyTorch vs Triton chunked vs fla's gated delta rule (bf16)
 #   4. hytrec benchmark efficiency --device cuda: per-event cost vs history length
 #
+# LEADERBOARD_S=N runs instead, in a call of its own, N seconds of the leaderboard's gpu
+# profile (hours of cells in all), resumable across leases: the cells it finishes come back
+# in $OUT/leaderboard-cells.tgz, and the next call carries them in as runs/leaderboard and
+# goes on where this one stopped; the JSON is written once every cell is done. It reads the
+# data from .data, a copy of ../shared/data (5.7 MiB), and HiSAC's semantic IDs need faiss
+# (a faiss-cpu wheel in .whl):
+#   echo /.data/ >> .git/info/exclude && cp -r ../shared/data .data
+#   mkdir -p runs/leaderboard && tar -xzf FILES_AT/leaderboard-cells.tgz -C runs/leaderboard
+#   run(command="LEADERBOARD_S=240 bash benchmarks/gpu_check.sh",
+#       carry=[".whl", ".data", "runs/leaderboard"], timeout_s=300)
+#
 # fla is optional (step 3 notes when it does not import): carry its wheels in .whl/ (git
 # ignores it), fetched on a machine with the registries, for the device's Python 3.12:
 #   echo /.whl/ >> .git/info/exclude
@@ -39,6 +50,21 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1  # only the output's tail comes back oth
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+if [ "${LEADERBOARD_S:-0}" -gt 0 ]; then
+    cells=${LEADERBOARD_CELLS:-runs/leaderboard}
+    mkdir -p "$cells"
+    # timeout ends the run inside a cell; every cell finished before it is kept
+    HYTREC_SHARED_DATA=${HYTREC_SHARED_DATA:-.data} timeout "$LEADERBOARD_S" python3 -m \
+        hytrec.cli benchmark leaderboard --profile gpu --cells "$cells" \
+        --output "$OUT/leaderboard-gpu"
+    rc=$?
+    echo "leaderboard: rc $rc (124: stopped by its limit; the next call resumes)"
+    echo "cells kept: $(find "$cells" -name '*seed*.json' | wc -l)"
+    tar -czf "$OUT/leaderboard-cells.tgz" -C "$cells" .
+    [ $rc -eq 0 ] || [ $rc -eq 124 ]
+    exit
 fi
 
 if [ -n "${QUICK:-}" ]; then

@@ -69,13 +69,14 @@ class Profile:
     # (learning rate, dropout) points tried with the first seed; None = the model's default
     grid: tuple[tuple[float, float | None], ...] = ((1e-3, None),)
     d_model: int = 64
+    device: str = "cpu"  # of training and ranking; "auto": CUDA when present
     note: str = ""
 
 
 # one zoo row per registered model, with the repeat head where the model takes one (ULIM
-# ranks by its category cascade and has none). Not yet here: HiSAC (its semantic IDs are
-# built from another model's trained item table, a step the leaderboard does not run)
-REGISTERED = ("SASRec", "HyTRec 3:1", "RecGRELA", "HSTU", "HPGR")
+# ranks by its category cascade and has none); HiSAC's multi-interest form (max over its
+# agents, no head) only in the gpu profile
+REGISTERED = ("SASRec", "HyTRec 3:1", "RecGRELA", "HSTU", "HPGR", "HiSAC")
 WITHOUT_HEAD = ("ULIM",)
 PROFILES = {
     "cpu": Profile(
@@ -89,9 +90,10 @@ PROFILES = {
         models=tuple(m + HEAD for m in REGISTERED) + WITHOUT_HEAD,
         note="sized for about an hour on a 2-core CPU: four data sets (Taobao and Beauty: "
         "seeded samples of 500 and 1,000 users), each registered model in its served form "
-        "(with the repeat head; ULIM ranks by its cascade) but HiSAC (not in it yet), no tuning "
-        "grid (each model's defaults, lr 1e-3), 25-40 s of training per cell (HPGR's "
-        "masked-item pre-training gets the same again before it): far short of "
+        "(with the repeat head; ULIM ranks by its cascade), no tuning grid (each model's "
+        "defaults, lr 1e-3), 25-40 s of training per cell (the stage a model needs first gets "
+        "the same again before it: HPGR's masked-item pre-training, the SASRec whose item "
+        "table HiSAC's semantic IDs are built over): far short of "
         "convergence, so these are budget-matched figures, not each model's best (the gpu "
         "profile is the converged one)",
     ),
@@ -105,8 +107,9 @@ PROFILES = {
             DatasetBudget("beauty", 600.0),
             DatasetBudget("sports", 600.0),
         ),
-        models=REGISTERED + tuple(m + HEAD for m in REGISTERED) + WITHOUT_HEAD,
+        models=REGISTERED + tuple(m + HEAD for m in REGISTERED) + WITHOUT_HEAD + ("HiSAC-mi",),
         grid=((1e-3, 0.1), (1e-3, 0.3), (3e-3, 0.1), (3e-3, 0.3)),
+        device="auto",
         note="every data set and registered model with and without the repeat head; a "
         "2 x 2 grid of learning rate and dropout chosen on validation",
     ),
@@ -158,28 +161,61 @@ def _cell_path(root: Path, dataset: DatasetBudget, model: str, config, tc, seed:
     return root / dataset.name / slug / f"lr{tc.lr:g}-do{config.dropout:g}-seed{seed}-{digest}.json"
 
 
+def _stage_dir(root: Path, budget: DatasetBudget, stage: str, d_model: int, tc, reads) -> Path:
+    """Where a stage run before a cell (a pre-training, a codebook) is kept: one per data set,
+    width, seed and the train config's fields `reads` (those the stage reads)."""
+    fields = {f: getattr(tc, f) for f in reads}
+    key = json.dumps({"data": asdict(budget), "d_model": d_model, **fields}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return root / budget.name / stage / f"seed{tc.seed}-{digest}"
+
+
 def _pretraining(root: Path, budget: DatasetBudget, config, tc, log, split) -> str:
     """HPGR's MIM pre-training (`accuracy.hpgr_pretraining`) for a cell's data, size and
     seed, with the cell's time budget: run once, kept beside the cells, its path returned
     (the cell's `init_from`)."""
     from hytrec.bench.accuracy import hpgr_pretraining
 
-    # what `hpgr_pretraining` reads of the train config (not the learning rate: a grid
-    # point shares its seed's pre-training)
-    reads = {f: getattr(tc, f) for f in ("max_len", "batch_size", "time_budget_s", "seed")}
-    key = json.dumps({"data": asdict(budget), "d_model": config.d_model, **reads}, sort_keys=True)
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    out = root / budget.name / "pretraining" / f"seed{tc.seed}-{digest}"
+    # not the learning rate: a grid point shares its seed's pre-training
+    reads = ("max_len", "batch_size", "time_budget_s", "seed")
+    out = _stage_dir(root, budget, "pretraining", config.d_model, tc, reads)
     if not (out / "checkpoint.json").exists():
         hpgr_pretraining(log, split, tc, config.d_model, out)
     return str(out)
 
 
-def _with_pretraining(root, budget, config, tc, log, split):
-    """The cell's train config, starting from its pre-training where the model has one."""
-    if getattr(config, "selection", None) != "pretrained":
-        return tc
-    return replace(tc, init_from=_pretraining(root, budget, config, tc, log, split))
+def _semantic_ids(root: Path, budget: DatasetBudget, config, tc, log, split) -> str:
+    """HiSAC's codebook for a cell's data, size and seed: `hytrec build-semantic-ids`'s
+    residual k-means (its defaults) over the item table of the profile's SASRec row (no
+    head) trained first with the cell's train config: built once, kept beside the cells, its
+    directory returned (the cell's `semantic_ids`)."""
+    from hytrec.bench.accuracy import model_zoo
+    from hytrec.index.semantic_ids import SemanticIdConfig, build_semantic_ids
+    from hytrec.model.codebook import META_FILE, vocabulary_hash
+    from hytrec.model.train import train
+
+    reads = ("lr", "max_len", "batch_size", "negatives", "time_budget_s", "seed")
+    out = _stage_dir(root, budget, "semantic-ids", config.d_model, tc, reads)
+    if not (out / META_FILE).exists():
+        source = model_zoo(config.d_model, tc.max_len)[SASREC]
+        model = train(source, log, split, tc, dataset=budget.name, progress=False).model
+        vectors = model.item_vectors()  # [items - 1, d]: vocabulary indices 1..N-1
+        ids = np.arange(1, len(vectors) + 1, dtype=np.int64)
+        meta = {"source_model": model.NAME, "items_hash": vocabulary_hash(log.items.to_json())}
+        build_semantic_ids(vectors, ids, SemanticIdConfig(seed=tc.seed), meta).save(out)
+    return str(out)
+
+
+def _prepared(root, budget, config, tc, log, split):
+    """A cell's (model config, train config) once the stage its model needs first has run:
+    HPGR starts from its pre-training, HiSAC routes through its semantic IDs."""
+    from hytrec.model.hisac import HiSACConfig
+
+    if getattr(config, "selection", None) == "pretrained":
+        return config, replace(tc, init_from=_pretraining(root, budget, config, tc, log, split))
+    if isinstance(config, HiSACConfig):
+        return replace(config, semantic_ids=_semantic_ids(root, budget, config, tc, log, split)), tc
+    return config, tc
 
 
 def _run_cell(path, budget, model, config, tc, log, split, eval_cfg, suffix) -> Cell:
@@ -320,6 +356,7 @@ def run_leaderboard(
 
     from hytrec.bench.accuracy import PRESETS, baselines, model_zoo
     from hytrec.model.data import load_named
+    from hytrec.model.device import resolve_device
     from hytrec.model.evaluate import EvalConfig, leave_one_out, rank_targets
     from hytrec.model.registry import missing_input
 
@@ -338,13 +375,14 @@ def run_leaderboard(
             epochs=profile.epochs,
             patience=profile.patience,
             time_budget_s=budget.time_budget_s,
+            device=str(resolve_device(profile.device)),
         )
         eval_cfg = EvalConfig(filter_history=preset.filter_history, seed=tc.seed)
         suffix = "_filtered" if preset.filter_history else ""
         per_user, kinds, seeds = {}, {}, {}
         history = None
         for name, model in baselines(log, split).items():
-            ranked = rank_targets(model, log, split, "test", eval_cfg, tc.device)
+            ranked = rank_targets(model.to(tc.device), log, split, "test", eval_cfg, tc.device)
             history = ranked["history"]
             per_user[name] = _metrics(np.asarray(ranked["rank" + suffix])[None])
             kinds[name] = "baseline" if name == "popularity" else "heuristic"
@@ -361,9 +399,13 @@ def run_leaderboard(
             first = profile.seeds[0]
             tried = []
             for lr, dropout in profile.grid:
-                config = replace(base, dropout=base.dropout if dropout is None else dropout)
-                run_tc = _with_pretraining(
-                    root, budget, config, replace(tc, lr=lr, seed=first), log, split
+                config, run_tc = _prepared(
+                    root,
+                    budget,
+                    replace(base, dropout=base.dropout if dropout is None else dropout),
+                    replace(tc, lr=lr, seed=first),
+                    log,
+                    split,
                 )
                 bar.set_postfix_str(f"{budget.name} / {model} / lr {lr:g} / seed {first}")
                 path = _cell_path(root, budget, model, config, run_tc, first)
@@ -374,12 +416,14 @@ def run_leaderboard(
             cells = [best_cell]
             for seed in profile.seeds[1:]:
                 bar.set_postfix_str(f"{budget.name} / {model} / seed {seed}")
-                seeded = _with_pretraining(
+                seeded_config, seeded = _prepared(
                     root, budget, config, replace(run_tc, seed=seed, init_from=None), log, split
                 )
-                path = _cell_path(root, budget, model, config, seeded, seed)
+                path = _cell_path(root, budget, model, seeded_config, seeded, seed)
                 cells.append(
-                    _run_cell(path, budget, model, config, seeded, log, split, eval_cfg, suffix)
+                    _run_cell(
+                        path, budget, model, seeded_config, seeded, log, split, eval_cfg, suffix
+                    )
                 )
                 bar.update()
             per_user[model] = _metrics(np.array([c.rank for c in cells]))
@@ -427,8 +471,8 @@ def run_leaderboard(
         "paired differences resample the same users on both sides; cohorts by the events "
         f"before the target, those under {MIN_COHORT_USERS} users marked too_small",
         "fidelity": "HyTRec, SASRec: paper; RecGRELA, HSTU: built from the paper and the "
-        "authors' public code; HPGR, ULIM: readings (only their abstracts are public: "
-        "shared/design/WAVE2-MODELS.md sections 3 and 5)",
+        "authors' public code; HPGR, HiSAC, ULIM: readings (only their abstracts are public: "
+        "shared/design/WAVE2-MODELS.md sections 3, 4 and 5)",
     }
 
 

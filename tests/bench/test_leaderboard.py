@@ -34,6 +34,15 @@ def test_every_profile_names_zoo_rows_and_accuracy_presets():
     cpu = {d.name for d in PROFILES["cpu"].datasets}
     assert {"taobao", "foursquare", "ml-latest", "beauty"} <= cpu  # the issue's minimum
     assert PROFILES["cpu"].seeds == (0, 1, 2)
+    # every registered model has a row: in the gpu profile all, in the cpu one all but
+    # HiSAC's multi-interest variant (HiSAC's single-vector form stands for it)
+    from hytrec.model.registry import MODELS, spec_of
+
+    def served(profile):
+        return {spec_of(zoo[row]).name for row in profile.models}
+
+    assert served(PROFILES["gpu"]) == set(MODELS)
+    assert served(PROFILES["cpu"]) == set(MODELS) - {"hisacmulti"}
 
 
 def test_the_table_on_planted_answers():
@@ -172,6 +181,41 @@ def test_hpgr_cells_start_from_a_kept_pretraining_and_need_timestamps(
     assert "HPGR + repeat head: not run here (no timestamps" in leaderboard.markdown(
         {**again, "command": "c", "machine": {}}
     )
+
+
+def test_hisac_cells_route_through_semantic_ids_built_once_per_seed(
+    shared_data, tmp_path, monkeypatch
+):
+    """HiSAC's row first trains the SASRec row and builds semantic IDs over its item table,
+    once per data set and seed, kept beside the cells (the cell's config names them, a
+    resumed run builds nothing again)."""
+    import hytrec.index.semantic_ids as semantic_ids
+    from hytrec.model.codebook import SemanticIds
+
+    hisac = "HiSAC + repeat head"
+    profile = Profile(
+        "test",
+        (DatasetBudget("ml100k", 20.0, max_users=40),),
+        models=(hisac,),
+        seeds=(0, 1),
+        epochs=1,
+        patience=1,
+        d_model=16,
+    )
+    first = run_leaderboard(profile, tmp_path, shared_data, progress=False)
+    built = sorted((tmp_path / "test" / "ml100k" / "semantic-ids").iterdir())
+    assert [p.name.split("-")[0] for p in built] == ["seed0", "seed1"]
+    codebook = SemanticIds.load(built[0])
+    assert codebook.meta["source_model"] == "sasrec" and codebook.levels == 3
+    row = first["tables"]["ml100k"]["rows"][hisac]
+    assert row["seeds"] == [0, 1] and row["training"]["config"]["semantic_ids"] == str(built[0])
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(semantic_ids, "build_semantic_ids", no_build)
+    again = run_leaderboard(profile, tmp_path, shared_data, progress=False)
+    assert json.dumps(again["tables"]) == json.dumps(first["tables"])
 
 
 def test_the_readme_shows_the_committed_leaderboard():
