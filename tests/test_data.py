@@ -235,6 +235,20 @@ def test_ml_latest_csv_header_genres_and_bad_rows(tmp_path):
     assert report.bad_lines == [6, 7] and "item id 'x'" in report.problems[1] and len(log) == 4
 
 
+def test_ml_latest_real_ties_are_not_in_movie_order(shared_data, tmp_path):
+    """On the real file 22 % of a user's consecutive ratings share their second; in file
+    order every such pair ascended in movieId. Now about half do, as pairs of distinct
+    seconds (0.44 ascend)."""
+    log = load_dataset("ml-latest", shared_data=shared_data, cache_path=tmp_path, progress=False)
+    movie = np.array([0, *map(int, log.items.raw_ids())])[log.item]  # [N] raw movieId
+    same_user = log.user[1:] == log.user[:-1]
+    tied = same_user & (log.ts[1:] == log.ts[:-1])
+    assert 0.2 < tied.sum() / same_user.sum() < 0.25
+    assert (log.ts[1:][same_user] >= log.ts[:-1][same_user]).all()
+    ascending = np.mean(movie[1:][tied] > movie[:-1][tied])
+    assert 0.4 < ascending < 0.6, ascending
+
+
 def test_ml_latest_real_genres(shared_data, tmp_path):
     log = load_dataset("ml-latest", shared_data=shared_data, cache_path=tmp_path, progress=False)
     toy_story = log.items.get("1")
@@ -327,6 +341,33 @@ def test_s3rec_round_trip(users):
         for p, i in enumerate(items)
     ]
     assert raw_rows(log) == expected
+
+
+@FAST
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 4), st.integers(1, 60), st.integers(0, 3)),
+        min_size=1,
+        max_size=40,
+        unique_by=lambda r: r[:2],  # a user rates a movie once
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_ml_latest_ties_follow_no_file_order(ratings, rng):
+    """ratings.csv lists a user's ratings by movieId: the events of one second must come out
+    in the same order whatever order the file lists them in (the data, not the file, decides),
+    still sorted by time."""
+    shuffled = list(ratings)
+    rng.shuffle(shuffled)
+    logs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, rows_ in (("by-movie", sorted(ratings)), ("shuffled", shuffled)):
+            lines = ["userId,movieId,rating,timestamp"]
+            lines += [f"{u},{m},4.0,{t}" for u, m, t in rows_]
+            logs.append(raw_rows(read_movielens(write(Path(tmp) / f"{name}.csv", lines))[0]))
+    assert logs[0] == logs[1]
+    by_user_and_time = [(int(r[0]), r[4]) for r in logs[0]]
+    assert by_user_and_time == sorted(by_user_and_time)
 
 
 # ---------------------------------------------------------------------------- generic tables

@@ -2,7 +2,8 @@
 
 Every loader returns the canonical `EventLog` of `hytrec.model.events`: columns of length N
 (user, item, category, behavior, ts; int64), sorted by (user, ts) and stable with respect to
-file order, so events with equal timestamps keep the order in which the file lists them.
+file order, so events with equal timestamps keep the order in which the file lists them
+(but MovieLens' ratings.csv, listed by movie: `read_movielens`).
 Vocabulary indices follow the ascending raw id (numeric for the integer-id formats), so the
 same file always gives the same indices.
 
@@ -109,7 +110,7 @@ BadRowPolicy = Literal["raise", "skip"]
 TAOBAO_WINDOW = (1511539200, 1512316800)
 
 # Bump when parsing changes, so that old cache entries are not reused.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 # How many bad rows a `LoadReport` describes in words (it lists every bad line number).
 PROBLEMS_KEPT = 10
@@ -456,14 +457,26 @@ def _vocab_column(values: list | np.ndarray) -> tuple[np.ndarray, Vocabulary]:
     return out, Vocabulary(str(v) for v in uniq)
 
 
-def _to_log(rows: _Rows) -> EventLog:
-    """Encode, then sort by (user, ts); np.lexsort is stable, so file order breaks ties."""
+def _hash_pair(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """uint64 [N]: a fixed hash of each (a, b) pair of int64 columns (splitmix64's mix):
+    an order that follows neither column."""
+    x = a.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) ^ b.astype(np.uint64)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _to_log(rows: _Rows, hash_ties: bool = False) -> EventLog:
+    """Encode, then sort by (user, ts). np.lexsort is stable, so file order breaks ties; with
+    `hash_ties`, a hash of (user, item) does instead, for files whose order within a user
+    is not time (see `read_movielens`)."""
     user, users = _vocab_column(rows.user)
     item, items = _vocab_column(rows.item)
     category, categories = _vocab_column(rows.category)
     behavior = np.asarray(rows.behavior, dtype=np.int64)
     ts = np.asarray(rows.ts, dtype=np.int64)
-    order = np.lexsort((ts, user))
+    keys = (_hash_pair(user, item), ts, user) if hash_ties else (ts, user)
+    order = np.lexsort(keys)
     rows.report.events = len(order)
     return EventLog(
         user=user[order],
@@ -608,7 +621,13 @@ def read_movielens(
 ) -> tuple[EventLog, LoadReport]:
     """MovieLens ratings: `user<TAB>item<TAB>rating<TAB>ts` (u.data), `::`-separated
     (ratings.dat) or `userId,movieId,rating,timestamp` after a header (ratings.csv, ML latest).
-    Behaviour CLICK; category = the movie's genre set (see the module doc)."""
+    Behaviour CLICK; category = the movie's genre set (see the module doc).
+
+    ratings.csv lists each user's ratings by movieId, not by time, and people rate several
+    movies in the same second (22 % of ml-latest-small's consecutive pairs, 19 % of its last
+    events): file order would put every such run in ascending movieId, an order a model
+    (item-transition: NDCG@10 0.109 on those last events, 0.042 on the others) learns and
+    no live stream has. Its ties are broken by a hash of (user, movie) instead."""
     path = Path(path)
     genres = _movie_genres(path)
     rows = _Rows(path, "movielens", on_bad_row)
@@ -636,7 +655,7 @@ def read_movielens(
             )
         except ValueError as e:
             rows.bad(number, str(e), line)
-    return _to_log(rows), rows.report
+    return _to_log(rows, hash_ties=is_csv), rows.report
 
 
 def read_foursquare(
