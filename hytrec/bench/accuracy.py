@@ -58,10 +58,15 @@ from hytrec.model.ulim import ULIMConfig
 HEAD = " + repeat head"
 
 
+SASREC_LAST_50 = "SASRec last 50"
+
+
 def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     """The compared models. HyTRec defaults: 4 long layers, 3 TADN : 1 softmax, short branch
     over the last 20 events, gated fusion. SASRec and HyTRec 3:1 also run with the repeat
-    head (`repeat.py`, default `RepeatConfig`: the last 100 distinct items). RecGRELA at
+    head (`repeat.py`, default `RepeatConfig`: the last 100 distinct items), and SASRec with
+    the head reads its last 50 events too (`max_len` 50 whatever the input length, which
+    the whole-history models are not held to). RecGRELA at
     its published size (4 heads, 4 layers) with the paper's three ablations and with the
     head. HSTU at the wave-2 size (2 layers, 2 heads, dropout 0.2), its window and KV cache
     N = the input length, and with the head. HPGR (the same size, k 32, w 8) fine-tuned
@@ -78,6 +83,7 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     return {
         "SASRec": sasrec,
         "SASRec" + HEAD: replace(sasrec, repeat_head=RepeatConfig()),
+        SASREC_LAST_50 + HEAD: replace(sasrec, max_len=50, repeat_head=RepeatConfig()),
         "HyTRec 3:1": hytrec,
         "HyTRec 3:1" + HEAD: replace(hytrec, repeat_head=RepeatConfig()),
         "softmax-only": replace(hytrec, softmax_every=1),
