@@ -613,3 +613,54 @@ def test_an_engine_with_the_compiled_step_serves_what_the_eager_one_does(checkpo
         ]
         for a, b in zip(served.recommendations, expected.recommendations, strict=True):
             np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [1, 13])
+def test_ulim_serves_its_category_cascade_as_offline_with_each_items_category(tmp_path, batch_size):
+    """A per-category model (ULIM): the engine's top K, one filtered search per top category
+    merged by log P(c) + u^c . e_i, equals the offline cascade's (`cascade_scores` over the
+    same events, top 3 categories), items, scores and the category each came through."""
+    from hytrec.model.ulim import ULIM, ULIMConfig
+
+    torch.manual_seed(0)
+    cfg = ULIMConfig(
+        num_items=NUM_ITEMS, num_categories=NUM_CATEGORIES, d_model=16, dropout=0.0,
+        top_categories=3,
+    )  # fmt: skip
+    items = Vocabulary(f"i{n}" for n in range(1, NUM_ITEMS))
+    categories = Vocabulary(f"c{n}" for n in range(1, NUM_CATEGORIES))
+    model = ULIM(cfg, items, categories).eval()
+    model.item_category[1:] = torch.arange(1, NUM_ITEMS) % (NUM_CATEGORIES - 1) + 1
+    engine = engine_of(model.save(tmp_path / "ulim"), top_k=10)
+    events = random_events(num_users=5, per_user=20, seed=3)
+    _, latest = serve(engine, events, batch_size)
+    for user in {e.user_id for e in events}:
+        mine = [e for e in events if e.user_id == user]
+        batch = EventBatch(
+            *(torch.tensor([c]) for c in zip(*[
+                (items.get(e.item_id), categories.get(e.category_id),
+                 int(Behavior.parse(e.behavior)), e.ts) for e in mine
+            ], strict=True)),
+            lengths=torch.tensor([len(mine)]),
+        )  # fmt: skip
+        scores = model.cascade_scores(model.readout(batch), 3)[0].numpy()  # [num_items]
+        top = np.argsort(-scores, kind="stable")[:10]
+        rec = latest[user]
+        assert rec.items == [items.raw(int(i)) for i in top]
+        np.testing.assert_allclose(rec.scores, scores[top], rtol=1e-4, atol=1e-4)
+        categories_of = model.item_category[torch.from_numpy(top)].tolist()
+        assert rec.sources == [f"category:{categories.raw(c)}" for c in categories_of]
+        assert len({s for s in rec.sources}) <= 3  # only the top three categories
+
+
+def test_a_per_category_model_needs_an_index_with_categories(tmp_path):
+    from hytrec.index import build_index
+    from hytrec.model.ulim import ULIM, ULIMConfig
+
+    cfg = ULIMConfig(num_items=NUM_ITEMS, num_categories=NUM_CATEGORIES, d_model=16)
+    items = Vocabulary(f"i{n}" for n in range(1, NUM_ITEMS))
+    model = ULIM(cfg, items, Vocabulary(f"c{n}" for n in range(1, NUM_CATEGORIES)))
+    vectors = model.item_vectors()
+    index = build_index(vectors, np.arange(1, NUM_ITEMS), None, IndexConfig())
+    with pytest.raises(ValueError, match="build the index with item categories"):
+        RecommendationEngine(model, index, EngineConfig(device="cpu"))

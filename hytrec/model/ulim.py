@@ -520,6 +520,18 @@ class ULIM(SequentialModel):
         return self.category_interests(read, top[:, None])[:, 0]
 
     @torch.no_grad()
+    def cascade_queries(
+        self, state: ULIMState, slots: torch.Tensor, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cascade's searches for these users (after `step`): their top-K categories
+        [U, K] by log P(c), those log P(c) [U, K] and interests u^c [U, K, d]. Searching each
+        u^c among its category's items and ranking by log P(c) + u^c . e_x is
+        `cascade_scores` over the top K, one filtered search per category."""
+        read = self.read_state(state, slots)
+        log_p, categories = read.log_p.topk(min(top_k, read.log_p.shape[-1]), -1)
+        return categories, log_p, self.category_interests(read, categories)
+
+    @torch.no_grad()
     def category_interests(self, read: Readout, categories: torch.Tensor) -> torch.Tensor:
         """u^c [U, K, d] of categories [U, K]: the user's slot, else the empty interest."""
         match = read.slot_category[:, None, :] == categories[..., None]  # [U, K, M]

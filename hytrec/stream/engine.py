@@ -28,6 +28,11 @@ per micro-batch), the top K are published with their `source` ("repeat": from th
 "explore": from the index). A model without a head publishes the index's top K by u . e_i,
 every one an "explore" item. The shop rules (`exclude_paid_hours`, `explore_only`,
 `min_explore_share`) read the buffer, so they need a model with a head.
+
+A model whose registry line says `per_category` (ULIM) ranks by its category cascade, as
+offline (`ULIM.cascade_scores`): its top K categories by log P(c), one search per category
+among that category's items with its interest u^c, merged by log P(c) + u^c . e_i; each item
+published with the category it came through (source "category:<raw id>").
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from hytrec.model.batch import EventBatch
 from hytrec.model.compiled_step import CompiledStep
 from hytrec.model.device import resolve_device
 from hytrec.model.events import Behavior
-from hytrec.model.registry import load_model
+from hytrec.model.registry import load_model, spec_of
 from hytrec.model.repeat import RECENT_COLUMNS, serving_buffer
 from hytrec.model.streaming import StreamingModel
 from hytrec.stream.schemas import BehaviorEvent, EngineResult, Recommendation
@@ -139,6 +144,12 @@ class RecommendationEngine:
             raise ValueError(
                 f"{', '.join(config.shop_rules)} read the user's recent-items buffer, which "
                 f"only a model with a repeat head keeps; {type(model).__name__} has none"
+            )
+        self.query = spec_of(model.cfg).query
+        if self.query == "per_category" and index.categories is None:
+            raise ValueError(
+                f"{type(model).__name__} searches each of its top categories: build the index "
+                "with item categories (`hytrec build-index` from its checkpoint has them)"
             )
         self.device = resolve_device(config.device)
         self.model = model.to(self.device).eval()
@@ -278,7 +289,9 @@ class RecommendationEngine:
             recent = self.model.recent_items(
                 self.store.state, slots, self.config.exclude_recent
             )  # [U, n] item indices, 0 = none
-        if self.head is None:
+        if self.query == "per_category":
+            ids, scores, sources = self._cascade(slots, recent)
+        elif self.head is None:
             exclude = None if recent is None else [sorted(set(r) - {0}) for r in recent.tolist()]
             found = self.index.search(
                 vectors.float().cpu().numpy(), self.config.top_k, exclude=exclude
@@ -312,6 +325,33 @@ class RecommendationEngine:
             )
         self.stats.recommendations += len(out)
         return out
+
+    def _cascade(self, slots, recent):
+        """ULIM's cascade: for each user, one search per top category (its interest among
+        the category's items), merged by log P(c) + u^c . e_i: (item ids, scores, sources),
+        one list per user, best first."""
+        K = self.config.top_k
+        top = self.model.cfg.top_categories or self.model.cfg.num_categories
+        categories, log_p, queries = self.model.cascade_queries(self.store.state, slots, top)
+        U, C = categories.shape
+        exclude = None
+        if recent is not None:  # every search of a user leaves out the user's recent items
+            exclude = [sorted(set(row) - {0}) for row in recent.tolist() for _ in range(C)]
+        found = self.index.search(
+            queries.reshape(U * C, -1).float().cpu().numpy(),  # [U * C, d]
+            K,
+            exclude=exclude,
+            query_categories=categories.reshape(-1, 1).tolist(),
+        )
+        via = np.repeat(categories.cpu().numpy(), K, axis=1)  # [U, C * K]
+        score = (found.scores.reshape(U, C, K) + log_p.cpu().numpy()[:, :, None]).reshape(U, -1)
+        best = np.argsort(-score, axis=1, kind="stable")[:, :K]  # [U, K]
+        ids = np.take_along_axis(found.ids.reshape(U, -1), best, 1)
+        raw = self.model.categories.raw if self.model.categories is not None else str
+        sources = [
+            [f"category:{raw(int(c))}" for c in row] for row in np.take_along_axis(via, best, 1)
+        ]
+        return ids.tolist(), np.take_along_axis(score, best, 1).tolist(), sources
 
     def _merge(self, slots, vectors, recent):
         """The top K of the copy candidates (the users' buffers) and the explore candidates
