@@ -493,7 +493,8 @@ def against_best_heuristic(per_user: dict[str, Counter], heuristics, metric: str
 
 
 def sample_users(received, events: list[dict], count: int, shown: int = 5) -> list[dict]:
-    """The most active users: their last events and their final recommendation."""
+    """The most active users: their last events and their final recommendation, each item
+    with its score and where it came from (repeat / explore, or ULIM's category)."""
     final = {rec.user_id: rec for _, rec in received}
     by_user: dict[str, list[dict]] = {}
     for p in events:
@@ -513,8 +514,14 @@ def sample_users(received, events: list[dict], count: int, shown: int = 5) -> li
                     for p in by_user[user][-shown:]
                 ],
                 "recommended": [
-                    f"{item} ({score:.2f}){' seen' if item in seen else ''}"
-                    for item, score in zip(rec.items[:10], rec.scores[:10], strict=True)
+                    f"{item} ({score:.2f}{', ' + source if source else ''})"
+                    f"{' seen' if item in seen else ''}"
+                    for item, score, source in zip(
+                        rec.items[:10],
+                        rec.scores[:10],
+                        (rec.sources or [""] * len(rec.items))[:10],
+                        strict=True,
+                    )
                 ]
                 if rec
                 else [],

@@ -92,11 +92,12 @@ PROFILES = {
         models=tuple(m + HEAD for m in REGISTERED) + OTHER_ROWS,
         note="sized for about an hour on a 2-core CPU: four data sets (Taobao and Beauty: "
         "seeded samples of 500 and 1,000 users), each registered model in its served form "
-        "(with the repeat head; ULIM ranks by its cascade), SASRec also at its last 50 events, "
+        "(with the repeat head; ULIM ranks by its cascade, over its semantic IDs' level-1 "
+        "codes as categories where the data has none), SASRec also at its last 50 events, "
         "no tuning grid (each model's "
         "defaults, lr 1e-3), 25-40 s of training per cell (the stage a model needs first gets "
         "the same again before it: HPGR's masked-item pre-training, the SASRec whose item "
-        "table HiSAC's semantic IDs are built over): far short of "
+        "table HiSAC's and ULIM's semantic IDs are built over): far short of "
         "convergence, so these are budget-matched figures, not each model's best (the gpu "
         "profile is the converged one)",
     ),
@@ -209,16 +210,33 @@ def _semantic_ids(root: Path, budget: DatasetBudget, config, tc, log, split) -> 
     return str(out)
 
 
+def _pseudo_categories(config, log) -> bool:
+    """A model that needs categories on a log without them: it reads the level-1 codes of
+    its cell's semantic IDs as categories (`SemanticIds.as_categories`), as `benchmark
+    accuracy --semantic-ids` does."""
+    from hytrec.model.data import has_categories
+    from hytrec.model.registry import spec_of
+
+    return getattr(spec_of(config).model, "NEEDS_CATEGORIES", False) and not has_categories(log)
+
+
 def _prepared(root, budget, config, tc, log, split):
-    """A cell's (model config, train config) once the stage its model needs first has run:
-    HPGR starts from its pre-training, HiSAC routes through its semantic IDs."""
+    """A cell's (model config, train config, events) once the stage its model needs first has
+    run: HPGR starts from its pre-training, HiSAC routes through its semantic IDs, ULIM on a
+    log without categories reads theirs."""
+    from hytrec.model.codebook import SemanticIds
     from hytrec.model.hisac import HiSACConfig
 
     if getattr(config, "selection", None) == "pretrained":
-        return config, replace(tc, init_from=_pretraining(root, budget, config, tc, log, split))
+        pretrained = _pretraining(root, budget, config, tc, log, split)
+        return config, replace(tc, init_from=pretrained), log
     if isinstance(config, HiSACConfig):
-        return replace(config, semantic_ids=_semantic_ids(root, budget, config, tc, log, split)), tc
-    return config, tc
+        codes = _semantic_ids(root, budget, config, tc, log, split)
+        return replace(config, semantic_ids=codes), tc, log
+    if _pseudo_categories(config, log):
+        codes = _semantic_ids(root, budget, config, tc, log, split)
+        return config, tc, SemanticIds.load(codes).as_categories(log)
+    return config, tc, log
 
 
 def _run_cell(path, budget, model, config, tc, log, split, eval_cfg, suffix) -> Cell:
@@ -395,14 +413,15 @@ def run_leaderboard(
         left_out: dict[str, str] = {}
         for model in profile.models:
             base = zoo[model]
-            if why := missing_input(base, log):
+            pseudo = _pseudo_categories(base, log)
+            if not pseudo and (why := missing_input(base, log)):
                 left_out[model] = why
                 bar.update(len(profile.grid) + len(profile.seeds) - 1)
                 continue
             first = profile.seeds[0]
             tried = []
             for lr, dropout in profile.grid:
-                config, run_tc = _prepared(
+                config, run_tc, events = _prepared(
                     root,
                     budget,
                     replace(base, dropout=base.dropout if dropout is None else dropout),
@@ -412,20 +431,22 @@ def run_leaderboard(
                 )
                 bar.set_postfix_str(f"{budget.name} / {model} / lr {lr:g} / seed {first}")
                 path = _cell_path(root, budget, model, config, run_tc, first)
-                cell = _run_cell(path, budget, model, config, run_tc, log, split, eval_cfg, suffix)
+                cell = _run_cell(
+                    path, budget, model, config, run_tc, events, split, eval_cfg, suffix
+                )
                 tried.append((cell.valid_ndcg10, config, run_tc, cell))
                 bar.update()
             _, config, run_tc, best_cell = max(tried, key=lambda t: t[0])
             cells = [best_cell]
             for seed in profile.seeds[1:]:
                 bar.set_postfix_str(f"{budget.name} / {model} / seed {seed}")
-                seeded_config, seeded = _prepared(
+                seeded_config, seeded, events = _prepared(
                     root, budget, config, replace(run_tc, seed=seed, init_from=None), log, split
                 )
                 path = _cell_path(root, budget, model, seeded_config, seeded, seed)
                 cells.append(
                     _run_cell(
-                        path, budget, model, seeded_config, seeded, log, split, eval_cfg, suffix
+                        path, budget, model, seeded_config, seeded, events, split, eval_cfg, suffix
                     )
                 )
                 bar.update()
@@ -442,6 +463,8 @@ def run_leaderboard(
                 "config": best_cell.config,
                 "cell_commits": sorted({c.git_commit for c in cells}),
             }
+            if pseudo:
+                tuning[model]["categories"] = "pseudo: each seed's level-1 semantic IDs"
         # each row against SASRec in the same form (with the head or without); a row with no
         # such SASRec in the profile (ULIM in the cpu one) against the one that is there
         reference = {

@@ -287,7 +287,8 @@ class Recommendation:
     event_ts: int  # its event time
     received_at: float  # when the worker consumed it (time.time())
     produced_at: float  # when this recommendation was made
-    # per item: "repeat" (from the user's recent-items buffer) or "explore" (from the index)
+    # per item: "repeat" (from the user's recent-items buffer) or "explore" (from the index);
+    # for a category cascade (ULIM) "category:<raw category id>", the category searched
     sources: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:

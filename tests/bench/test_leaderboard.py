@@ -142,8 +142,9 @@ def test_hpgr_cells_start_from_a_kept_pretraining_and_need_timestamps(
     shared_data, tmp_path, monkeypatch
 ):
     """HPGR's row pre-trains once per seed (kept beside the cells, read again on resume, its
-    checkpoint the cell's init_from); on a data set without timestamps it is left out, and
-    ULIM on one without categories (Beauty has neither)."""
+    checkpoint the cell's init_from); on a data set without timestamps it is left out. ULIM
+    on one without categories (Beauty has neither) reads the level-1 codes of the seed's
+    semantic IDs as categories."""
     hpgr = "HPGR + repeat head"
     profile = Profile(
         "test",
@@ -161,8 +162,12 @@ def test_hpgr_cells_start_from_a_kept_pretraining_and_need_timestamps(
     assert row["training"]["config"]["repeat_head"] is not None
     beauty = first["tables"]["beauty"]
     assert hpgr not in beauty["rows"] and "timestamps" in beauty["left_out"][hpgr]
-    assert beauty["left_out"]["ULIM"] == "no item categories"
-    assert first["tables"]["ml100k"]["rows"]["ULIM"]["ndcg@10_mean"] >= 0
+    assert "ULIM" not in beauty["left_out"]
+    pseudo = beauty["rows"]["ULIM"]["training"]
+    assert pseudo["categories"].startswith("pseudo") and pseudo["config"]["num_categories"] > 1
+    assert len(list((tmp_path / "test" / "beauty" / "semantic-ids").iterdir())) == 1
+    ml100k = first["tables"]["ml100k"]["rows"]["ULIM"]["training"]
+    assert ml100k["config"]["num_categories"] > 1 and "categories" not in ml100k  # genres
     cell = json.loads(
         next((tmp_path / "test" / "ml100k" / "hpgr-repeat-head").glob("*.json")).read_text()
     )
