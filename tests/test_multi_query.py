@@ -25,3 +25,14 @@ def test_merged_search_is_the_brute_force_max_over_each_users_queries():
         np.testing.assert_allclose(result.scores[u], best[want], rtol=1e-5)
     with pytest.raises(ValueError, match="a query for every user"):
         search_max_over_queries(index, queries, np.zeros((6, 4), dtype=bool), k=5)
+
+    # each user's exclusions hold for every one of its queries: its own top items are gone
+    exclude = [ids[np.argsort(-(queries[u][present[u]] @ items.T).max(0))[:5]] for u in range(6)]
+    result = search_max_over_queries(index, queries, present, k=20, exclude=exclude)
+    for u in range(6):
+        best = (queries[u][present[u]] @ items.T).max(0)
+        best[exclude[u] - 1] = -np.inf
+        want = np.argsort(-best, kind="stable")[:20]
+        np.testing.assert_array_equal(np.sort(result.ids[u]), np.sort(ids[want]))
+    with pytest.raises(ValueError, match="exclusion lists for 6 users"):
+        search_max_over_queries(index, queries, present, k=5, exclude=exclude[:2])

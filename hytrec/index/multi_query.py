@@ -14,15 +14,23 @@ from hytrec.index.item_index import ItemIndex, SearchResult
 
 
 def search_max_over_queries(
-    index: ItemIndex, queries: np.ndarray, present: np.ndarray, k: int
+    index: ItemIndex,
+    queries: np.ndarray,
+    present: np.ndarray,
+    k: int,
+    exclude: list[list[int] | np.ndarray] | None = None,
 ) -> SearchResult:
     """Top-k items [U, k] of each user by max over its queries. queries float32 [U, M, d]
-    (M per user, padded), present bool [U, M] (which are real; a user needs one)."""
+    (M per user, padded), present bool [U, M] (which are real; a user needs one); exclude:
+    U lists of items the user's queries must not return."""
     U, M, d = queries.shape
     if present.shape != (U, M) or not present.any(1).all():
         raise ValueError(f"present must be bool [{U}, {M}] with a query for every user")
-    found = index.search(queries[present].reshape(-1, d), k)  # [Q, k] over real queries
+    if exclude is not None and len(exclude) != U:
+        raise ValueError(f"{len(exclude)} exclusion lists for {U} users")
     user = np.repeat(np.arange(U), present.sum(1))  # the user of each real query
+    per_query = None if exclude is None else [exclude[u] for u in user]
+    found = index.search(queries[present].reshape(-1, d), k, exclude=per_query)  # [Q, k]
     ids = np.full((U, k), -1, dtype=np.int64)
     scores = np.full((U, k), -np.inf, dtype=np.float32)
     for u in range(U):

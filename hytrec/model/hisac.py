@@ -680,6 +680,15 @@ class HiSACMulti(HiSAC):
     def rank_scores(self, batch: EventBatch) -> torch.Tensor:
         return self.score_agents(self.readout(batch)[0])
 
+    @torch.no_grad()
+    def serving_queries(
+        self, state: HiSACState, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """These users' agents [U, M, d] and which are real [U, M] (after `step`): the engine
+        searches with each and merges by max score, which is `score_agents`' ranking."""
+        read = self.read_state(state, slots)
+        return read.vectors, read.present
+
     def position_vectors(self, read: Agents, target: torch.Tensor) -> torch.Tensor:
         """ComiRec's rule: at every position the agent scoring the next item highest takes
         the loss. read: the agents at P positions, target [P] -> [P, d]."""

@@ -33,6 +33,9 @@ A model whose registry line says `per_category` (ULIM) ranks by its category cas
 offline (`ULIM.cascade_scores`): its top K categories by log P(c), one search per category
 among that category's items with its interest u^c, merged by log P(c) + u^c . e_i; each item
 published with the category it came through (source "category:<raw id>").
+
+A `multi` model (HiSAC-mi) searches with each of the user's agents and merges by max score
+(`index.multi_query`), its `score_agents` ranking; every item an "explore" one.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import numpy as np
 import torch
 
 from hytrec.index import IndexConfig, ItemIndex, build_from_checkpoint
+from hytrec.index.multi_query import search_max_over_queries
 from hytrec.model.batch import EventBatch
 from hytrec.model.compiled_step import CompiledStep
 from hytrec.model.device import resolve_device
@@ -293,9 +297,19 @@ class RecommendationEngine:
             ids, scores, sources = self._cascade(slots, recent)
         elif self.head is None:
             exclude = None if recent is None else [sorted(set(r) - {0}) for r in recent.tolist()]
-            found = self.index.search(
-                vectors.float().cpu().numpy(), self.config.top_k, exclude=exclude
-            )
+            if self.query == "multi":
+                queries, present = self.model.serving_queries(self.store.state, slots)
+                found = search_max_over_queries(
+                    self.index,
+                    queries.float().cpu().numpy(),  # [U, M, d]
+                    present.cpu().numpy(),
+                    self.config.top_k,
+                    exclude=exclude,
+                )
+            else:
+                found = self.index.search(
+                    vectors.float().cpu().numpy(), self.config.top_k, exclude=exclude
+                )
             ids, scores = found.ids.tolist(), found.scores.tolist()
             sources = [["explore"] * len(row) for row in ids]
         else:
