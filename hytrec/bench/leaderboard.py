@@ -607,8 +607,13 @@ def plot(result: dict, path: Path) -> None:
     from hytrec.model.evaluate import cohort_name
 
     tables = result["tables"]
-    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.8), squeeze=False)
+    # one colour per row across the panels (a row left out of one set must not shift the
+    # others' colours), and one legend for all of them
+    rows = [n for t in tables.values() for n, r in t["rows"].items() if r["kind"] != "baseline"]
+    colour = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(dict.fromkeys(rows))}
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables) + 2.4, 3.8), squeeze=False)
     names = [cohort_name(lo, hi) for lo, hi in COHORTS]
+    handles = {}
     for ax, (dataset, table) in zip(axes[0], tables.items(), strict=True):
         for name, row in table["rows"].items():
             if row["kind"] == "baseline":
@@ -622,7 +627,9 @@ def plot(result: dict, path: Path) -> None:
                     lo.append(c["ndcg@10_mean"] - c["ndcg@10_ci95"][0])
                     hi.append(c["ndcg@10_ci95"][1] - c["ndcg@10_mean"])
             style = "--" if row["kind"] == "heuristic" else "-"
-            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=style + "o", ms=3, capsize=2, label=name)
+            handles[name] = ax.errorbar(
+                xs, ys, yerr=[lo, hi], fmt=style + "o", ms=3, capsize=2, color=colour[name]
+            )
         counts = [table["rows"][table["best_heuristic"]]["cohorts"][c]["users"] for c in names]
         ax.set_xticks(
             range(len(names)), [f"{c}\n(n={n})" for c, n in zip(names, counts, strict=True)]
@@ -631,9 +638,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("events before the target")
         ax.set_ylabel("NDCG@10")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="center right")
     fig.suptitle(f"leaderboard ({result['profile']['name']} profile): NDCG@10 by history length")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 2.4 / (4.2 * len(tables) + 2.4), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
