@@ -153,7 +153,7 @@ class RecommendationEngine:
         if self.query == "per_category" and index.categories is None:
             raise ValueError(
                 f"{type(model).__name__} searches each of its top categories: build the index "
-                "with item categories (`hytrec build-index` from its checkpoint has them)"
+                "with item categories (`hytrec index build` from its checkpoint has them)"
             )
         self.device = resolve_device(config.device)
         self.model = model.to(self.device).eval()
