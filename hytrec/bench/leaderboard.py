@@ -194,8 +194,8 @@ def _semantic_ids(root: Path, budget: DatasetBudget, config, tc, log, split) -> 
     head) trained first with the cell's train config: built once, kept beside the cells, its
     directory returned (the cell's `semantic_ids`)."""
     from hytrec.bench.accuracy import model_zoo
-    from hytrec.index.semantic_ids import SemanticIdConfig, build_semantic_ids
-    from hytrec.model.codebook import META_FILE, vocabulary_hash
+    from hytrec.index.semantic_ids import SemanticIdConfig, build_from_model
+    from hytrec.model.codebook import META_FILE
     from hytrec.model.train import train
 
     reads = ("lr", "max_len", "batch_size", "negatives", "time_budget_s", "seed")
@@ -203,10 +203,7 @@ def _semantic_ids(root: Path, budget: DatasetBudget, config, tc, log, split) -> 
     if not (out / META_FILE).exists():
         source = model_zoo(config.d_model, tc.max_len)[SASREC]
         model = train(source, log, split, tc, dataset=budget.name, progress=False).model
-        vectors = model.item_vectors()  # [items - 1, d]: vocabulary indices 1..N-1
-        ids = np.arange(1, len(vectors) + 1, dtype=np.int64)
-        meta = {"source_model": model.NAME, "items_hash": vocabulary_hash(log.items.to_json())}
-        build_semantic_ids(vectors, ids, SemanticIdConfig(seed=tc.seed), meta).save(out)
+        build_from_model(model, SemanticIdConfig(seed=tc.seed)).save(out)
     return str(out)
 
 

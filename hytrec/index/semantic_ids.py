@@ -169,18 +169,23 @@ def build_semantic_ids(
     )
 
 
-def build_from_checkpoint(checkpoint: str | Path, config: SemanticIdConfig) -> SemanticIds:
-    """Semantic IDs over a trained checkpoint's item table (vocabulary indices 1..N-1)."""
-    from hytrec.model.registry import load_model
-
-    model = load_model(checkpoint)
+def build_from_model(model, config: SemanticIdConfig, meta: dict | None = None) -> SemanticIds:
+    """Semantic IDs over a trained model's item table (vocabulary indices 1..N-1), the model
+    named in their metadata (with `meta` beside it)."""
     vectors = model.item_vectors()
     ids = np.arange(1, len(vectors) + 1, dtype=np.int64)
     meta = {
-        "source_checkpoint": str(checkpoint),
+        **(meta or {}),
         "source_model": model.NAME,
         "model_version": model.version,
         "items_hash": vocabulary_hash(model.items.to_json()) if model.items else None,
     }
-    log.info("semantic IDs over %s items of %s (%s)", len(ids), checkpoint, model.version)
+    log.info("semantic IDs over %s items of %s (%s)", len(ids), model.NAME, model.version)
     return build_semantic_ids(vectors, ids, config, meta)
+
+
+def build_from_checkpoint(checkpoint: str | Path, config: SemanticIdConfig) -> SemanticIds:
+    """Semantic IDs over a trained checkpoint's item table (vocabulary indices 1..N-1)."""
+    from hytrec.model.registry import load_model
+
+    return build_from_model(load_model(checkpoint), config, {"source_checkpoint": str(checkpoint)})

@@ -218,7 +218,7 @@ def test_hisac_cells_route_through_semantic_ids_built_once_per_seed(
     def no_build(*args, **kwargs):
         raise AssertionError("built again")
 
-    monkeypatch.setattr(semantic_ids, "build_semantic_ids", no_build)
+    monkeypatch.setattr(semantic_ids, "build_from_model", no_build)
     again = run_leaderboard(profile, tmp_path, shared_data, progress=False)
     assert json.dumps(again["tables"]) == json.dumps(first["tables"])
 
