@@ -653,6 +653,54 @@ def test_ulim_serves_its_category_cascade_as_offline_with_each_items_category(tm
         assert len({s for s in rec.sources}) <= 3  # only the top three categories
 
 
+@pytest.mark.parametrize("batch_size", [1, 13])
+def test_ulim_with_the_head_serves_its_mixture_with_the_cascade_as_offline(tmp_path, batch_size):
+    """ULIM + repeat head: the engine's top K (the buffer's items and the category
+    searches' items, scored by the mixture) equals the offline `rank_scores`' top K over
+    the same events, items and log P; a repeat item says so, an explore one names its
+    category."""
+    from hytrec.model.ulim import ULIM, ULIMConfig
+
+    torch.manual_seed(0)
+    cfg = ULIMConfig(
+        num_items=NUM_ITEMS, num_categories=NUM_CATEGORIES, d_model=16, dropout=0.0,
+        top_categories=3, repeat_head=HEAD,
+    )  # fmt: skip
+    items = Vocabulary(f"i{n}" for n in range(1, NUM_ITEMS))
+    categories = Vocabulary(f"c{n}" for n in range(1, NUM_CATEGORIES))
+    model = ULIM(cfg, items, categories).eval()
+    model.item_category[1:] = torch.arange(1, NUM_ITEMS) % (NUM_CATEGORIES - 1) + 1
+    with torch.no_grad():
+        model.repeat_head.gate[2].bias.fill_(0.3)
+        model.repeat_head.copy_out.weight.normal_()
+    engine = engine_of(model.save(tmp_path / "ulim"), top_k=10)
+    events = random_events(num_users=5, per_user=20, seed=3)
+    _, latest = serve(engine, events, batch_size)
+    for user in {e.user_id for e in events}:
+        mine = [e for e in events if e.user_id == user]
+        batch = EventBatch(
+            *(torch.tensor([c]) for c in zip(*[
+                (items.get(e.item_id), categories.get(e.category_id),
+                 int(Behavior.parse(e.behavior)), e.ts) for e in mine
+            ], strict=True)),
+            lengths=torch.tensor([len(mine)]),
+        )  # fmt: skip
+        log_p = model.rank_scores(batch)[0]  # [num_items]
+        top = log_p.topk(10).indices.tolist()
+        rec = latest[user]
+        assert rec.items == [items.raw(i) for i in top]
+        np.testing.assert_allclose(rec.scores, log_p[top].numpy(), rtol=0, atol=1e-4)
+        buffered = set(newest_distinct(mine, HEAD.buffer_size))
+        expected = [
+            "repeat" if items.raw(i) in buffered
+            else f"category:{categories.raw(int(model.item_category[i]))}"
+            for i in top
+        ]  # fmt: skip
+        assert rec.sources == expected
+    sources = {s.split(":")[0] for rec in latest.values() for s in rec.sources}
+    assert sources == {"repeat", "category"}  # both sides served, or the test proves little
+
+
 def test_a_per_category_model_needs_an_index_with_categories(tmp_path):
     from hytrec.index import build_index
     from hytrec.model.ulim import ULIM, ULIMConfig

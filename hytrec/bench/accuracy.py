@@ -72,7 +72,8 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     N = the input length, and with the head. HPGR (the same size, k 32, w 8) fine-tuned
     from a session-based MIM pre-training the harness runs first (`hpgr_pretraining`),
     with the head, without it (PGSA ranks with the model's own table), and without sparse attention.
-    ULIM at the reading's defaults, ranked by its cascade (its top 10 categories). HiSAC
+    ULIM at the reading's defaults, ranked by its cascade (its top 10 categories), with the
+    head (mixed with the cascade's distribution P(c) P(x | c)) and without the pointer. HiSAC
     (fused with its short branch; and with the head), HiSAC-mi (max over agents) and HiSAC with hard
     routing, over the semantic IDs given to `run_accuracy` (left out without them)."""
     hytrec = HyTRecConfig(d_model=d_model)
@@ -80,6 +81,7 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     sasrec = SASRecConfig(d_model=d_model, layers=2, heads=2, max_len=max_len)
     hstu = HSTUConfig(d_model=d_model, max_len=max_len)
     hpgr = HPGRConfig(d_model=d_model, max_len=max_len, selection="pretrained")
+    ulim = ULIMConfig(d_model=d_model)
     return {
         "SASRec": sasrec,
         "SASRec" + HEAD: replace(sasrec, repeat_head=RepeatConfig()),
@@ -102,7 +104,9 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
         "HPGR" + HEAD: replace(hpgr, repeat_head=RepeatConfig()),
         "HPGR no pre-training": replace(hpgr, selection="own"),
         "HPGR no sparse attention": replace(hpgr, top_k=None),
-        "ULIM": ULIMConfig(d_model=d_model),
+        "ULIM": ulim,
+        "ULIM" + HEAD: replace(ulim, repeat_head=RepeatConfig()),
+        "ULIM no pointer": replace(ulim, pointer=False),
         "HiSAC": HiSACConfig(d_model=d_model),
         "HiSAC" + HEAD: HiSACConfig(d_model=d_model, repeat_head=RepeatConfig()),
         "HiSAC-mi": HiSACMultiConfig(d_model=d_model),

@@ -33,6 +33,17 @@ harness plus up to 64 items of c* (in-category negatives: the cascade ranks insi
 Cascade (`cascade_scores`): score(x) = log P(cat(x)) + u^{cat(x)} . e_x for items whose
 category is among the top K of P, -inf elsewhere (K = None: every category).
 
+With the repeat head (`repeat_head`; not in the reading, `repeat.py`): its explore side is
+the cascade as a distribution over items,
+
+    P_explore(x) = P(cat(x)) softmax_{x' in cat(x)}(u^{cat(x)} . e_{x'})[x]
+
+inside the top K categories (renormalised over them), and its user vector is u^{c_t}, the
+interest of the category just touched. Training replaces the loss's first item term by the
+mixture's -log P(i*), with P(i* | c*) over the in-category draws, their logits shifted by
+log(n_c / S_c) (exact under the full softmax). Within a category P_explore orders items as
+u^c . e_x does, so the engine's per-category searches still find its explore candidates.
+
 Forms. The training form (`forward_all`) reads every event's slot window by gathering the
 category's previous events, and the pointer over (position, slot) pairs; the serving form
 (`new_state`, `step`, `read_state`) keeps the slots per user (a ring of the last L_c events
@@ -53,7 +64,12 @@ from hytrec.model.base import SequentialModel
 from hytrec.model.batch import EventBatch, shift_window
 from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
 from hytrec.model.hytrec import gap_bucket, sequence_gaps
+from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config, new_recent, push_runs
 from hytrec.model.streaming import SlotState
+
+# log P_explore's floor: a target whose category P(c) gives no mass (the unknown category
+# without the pointer) must not make the head's mixture -inf
+LOG_FLOOR = math.log(1e-30)
 
 
 @dataclass(frozen=True)
@@ -72,8 +88,12 @@ class ULIMConfig:
     category_weight: float = 1.0  # lambda: the next-category loss
     category_negatives: int = 64  # in-category negatives per position (sampled softmax)
     top_categories: int | None = 10  # K of the cascade; None = every category
+    # the repeat/explore head over the user's recent distinct items (`repeat.py`; not in
+    # the reading), mixed with the cascade as a distribution (module docstring)
+    repeat_head: RepeatConfig | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "repeat_head", as_repeat_config(self.repeat_head))
         if self.num_items < 2 or self.num_categories < 1:
             raise ValueError("ULIMConfig: num_items >= 2 and num_categories >= 1")
         if not 1 <= self.short_len <= self.slot_len or self.slots < 1 or self.window < 1:
@@ -96,6 +116,8 @@ class ULIMState(SlotState):
     evictions:  [P]       int64  slots this user lost to the cap
     count:      [P]       int64  events applied
     last_ts:    [P]       int64  time of the newest applied event
+    recent:     [P, R, 6] int64  the repeat head's buffer (`repeat.RECENT_COLUMNS`)
+    recent_counts: [P, 2] int64  its repeats and events; both None without a head
     """
 
     slot_key: torch.Tensor
@@ -111,6 +133,8 @@ class ULIMState(SlotState):
     evictions: torch.Tensor
     count: torch.Tensor
     last_ts: torch.Tensor
+    recent: torch.Tensor | None = None
+    recent_counts: torch.Tensor | None = None
 
 
 @dataclass
@@ -157,6 +181,22 @@ def _segment_softmax(logits: torch.Tensor, group: torch.Tensor, groups: int) -> 
     return weights / weights.new_zeros(groups).index_add(0, group, weights)[group]
 
 
+def _log_softmax_by_group(scores: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    """Log-softmax of scores [U, N] within the columns of each group (group [N] in
+    0..groups-1); column 0 (padding) is left out: -inf."""
+    scores = scores.clone()
+    scores[:, 0] = float("-inf")
+    index = group[None].expand_as(scores)
+    top = scores.new_full((len(scores), groups), float("-inf")).scatter_reduce(
+        1, index, scores, "amax"
+    )
+    top = torch.where(torch.isfinite(top), top, 0.0)  # a group with no finite column
+    total = scores.new_zeros(len(scores), groups).scatter_add(
+        1, index, (scores - top.gather(1, index)).exp()
+    )
+    return scores - (top + total.log()).gather(1, index)
+
+
 class ULIM(SequentialModel):
     NAME = "ulim"
     NEEDS_CATEGORIES = True  # `registry.build_model` refuses logs without item categories
@@ -192,6 +232,8 @@ class ULIM(SequentialModel):
         self.category_bias = nn.Parameter(torch.zeros(cfg.num_categories))
         self.copy_switch = nn.Linear(3 * d, 1)
         self.apply(self._init_weights)
+        # after `apply`: the head initialises its own priors (`repeat.py`)
+        self.repeat_head = RepeatHead(cfg.repeat_head, d) if cfg.repeat_head else None
 
     # ------------------------------------------------------------------ shared pieces
 
@@ -335,23 +377,12 @@ class ULIM(SequentialModel):
         """(mean joint loss, positions): every position t predicts event t + 1's item inside
         its category and its category (module docstring)."""
         cfg = self.cfg
-        B, T = batch.item.shape
-        device = batch.item.device
+        T, device = batch.item.shape[1], batch.item.device
         out = self.forward_all(batch)
         pos = torch.arange(T - 1, device=device)
         real = pos[None] < (batch.lengths - 1)[:, None]  # [B, T-1]: t with a next event
-        target, target_cat = batch.item[:, 1:], batch.category[:, 1:]
-        # u^{c*} at t: the slot of c* if the user has one, else the empty interest
-        match = out["is_last"][:, :-1] & (batch.category[:, None, :] == target_cat[..., None])
-        has = match.any(-1)  # [B, T-1]
-        j = match.int().argmax(-1)
-        rows = torch.arange(B, device=device)[:, None]
-        empty_u, empty_l, empty_s = self.interest(target_cat[real], None, None)
-        vectors = []
-        for name, empty in (("interest", empty_u), ("long", empty_l), ("short", empty_s)):
-            seen = out[name][rows, j][real]  # [P, d]
-            vectors.append(torch.where(has[real][:, None], seen, empty))
-        tgt, tcat = target[real], target_cat[real]
+        vectors = self._target_interests(batch, out, real)
+        tgt, tcat = batch.item[:, 1:][real], batch.category[:, 1:][real]
         table = self.item_table()
         if negatives:
             order, start, count = self._category_items()
@@ -362,8 +393,14 @@ class ULIM(SequentialModel):
             # a negative equal to the target is masked out, and so are draws from an empty c*
             masked = torch.cat([uniform.expand(len(tgt), -1), inside], 1) == tgt[:, None]
             masked[:, negatives:] |= (count[tcat] == 0)[:, None]
-        item_loss = 0.0
-        for weight, u in zip((1.0, cfg.aux_weight, cfg.aux_weight), vectors, strict=True):
+        item_loss, weights = 0.0, (1.0, cfg.aux_weight, cfg.aux_weight)
+        if self.repeat_head is not None:
+            # the head's mixture takes the interest's own term: -log P(target), P_explore the
+            # cascade's distribution (module docstring)
+            draws = (inside, masked[:, negatives:]) if negatives else None
+            log_mix = self._mixture_log_prob(batch, out, real, vectors[0], draws)
+            item_loss, vectors, weights = -log_mix.mean(), vectors[1:], weights[1:]
+        for weight, u in zip(weights, vectors, strict=True):
             if negatives:
                 logits = torch.cat(
                     [
@@ -385,6 +422,78 @@ class ULIM(SequentialModel):
         cat_loss = -log_p[known].gather(1, tcat[known, None]).mean() if known.any() else 0.0
         return item_loss + cfg.category_weight * cat_loss, int(real.sum())
 
+    def _target_interests(
+        self, batch: EventBatch, out: dict[str, torch.Tensor], real: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """u^{c*}, l^{c*}, s^{c*} [P, d] at the positions `real` [B, T-1] (row-major) of
+        `forward_all`'s output: the slot of the next event's category c* if the user has
+        one, else the empty interest."""
+        target_cat = batch.category[:, 1:]
+        match = out["is_last"][:, :-1] & (batch.category[:, None, :] == target_cat[..., None])
+        has = match.any(-1)  # [B, T-1]
+        j = match.int().argmax(-1)
+        rows = torch.arange(len(batch.lengths), device=real.device)[:, None]
+        empty_u, empty_l, empty_s = self.interest(target_cat[real], None, None)
+        vectors = []
+        for name, empty in (("interest", empty_u), ("long", empty_l), ("short", empty_s)):
+            seen = out[name][rows, j][real]  # [P, d]
+            vectors.append(torch.where(has[real][:, None], seen, empty))
+        return vectors
+
+    def _mixture_log_prob(
+        self,
+        batch: EventBatch,
+        out: dict[str, torch.Tensor],
+        real: torch.Tensor,
+        target_interest: torch.Tensor,
+        draws: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """log P(target) [P] of the head's mixture at the positions `real`, P_explore(x) =
+        P(c*) P(x | c*) from `forward_all`'s output and u^{c*} [P, d]; draws: the
+        in-category negatives and their mask (`_within_category_log_prob`), None: exact."""
+        target, category = batch.item[:, 1:][real], batch.category[:, 1:][real]
+        within = self._within_category_log_prob(
+            target_interest, target, category, *(draws or (None, None))
+        )
+        log_c = out["log_p"][:, :-1][real].gather(1, category[:, None])[:, 0]
+        log_explore = (log_c + within).clamp(min=LOG_FLOOR)
+        # the head's user vector: the interest of the category just touched, as in ranking
+        return self.repeat_head.training_log_prob(
+            batch, out["interest"][:, :-1], real, log_explore, self.item_table()
+        )
+
+    def _within_category_log_prob(
+        self,
+        u: torch.Tensor,
+        target: torch.Tensor,
+        category: torch.Tensor,
+        inside: torch.Tensor | None = None,
+        masked: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log P(target | c*) [P]: the softmax of u^{c*} . e [P, d] over the items of c*
+        [P] (and the target). Exact over the table (inside None), else estimated from the
+        target and the S_c draws `inside` [P, S_c] from c*'s items (`masked`: draws that are
+        the target or from an empty category), their logits shifted by log(n_c / S_c), the
+        log-Q correction of a uniform draw from the n_c items of c*: the estimate is then on
+        the scale ranking uses (`repeat.py` says why the head needs that)."""
+        table = self.item_table()
+        if inside is None:
+            logits = u @ table.T  # [P, N]
+            outside = self.item_category[None] != category[:, None]
+            outside[:, 0] = True
+            outside[torch.arange(len(target), device=target.device), target] = False
+            return (
+                logits.masked_fill(outside, float("-inf"))
+                .log_softmax(-1)
+                .gather(1, target[:, None])[:, 0]
+            )
+        n_c = torch.bincount(self.item_category[1:], minlength=self.cfg.num_categories)[category]
+        shift = torch.log(n_c.float() / inside.shape[1])  # -inf for an empty c*: no negatives
+        negative = torch.einsum("pd,pnd->pn", u, table[inside]) + shift[:, None]
+        positive = (u * table[target]).sum(-1, keepdim=True)  # [P, 1]
+        logits = torch.cat([positive, negative.masked_fill(masked, float("-inf"))], 1)
+        return logits.log_softmax(-1)[:, 0]
+
     # ------------------------------------------------------------------ serving form
 
     def new_state(self, num_slots: int, device: torch.device | str = "cpu") -> ULIMState:
@@ -394,6 +503,8 @@ class ULIM(SequentialModel):
             return torch.zeros(num_slots, *shape, dtype=torch.long, device=device)
 
         M, L, K = cfg.slots, cfg.slot_len, cfg.window
+        head = cfg.repeat_head
+        recent = new_recent(num_slots, head.buffer_size, device) if head else (None, None)
         return ULIMState(
             slot_key=zeros(M),
             slot_item=zeros(M, L),
@@ -408,6 +519,8 @@ class ULIM(SequentialModel):
             evictions=zeros(),
             count=zeros(),
             last_ts=zeros(),
+            recent=recent[0],
+            recent_counts=recent[1],
         )
 
     @torch.no_grad()
@@ -416,6 +529,8 @@ class ULIM(SequentialModel):
         the category's slot (found, or an empty one, or the least frequent evicted) takes
         the event into its ring, count and time; the user's window and clock move."""
         cfg = self.cfg
+        if self.repeat_head is not None:
+            push_runs(state.recent, state.recent_counts, slots, batch)
         one = torch.ones(1, dtype=torch.long, device=slots.device)
         for m in range(int(batch.lengths.max())):
             active = batch.lengths > m
@@ -570,9 +685,13 @@ class ULIM(SequentialModel):
         top_k: int | None,
         oracle: torch.Tensor | None = None,
         use_log_p: bool = True,
+        within_category: bool = False,
     ) -> torch.Tensor:
         """score(x) = log P(cat(x)) + u^{cat(x)} . e_x [U, num_items], -inf outside the top
-        K categories (top_k None: none gated; oracle [U]: only that category)."""
+        K categories (top_k None: none gated; oracle [U]: only that category).
+        within_category: u^{cat(x)} . e_x log-softmaxed over the items of cat(x), so that
+        the scores are log P(cat(x)) P(x | cat(x)), a distribution over the items (the
+        repeat head's explore side)."""
         table = self.item_table()
         item_cat = self.item_category  # [N]
         U, N = read.log_p.shape[0], table.shape[0]
@@ -596,6 +715,8 @@ class ULIM(SequentialModel):
             u = read.slot_interest[u_idx[lo:hi][pair], m_idx[lo:hi][pair]]
             scores[u_idx[lo:hi][pair], items] = (u * table[items]).sum(-1)
             lo = hi
+        if within_category:
+            scores = _log_softmax_by_group(scores, item_cat, C)
         if use_log_p:
             scores = scores + read.log_p[:, item_cat]
         allowed = None
@@ -612,5 +733,33 @@ class ULIM(SequentialModel):
 
     @torch.no_grad()
     def rank_scores(self, batch: EventBatch) -> torch.Tensor:
-        """The evaluation's scores: the cascade over the config's top K categories."""
-        return self.cascade_scores(self.readout(batch), self.cfg.top_categories)
+        """The evaluation's scores: the cascade over the config's top K categories; with
+        the head, log P(i) of its mixture with the cascade's distribution."""
+        read = self.readout(batch)
+        if self.repeat_head is None:
+            return self.cascade_scores(read, self.cfg.top_categories)
+        rows = torch.arange(len(batch.lengths), device=batch.item.device)
+        current = batch.category[rows, batch.lengths - 1]
+        u, explore = self._head_inputs(read, current)
+        return self.repeat_head.rank_scores(batch, u, explore, self.item_table())
+
+    def _head_inputs(
+        self, read: Readout, current: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the head reads besides the buffer: the interest of the category just
+        touched, current [U] (training's u at each position) [U, d], and the cascade's
+        log P_explore [U, num_items] over the top K categories."""
+        u = self.category_interests(read, current[:, None])[:, 0]
+        explore = self.cascade_scores(read, self.cfg.top_categories, within_category=True)
+        return u, explore
+
+    @torch.no_grad()
+    def head_inputs(
+        self, state: ULIMState, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The engine's `_head_inputs` for these users (after `step`)."""
+        return self._head_inputs(self.read_state(state, slots), state.last_category[slots])
+
+    def recent_items(self, state: ULIMState, slots: torch.Tensor, n: int) -> torch.Tensor:
+        """[U, min(n, K)] the items of these users' last n events, oldest first (0: none)."""
+        return state.window_item[slots, -n:]

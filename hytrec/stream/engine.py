@@ -32,7 +32,9 @@ every one an "explore" item. The shop rules (`exclude_paid_hours`, `explore_only
 A model whose registry line says `per_category` (ULIM) ranks by its category cascade, as
 offline (`ULIM.cascade_scores`): its top K categories by log P(c), one search per category
 among that category's items with its interest u^c, merged by log P(c) + u^c . e_i; each item
-published with the category it came through (source "category:<raw id>").
+published with the category it came through (source "category:<raw id>"). With a repeat
+head, the explore candidates are those searches' items, scored by the head's mixture with
+the cascade's distribution (`ULIM.head_inputs`).
 
 A `multi` model (HiSAC-mi) searches with each of the user's agents and merges by max score
 (`index.multi_query`), its `score_agents` ranking; every item an "explore" one.
@@ -293,9 +295,11 @@ class RecommendationEngine:
             recent = self.model.recent_items(
                 self.store.state, slots, self.config.exclude_recent
             )  # [U, n] item indices, 0 = none
-        if self.query == "per_category":
+        if self.head is not None:
+            ids, scores, sources = self._merge(slots, vectors, recent)
+        elif self.query == "per_category":
             ids, scores, sources = self._cascade(slots, recent)
-        elif self.head is None:
+        else:
             exclude = None if recent is None else [sorted(set(r) - {0}) for r in recent.tolist()]
             if self.query == "multi":
                 queries, present = self.model.serving_queries(self.store.state, slots)
@@ -312,8 +316,6 @@ class RecommendationEngine:
                 )
             ids, scores = found.ids.tolist(), found.scores.tolist()
             sources = [["explore"] * len(row) for row in ids]
-        else:
-            ids, scores, sources = self._merge(slots, vectors, recent)
         self.stats.search_seconds += time.perf_counter() - started
         produced_at = time.time()
         raw = self.model.items.raw
@@ -340,31 +342,47 @@ class RecommendationEngine:
         self.stats.recommendations += len(out)
         return out
 
-    def _cascade(self, slots, recent):
-        """ULIM's cascade: for each user, one search per top category (its interest among
-        the category's items), merged by log P(c) + u^c . e_i: (item ids, scores, sources),
-        one list per user, best first."""
+    def _category_searches(self, slots, exclude):
+        """ULIM's searches: for each user, one per top category, its interest among the
+        category's items, each leaving out the user's `exclude` list (None: nothing).
+        Returns (categories [U, C], log P(c) [U, C], item ids [U, C, K], scores u^c . e_i
+        [U, C, K]) as numpy arrays."""
         K = self.config.top_k
         top = self.model.cfg.top_categories or self.model.cfg.num_categories
         categories, log_p, queries = self.model.cascade_queries(self.store.state, slots, top)
         U, C = categories.shape
-        exclude = None
-        if recent is not None:  # every search of a user leaves out the user's recent items
-            exclude = [sorted(set(row) - {0}) for row in recent.tolist() for _ in range(C)]
         found = self.index.search(
             queries.reshape(U * C, -1).float().cpu().numpy(),  # [U * C, d]
             K,
-            exclude=exclude,
+            exclude=None if exclude is None else [row for row in exclude for _ in range(C)],
             query_categories=categories.reshape(-1, 1).tolist(),
         )
-        via = np.repeat(categories.cpu().numpy(), K, axis=1)  # [U, C * K]
-        score = (found.scores.reshape(U, C, K) + log_p.cpu().numpy()[:, :, None]).reshape(U, -1)
-        best = np.argsort(-score, axis=1, kind="stable")[:, :K]  # [U, K]
-        ids = np.take_along_axis(found.ids.reshape(U, -1), best, 1)
+        return (
+            categories.cpu().numpy(),
+            log_p.cpu().numpy(),
+            found.ids.reshape(U, C, K),
+            found.scores.reshape(U, C, K),
+        )
+
+    def _category_names(self, categories: np.ndarray) -> list[list[str]]:
+        """Sources "category:<raw id>" of category indices [U, n]."""
         raw = self.model.categories.raw if self.model.categories is not None else str
-        sources = [
-            [f"category:{raw(int(c))}" for c in row] for row in np.take_along_axis(via, best, 1)
-        ]
+        return [[f"category:{raw(int(c))}" for c in row] for row in categories]
+
+    def _cascade(self, slots, recent):
+        """ULIM's cascade: the category searches merged by log P(c) + u^c . e_i: (item ids,
+        scores, sources), one list per user, best first."""
+        K = self.config.top_k
+        exclude = None
+        if recent is not None:  # every search of a user leaves out the user's recent items
+            exclude = [sorted(set(row) - {0}) for row in recent.tolist()]
+        categories, log_p, found_ids, found_scores = self._category_searches(slots, exclude)
+        U = len(categories)
+        via = np.repeat(categories, K, axis=1)  # [U, C * K]
+        score = (found_scores + log_p[:, :, None]).reshape(U, -1)
+        best = np.argsort(-score, axis=1, kind="stable")[:, :K]  # [U, K]
+        ids = np.take_along_axis(found_ids.reshape(U, -1), best, 1)
+        sources = self._category_names(np.take_along_axis(via, best, 1))
         return ids.tolist(), np.take_along_axis(score, best, 1).tolist(), sources
 
     def _merge(self, slots, vectors, recent):
@@ -373,7 +391,11 @@ class RecommendationEngine:
         (item ids, log P, sources), one list per user, best first."""
         config, K, state = self.config, self.config.top_k, self.store.state
         buffer = serving_buffer(state.recent, state.recent_counts, slots)  # [U, N] each
-        log_p = self.head.serve(buffer, vectors, self.model.score(vectors), self.model.item_table())
+        if self.query == "per_category":  # the head reads the cascade's distribution
+            u, explore_scores = self.model.head_inputs(state, slots)
+        else:
+            u, explore_scores = vectors, self.model.score(vectors)
+        log_p = self.head.serve(buffer, u, explore_scores, self.model.item_table())
         # copy candidates the rules leave out: all (explore only), the recently paid for,
         # the user's last `exclude_recent` items
         blocked = torch.full_like(buffer.valid, config.explore_only)
@@ -386,13 +408,17 @@ class RecommendationEngine:
         copy = torch.where(buffer.valid & ~blocked, buffer.item, 0)  # [U, N]
         # explore: never an item of the buffer (its P(i) is on the copy side) nor a recent one
         known = buffer.item if recent is None else torch.cat([buffer.item, recent], 1)
-        found = self.index.search(
-            vectors.float().cpu().numpy(),
-            K,
-            exclude=[sorted(set(row) - {0}) for row in known.tolist()],
-        )
-        explore = torch.from_numpy(found.ids).to(self.device).clamp(min=0)  # [U, K], 0 = none
-        candidates = torch.cat([copy, explore], 1)  # [U, N + K]
+        exclude = [sorted(set(row) - {0}) for row in known.tolist()]
+        if self.query == "per_category":  # each top category's top K (their union holds
+            # the top K by log P: within a category both orders are u^c . e_i's)
+            categories, _, found_ids, _ = self._category_searches(slots, exclude)
+            found_ids = found_ids.reshape(len(categories), -1)  # [U, C * K]
+            explore_names = self._category_names(np.repeat(categories, K, axis=1))
+        else:
+            found_ids = self.index.search(vectors.float().cpu().numpy(), K, exclude=exclude).ids
+            explore_names = [["explore"] * found_ids.shape[1]] * len(found_ids)
+        explore = torch.from_numpy(found_ids).to(self.device).clamp(min=0)  # [U, M], 0 = none
+        candidates = torch.cat([copy, explore], 1)  # [U, N + M]
         score = log_p.gather(1, candidates).masked_fill(candidates == 0, float("-inf"))
         from_index = torch.zeros_like(candidates, dtype=torch.bool)
         from_index[:, copy.shape[1] :] = True
@@ -406,8 +432,11 @@ class RecommendationEngine:
         chosen = chosen.gather(1, order)  # [U, K], best log P first
         chosen_score = score.gather(1, chosen)
         ids = torch.where(chosen_score > float("-inf"), candidates.gather(1, chosen), 0)
-        names = ("repeat", "explore")
-        sources = [[names[e] for e in row] for row in from_index.gather(1, chosen).tolist()]
+        N = copy.shape[1]
+        sources = [
+            ["repeat" if c < N else names[c - N] for c in row]
+            for row, names in zip(chosen.tolist(), explore_names, strict=True)
+        ]
         return ids.tolist(), chosen_score.tolist(), sources
 
     # ------------------------------------------------------------------ snapshots (issue 5)

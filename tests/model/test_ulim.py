@@ -13,6 +13,7 @@ import torch
 from hytrec.bench.parity import UserEvents
 from hytrec.bench.ulim_parity import stream_vs_parallel_max_abs
 from hytrec.model.batch import EventBatch
+from hytrec.model.repeat import RepeatConfig
 from hytrec.model.ulim import ULIM, ULIMConfig
 
 CFG = ULIMConfig(
@@ -162,9 +163,11 @@ def test_cascade_gates_by_the_top_categories_and_reduces_to_per_category_scoring
         ).all()
 
 
+@pytest.mark.parametrize("head", [False, True])
 @pytest.mark.parametrize("negatives", [0, 16])
-def test_joint_loss_is_finite_and_trains(negatives):
-    model = model_of(seed=3).train()
+def test_joint_loss_is_finite_and_trains(negatives, head):
+    cfg = replace(CFG, repeat_head=RepeatConfig(buffer_size=6)) if head else CFG
+    model = model_of(cfg, seed=3).train()
     batch = random_batch([15, 9, 4, 2], seed=3)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
@@ -242,3 +245,75 @@ def test_parity_report_meets_the_issue_thresholds():
     for name in ("ulim", "ulim_without_pointer"):
         assert report[name]["share_of_users_hitting_the_cap"] == 0.0
         assert report[name]["share_of_users_hitting_a_cap_of_8"] > 0.0
+
+
+HEAD_CFG = replace(CFG, repeat_head=RepeatConfig(buffer_size=6))
+
+
+def test_the_heads_explore_side_is_the_cascades_distribution():
+    """With the head, the cascade's scores are log P(c) P(x | c): they sum to 1 over the
+    items, to P(top K categories) when gated; the head's ranking sums to 1 too."""
+    model, batch = model_of(HEAD_CFG), random_batch([12, 5, 1], HEAD_CFG)
+    with torch.no_grad():
+        read = model.readout(batch)
+        full = model.cascade_scores(read, None, within_category=True).exp()
+        np.testing.assert_allclose(full.sum(-1).numpy(), 1.0, atol=1e-5)
+        gated = model.cascade_scores(read, 2, within_category=True).exp()
+        top_mass = read.log_p.exp().topk(2, -1).values.sum(-1)
+        np.testing.assert_allclose(gated.sum(-1).numpy(), top_mass.numpy(), atol=1e-5)
+        # within a category the order is the plain cascade's (the engine's searches rely on it)
+        plain = model.cascade_scores(read, None)
+        in_cat = model.item_category == 3
+        assert torch.equal(
+            full[:, in_cat].argsort(-1, descending=True),
+            plain[:, in_cat].argsort(-1, descending=True),
+        )
+        np.testing.assert_allclose(model.rank_scores(batch).exp().sum(-1).numpy(), 1.0, atol=1e-5)
+
+
+def test_the_sampled_within_category_estimate_is_exact_when_every_item_is_drawn_once():
+    """log P(target | c*) from in-category draws with the log(n_c / S_c) shift equals the
+    exact softmax over c*'s items when the draws are c*'s items, each once (the target's
+    own draw masked); a wrong shift or mask breaks it."""
+    model = model_of(HEAD_CFG)
+    torch.manual_seed(1)
+    u = torch.randn(3, HEAD_CFG.d_model)
+    target = torch.tensor([5, 17, 40])
+    category = model.item_category[target]
+    exact = model._within_category_log_prob(u, target, category)
+    for p in range(3):
+        inside = (model.item_category == category[p]).nonzero()[:, 0]
+        inside = inside[inside > 0][None]  # [1, n_c]: every item of c* once
+        estimate = model._within_category_log_prob(
+            u[p : p + 1], target[p : p + 1], category[p : p + 1], inside, inside == target[p]
+        )
+        torch.testing.assert_close(estimate, exact[p : p + 1], atol=1e-5, rtol=0)
+    assert (exact < 0).all()
+
+
+def test_the_head_reads_in_training_what_it_reads_in_ranking():
+    """The mixture's log P(target) at the last input position, from the training form (the
+    head's loss), equals log P(target) of the ranking after the same events (no dropout,
+    full softmax): train/serve parity of ULIM + head."""
+    cfg = replace(HEAD_CFG, dropout=0.0, top_categories=None)
+    model = model_of(cfg, seed=2)
+    with torch.no_grad():
+        model.repeat_head.gate[2].bias.fill_(0.4)
+        model.repeat_head.copy_out.weight.normal_()
+    batch = random_batch([14, 9, 6], cfg, seed=2)
+    # each event of an item in the item's category (ranking reads the table's)
+    batch = replace(batch, category=model.item_category[batch.item] * batch.mask)
+    B, T = batch.item.shape
+    real = torch.arange(T - 1)[None] < (batch.lengths - 1)[:, None]
+    with torch.no_grad():
+        out = model.forward_all(batch)
+        u_target = model._target_interests(batch, out, real)[0]
+        log_mix = model._mixture_log_prob(batch, out, real, u_target, None)
+        flat_row = real.nonzero()[:, 0]
+        for row in range(B):
+            n = int(batch.lengths[row])
+            last = (flat_row == row).nonzero()[-1, 0]  # position n - 2: predicts event n - 1
+            ranked = model.rank_scores(prefix(batch, row, n - 1))[0]
+            torch.testing.assert_close(
+                log_mix[last], ranked[batch.item[row, n - 1]], atol=1e-4, rtol=0
+            )
