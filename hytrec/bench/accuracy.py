@@ -32,15 +32,17 @@ from hytrec.model.evaluate import (
     EvalConfig,
     EvalSplit,
     ModelReport,
+    category_metrics,
     leave_one_out,
     ndcg_per_user,
     paired_bootstrap,
+    rank_categories,
     rank_targets,
     report_of,
     write_reports,
 )
 from hytrec.model.events import EventLog
-from hytrec.model.heuristics import Popularity, heuristics
+from hytrec.model.heuristics import Popularity, category_baselines, heuristics
 from hytrec.model.hisac import HiSACConfig, HiSACMultiConfig
 from hytrec.model.hpgr import HPGRConfig
 from hytrec.model.hstu import HSTUConfig
@@ -384,6 +386,13 @@ def run_accuracy(
         rows.append(row)
 
     scratch.cleanup()
+    # next-category baselines beside the rows with a category head (ULIM), on their events
+    next_category = {}
+    if any("category_metrics" in r.report for r in rows):
+        category_log = pseudo if pseudo is not None else log
+        for name, baseline in category_baselines(category_log).items():
+            ranks = rank_categories(baseline, category_log, split, "test", eval_cfg)
+            next_category[name] = category_metrics(ranks)
     heuristic_rows = [r for r in rows if r.extra["kind"] == "heuristic"]
     best = max(heuristic_rows, key=lambda r: r.report["overall"]["NDCG@10"]).name
     for row in rows:
@@ -407,6 +416,7 @@ def run_accuracy(
         "seeds": list(seeds),
         "best_heuristic": best,
         **({"left_out": left_out} if left_out else {}),
+        **({"next_category_baselines": next_category} if next_category else {}),
         "intervals": "95% percentile bootstrap over test users (2000 resamples, seed 0); "
         "ratios to the best heuristic resample the same users for both (paired)",
         "d_model": d_model,
@@ -425,9 +435,30 @@ def run_accuracy(
         out_stem,
         f"accuracy on {dataset} (full ranking, leave-one-out)",
         header,
-        notes=intervals_table(rows, best),
+        notes=intervals_table(rows, best) + next_category_table(rows, next_category),
     )
     return {"header": header, "models": {r.name: r.report["overall"] for r in rows}}
+
+
+def next_category_table(rows: list[ModelReport], baselines: dict[str, dict]) -> str:
+    """Markdown: next-category HR@k and MRR of the rows with a category head and of the
+    category baselines ("" when no row has a head)."""
+    measured = {
+        r.name: r.report["category_metrics"] for r in rows if "category_metrics" in r.report
+    }
+    if not measured:
+        return ""
+    ks = [k for k in next(iter(measured.values())) if k.startswith("HR@")]
+    lines = [
+        "",
+        "Next category (the target event's), ranked by P(c) and by the two baselines:",
+        "",
+        "| model | " + " | ".join(ks) + " | MRR |",
+        "|---|" + "---|" * (len(ks) + 1),
+    ]
+    for name, m in {**measured, **baselines}.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in [*ks, "MRR"]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def intervals_table(rows: list[ModelReport], best: str) -> str:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import fields, replace
 
+import numpy as np
 import pytest
 
 from hytrec.bench.accuracy import PRESETS, run_accuracy
+from hytrec.model.codebook import SemanticIds
+from hytrec.model.evaluate import leave_one_out
 from hytrec.model.events import Vocabulary
 from hytrec.model.registry import MODELS, spec
 from hytrec.model.synthetic import revisiting_log
@@ -159,3 +162,14 @@ def test_ulim_reads_level_one_codes_as_categories_where_the_data_has_none(tmp_pa
     assert ulim["categories"] == "pseudo: the semantic IDs' level-1 codes"
     assert ulim["config"]["num_categories"] == 16 + 1  # 16 level-1 codes and the unknown
     assert 0.0 <= ulim["overall"]["NDCG@10"] <= 1.0
+    # the next-category baselines beside it, on the same pseudo-categories: "repeat last
+    # category" hits at 1 exactly when the target's code is the previous event's
+    report = json.loads((tmp_path / "acc.json").read_text())
+    baselines = report["next_category_baselines"]
+    assert set(baselines) == {"repeat last category", "most frequent categories"}
+    pseudo = SemanticIds.load(tmp_path / "sids").as_categories(log)
+    _, targets = leave_one_out(pseudo).targets("test")
+    expected = np.mean(pseudo.category[targets] == pseudo.category[targets - 1])
+    assert baselines["repeat last category"]["HR@1"] == pytest.approx(expected)
+    assert "category_metrics" in ulim
+    assert "Next category" in (tmp_path / "acc.md").read_text()

@@ -144,12 +144,12 @@ def test_hpgr_cells_start_from_a_kept_pretraining_and_need_timestamps(
     """HPGR's row pre-trains once per seed (kept beside the cells, read again on resume, its
     checkpoint the cell's init_from); on a data set without timestamps it is left out. ULIM
     on one without categories (Beauty has neither) reads the level-1 codes of the seed's
-    semantic IDs as categories."""
-    hpgr = "HPGR + repeat head"
+    semantic IDs as categories (its head beside them)."""
+    hpgr, ulim = "HPGR + repeat head", "ULIM + repeat head"
     profile = Profile(
         "test",
         (DatasetBudget("ml100k", 20.0, max_users=40), DatasetBudget("beauty", 20.0, 40)),
-        models=(hpgr, "ULIM"),
+        models=(hpgr, ulim),
         seeds=(0,),
         epochs=1,
         patience=1,
@@ -162,11 +162,12 @@ def test_hpgr_cells_start_from_a_kept_pretraining_and_need_timestamps(
     assert row["training"]["config"]["repeat_head"] is not None
     beauty = first["tables"]["beauty"]
     assert hpgr not in beauty["rows"] and "timestamps" in beauty["left_out"][hpgr]
-    assert "ULIM" not in beauty["left_out"]
-    pseudo = beauty["rows"]["ULIM"]["training"]
+    assert ulim not in beauty["left_out"]
+    pseudo = beauty["rows"][ulim]["training"]
     assert pseudo["categories"].startswith("pseudo") and pseudo["config"]["num_categories"] > 1
     assert len(list((tmp_path / "test" / "beauty" / "semantic-ids").iterdir())) == 1
-    ml100k = first["tables"]["ml100k"]["rows"]["ULIM"]["training"]
+    assert pseudo["config"]["repeat_head"] is not None
+    ml100k = first["tables"]["ml100k"]["rows"][ulim]["training"]
     assert ml100k["config"]["num_categories"] > 1 and "categories" not in ml100k  # genres
     cell = json.loads(
         next((tmp_path / "test" / "ml100k" / "hpgr-repeat-head").glob("*.json")).read_text()
