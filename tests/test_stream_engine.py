@@ -393,7 +393,16 @@ def test_served_items_and_log_p_equal_the_offline_ranking_with_the_head(
     events = random_events(num_users=5, per_user=30, seed=11)
     results, latest = serve(engine, events, batch_size)
     assert all(not r.rejected for r in results)
-    model = engine.model
+    served = assert_served_as_ranked_with_the_head(
+        engine.model, events, latest, lambda i: "explore"
+    )
+    assert {"repeat", "explore"} <= served
+
+
+def assert_served_as_ranked_with_the_head(model, events, latest, explore_source) -> set[str]:
+    """Each user's published top 10 and log P(i) are the offline ranking's after the same
+    events; a buffered item's source is "repeat", any other's `explore_source(index)`.
+    Returns every source served."""
     for user in {e.user_id for e in events}:
         mine = [e for e in events if e.user_id == user]
         log_p = offline_log_p(model, mine)
@@ -402,8 +411,9 @@ def test_served_items_and_log_p_equal_the_offline_ranking_with_the_head(
         assert rec.items == [model.items.raw(i) for i in top]
         np.testing.assert_allclose(rec.scores, log_p[top].numpy(), rtol=0, atol=1e-4)
         buffered = set(newest_distinct(mine, HEAD.buffer_size))
-        assert rec.sources == ["repeat" if i in buffered else "explore" for i in rec.items]
-    assert {"repeat", "explore"} <= {s for rec in latest.values() for s in rec.sources}
+        expected = ["repeat" if model.items.raw(i) in buffered else explore_source(i) for i in top]
+        assert rec.sources == expected
+    return {s for rec in latest.values() for s in rec.sources}
 
 
 def test_a_model_without_the_head_publishes_explore_items_only(checkpoint):
@@ -615,41 +625,43 @@ def test_an_engine_with_the_compiled_step_serves_what_the_eager_one_does(checkpo
             np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
 
 
-@pytest.mark.parametrize("batch_size", [1, 13])
-def test_ulim_serves_its_category_cascade_as_offline_with_each_items_category(tmp_path, batch_size):
-    """A per-category model (ULIM): the engine's top K, one filtered search per top category
-    merged by log P(c) + u^c . e_i, equals the offline cascade's (`cascade_scores` over the
-    same events, top 3 categories), items, scores and the category each came through."""
+def small_ulim(tmp_path, head=None):
+    """A ULIM over the engine tests' items, 8 categories (item n in category n % 8 + 1),
+    its cascade over the top 3; with the head's weights away from their initial zeros."""
     from hytrec.model.ulim import ULIM, ULIMConfig
 
     torch.manual_seed(0)
     cfg = ULIMConfig(
         num_items=NUM_ITEMS, num_categories=NUM_CATEGORIES, d_model=16, dropout=0.0,
-        top_categories=3,
+        top_categories=3, repeat_head=head,
     )  # fmt: skip
     items = Vocabulary(f"i{n}" for n in range(1, NUM_ITEMS))
     categories = Vocabulary(f"c{n}" for n in range(1, NUM_CATEGORIES))
     model = ULIM(cfg, items, categories).eval()
     model.item_category[1:] = torch.arange(1, NUM_ITEMS) % (NUM_CATEGORIES - 1) + 1
-    engine = engine_of(model.save(tmp_path / "ulim"), top_k=10)
+    if head is not None:
+        with torch.no_grad():
+            model.repeat_head.gate[2].bias.fill_(0.3)
+            model.repeat_head.copy_out.weight.normal_()
+    return model, engine_of(model.save(tmp_path / "ulim"), top_k=10)
+
+
+@pytest.mark.parametrize("batch_size", [1, 13])
+def test_ulim_serves_its_category_cascade_as_offline_with_each_items_category(tmp_path, batch_size):
+    """A per-category model (ULIM): the engine's top K, one filtered search per top category
+    merged by log P(c) + u^c . e_i, equals the offline cascade's (`rank_scores`: the top 3
+    categories, over the same events), items, scores and the category each came through."""
+    model, engine = small_ulim(tmp_path)
     events = random_events(num_users=5, per_user=20, seed=3)
     _, latest = serve(engine, events, batch_size)
     for user in {e.user_id for e in events}:
-        mine = [e for e in events if e.user_id == user]
-        batch = EventBatch(
-            *(torch.tensor([c]) for c in zip(*[
-                (items.get(e.item_id), categories.get(e.category_id),
-                 int(Behavior.parse(e.behavior)), e.ts) for e in mine
-            ], strict=True)),
-            lengths=torch.tensor([len(mine)]),
-        )  # fmt: skip
-        scores = model.cascade_scores(model.readout(batch), 3)[0].numpy()  # [num_items]
-        top = np.argsort(-scores, kind="stable")[:10]
+        scores = offline_log_p(model, [e for e in events if e.user_id == user])
+        top = scores.topk(10).indices.tolist()
         rec = latest[user]
-        assert rec.items == [items.raw(int(i)) for i in top]
-        np.testing.assert_allclose(rec.scores, scores[top], rtol=1e-4, atol=1e-4)
-        categories_of = model.item_category[torch.from_numpy(top)].tolist()
-        assert rec.sources == [f"category:{categories.raw(c)}" for c in categories_of]
+        assert rec.items == [model.items.raw(i) for i in top]
+        np.testing.assert_allclose(rec.scores, scores[top].numpy(), rtol=1e-4, atol=1e-4)
+        categories_of = model.item_category[top].tolist()
+        assert rec.sources == [f"category:{model.categories.raw(c)}" for c in categories_of]
         assert len({s for s in rec.sources}) <= 3  # only the top three categories
 
 
@@ -659,46 +671,15 @@ def test_ulim_with_the_head_serves_its_mixture_with_the_cascade_as_offline(tmp_p
     searches' items, scored by the mixture) equals the offline `rank_scores`' top K over
     the same events, items and log P; a repeat item says so, an explore one names its
     category."""
-    from hytrec.model.ulim import ULIM, ULIMConfig
-
-    torch.manual_seed(0)
-    cfg = ULIMConfig(
-        num_items=NUM_ITEMS, num_categories=NUM_CATEGORIES, d_model=16, dropout=0.0,
-        top_categories=3, repeat_head=HEAD,
-    )  # fmt: skip
-    items = Vocabulary(f"i{n}" for n in range(1, NUM_ITEMS))
-    categories = Vocabulary(f"c{n}" for n in range(1, NUM_CATEGORIES))
-    model = ULIM(cfg, items, categories).eval()
-    model.item_category[1:] = torch.arange(1, NUM_ITEMS) % (NUM_CATEGORIES - 1) + 1
-    with torch.no_grad():
-        model.repeat_head.gate[2].bias.fill_(0.3)
-        model.repeat_head.copy_out.weight.normal_()
-    engine = engine_of(model.save(tmp_path / "ulim"), top_k=10)
+    model, engine = small_ulim(tmp_path, HEAD)
     events = random_events(num_users=5, per_user=20, seed=3)
     _, latest = serve(engine, events, batch_size)
-    for user in {e.user_id for e in events}:
-        mine = [e for e in events if e.user_id == user]
-        batch = EventBatch(
-            *(torch.tensor([c]) for c in zip(*[
-                (items.get(e.item_id), categories.get(e.category_id),
-                 int(Behavior.parse(e.behavior)), e.ts) for e in mine
-            ], strict=True)),
-            lengths=torch.tensor([len(mine)]),
-        )  # fmt: skip
-        log_p = model.rank_scores(batch)[0]  # [num_items]
-        top = log_p.topk(10).indices.tolist()
-        rec = latest[user]
-        assert rec.items == [items.raw(i) for i in top]
-        np.testing.assert_allclose(rec.scores, log_p[top].numpy(), rtol=0, atol=1e-4)
-        buffered = set(newest_distinct(mine, HEAD.buffer_size))
-        expected = [
-            "repeat" if items.raw(i) in buffered
-            else f"category:{categories.raw(int(model.item_category[i]))}"
-            for i in top
-        ]  # fmt: skip
-        assert rec.sources == expected
-    sources = {s.split(":")[0] for rec in latest.values() for s in rec.sources}
-    assert sources == {"repeat", "category"}  # both sides served, or the test proves little
+    served = assert_served_as_ranked_with_the_head(
+        model, events, latest,
+        lambda i: f"category:{model.categories.raw(int(model.item_category[i]))}",
+    )  # fmt: skip
+    # both sides served, or the test proves little
+    assert {s.split(":")[0] for s in served} == {"repeat", "category"}
 
 
 def test_a_per_category_model_needs_an_index_with_categories(tmp_path):
