@@ -75,7 +75,8 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     from a session-based MIM pre-training the harness runs first (`hpgr_pretraining`),
     with the head, without it (PGSA ranks with the model's own table), and without sparse attention.
     ULIM at the reading's defaults, ranked by its cascade (its top 10 categories), with the
-    head (mixed with the cascade's distribution P(c) P(x | c)) and without the pointer. HiSAC
+    head (mixed with the cascade's distribution P(c) P(x | c)), without the pointer, and
+    ranking every category (no gate: what the cascade's top 10 costs). HiSAC
     (fused with its short branch; and with the head), HiSAC-mi (max over agents) and HiSAC with hard
     routing, over the semantic IDs given to `run_accuracy` (left out without them)."""
     hytrec = HyTRecConfig(d_model=d_model)
@@ -109,6 +110,7 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
         "ULIM": ulim,
         "ULIM" + HEAD: replace(ulim, repeat_head=RepeatConfig()),
         "ULIM no pointer": replace(ulim, pointer=False),
+        "ULIM all categories": replace(ulim, top_categories=None),
         "HiSAC": HiSACConfig(d_model=d_model),
         "HiSAC" + HEAD: HiSACConfig(d_model=d_model, repeat_head=RepeatConfig()),
         "HiSAC-mi": HiSACMultiConfig(d_model=d_model),
