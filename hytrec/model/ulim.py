@@ -696,13 +696,26 @@ class ULIM(SequentialModel):
         item_cat = self.item_category  # [N]
         U, N = read.log_p.shape[0], table.shape[0]
         C = self.cfg.num_categories
+        # the categories ranked [U, C] (None: all): the oracle's, else the top K by P(c)
+        chosen = None
+        if oracle is not None:
+            chosen = torch.zeros_like(read.log_p, dtype=torch.bool).scatter_(
+                1, oracle[:, None], True
+            )
+        elif top_k is not None and top_k < C:
+            top = read.log_p.topk(top_k, -1).indices  # [U, K]
+            chosen = torch.zeros_like(read.log_p, dtype=torch.bool).scatter_(1, top, True)
         empty = self.empty_interest(torch.arange(C, device=table.device))  # [C, d]
         scores = (table * empty[item_cat]).sum(-1).expand(U, N).clone()
         order, start, count = self._category_items()
-        u_idx, m_idx = (read.slot_category >= 0).nonzero(as_tuple=True)
+        # the user's slots of ranked categories (the others' items are -inf in the end)
+        live = read.slot_category >= 0
+        if chosen is not None:
+            live &= chosen.gather(1, read.slot_category.clamp(min=0))
+        u_idx, m_idx = live.nonzero(as_tuple=True)
         cats = read.slot_category[u_idx, m_idx]
         sizes = count[cats]
-        # the user's slots' items, in chunks of about 2^18 (user, item) pairs
+        # their items, in chunks of about 2^18 (user, item) pairs
         ends = sizes.cumsum(0)
         lo = 0
         while lo < len(cats):
@@ -719,15 +732,8 @@ class ULIM(SequentialModel):
             scores = _log_softmax_by_group(scores, item_cat, C)
         if use_log_p:
             scores = scores + read.log_p[:, item_cat]
-        allowed = None
-        if oracle is not None:
-            allowed = item_cat[None] == oracle[:, None]
-        elif top_k is not None and top_k < C:
-            top = read.log_p.topk(top_k, -1).indices  # [U, K]
-            chosen = torch.zeros_like(read.log_p, dtype=torch.bool).scatter_(1, top, True)
-            allowed = chosen[:, item_cat]
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, float("-inf"))
+        if chosen is not None:
+            scores = scores.masked_fill(~chosen[:, item_cat], float("-inf"))
         scores[:, 0] = float("-inf")
         return scores
 
