@@ -397,7 +397,7 @@ class ULIM(SequentialModel):
         if self.repeat_head is not None:
             # the head's mixture takes the interest's own term: -log P(target), P_explore the
             # cascade's distribution (module docstring)
-            draws = (inside, masked[:, negatives:]) if negatives else None
+            draws = (inside, masked[:, negatives:], count[tcat]) if negatives else None
             log_mix = self._mixture_log_prob(batch, out, real, vectors[0], draws)
             item_loss, vectors, weights = -log_mix.mean(), vectors[1:], weights[1:]
         for weight, u in zip(weights, vectors, strict=True):
@@ -446,15 +446,14 @@ class ULIM(SequentialModel):
         out: dict[str, torch.Tensor],
         real: torch.Tensor,
         target_interest: torch.Tensor,
-        draws: tuple[torch.Tensor, torch.Tensor] | None,
+        draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         """log P(target) [P] of the head's mixture at the positions `real`, P_explore(x) =
         P(c*) P(x | c*) from `forward_all`'s output and u^{c*} [P, d]; draws: the
-        in-category negatives and their mask (`_within_category_log_prob`), None: exact."""
+        in-category negatives, their mask and c*'s item count (`_within_category_log_prob`),
+        None: exact."""
         target, category = batch.item[:, 1:][real], batch.category[:, 1:][real]
-        within = self._within_category_log_prob(
-            target_interest, target, category, *(draws or (None, None))
-        )
+        within = self._within_category_log_prob(target_interest, target, category, draws)
         log_c = out["log_p"][:, :-1][real].gather(1, category[:, None])[:, 0]
         log_explore = (log_c + within).clamp(min=LOG_FLOOR)
         # the head's user vector: the interest of the category just touched, as in ranking
@@ -467,17 +466,16 @@ class ULIM(SequentialModel):
         u: torch.Tensor,
         target: torch.Tensor,
         category: torch.Tensor,
-        inside: torch.Tensor | None = None,
-        masked: torch.Tensor | None = None,
+        draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """log P(target | c*) [P]: the softmax of u^{c*} . e [P, d] over the items of c*
-        [P] (and the target). Exact over the table (inside None), else estimated from the
-        target and the S_c draws `inside` [P, S_c] from c*'s items (`masked`: draws that are
-        the target or from an empty category), their logits shifted by log(n_c / S_c), the
-        log-Q correction of a uniform draw from the n_c items of c*: the estimate is then on
-        the scale ranking uses (`repeat.py` says why the head needs that)."""
+        [P] (and the target). Exact over the table (draws None), else estimated from the
+        target and draws = (inside, masked, n_c): S_c draws `inside` [P, S_c] from c*'s n_c
+        [P] items (`masked`: draws that are the target or from an empty category), their
+        logits shifted by log(n_c / S_c), the log-Q correction of a uniform draw: the
+        estimate is then on the scale ranking uses (`repeat.py` says why the head needs it)."""
         table = self.item_table()
-        if inside is None:
+        if draws is None:
             logits = u @ table.T  # [P, N]
             outside = self.item_category[None] != category[:, None]
             outside[:, 0] = True
@@ -487,7 +485,7 @@ class ULIM(SequentialModel):
                 .log_softmax(-1)
                 .gather(1, target[:, None])[:, 0]
             )
-        n_c = torch.bincount(self.item_category[1:], minlength=self.cfg.num_categories)[category]
+        inside, masked, n_c = draws
         shift = torch.log(n_c.float() / inside.shape[1])  # -inf for an empty c*: no negatives
         negative = torch.einsum("pd,pnd->pn", u, table[inside]) + shift[:, None]
         positive = (u * table[target]).sum(-1, keepdim=True)  # [P, 1]

@@ -284,8 +284,9 @@ def test_the_sampled_within_category_estimate_is_exact_when_every_item_is_drawn_
     for p in range(3):
         inside = (model.item_category == category[p]).nonzero()[:, 0]
         inside = inside[inside > 0][None]  # [1, n_c]: every item of c* once
+        draws = (inside, inside == target[p], torch.tensor([inside.shape[1]]))
         estimate = model._within_category_log_prob(
-            u[p : p + 1], target[p : p + 1], category[p : p + 1], inside, inside == target[p]
+            u[p : p + 1], target[p : p + 1], category[p : p + 1], draws
         )
         torch.testing.assert_close(estimate, exact[p : p + 1], atol=1e-5, rtol=0)
     assert (exact < 0).all()
