@@ -147,6 +147,19 @@ class Readout:
     slot_interest: torch.Tensor
 
 
+@dataclass
+class CascadePlan:
+    """A serving read-out for the engine: each user's top K categories [U, K] by log P(c),
+    their log P(c) [U, K] and interests u^c [U, K, d]; with the repeat head, its user vector
+    [U, d] and the cascade's log P_explore [U, num_items] (`ULIM._head_inputs`)."""
+
+    categories: torch.Tensor
+    log_p: torch.Tensor
+    interests: torch.Tensor
+    head_user: torch.Tensor | None = None
+    explore: torch.Tensor | None = None
+
+
 class NewestQueryReadout(nn.Module):
     """One attention read-out over a ring of events (oldest first, newest last): the newest
     event is the query, every valid event a key, each tagged with its age (0 = newest). An
@@ -633,16 +646,16 @@ class ULIM(SequentialModel):
         return self.category_interests(read, top[:, None])[:, 0]
 
     @torch.no_grad()
-    def cascade_queries(
-        self, state: ULIMState, slots: torch.Tensor, top_k: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The cascade's searches for these users (after `step`): their top-K categories
-        [U, K] by log P(c), those log P(c) [U, K] and interests u^c [U, K, d]. Searching each
-        u^c among its category's items and ranking by log P(c) + u^c . e_x is
-        `cascade_scores` over the top K, one filtered search per category."""
+    def cascade_plan(self, state: ULIMState, slots: torch.Tensor, top_k: int) -> CascadePlan:
+        """What the engine serves these users from (after `step`), from one read of their
+        slots. Searching each u^c among its category's items and ranking by log P(c) +
+        u^c . e_x is `cascade_scores` over the top K, one filtered search per category."""
         read = self.read_state(state, slots)
         log_p, categories = read.log_p.topk(min(top_k, read.log_p.shape[-1]), -1)
-        return categories, log_p, self.category_interests(read, categories)
+        plan = CascadePlan(categories, log_p, self.category_interests(read, categories))
+        if self.repeat_head is not None:
+            plan.head_user, plan.explore = self._head_inputs(read, state.last_category[slots])
+        return plan
 
     @torch.no_grad()
     def category_interests(self, read: Readout, categories: torch.Tensor) -> torch.Tensor:
@@ -756,13 +769,6 @@ class ULIM(SequentialModel):
         u = self.category_interests(read, current[:, None])[:, 0]
         explore = self.cascade_scores(read, self.cfg.top_categories, within_category=True)
         return u, explore
-
-    @torch.no_grad()
-    def head_inputs(
-        self, state: ULIMState, slots: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The engine's `_head_inputs` for these users (after `step`)."""
-        return self._head_inputs(self.read_state(state, slots), state.last_category[slots])
 
     def recent_items(self, state: ULIMState, slots: torch.Tensor, n: int) -> torch.Tensor:
         """[U, min(n, K)] the items of these users' last n events, oldest first (0: none)."""

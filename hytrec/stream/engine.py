@@ -34,7 +34,7 @@ offline (`ULIM.cascade_scores`): its top K categories by log P(c), one search pe
 among that category's items with its interest u^c, merged by log P(c) + u^c . e_i; each item
 published with the category it came through (source "category:<raw id>"). With a repeat
 head, the explore candidates are those searches' items, scored by the head's mixture with
-the cascade's distribution (`ULIM.head_inputs`).
+the cascade's distribution (`ULIM.cascade_plan`: one read of the slots for both).
 
 A `multi` model (HiSAC-mi) searches with each of the user's agents and merges by max score
 (`index.multi_query`), its `score_agents` ranking; every item an "explore" one.
@@ -342,14 +342,18 @@ class RecommendationEngine:
         self.stats.recommendations += len(out)
         return out
 
-    def _category_searches(self, slots, exclude):
-        """ULIM's searches: for each user, one per top category, its interest among the
-        category's items, each leaving out the user's `exclude` list (None: nothing).
-        Returns (categories [U, C], log P(c) [U, C], item ids [U, C, K], scores u^c . e_i
-        [U, C, K]) as numpy arrays."""
-        K = self.config.top_k
+    def _cascade_plan(self, slots):
+        """ULIM's read-out of these users for serving (`ULIM.cascade_plan`)."""
         top = self.model.cfg.top_categories or self.model.cfg.num_categories
-        categories, log_p, queries = self.model.cascade_queries(self.store.state, slots, top)
+        return self.model.cascade_plan(self.store.state, slots, top)
+
+    def _category_searches(self, plan, exclude):
+        """ULIM's searches: for each user, one per top category of `plan`, its interest
+        among the category's items, each leaving out the user's `exclude` list (None:
+        nothing). Returns (categories [U, C], log P(c) [U, C], item ids [U, C, K], scores
+        u^c . e_i [U, C, K]) as numpy arrays."""
+        K = self.config.top_k
+        categories, log_p, queries = plan.categories, plan.log_p, plan.interests
         U, C = categories.shape
         found = self.index.search(
             queries.reshape(U * C, -1).float().cpu().numpy(),  # [U * C, d]
@@ -376,7 +380,9 @@ class RecommendationEngine:
         exclude = None
         if recent is not None:  # every search of a user leaves out the user's recent items
             exclude = [sorted(set(row) - {0}) for row in recent.tolist()]
-        categories, log_p, found_ids, found_scores = self._category_searches(slots, exclude)
+        categories, log_p, found_ids, found_scores = self._category_searches(
+            self._cascade_plan(slots), exclude
+        )
         U = len(categories)
         via = np.repeat(categories, K, axis=1)  # [U, C * K]
         score = (found_scores + log_p[:, :, None]).reshape(U, -1)
@@ -392,7 +398,8 @@ class RecommendationEngine:
         config, K, state = self.config, self.config.top_k, self.store.state
         buffer = serving_buffer(state.recent, state.recent_counts, slots)  # [U, N] each
         if self.query == "per_category":  # the head reads the cascade's distribution
-            u, explore_scores = self.model.head_inputs(state, slots)
+            plan = self._cascade_plan(slots)
+            u, explore_scores = plan.head_user, plan.explore
         else:
             u, explore_scores = vectors, self.model.score(vectors)
         log_p = self.head.serve(buffer, u, explore_scores, self.model.item_table())
@@ -411,7 +418,7 @@ class RecommendationEngine:
         exclude = [sorted(set(row) - {0}) for row in known.tolist()]
         if self.query == "per_category":  # each top category's top K (their union holds
             # the top K by log P: within a category both orders are u^c . e_i's)
-            categories, _, found_ids, _ = self._category_searches(slots, exclude)
+            categories, _, found_ids, _ = self._category_searches(plan, exclude)
             found_ids = found_ids.reshape(len(categories), -1)  # [U, C * K]
             explore_names = self._category_names(np.repeat(categories, K, axis=1))
         else:
