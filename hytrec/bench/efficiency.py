@@ -427,8 +427,8 @@ def run_efficiency(
             "with compile_step off",
             "sasrec_recompute_us": "median us of SASRec.user_vector over the L+1 events",
             "hytrec_recompute_us": "median us of HyTRec.user_vector (parallel, chunked "
-            "TADN) over the L+1 events; it runs the whole forward, short branch at every "
-            "position included",
+            "TADN) over the L+1 events: every long layer but the last at every position, the "
+            "last layer, the short branch and the fusion at the last one",
             "recgrela_recompute_us": "median us of RecGRELA.user_vector (parallel, chunked "
             "linear attention) over the L+1 events",
             "hstu_step_us": "median us of one HSTU step of a single event into a KV cache "

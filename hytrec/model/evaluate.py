@@ -318,12 +318,12 @@ def ranking_scores(model: torch.nn.Module, batch: EventBatch) -> torch.Tensor:
     its scores by category (ULIM's cascade: -inf outside its top categories), has
     `rank_scores(batch)`;
     a model with a repeat head scores log P(i) of its repeat/explore mixture (`repeat.py`);
-    any other model scores u . item.
+    any other model scores u . item, u its `user_vector` (the last position of its forward,
+    which a model may form without the positions it does not need).
     """
     if hasattr(model, "rank_scores"):
         return model.rank_scores(batch)
-    rows = torch.arange(len(batch.lengths), device=batch.lengths.device)
-    u = model(batch)[rows, batch.lengths - 1]  # [B, d]
+    u = model.user_vector(batch)  # [B, d]
     scores = model.score(u)
     head = getattr(model, "repeat_head", None)
     if head is not None:

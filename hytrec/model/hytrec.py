@@ -158,6 +158,13 @@ def sequence_gaps(ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------- stream state
 
 
+def last_positions(lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's last n positions up to its last real event, oldest first [B, n] (clamped
+    to 0 before the row's first event), and which of them hold an event [B, n]."""
+    positions = (lengths - n)[:, None] + torch.arange(n, device=lengths.device)
+    return positions.clamp(min=0), positions >= 0
+
+
 @dataclass
 class StreamState(SlotState):
     """Pooled per-user serving state; every tensor's first dimension is the slot.
@@ -308,6 +315,11 @@ class TemporalDeltaMixer(nn.Module):
         o, _ = tadn_parallel(*inputs, chunk_size=-(-T // chunks))
         return self._output(o)
 
+    def forward_last(self, x: torch.Tensor, lengths: torch.Tensor, dt: torch.Tensor):
+        """forward's output at each row's last real position [B, d]: the recurrence still
+        runs over every position before it."""
+        return self(x, dt)[torch.arange(len(lengths), device=x.device), lengths - 1]
+
     def step(self, x, dt, runs, slots, count, tadn_pool, mean_pool) -> torch.Tensor:
         """x [N, d] and dt [N]: the new events, packed (see PackedRuns); count [U] events
         applied before them; mean_pool [P, d] each user's sum of x so far."""
@@ -385,6 +397,15 @@ class WindowAttention(nn.Module):
         out = self._attend(q.flatten(0, 1), k, v, allowed.expand(B, -1, -1, -1).flatten(0, 1))
         return out.view(B, N * W, d)[:, :T]
 
+    def forward_last(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """forward's output at each row's last real position [B, d]: that query alone, over
+        the keys of its window."""
+        W = x.shape[1] if self.window is None else min(self.window, x.shape[1])
+        positions, valid = last_positions(lengths, W)  # [B, W]
+        rows = torch.arange(len(lengths), device=x.device)[:, None]
+        q, k, v = self.qkv(x[rows, positions]).chunk(3, dim=-1)  # [B, W, d] each
+        return self._attend(q[:, -1:], k, v, valid[:, None, :])[:, 0]
+
     def step(self, x, runs, slots, count, kv_pool) -> torch.Tensor:
         """x [N, d] new events, packed (see PackedRuns); kv_pool [P, 2, W, d] holds the keys
         and values of each user's last W events, oldest first (slot i is event count - W + i)."""
@@ -428,6 +449,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, **mixer_args) -> torch.Tensor:
         x = x + self.dropout(self.mixer(self.norm1(x), **mixer_args))
         return x + self.ffn(self.norm2(x))
+
+    def forward_last(self, x: torch.Tensor, lengths: torch.Tensor, **mixer_args):
+        """forward's output at each row's last real position [B, d]; x [B, T, d]."""
+        last = x[torch.arange(len(lengths), device=x.device), lengths - 1]  # [B, d]
+        y = last + self.dropout(self.mixer.forward_last(self.norm1(x), lengths, **mixer_args))
+        return y + self.ffn(self.norm2(y))
 
     def step(self, x: torch.Tensor, **mixer_args) -> torch.Tensor:
         """x [N, d]: a micro-batch's new events, packed (see PackedRuns)."""
@@ -562,13 +589,10 @@ class HyTRec(SequentialModel):
 
     def forward(self, batch: EventBatch) -> torch.Tensor:
         """User vectors after every event: [B, T, d] (garbage at padded positions)."""
-        gap_s, has_prev = sequence_gaps(batch.ts)
-        events = self.embed(batch.item, batch.category, batch.behavior, gap_s, has_prev)
+        events, dt, gap_s, has_prev = self._events(batch)
         x = self.dropout(events)
-        dt = self._gap_units(gap_s, has_prev)
         for block in self.long_blocks:
-            args = {"dt": dt} if isinstance(block.mixer, TemporalDeltaMixer) else {}
-            x = block(x, **args)
+            x = block(x, **self._mixer_args(block, dt))
         long = self.long_norm(x)  # [B, T, d]
         if not self.cfg.use_short:
             return self._fuse(long, None)
@@ -576,14 +600,51 @@ class HyTRec(SequentialModel):
             return self._fuse(long, self._short_readouts(events, batch.ts))
         return self._fuse(long, self._short_readouts_windowed(batch, gap_s, has_prev))
 
+    @torch.no_grad()
+    def user_vector(self, batch: EventBatch) -> torch.Tensor:
+        """forward's user vector after each row's last real event [B, d] (what ranking and a
+        recomputing server read), forming only what that position needs: the long layers but
+        the last run at every position (the next layer reads them all); the last one's mixer
+        reads that query alone (a softmax layer: over its window of keys), and its FFN, the
+        short branch (over the last K events) and the fusion run once per row."""
+        events, dt, gap_s, has_prev = self._events(batch)
+        x = self.dropout(events)
+        *every_position, last_block = self.long_blocks
+        for block in every_position:
+            x = block(x, **self._mixer_args(block, dt))
+        x = last_block.forward_last(x, batch.lengths, **self._mixer_args(last_block, dt))
+        long = self.long_norm(x)  # [B, d]
+        if not self.cfg.use_short:
+            return self._fuse(long, None)
+        positions, valid = last_positions(batch.lengths, self.cfg.short_window)  # [B, K]
+        rows = torch.arange(len(positions), device=positions.device)[:, None]
+        windows = self._window_features(batch, gap_s, has_prev)[rows, positions]  # [B, K, 5]
+        return self._fuse(long, self._short_readout(windows * valid[..., None], valid))
+
+    def _events(self, batch: EventBatch):
+        """The event embeddings [B, T, d], gaps in time units [B, T], and the gaps in seconds
+        and whether each event has a previous one ([B, T] each)."""
+        gap_s, has_prev = sequence_gaps(batch.ts)
+        events = self.embed(batch.item, batch.category, batch.behavior, gap_s, has_prev)
+        return events, self._gap_units(gap_s, has_prev), gap_s, has_prev
+
+    @staticmethod
+    def _mixer_args(block: Block, dt: torch.Tensor) -> dict:
+        return {"dt": dt} if isinstance(block.mixer, TemporalDeltaMixer) else {}
+
+    def _window_features(self, batch: EventBatch, gap_s, has_prev) -> torch.Tensor:
+        """What `_short_readout` reads of each event [B, T, 5]: item, category, behaviour,
+        gap bucket, time."""
+        bucket = gap_bucket(gap_s, has_prev, self.cfg.time_buckets)
+        return torch.stack([batch.item, batch.category, batch.behavior, bucket, batch.ts], -1)
+
     def _short_readouts_windowed(self, batch: EventBatch, gap_s, has_prev) -> torch.Tensor:
         """The short branch's read-out after every event [B, T, d]: `_short_readout` of every
         position's window (events t-K+1 .. t, oldest first), built as [B, T, K] copies. Any
         number of short layers; O(T K) memory and O(T K^2) work."""
         B, T = batch.item.shape
         K = self.cfg.short_window
-        bucket = gap_bucket(gap_s, has_prev, self.cfg.time_buckets)
-        raw = torch.stack([batch.item, batch.category, batch.behavior, bucket, batch.ts], -1)
+        raw = self._window_features(batch, gap_s, has_prev)
         index = (
             torch.arange(T, device=raw.device)[:, None]
             - (K - 1)

@@ -259,11 +259,10 @@ class _Oracle(torch.nn.Module):
         self.n, self.answer, self.log = len(log.items), answer, log
         self.table = torch.nn.Parameter(torch.eye(len(log.items)))
 
-    def forward(self, batch):
+    def user_vector(self, batch):
         # one-hot of the answer for the row whose last input event is known
         last = batch.item[torch.arange(len(batch.lengths)), batch.lengths - 1]
-        u = torch.stack([self.table[self.answer[int(i)]] for i in last])
-        return u[:, None].expand(-1, batch.item.shape[1], -1)
+        return torch.stack([self.table[self.answer[int(i)]] for i in last])
 
     def item_table(self):
         return self.table

@@ -58,6 +58,32 @@ def test_training_gradients_reach_every_parameter():
     assert without_grad == []
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"long_window": 5, "short_window": 3},
+        {"long_window": None},
+        {"softmax_every": 0},
+        {"softmax_every": 1, "long_layers": 1},
+        {"use_short": False},
+        {"short_layers": 2, "fusion": "moe"},
+    ],
+    ids=["default", "small-windows", "window-all", "tadn-last", "one-softmax", "no-short",
+         "two-short-moe"],
+)
+def test_user_vector_is_the_forward_at_the_last_event(overrides):
+    """user_vector forms only the last position's read-outs (the last layer's query, the
+    short branch over the last K events): it equals forward's vector there, for rows
+    shorter and longer than the windows, the blocked softmax path (T > 2 x window)
+    included."""
+    model = small_model(**overrides).eval()
+    batch = batch_of(model, [1, 2, 4, 19, 70, 33])
+    rows = torch.arange(len(batch.lengths))
+    expected = model(batch)[rows, batch.lengths - 1]
+    torch.testing.assert_close(model.user_vector(batch), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_user_vectors_are_causal():
     model = small_model().eval()
     batch = batch_of(model, [40])
