@@ -52,6 +52,7 @@ import torch.nn as nn
 from hytrec.model.base import SequentialModel
 from hytrec.model.batch import EventBatch, shift_window
 from hytrec.model.codebook import SemanticIds, SemanticIdsError
+from hytrec.model.dropout import Dropout
 from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
 from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config, new_recent, push_runs
 from hytrec.model.streaming import SlotState
@@ -296,7 +297,7 @@ class HiSAC(SequentialModel):
             self.node_parent.copy_(torch.from_numpy(codebook.node_parent))
         self.item_emb = nn.Embedding(N, d, padding_idx=0)
         self.behavior_emb = nn.Embedding(NUM_BEHAVIORS, d, padding_idx=0)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.agent_proj = nn.Linear(d, d)
         if cfg.use_short:
             self.short = NewestQueryReadout(d, cfg.window)

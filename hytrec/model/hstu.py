@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 from hytrec.model.base import SequentialModel
 from hytrec.model.batch import EventBatch, PackedRuns, shift_window
+from hytrec.model.dropout import Dropout
 from hytrec.model.events import Vocabulary
 from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config, new_recent, push_runs
 from hytrec.model.streaming import SlotState
@@ -135,7 +136,7 @@ class SequentialTransductionUnit(nn.Module):
         self.o = nn.Linear(d, d)
         self.rel_pos = nn.Parameter(torch.empty(2 * N - 1).normal_(std=0.02))  # p
         self.rel_time = nn.Parameter(torch.empty(cfg.time_buckets + 1).normal_(std=0.02))  # b
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def project(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [..., d] -> U, V, Q, K, each [..., h, d_h]."""
@@ -248,7 +249,7 @@ class HSTU(SequentialModel):
     ):
         super().__init__(cfg, items, categories)
         self.item_emb = nn.Embedding(cfg.num_items, cfg.d_model, padding_idx=0)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(self.UNIT(cfg) for _ in range(cfg.layers))
         self.repeat_head = (
             RepeatHead(cfg.repeat_head, cfg.d_model) if cfg.repeat_head is not None else None

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from hytrec.kernels import tadn_parallel, tadn_step
 from hytrec.model.base import SequentialModel
 from hytrec.model.batch import EventBatch, PackedRuns, shift_window
+from hytrec.model.dropout import Dropout, dropout
 from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
 from hytrec.model.repeat import (
     RepeatConfig,
@@ -197,7 +198,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.d_model, cfg.ffn_mult * cfg.d_model)
         self.down = nn.Linear(cfg.ffn_mult * cfg.d_model, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down(F.gelu(self.up(x))))
@@ -444,7 +445,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.mixer, self.ffn = mixer, FeedForward(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, **mixer_args) -> torch.Tensor:
         x = x + self.dropout(self.mixer(self.norm1(x), **mixer_args))
@@ -517,7 +518,7 @@ class HyTRec(SequentialModel):
         self.category_emb = nn.Embedding(cfg.num_categories, d, padding_idx=0)
         self.behavior_emb = nn.Embedding(NUM_BEHAVIORS, d, padding_idx=0)
         self.gap_emb = nn.Embedding(cfg.time_buckets, d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.long_blocks = nn.ModuleList(
             Block(
                 cfg,
@@ -755,7 +756,7 @@ class HyTRec(SequentialModel):
         score = score + (qh @ k_rec.transpose(-1, -2)).gather(-1, m_h)
         mask = torch.zeros(N, K, 2 * K, device=device).masked_fill_(~valid, float("-inf"))
         p = (score * scale * dh**-0.5 + mask).softmax(-1)
-        p = F.dropout(p, attn.dropout, self.training)
+        p = dropout(p, attn.dropout, self.training)
         weight = p * scale  # [B, H, N, K, 2K]
         out = weight @ heads(v_event).transpose(1, 2)  # [B, H, N, K, dh]
         by_age = weight.new_zeros(B, H, N, K, buckets).scatter_add(-1, age_h, weight)

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from hytrec.kernels import tadn_parallel, tadn_step
 from hytrec.model.base import SequentialModel
 from hytrec.model.batch import EventBatch, PackedRuns, shift_window
+from hytrec.model.dropout import Dropout
 from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
 from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config, new_recent, push_runs
 from hytrec.model.streaming import SlotState
@@ -137,9 +138,9 @@ class MLP(nn.Sequential):
         super().__init__(
             nn.Linear(d, 4 * d),
             nn.GELU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(4 * d, d),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
 
 
@@ -304,7 +305,7 @@ class RecGRELA(SequentialModel):
             self.category_emb = nn.Embedding(cfg.num_categories, D, padding_idx=0)
             self.behavior_emb = nn.Embedding(NUM_BEHAVIORS, D, padding_idx=0)
         self.emb_norm = nn.LayerNorm(D, eps=1e-12)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(GRELABlock(cfg) for _ in range(cfg.layers))
         self.repeat_head = (
             RepeatHead(cfg.repeat_head, cfg.d_model) if cfg.repeat_head is not None else None

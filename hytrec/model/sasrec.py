@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from hytrec.model.base import SequentialModel
 from hytrec.model.batch import EventBatch, shift_window
+from hytrec.model.dropout import Dropout
 from hytrec.model.events import Vocabulary
 from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config, new_recent, push_runs
 from hytrec.model.streaming import SlotState
@@ -96,9 +97,9 @@ class Block(nn.Module):
             nn.Linear(d, cfg.ffn_mult * d),
             nn.GELU(),
             nn.Linear(cfg.ffn_mult * d, d),
-            nn.Dropout(cfg.dropout),
+            Dropout(cfg.dropout),
         )
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.ln1(x)))
@@ -118,7 +119,7 @@ class SASRec(SequentialModel):
         super().__init__(cfg, items, categories)
         self.item_emb = nn.Embedding(cfg.num_items, cfg.d_model, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.repeat_head = (

@@ -62,6 +62,7 @@ import torch.nn as nn
 
 from hytrec.model.base import SequentialModel
 from hytrec.model.batch import EventBatch, shift_window
+from hytrec.model.dropout import Dropout
 from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
 from hytrec.model.hytrec import gap_bucket, sequence_gaps
 from hytrec.model.repeat import RepeatConfig, RepeatHead, as_repeat_config, new_recent, push_runs
@@ -227,7 +228,7 @@ class ULIM(SequentialModel):
         self.category_emb = nn.Embedding(cfg.num_categories, d)
         self.behavior_emb = nn.Embedding(NUM_BEHAVIORS, d, padding_idx=0)
         self.gap_emb = nn.Embedding(cfg.time_buckets, d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         # dual interest per category
         self.long_query = nn.Linear(d, d)
         self.long_key_value = nn.Linear(d, 2 * d)

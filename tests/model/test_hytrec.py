@@ -69,8 +69,15 @@ def test_training_gradients_reach_every_parameter():
         {"use_short": False},
         {"short_layers": 2, "fusion": "moe"},
     ],
-    ids=["default", "small-windows", "window-all", "tadn-last", "one-softmax", "no-short",
-         "two-short-moe"],
+    ids=[
+        "default",
+        "small-windows",
+        "window-all",
+        "tadn-last",
+        "one-softmax",
+        "no-short",
+        "two-short-moe",
+    ],
 )
 def test_user_vector_is_the_forward_at_the_last_event(overrides):
     """user_vector forms only the last position's read-outs (the last layer's query, the
