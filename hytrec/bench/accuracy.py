@@ -378,6 +378,7 @@ def run_accuracy(
                 {
                     "seed": r.extra["seed"],
                     **{m: r.report["overall"][m] for m in ("HR@10", "NDCG@10", "MRR")},
+                    **{k: r.extra[k] for k in ("best_epoch", "seconds_to_best")},
                 }
                 for r in runs
             ]

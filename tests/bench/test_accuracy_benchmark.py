@@ -62,6 +62,8 @@ def test_accuracy_harness_reports_heuristics_intervals_and_seeds(tmp_path):
     assert "vs_best_heuristic" not in models["recent-items"]
     # the time to converge: training and validation until the kept epoch ended
     assert head["seconds_to_best"] == head["history"][head["best_epoch"] - 1]["seconds"] > 0
+    assert head["seed_runs"][0]["seconds_to_best"] == head["seconds_to_best"]
+    assert head["seed_runs"][1]["seconds_to_best"] > 0
     md = (tmp_path / "acc.md").read_text()
     assert "| recent-items |" in md and f"ratio to the best heuristic ({best})" in md
     assert (tmp_path / "acc.png").stat().st_size > 0
