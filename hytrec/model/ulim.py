@@ -255,31 +255,36 @@ class ULIM(SequentialModel):
         return self.item_emb(item) + self.behavior_emb(behavior) + self.gap_emb(bucket)
 
     def interest(
-        self, category: torch.Tensor, x: torch.Tensor | None, valid: torch.Tensor | None
+        self,
+        category: torch.Tensor,
+        key_value: torch.Tensor | None = None,
+        recent: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(u, l, s) [N, d] of categories [N] over their slots' events x [N, L, d] (oldest
-        first, newest at L - 1) with valid [N, L]; x None: empty slots (l = the sink's
+        """(u, l, s) [N, d] of categories [N] over their slots' events (oldest first, newest
+        at L - 1): key_value [N, L, 2d] their `long_key_value` (a per-event map: training
+        maps each event once and gathers the windows), recent [N, m, d] the newest m
+        events' embeddings (m = short_len), valid [N, L]; None: empty slots (l = the sink's
         value, s = 0)."""
         c = self.category_emb(category)  # [N, d]
         query = self.long_query(c)
         sink_key, sink_value = self.long_key_value(c).chunk(2, dim=-1)
         sink_logit = (sink_key * query).sum(-1, keepdim=True) / math.sqrt(c.shape[-1])
-        if x is None:
+        if key_value is None:
             long, short = sink_value, torch.zeros_like(sink_value)
         else:
-            key, value = self.long_key_value(x).chunk(2, dim=-1)  # [N, L, d]
+            key, value = key_value.chunk(2, dim=-1)  # [N, L, d]
             logits = torch.einsum("nld,nd->nl", key, query) / math.sqrt(c.shape[-1])
             logits = torch.cat([sink_logit, logits.masked_fill(~valid, float("-inf"))], 1)
             weights = logits.softmax(-1)  # [N, 1 + L]
             long = weights[:, :1] * sink_value + torch.einsum("nl,nld->nd", weights[:, 1:], value)
-            m = self.cfg.short_len
-            short = self.short(x[:, -m:], valid[:, -m:])
+            short = self.short(recent, valid[:, -recent.shape[1] :])
         g = torch.sigmoid(self.gate(torch.cat([long, short], -1)))
         return self.interest_norm(g * long + (1 - g) * short), long, short
 
     def empty_interest(self, category: torch.Tensor) -> torch.Tensor:
         """u^c [N, d] of categories the user never touched."""
-        return self.interest(category, None, None)[0]
+        return self.interest(category)[0]
 
     def _slot_part(self, category, interest, count, behavior) -> torch.Tensor:
         """The time-free part of h_c: W_1 [C[c] ; u^c ; log(1 + n_c) ; B[stage_c]]."""
@@ -338,9 +343,15 @@ class ULIM(SequentialModel):
         window = torch.stack(window[::-1], -1)  # [B, T, L] event indices, -1 = none
         valid = window >= 0
         rows = torch.arange(B, device=device)[:, None, None]
-        x_window = x[rows, window.clamp(min=0)] * valid[..., None]  # [B, T, L, d]
+        m = cfg.short_len
+        # keys and values once per event, then gathered: not once per window position
+        key_value = self.long_key_value(x)[rows, window.clamp(min=0)]  # [B, T, L, 2d]
+        recent = x[rows, window[..., -m:].clamp(min=0)] * valid[..., -m:, None]  # [B, T, m, d]
         u, long, short = self.interest(
-            cat.reshape(-1), x_window.view(B * T, L, -1), valid.view(B * T, L)
+            cat.reshape(-1),
+            key_value.view(B * T, L, -1),
+            recent.view(B * T, m, -1),
+            valid.view(B * T, L),
         )
         u, long, short = (t.view(B, T, -1) for t in (u, long, short))
 
@@ -447,7 +458,7 @@ class ULIM(SequentialModel):
         has = match.any(-1)  # [B, T-1]
         j = match.int().argmax(-1)
         rows = torch.arange(len(batch.lengths), device=real.device)[:, None]
-        empty_u, empty_l, empty_s = self.interest(target_cat[real], None, None)
+        empty_u, empty_l, empty_s = self.interest(target_cat[real])
         vectors = []
         for name, empty in (("interest", empty_u), ("long", empty_l), ("short", empty_s)):
             seen = out[name][rows, j][real]  # [P, d]
@@ -606,7 +617,8 @@ class ULIM(SequentialModel):
             * valid[..., None]
         )
         category = keys[u_idx, m_idx] - 1
-        interest = self.interest(category, x, valid)[0]  # [S, d]
+        recent = x[:, -cfg.short_len :]
+        interest = self.interest(category, self.long_key_value(x), recent, valid)[0]  # [S, d]
         newest_behavior = state.slot_behavior[user_slot, m_idx, -1]
         part = self._slot_part(
             category, interest, state.slot_count[user_slot, m_idx], newest_behavior
