@@ -159,13 +159,6 @@ def sequence_gaps(ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------------- stream state
 
 
-def last_positions(lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's last n positions up to its last real event, oldest first [B, n] (clamped
-    to 0 before the row's first event), and which of them hold an event [B, n]."""
-    positions = (lengths - n)[:, None] + torch.arange(n, device=lengths.device)
-    return positions.clamp(min=0), positions >= 0
-
-
 @dataclass
 class StreamState(SlotState):
     """Pooled per-user serving state; every tensor's first dimension is the slot.
@@ -436,6 +429,13 @@ def blocks_with_previous(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torc
     own = F.pad(x, [*features, 0, N * size - T]).view(B, N, size, *x.shape[2:])
     previous = F.pad(own, [*features, 0, 0, 1, 0])[:, :-1]
     return own, torch.cat([previous, own], dim=2)
+
+
+def last_positions(lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's last n positions up to its last real event, oldest first [B, n] (clamped
+    to 0 before the row's first event), and which of them hold an event [B, n]."""
+    positions = (lengths - n)[:, None] + torch.arange(n, device=lengths.device)
+    return positions.clamp(min=0), positions >= 0
 
 
 class Block(nn.Module):
