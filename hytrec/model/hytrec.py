@@ -646,13 +646,10 @@ class HyTRec(SequentialModel):
         B, T = batch.item.shape
         K = self.cfg.short_window
         raw = self._window_features(batch, gap_s, has_prev)
-        index = (
-            torch.arange(T, device=raw.device)[:, None]
-            - (K - 1)
-            + torch.arange(K, device=raw.device)[None]
-        )  # [T, K]
-        valid = (index >= 0)[None].expand(B, -1, -1)  # [B, T, K]
-        windows = raw[:, index.clamp(min=0)] * valid[..., None]  # [B, T, K, 5]
+        # position t's window ends at t: the last K positions of a row of length t + 1
+        index, valid = last_positions(torch.arange(1, T + 1, device=raw.device), K)  # [T, K]
+        valid = valid[None].expand(B, -1, -1)  # [B, T, K]
+        windows = raw[:, index] * valid[..., None]  # [B, T, K, 5]
         short = self._short_readout(windows.view(B * T, K, 5), valid.reshape(B * T, K))
         return short.view(B, T, -1)
 
