@@ -721,14 +721,14 @@ class ULIM(SequentialModel):
         U, N = read.log_p.shape[0], table.shape[0]
         C = self.cfg.num_categories
         # the categories ranked [U, C] (None: all): the oracle's, else the top K by P(c)
-        chosen = None
+        ranked = None  # [U, 1 or K]
         if oracle is not None:
-            chosen = torch.zeros_like(read.log_p, dtype=torch.bool).scatter_(
-                1, oracle[:, None], True
-            )
+            ranked = oracle[:, None]
         elif top_k is not None and top_k < C:
-            top = read.log_p.topk(top_k, -1).indices  # [U, K]
-            chosen = torch.zeros_like(read.log_p, dtype=torch.bool).scatter_(1, top, True)
+            ranked = read.log_p.topk(top_k, -1).indices
+        chosen = None
+        if ranked is not None:
+            chosen = torch.zeros_like(read.log_p, dtype=torch.bool).scatter_(1, ranked, True)
         empty = self.empty_interest(torch.arange(C, device=table.device))  # [C, d]
         scores = (table * empty[item_cat]).sum(-1).expand(U, N).clone()
         order, start, count = self._category_items()
