@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from hytrec.model.base import full_softmax_log_prob
 from hytrec.model.evaluate import (
     EvalConfig,
     EvalSplit,
@@ -127,9 +128,7 @@ def target_log_prob(
     """
     table = model.item_table()  # [N, d]
     if negatives == 0:
-        logits = u @ table.T  # [P, N]
-        logits[:, 0] = float("-inf")  # padding is never an answer
-        return logits.log_softmax(-1).gather(1, target[:, None])[:, 0]
+        return full_softmax_log_prob(u, table, target)
     neg = torch.randint(1, table.shape[0], (negatives,), generator=generator).to(u.device)
     pos_logit = (u * table[target]).sum(-1, keepdim=True)  # [P, 1]
     neg_logit = u @ table[neg].T  # [P, S]

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from hytrec.model.base import SequentialModel
+from hytrec.model.base import SequentialModel, full_softmax_log_prob
 from hytrec.model.batch import EventBatch, shift_window
 from hytrec.model.dropout import Dropout
 from hytrec.model.events import NUM_BEHAVIORS, Vocabulary
@@ -438,9 +438,7 @@ class ULIM(SequentialModel):
                 logits[:, 1:] = logits[:, 1:].masked_fill(masked, float("-inf"))
                 log_prob = logits.log_softmax(-1)[:, 0]
             else:
-                logits = u @ table.T
-                logits[:, 0] = float("-inf")
-                log_prob = logits.log_softmax(-1).gather(1, tgt[:, None])[:, 0]
+                log_prob = full_softmax_log_prob(u, table, tgt)
             item_loss = item_loss - weight * log_prob.mean()
         log_p = out["log_p"][:, :-1][real]  # [P, C]
         known = tcat > 0  # the unknown category is never predicted

@@ -208,3 +208,29 @@ def test_patience_waits_for_min_epochs(monkeypatch):
     held = replace(tc, min_epochs=4)
     result = train(TINY, log, leave_one_out(log), held, progress=False)
     assert len(result.history) == 4 and result.best_epoch == 1
+
+
+def test_full_softmax_log_prob_leaves_the_padding_item_out():
+    """The fused form (the table without its padding row) equals the log-softmax over every
+    item with the padding's logit at -inf, in value and in both gradients."""
+    from hytrec.model.base import full_softmax_log_prob
+
+    torch.manual_seed(0)
+    user = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(30, 16, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(1, 30, (50,))
+    weights = torch.rand(50, dtype=torch.float64)  # a loss whose gradient differs per row
+
+    def reference(u, e):
+        logits = (u @ e.T).clone()
+        logits[:, 0] = float("-inf")
+        return logits.log_softmax(-1).gather(1, target[:, None])[:, 0]
+
+    got = full_softmax_log_prob(user, table, target)
+    want = reference(user, table)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad((got * weights).sum(), (user, table))
+    grads_ref = torch.autograd.grad((want * weights).sum(), (user, table))
+    for g, r in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+    assert grads[1][0].abs().max() == 0  # the padding row is never pushed
