@@ -44,8 +44,10 @@ mixture's -log P(i*), with P(i* | c*) over the in-category draws, their logits s
 log(n_c / S_c) (exact under the full softmax). Within a category P_explore orders items as
 u^c . e_x does, so the engine's per-category searches still find its explore candidates.
 
-Forms. The training form (`forward_all`) reads every event's slot window by gathering the
-category's previous events, and the pointer over (position, slot) pairs; the serving form
+Forms. The training form (`forward_all`) forms l^c after every event at once: the slot's
+events all share the category's query, so each event's logit is formed once and a slot is
+a mask over the [T, T] events (same category, among its last L_c up to t); the pointer runs
+over (position, slot) pairs with the slots', ages' and users' maps formed once. The serving form
 (`new_state`, `step`, `read_state`) keeps the slots per user (a ring of the last L_c events
 of each, the key category + 1, 0 = empty) and updates one slot per event. Both give the same
 u^c and P(c) while a user has at most `slots` categories (tested); beyond, the stream evicts
@@ -262,23 +264,37 @@ class ULIM(SequentialModel):
         valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(u, l, s) [N, d] of categories [N] over their slots' events (oldest first, newest
-        at L - 1): key_value [N, L, 2d] their `long_key_value` (a per-event map: training
-        maps each event once and gathers the windows), recent [N, m, d] the newest m
-        events' embeddings (m = short_len), valid [N, L]; None: empty slots (l = the sink's
-        value, s = 0)."""
-        c = self.category_emb(category)  # [N, d]
-        query = self.long_query(c)
-        sink_key, sink_value = self.long_key_value(c).chunk(2, dim=-1)
-        sink_logit = (sink_key * query).sum(-1, keepdim=True) / math.sqrt(c.shape[-1])
+        at L - 1): key_value [N, L, 2d] their `long_key_value`, recent [N, m, d] the newest
+        m events' embeddings (m = short_len), valid [N, L]; None: empty slots (l = the
+        sink's value, s = 0). The serving form; training forms l over every event at once
+        (`forward_all`) from the same pieces."""
+        query, sink_logit, sink_value = self._category_query(category)
         if key_value is None:
             long, short = sink_value, torch.zeros_like(sink_value)
         else:
             key, value = key_value.chunk(2, dim=-1)  # [N, L, d]
-            logits = torch.einsum("nld,nd->nl", key, query) / math.sqrt(c.shape[-1])
+            logits = torch.einsum("nld,nd->nl", key, query) / math.sqrt(query.shape[-1])
             logits = torch.cat([sink_logit, logits.masked_fill(~valid, float("-inf"))], 1)
             weights = logits.softmax(-1)  # [N, 1 + L]
             long = weights[:, :1] * sink_value + torch.einsum("nl,nld->nd", weights[:, 1:], value)
             short = self.short(recent, valid[:, -recent.shape[1] :])
+        return self._fuse(long, short)
+
+    def _category_query(
+        self, category: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The long-term attention's query [N, d] of categories [N], and its sink's logit
+        [N, 1] and value [N, d] (what an empty slot reads)."""
+        c = self.category_emb(category)
+        query = self.long_query(c)
+        sink_key, sink_value = self.long_key_value(c).chunk(2, dim=-1)
+        sink_logit = (sink_key * query).sum(-1, keepdim=True) / math.sqrt(c.shape[-1])
+        return query, sink_logit, sink_value
+
+    def _fuse(
+        self, long: torch.Tensor, short: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(u, l, s): the learned gate between the long- and short-term parts."""
         g = torch.sigmoid(self.gate(torch.cat([long, short], -1)))
         return self.interest_norm(g * long + (1 - g) * short), long, short
 
@@ -296,8 +312,10 @@ class ULIM(SequentialModel):
         ]
         return self.slot_features(torch.cat(features, -1))
 
-    def _slot_logit(self, h: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
-        return self.attend_score(torch.tanh(self.attend_slot(h) + self.attend_user(user)))[..., 0]
+    def _slot_logit(self, slot_term: torch.Tensor, user_term: torch.Tensor) -> torch.Tensor:
+        """The pointer's logit of a slot from attend_slot(h) and attend_user(s), each [P, d]
+        (training maps slots, ages and users once and gathers the terms per pair)."""
+        return self.attend_score(torch.tanh(slot_term + user_term))[..., 0]
 
     def _log_p(
         self, user: torch.Tensor, context: torch.Tensor, current: torch.Tensor, copy: torch.Tensor
@@ -332,28 +350,31 @@ class ULIM(SequentialModel):
         x = self.dropout(self.embed(batch.item, batch.behavior, bucket))  # [B, T, d]
         cat = batch.category
         pos = torch.arange(T, device=device)
+        d, L, m = cfg.d_model, cfg.slot_len, cfg.short_len
         same = (cat[:, :, None] == cat[:, None, :]) & real[:, :, None] & real[:, None, :]
-        earlier = pos[None, :] < pos[:, None]  # [T(j), T(i)]: i < j
-        # each event's previous event of its category (-1: none), then its window, newest last
-        prev = torch.where(same & earlier, pos, -1).amax(-1)  # [B, T]
-        L = cfg.slot_len
-        window = [pos.expand(B, T)]
-        for _ in range(L - 1):
-            window.append(prev.gather(1, window[-1].clamp(min=0)).masked_fill(window[-1] < 0, -1))
-        window = torch.stack(window[::-1], -1)  # [B, T, L] event indices, -1 = none
-        valid = window >= 0
+        earlier = pos[None, :] < pos[:, None]  # [T(t), T(j)]: j < t
+        later = pos[None, :] > pos[:, None]  # [T(t), T(j)]: j > t
+        count = (same & ~later).sum(-1)  # [B, T]: events of t's category up to t
+
+        # long-term: t's slot holds the last L events j <= t of its category, and all of them
+        # share t's query, so each event's logit is formed once and the windows are a mask
+        query, sink_logit, sink_value = self._category_query(cat)  # [B, T, d], [B, T, 1]
+        key, value = self.long_key_value(x).chunk(2, dim=-1)  # [B, T, d] each
+        own_logit = (key * query).sum(-1) / math.sqrt(d)  # [B, T(j)]
+        in_slot = same & ~later & (count[:, :, None] - count[:, None, :] < L)  # [B, T, T]
+        logits = own_logit[:, None, :].masked_fill(~in_slot, float("-inf"))
+        weights = torch.cat([sink_logit, logits], -1).softmax(-1)  # [B, T, 1 + T]
+        long = weights[..., :1] * sink_value + weights[..., 1:] @ value  # [B, T, d]
+        # short-term: the slot's newest m events (t and its m - 1 previous of the category)
+        prev = torch.where(same & earlier, pos, -1).amax(-1)  # [B, T], -1: none
+        newest = [pos.expand(B, T)]
+        for _ in range(m - 1):
+            newest.append(prev.gather(1, newest[-1].clamp(min=0)).masked_fill(newest[-1] < 0, -1))
+        newest = torch.stack(newest[::-1], -1)  # [B, T, m] event indices, newest last
         rows = torch.arange(B, device=device)[:, None, None]
-        m = cfg.short_len
-        # keys and values once per event, then gathered: not once per window position
-        key_value = self.long_key_value(x)[rows, window.clamp(min=0)]  # [B, T, L, 2d]
-        recent = x[rows, window[..., -m:].clamp(min=0)] * valid[..., -m:, None]  # [B, T, m, d]
-        u, long, short = self.interest(
-            cat.reshape(-1),
-            key_value.view(B * T, L, -1),
-            recent.view(B * T, m, -1),
-            valid.view(B * T, L),
-        )
-        u, long, short = (t.view(B, T, -1) for t in (u, long, short))
+        recent = x[rows, newest.clamp(min=0)] * (newest >= 0)[..., None]  # [B, T, m, d]
+        short = self.short(recent.view(B * T, m, d), (newest >= 0).view(B * T, m)).view(B, T, d)
+        u, long, short = self._fuse(long, short)
 
         # the user's short-term read-out after every event
         K = cfg.window
@@ -363,7 +384,6 @@ class ULIM(SequentialModel):
         user = self.user_short(x_user.view(B * T, K, -1), user_valid.view(B * T, K))  # [B*T, d]
 
         # slots after event t: events j <= t with no later event of their category up to t
-        later = pos[None, :] > pos[:, None]  # [T(j), T(i)]: i > j
         next_same = torch.where(same & later, pos, T).amin(-1)  # [B, T]
         is_last = (
             (pos[None, :, None] >= pos[None, None, :])
@@ -371,16 +391,23 @@ class ULIM(SequentialModel):
             & real[:, None, :]
             & real[:, :, None]
         )  # [B, T(t), T(j)]
-        b, t, j = is_last.nonzero(as_tuple=True)
-        count = (same & ~later).sum(-1)  # [B, T]: events of the category up to j
+        b, t, j = is_last.nonzero(as_tuple=True)  # P (t, slot j) pairs
         part = self._slot_part(cat, u, count, batch.behavior)  # [B, T, d]
         age = gap_bucket(
             batch.ts[b, t] - batch.ts[b, j], torch.ones_like(b, dtype=torch.bool), cfg.time_buckets
         )
-        h = part[b, j] + self.slot_age(age)  # [P, d]
         group = b * T + t
-        a = _segment_softmax(self._slot_logit(h, user[group]), group, B * T)  # [P]
-        context = h.new_zeros(B * T, h.shape[-1]).index_add(0, group, a[:, None] * h)
+        # h = part[b, j] + slot_age(age) per pair; attend_slot is linear (no bias), so parts,
+        # ages and users are mapped once and only their [P, d] terms gathered per pair
+        slot_term = self.attend_slot(part).view(B * T, d).index_select(0, b * T + j)
+        slot_term = slot_term + self.attend_slot(self.slot_age.weight).index_select(0, age)
+        user_term = self.attend_user(user).index_select(0, group)
+        a = _segment_softmax(self._slot_logit(slot_term, user_term), group, B * T)  # [P]
+        # context = sum of a h over t's slots: a dense [B, T, T] weight on the parts and a
+        # [B * T, buckets] one on the age embeddings
+        on_part = a.new_zeros(B, T, T).index_put((b, t, j), a)
+        on_age = a.new_zeros(B * T, cfg.time_buckets).index_put((group, age), a, accumulate=True)
+        context = (on_part @ part).view(B * T, d) + on_age @ self.slot_age.weight
         C = cfg.num_categories
         copy = a.new_zeros(B * T * C).index_add(0, group * C + cat[b, j], a).view(B * T, C)
         log_p = self._log_p(user, context, cat.reshape(-1), copy).view(B, T, C)
@@ -636,7 +663,9 @@ class ULIM(SequentialModel):
             * user_valid[..., None]
         )
         user = self.user_short(x_user, user_valid)  # [U, d]
-        a = _segment_softmax(self._slot_logit(h, user[u_idx]), u_idx, U)
+        a = _segment_softmax(
+            self._slot_logit(self.attend_slot(h), self.attend_user(user)[u_idx]), u_idx, U
+        )
         context = h.new_zeros(U, h.shape[-1]).index_add(0, u_idx, a[:, None] * h)
         C = cfg.num_categories
         copy = a.new_zeros(U * C).index_add(0, u_idx * C + category, a).view(U, C)
