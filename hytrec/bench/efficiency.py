@@ -17,6 +17,14 @@ measures, side by side in one process:
     *_train_mflop_per_token         the matrix-product work of that forward+backward, per token
                                     (counted, not timed: why one model is slower than another)
 
+HiSAC serves from a bounded per-user map of codebook nodes (at most `node_cap`, then the
+least voted is evicted): `hisac_step_us` is one event routed into a map built from L events
+and the agents read back, timed in the same rounds; `hisac_nodes_held` how full that map
+is. Its codebook is built by `hytrec build-semantic-ids`'s builder over a clustered random
+item table (`hisac_parity.codebook_for`: 16 x 8 x 8 codes, 4 routes per item and level).
+HiSAC has no recompute or training figure here: its training form reads rows of
+`train_len` events (quadratic in them), and its recompute is the stream's own replay.
+
 HSTU and HPGR serve from a KV cache of their last N events instead: their step and state
 grow with N, not with L. `cache_rows` gives, per cache size N, one event stepped into a full
 cache (`hstu_step_us`, `hpgr_step_us`: HPGR's step adds the session features and the
@@ -53,10 +61,12 @@ from torch.utils.flop_counter import (
 )
 from tqdm import tqdm
 
+from hytrec.bench.hisac_parity import codebook_for
 from hytrec.bench.parity import UserEvents, pad_batch, random_user
 from hytrec.bench.reports import cpu_info, machine_info, write_report
 from hytrec.bench.timing import report_header, synchronized, time_calls
 from hytrec.model.compiled_step import CompiledStep
+from hytrec.model.hisac import HiSAC, HiSACConfig
 from hytrec.model.hpgr import HPGR, HPGRConfig
 from hytrec.model.hstu import HSTU, HSTUConfig
 from hytrec.model.hytrec import EventBatch, HyTRec, HyTRecConfig
@@ -65,10 +75,12 @@ from hytrec.model.sasrec import SASRec, SASRecConfig
 from hytrec.model.train import next_item_loss
 
 aten = torch.ops.aten
-STREAMED = ("hytrec", "recgrela")  # the models with a per-user state, timed stepping
+STREAMED = ("hytrec", "recgrela")  # a per-user state, and a parallel form to train and recompute
+STEPPED = (*STREAMED, "hisac")  # the models timed stepping one event into a held state
 MEASURES = (
     "hytrec_step_us",
     "recgrela_step_us",
+    "hisac_step_us",
     "sasrec_recompute_us",
     "hytrec_recompute_us",
     "recgrela_recompute_us",
@@ -127,6 +139,9 @@ class EfficiencyConfig:
     def hpgr(self, cache: int) -> HPGRConfig:
         return HPGRConfig(num_items=self.hytrec().num_items, d_model=self.d_model, max_len=cache)
 
+    def hisac(self) -> HiSACConfig:
+        return HiSACConfig(num_items=self.hytrec().num_items, d_model=self.d_model)
+
     def sasrec(self) -> SASRecConfig:
         # positions must cover the longest recompute (L + 1 events)
         return SASRecConfig(
@@ -167,19 +182,19 @@ def _build_state(model, state, slot, user: UserEvents, start: int, stop: int, ch
 
 def _interleaved_step_us(
     models: dict, user: UserEvents, lengths: list[int], cfg, compiled: CompiledStep | None = None
-) -> dict:
-    """{(stepper, L): [us, ...]}: one new event stepped into a state holding L events, for
-    every streamed model (and HyTRec's compiled step, sharing HyTRec's states) and length,
-    timed round-robin (one call per stepper and length per round, after a warm-up round).
-    Load that comes and goes on a shared machine then lands on every length alike, so the
-    flatness ratio compares like with like."""
+) -> tuple[dict, dict]:
+    """({(stepper, L): [us, ...]}, {L: HiSAC's map after L events}): one new event stepped
+    into a state holding L events, for every stepped model (and HyTRec's compiled step,
+    sharing HyTRec's states) and length, timed round-robin (one call per stepper and length
+    per round, after a warm-up round). Load that comes and goes on a shared machine then
+    lands on every length alike, so the flatness ratio compares like with like."""
     device = torch.device(cfg.device)
     slot = torch.tensor([0], device=device)
     saved, states, new_events = {}, {}, {}
-    steppers = {name: (name, models[name].step) for name in STREAMED}
+    steppers = {name: (name, models[name].step) for name in STEPPED}
     if compiled is not None:
         steppers["hytrec_compiled"] = ("hytrec", compiled)
-    for name in STREAMED:
+    for name in STEPPED:
         states[name] = models[name].new_state(1, device)
         built = 0
         for L in lengths:  # each state is the previous length's, extended
@@ -200,7 +215,14 @@ def _interleaved_step_us(
             step(new_events[L])
             if round_:  # round 0 warms up
                 times[stepper, L].append((time.perf_counter() - t0) * 1e6)
-    return times
+    held = {
+        L: {
+            "nodes": int((saved["hisac", L]["node_key"] > 0).sum()),
+            "evictions": int(saved["hisac", L]["evictions"].sum()),
+        }
+        for L in lengths
+    }
+    return times, held
 
 
 CACHED = {"hstu": (HSTU, EfficiencyConfig.hstu), "hpgr": (HPGR, EfficiencyConfig.hpgr)}
@@ -321,6 +343,9 @@ def run_efficiency(
         # the training figures use the same weights with dropout off (see EfficiencyConfig)
         torch.manual_seed(cfg.seed)
         trained[name] = model_class(replace(model_cfg, dropout=cfg.train_dropout)).to(device)
+    torch.manual_seed(cfg.seed)
+    codebook = codebook_for(cfg.hisac().num_items, seed=cfg.seed)
+    models["hisac"] = HiSAC(cfg.hisac(), codebook=codebook).eval().to(device)
     # one user, one history: length L uses its first L events, event L is the new one
     longest = max(*lengths, *cfg.cache_sizes)
     user = random_user(longest + 1, cfg.hytrec(), torch.Generator().manual_seed(cfg.seed))
@@ -359,7 +384,7 @@ def run_efficiency(
         if not compiled.warm_up():
             notes.append({"measure": "hytrec_compiled_step_us", "reason": compiled.reason})
             compiled = None
-    step_times = _interleaved_step_us(models, user, lengths, cfg, compiled)
+    step_times, nodes_held = _interleaved_step_us(models, user, lengths, cfg, compiled)
     # dynamic=False: one graph per length, each compiled in its measurement's warm-up call
     compiled_forward = (
         torch.compile(trained["hytrec"].forward, dynamic=False) if cfg.compile_train else None
@@ -367,9 +392,11 @@ def run_efficiency(
     for L in lengths:
         history = _batch(user, 0, L + 1, device)
         row: dict = {"length": L}
-        for name in STREAMED:
+        for name in STEPPED:
             key = f"{name}_step_us"
             row[key] = measure(L, key, step_times.__getitem__, (name, L))
+        row["hisac_nodes_held"] = nodes_held[L]["nodes"]  # of its node_cap
+        row["hisac_evictions"] = nodes_held[L]["evictions"]
         row["hytrec_compiled_step_us"] = (
             measure(L, "hytrec_compiled_step_us", step_times.__getitem__, ("hytrec_compiled", L))
             if compiled is not None
@@ -415,6 +442,8 @@ def run_efficiency(
         "sasrec_config": asdict(cfg.sasrec()),
         "state_bytes_per_user": models["hytrec"].state_bytes_per_user(),
         "recgrela_state_bytes_per_user": models["recgrela"].state_bytes_per_user(),
+        "hisac_config": asdict(models["hisac"].cfg),
+        "hisac_state_bytes_per_user": models["hisac"].state_bytes_per_user(),
         "hstu_config": asdict(cfg.hstu(max(cfg.cache_sizes))),
         "hpgr_config": asdict(cfg.hpgr(max(cfg.cache_sizes))),
         "method": {
@@ -422,6 +451,10 @@ def run_efficiency(
             f"holds L events (built by stepping them, {cfg.build_chunk} per call); fp32, "
             f"eval, no_grad; {cfg.step_repeats} calls per model and length, taken "
             "round-robin over the lengths after a warm-up round",
+            "hisac_step_us": "the same for HiSAC: the event's routes accumulated into the "
+            "user's node map (built from L events; full at node_cap, then evicting the least "
+            "voted), the agents activated and read back; hisac_nodes_held, "
+            "hisac_evictions: that map after the L events",
             "hytrec_compiled_step_us": "the same through CompiledStep (torch.compile, checked "
             "against the eager step when it warms up), its calls in the same rounds; null "
             "with compile_step off",
@@ -468,16 +501,17 @@ def derived(rows: list[dict]) -> dict:
     (max / min; 1.0 = independent of the history)."""
     last = rows[-1]
     out: dict = {"max_length": last["length"]}
-    for name in STREAMED:
+    for name in STEPPED:
         step = f"{name}_step_us"
         steps = [r[step] for r in rows if r[step]]
         prefix = "step" if name == "hytrec" else f"{name}_step"
         out[f"{prefix}_speedup_vs_sasrec_at_max_length"] = ratio(
             last["sasrec_recompute_us"], last[step]
         )
-        out[f"{prefix}_speedup_vs_{name}_recompute_at_max_length"] = ratio(
-            last[f"{name}_recompute_us"], last[step]
-        )
+        if name in STREAMED:
+            out[f"{prefix}_speedup_vs_{name}_recompute_at_max_length"] = ratio(
+                last[f"{name}_recompute_us"], last[step]
+            )
         out[f"{name}_step_flatness_max_over_min"] = (
             round(max(steps) / min(steps), 3) if steps else None
         )
@@ -523,34 +557,39 @@ def ratio(a: float | None, b: float | None, digits: int = 1) -> float | None:
 
 
 def format_table(rows: list[dict]) -> str:
-    heads = ("L", "HyTRec step us", "RecGRELA step us", "SASRec recompute us")
+    heads = ("L", "HyTRec step us", "RecGRELA step us", "HiSAC step us", "SASRec recompute us")
     heads += ("HyTRec recompute us", "RecGRELA recompute us", "HyTRec train tok/s")
     heads += ("RecGRELA train tok/s", "SASRec train tok/s", "HyTRec train MFLOP/tok")
     heads += ("RecGRELA train MFLOP/tok", "SASRec train MFLOP/tok", "HyTRec compiled step us")
-    heads += ("HyTRec compiled train tok/s",)
+    heads += ("HyTRec compiled train tok/s", "HiSAC nodes held")
 
     def cell(v):
         return "null" if v is None else f"{v:,.1f}"
 
     lines = [" | ".join(heads), " | ".join("---" for _ in heads)]
     for r in rows:
-        compiled = ("hytrec_compiled_step_us", "hytrec_compiled_train_tokens_per_s")
-        figures = (r[m] for m in (*MEASURES, *compiled))
+        more = ("hytrec_compiled_step_us", "hytrec_compiled_train_tokens_per_s", "hisac_nodes_held")
+        figures = (r[m] for m in (*MEASURES, *more))
         lines.append(" | ".join([str(r["length"]), *(cell(v) for v in figures)]))
     return "\n".join(lines)
 
 
 def format_cache_table(report: dict) -> str:
-    hytrec, recgrela = report["state_bytes_per_user"], report["recgrela_state_bytes_per_user"]
+    constant = (
+        report["state_bytes_per_user"],
+        report["recgrela_state_bytes_per_user"],
+        report["hisac_state_bytes_per_user"],
+    )
     lines = [
         "cache N | HSTU step us | HPGR step us | HSTU state B/user | HPGR state B/user | "
-        "HyTRec state B | RecGRELA state B",
-        "--- | --- | --- | --- | --- | --- | ---",
+        "HyTRec state B | RecGRELA state B | HiSAC state B",
+        "--- | --- | --- | --- | --- | --- | --- | ---",
     ]
     for r in report["cache_rows"]:
         lines.append(
             f"{r['cache']} | {r['hstu_step_us']:,.1f} | {r['hpgr_step_us']:,.1f} | "
-            f"{r['hstu_state_bytes']:,} | {r['hpgr_state_bytes']:,} | {hytrec:,} | {recgrela:,}"
+            f"{r['hstu_state_bytes']:,} | {r['hpgr_state_bytes']:,} | "
+            + " | ".join(f"{b:,}" for b in constant)
         )
     return "\n".join(lines)
 
@@ -574,6 +613,7 @@ def plot(report: dict, path: Path) -> None:
         ("hytrec_step_us", "HyTRec step (streaming state)", "o-"),
         ("hytrec_compiled_step_us", "HyTRec step, compiled", "o:"),
         ("recgrela_step_us", "RecGRELA step (streaming state)", "D-"),
+        ("hisac_step_us", "HiSAC step (node map, capped)", "P-"),
         ("hytrec_recompute_us", "HyTRec recompute over L+1", "s--"),
         ("recgrela_recompute_us", "RecGRELA recompute over L+1", "x--"),
         ("sasrec_recompute_us", "SASRec recompute over L+1", "^-"),

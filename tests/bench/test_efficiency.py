@@ -12,14 +12,16 @@ import torch
 from hytrec.bench.efficiency import (
     MEASURES,
     QUICK,
-    STREAMED,
+    STEPPED,
     EfficiencyConfig,
     _interleaved_step_us,
     run_efficiency,
     time_calls,
 )
+from hytrec.bench.hisac_parity import codebook_for
 from hytrec.bench.parity import random_user
 from hytrec.cli import main
+from hytrec.model.hisac import HiSAC
 from hytrec.model.hytrec import HyTRec
 from hytrec.model.recgrela import RecGRELA
 
@@ -62,6 +64,13 @@ def test_run_efficiency_writes_rows_json_and_png(tmp_path):
     assert written["recgrela_step_speedup_vs_sasrec_at_max_length"] == recgrela
     assert written["recgrela_step_flatness_max_over_min"] >= 1.0
     assert written["recgrela_state_bytes_per_user"] > 0
+    # HiSAC: stepped like the others; its node map fills with the history, up to its cap
+    hisac = round(last["sasrec_recompute_us"] / last["hisac_step_us"], 1)
+    assert written["hisac_step_speedup_vs_sasrec_at_max_length"] == hisac
+    assert written["hisac_state_bytes_per_user"] > 0
+    held = [r["hisac_nodes_held"] for r in written["rows"]]
+    assert 0 < held[0] < held[1] <= written["hisac_config"]["node_cap"]
+    assert all(r["hisac_evictions"] == 0 for r in written["rows"])  # under the cap here
     for r, against in zip(written["rows"], written["hytrec_over_sasrec_train"], strict=True):
         assert against["length"] == r["length"]
         work = r["hytrec_train_mflop_per_token"] / r["sasrec_train_mflop_per_token"]
@@ -128,6 +137,7 @@ def test_each_timed_step_sees_a_state_of_exactly_L_events_round_robin():
     models = {
         "hytrec": HyTRec(cfg.hytrec()).eval(),
         "recgrela": RecGRELA(cfg.recgrela()).eval(),
+        "hisac": HiSAC(cfg.hisac(), codebook=codebook_for(cfg.hisac().num_items)).eval(),
     }
     seen = []
     for name, model in models.items():
@@ -140,10 +150,10 @@ def test_each_timed_step_sees_a_state_of_exactly_L_events_round_robin():
         model.step = spy
     user = random_user(21, cfg.hytrec(), torch.Generator().manual_seed(0))
     lengths = [3, 8, 20]
-    times = _interleaved_step_us(models, user, lengths, cfg)
+    times, _ = _interleaved_step_us(models, user, lengths, cfg)
 
-    timed = seen[-(cfg.step_repeats + 1) * len(STREAMED) * len(lengths) :]  # after the builds
-    pairs = [(name, L) for name in STREAMED for L in lengths]
+    timed = seen[-(cfg.step_repeats + 1) * len(STEPPED) * len(lengths) :]  # after the builds
+    pairs = [(name, L) for name in STEPPED for L in lengths]
     assert [(name, count) for name, count, _ in timed] == pairs * (cfg.step_repeats + 1)
     for _, count, item in timed:  # the new event is event number L of the history
         assert item == int(user.item[count])
