@@ -9,6 +9,10 @@ index query, and how its implementation relates to the published method:
     multi         several vectors per user, searched each, merged by max score
     per_category  vectors with category filters (a category cascade)
 
+(a multi or per_category model reads its queries from the state when it is searched, so
+it also gives `apply_events(state, slots, batch)`: the step without the read-out, which
+the engine runs instead of `step`)
+
     fidelity  "paper"    built from the paper (equations and text)
               "code"     checked against the authors' public code
               "reading"  built from the abstract and the prior work it names
@@ -56,6 +60,8 @@ class ModelSpec:
             raise ValueError(f"{self.model.__name__} does not name itself {self.name!r}")
         if self.query not in QUERY_KINDS or self.fidelity not in FIDELITIES:
             raise ValueError(f"{self.name}: query in {QUERY_KINDS}, fidelity in {FIDELITIES}")
+        if self.streams and self.query != "single" and not hasattr(self.model, "apply_events"):
+            raise ValueError(f"{self.name}: a {self.query} query needs apply_events")
 
 
 MODELS: dict[str, ModelSpec] = {

@@ -265,8 +265,11 @@ class RecommendationEngine:
                 run.append(step)
         return runs, rejected, skipped
 
-    def _apply(self, users: list[str], runs: list[list]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One model step for all users' runs: their slots [U] and user vectors [U, d]."""
+    def _apply(
+        self, users: list[str], runs: list[list]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One model step for all users' runs: their slots [U] and user vectors [U, d]
+        (None for a model searched per category or by several queries)."""
         started = time.perf_counter()
         sizes = [len(r) for r in runs]
         columns = np.zeros((4, len(runs), max(sizes)), dtype=np.int64)  # item, cat., beh., ts
@@ -277,8 +280,13 @@ class RecommendationEngine:
         lengths = torch.tensor(sizes)
         batch = EventBatch(*torch.from_numpy(columns), lengths=lengths).to(self.device)
         slots = self.store.acquire(users)
-        step = self.compiled_step or self.model.step
-        vectors = step(self.store.state, slots.to(self.device), batch)
+        if self.query == "single":
+            step = self.compiled_step or self.model.step
+            vectors = step(self.store.state, slots.to(self.device), batch)
+        else:  # searched from a fresh read of the state (`_cascade_plan`, `serving_queries`):
+            # the step's read-out would go unused, so only the events are applied
+            self.model.apply_events(self.store.state, slots.to(self.device), batch)
+            vectors = None
         for user, run in zip(users, runs, strict=True):
             for step in run:  # offsets grow along a run within each partition
                 self.store.mark_applied(user, step.event.partition, step.event.offset)
