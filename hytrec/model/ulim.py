@@ -188,29 +188,24 @@ class NewestQueryReadout(nn.Module):
         return self.out(torch.einsum("nl,nld->nd", weights, v)) * some
 
 
+# (user, item) pairs per chunk of `ULIM.cascade_scores`: its [pairs, d] gathers then fit in
+# the cache (one large gather costs more in fresh memory than in reads: 2^18 pairs 3x 2^14's)
+CASCADE_CHUNK = 1 << 14
+
+
+def _segment_logsumexp(x: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    """log sum exp of x [P] within each group (group [P] in 0..groups-1): [groups], -inf for
+    a group without a finite member."""
+    top = x.new_full((groups,), float("-inf")).scatter_reduce(
+        0, group, x.detach(), "amax", include_self=True
+    )
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    return top + x.new_zeros(groups).index_add(0, group, (x - top[group]).exp()).log()
+
+
 def _segment_softmax(logits: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
     """Softmax of logits [P] within each group (group [P] in 0..groups-1)."""
-    top = logits.new_full((groups,), float("-inf")).scatter_reduce(
-        0, group, logits.detach(), "amax", include_self=True
-    )
-    weights = (logits - top[group]).exp()
-    return weights / weights.new_zeros(groups).index_add(0, group, weights)[group]
-
-
-def _log_softmax_by_group(scores: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
-    """Log-softmax of scores [U, N] within the columns of each group (group [N] in
-    0..groups-1); column 0 (padding) is left out: -inf."""
-    scores = scores.clone()
-    scores[:, 0] = float("-inf")
-    index = group[None].expand_as(scores)
-    top = scores.new_full((len(scores), groups), float("-inf")).scatter_reduce(
-        1, index, scores, "amax"
-    )
-    top = torch.where(torch.isfinite(top), top, 0.0)  # a group with no finite column
-    total = scores.new_zeros(len(scores), groups).scatter_add(
-        1, index, (scores - top.gather(1, index)).exp()
-    )
-    return scores - (top + total.log()).gather(1, index)
+    return (logits - _segment_logsumexp(logits, group, groups)[group]).exp()
 
 
 class ULIM(SequentialModel):
@@ -747,6 +742,7 @@ class ULIM(SequentialModel):
         item_cat = self.item_category  # [N]
         U, N = read.log_p.shape[0], table.shape[0]
         C = self.cfg.num_categories
+        device = table.device
         # the categories ranked [U, C] (None: all): the oracle's, else the top K by P(c)
         ranked = None  # [U, 1 or K]
         if oracle is not None:
@@ -756,8 +752,13 @@ class ULIM(SequentialModel):
         chosen = None
         if ranked is not None:
             chosen = torch.zeros_like(read.log_p, dtype=torch.bool).scatter_(1, ranked, True)
-        empty = self.empty_interest(torch.arange(C, device=table.device))  # [C, d]
-        scores = (table * empty[item_cat]).sum(-1).expand(U, N).clone()
+        # a category without a slot is read by its empty interest, the same for every user
+        empty = self.empty_interest(torch.arange(C, device=device))  # [C, d]
+        base = (table * empty[item_cat]).sum(-1)  # [N]
+        base[0] = float("-inf")  # padding
+        if within_category:
+            base = base - _segment_logsumexp(base, item_cat, C)[item_cat]
+        scores = base.expand(U, N).clone()
         order, start, count = self._category_items()
         # the user's slots of ranked categories (the others' items are -inf in the end)
         live = read.slot_category >= 0
@@ -765,26 +766,29 @@ class ULIM(SequentialModel):
             live &= chosen.gather(1, read.slot_category.clamp(min=0))
         u_idx, m_idx = live.nonzero(as_tuple=True)
         cats = read.slot_category[u_idx, m_idx]
+        interests = read.slot_interest[u_idx, m_idx]  # [S, d]
         sizes = count[cats]
-        # their items, in chunks of about 2^18 (user, item) pairs
+        # their items, in chunks of about CASCADE_CHUNK (user, item) pairs
         ends = sizes.cumsum(0)
         lo = 0
         while lo < len(cats):
-            hi = int(torch.searchsorted(ends, ends[lo] - sizes[lo] + (1 << 18), right=True))
+            hi = int(torch.searchsorted(ends, ends[lo] - sizes[lo] + CASCADE_CHUNK, right=True))
             hi = max(hi, lo + 1)
-            s, c = sizes[lo:hi], cats[lo:hi]
-            pair = torch.repeat_interleave(torch.arange(hi - lo, device=table.device), s)
-            within = torch.arange(len(pair), device=table.device) - (s.cumsum(0) - s)[pair]
-            items = order[start[c][pair] + within]
-            u = read.slot_interest[u_idx[lo:hi][pair], m_idx[lo:hi][pair]]
-            scores[u_idx[lo:hi][pair], items] = (u * table[items]).sum(-1)
+            n = sizes[lo:hi]
+            slot = torch.repeat_interleave(torch.arange(hi - lo, device=device), n)  # [Q]
+            within = torch.arange(len(slot), device=device) - (n.cumsum(0) - n)[slot]
+            items = order[start[cats[lo:hi]][slot] + within]  # [Q], each slot's items in a run
+            u = interests[lo:hi].index_select(0, slot)  # [Q, d]
+            dots = torch.bmm(u[:, None], table.index_select(0, items)[:, :, None]).view(-1)
+            if within_category:  # log-softmax over each slot's run of items
+                dots = dots - _segment_logsumexp(dots, slot, hi - lo)[slot]
+            scores.view(-1).index_copy_(0, u_idx[lo:hi][slot] * N + items, dots)
             lo = hi
-        if within_category:
-            scores = _log_softmax_by_group(scores, item_cat, C)
+        each_item = item_cat.expand(U, N)  # gathered per row: cheaper than indexing columns
         if use_log_p:
-            scores = scores + read.log_p[:, item_cat]
+            scores += read.log_p.gather(1, each_item)
         if chosen is not None:
-            scores = scores.masked_fill(~chosen[:, item_cat], float("-inf"))
+            scores.masked_fill_(~chosen.gather(1, each_item), float("-inf"))
         scores[:, 0] = float("-inf")
         return scores
 

@@ -163,6 +163,37 @@ def test_cascade_gates_by_the_top_categories_and_reduces_to_per_category_scoring
         ).all()
 
 
+def test_cascade_scores_do_not_depend_on_the_chunking(monkeypatch):
+    """The (user, item) pairs are scored in chunks; chunks of a few pairs (a slot's items
+    split from its neighbours') give the same scores as one chunk, and the within-category
+    form is the per-category log-softmax of the plain one."""
+    from hytrec.model import ulim
+
+    model, batch = model_of(), random_batch([10, 6, 3])
+    with torch.no_grad():
+        read = model.readout(batch)
+
+        def variants():
+            return [
+                model.cascade_scores(read, top_k=2),
+                model.cascade_scores(read, top_k=None, within_category=True),
+                model.cascade_scores(read, top_k=3, within_category=True),
+                model.cascade_scores(read, top_k=None, oracle=torch.tensor([1, 2, 3])),
+            ]
+
+        whole = variants()
+        monkeypatch.setattr(ulim, "CASCADE_CHUNK", 5)
+        for a, b in zip(whole, variants(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        plain = model.cascade_scores(read, top_k=None, use_log_p=False)
+        cats = model.item_category
+        for c in cats[1:].unique().tolist():
+            members = (cats == c).nonzero()[:, 0]
+            members = members[members > 0]
+            expected = plain[:, members].log_softmax(-1) + read.log_p[:, c : c + 1]
+            torch.testing.assert_close(whole[1][:, members], expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("head", [False, True])
 @pytest.mark.parametrize("negatives", [0, 16])
 def test_joint_loss_is_finite_and_trains(negatives, head):
