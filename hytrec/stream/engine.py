@@ -37,7 +37,9 @@ head, the explore candidates are those searches' items, scored by the head's mix
 the cascade's distribution (`ULIM.cascade_plan`: one read of the slots for both).
 
 A `multi` model (HiSAC-mi) searches with each of the user's agents and merges by max score
-(`index.multi_query`), its `score_agents` ranking; every item an "explore" one.
+(`index.multi_query`), its `score_agents` ranking; every item an "explore" one. Both kinds
+read their queries from the state when they search, so their micro-batch applies the events
+(`apply_events`) without the step's read-out.
 """
 
 from __future__ import annotations
