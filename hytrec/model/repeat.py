@@ -323,24 +323,41 @@ class RepeatHead(nn.Module):
         return torch.logaddexp(log_repeat + log_copy_target, log_explore_gate + log_explore)
 
     def rank_scores(
-        self, batch, u: torch.Tensor, scores: torch.Tensor, items: torch.Tensor
+        self,
+        batch,
+        u: torch.Tensor,
+        scores: torch.Tensor,
+        items: torch.Tensor,
+        explore_is_normalised: bool = False,
     ) -> torch.Tensor:
         """log P(i) [B, N_items] after each row's last event; scores [B, N_items] = u . e_i
-        (column 0, padding, -inf), u [B, d], items [N_items, d]."""
+        (column 0, padding, -inf), u [B, d], items [N_items, d]; `serve` says what
+        explore_is_normalised means."""
         last = torch.zeros_like(batch.item, dtype=torch.bool)
         last[torch.arange(len(last), device=last.device), batch.lengths - 1] = True
         buffer, _ = RecentBuffer.from_events(batch, last, self.cfg.buffer_size)
-        return self.serve(buffer, u, scores, items)
+        return self.serve(buffer, u, scores, items, explore_is_normalised)
 
     def serve(
-        self, buffer: RecentBuffer, u: torch.Tensor, scores: torch.Tensor, items: torch.Tensor
+        self,
+        buffer: RecentBuffer,
+        u: torch.Tensor,
+        scores: torch.Tensor,
+        items: torch.Tensor,
+        explore_is_normalised: bool = False,
     ) -> torch.Tensor:
         """log P(i) over all items from each query's buffer, user vector u [Q, d] and item
-        scores [Q, N_items]: log(1 - p_repeat) + log_softmax(scores) everywhere, mixed with
-        log p_repeat + log P_copy at the buffer's items."""
+        scores [Q, N_items]: log(1 - p_repeat) + log P_explore everywhere, mixed with
+        log p_repeat + log P_copy at the buffer's items. P_explore = softmax(scores), or,
+        with explore_is_normalised, scores are log P_explore already and are used as they
+        are: a gated explore side (ULIM's cascade over its top K categories) then sums to
+        less than 1, as in training, where the gate is learnt against the ungated one;
+        renormalising it would inflate every explore item by 1 / P(top K) against the
+        buffer's."""
         slot_score = (u[:, None] * items[buffer.item]).sum(-1)  # [Q, N]
         log_repeat, log_explore_gate, log_copy = self.log_probs(buffer, u, slot_score)
-        out = log_explore_gate[:, None] + scores.log_softmax(-1)
+        log_explore = scores if explore_is_normalised else scores.log_softmax(-1)
+        out = log_explore_gate[:, None] + log_explore
         mixed = torch.logaddexp(out.gather(1, buffer.item), log_repeat[:, None] + log_copy)
         # empty slots point at item 0 (padding): they write -inf where -inf already is
         return out.scatter(1, buffer.item, mixed.masked_fill(~buffer.valid, float("-inf")))

@@ -38,8 +38,10 @@ the cascade as a distribution over items,
 
     P_explore(x) = P(cat(x)) softmax_{x' in cat(x)}(u^{cat(x)} . e_{x'})[x]
 
-inside the top K categories (renormalised over them), and its user vector is u^{c_t}, the
-interest of the category just touched. Training replaces the loss's first item term by the
+inside the top K categories and 0 outside them, not renormalised over them: training learns
+the gate against the ungated distribution, so ranking leaves the other categories' items
+out without inflating the rest by 1 / P(top K); its user vector is u^{c_t}, the interest of
+the category just touched. Training replaces the loss's first item term by the
 mixture's -log P(i*), with P(i* | c*) over the in-category draws, their logits shifted by
 log(n_c / S_c) (exact under the full softmax). Within a category P_explore orders items as
 u^c . e_x does, so the engine's per-category searches still find its explore candidates.
@@ -802,7 +804,9 @@ class ULIM(SequentialModel):
         rows = torch.arange(len(batch.lengths), device=batch.item.device)
         current = batch.category[rows, batch.lengths - 1]
         u, explore = self._head_inputs(read, current)
-        return self.repeat_head.rank_scores(batch, u, explore, self.item_table())
+        return self.repeat_head.rank_scores(
+            batch, u, explore, self.item_table(), explore_is_normalised=True
+        )
 
     def _head_inputs(
         self, read: Readout, current: torch.Tensor

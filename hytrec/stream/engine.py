@@ -407,12 +407,15 @@ class RecommendationEngine:
         (item ids, log P, sources), one list per user, best first."""
         config, K, state = self.config, self.config.top_k, self.store.state
         buffer = serving_buffer(state.recent, state.recent_counts, slots)  # [U, N] each
-        if self.query == "per_category":  # the head reads the cascade's distribution
+        per_category = self.query == "per_category"
+        if per_category:  # the head reads the cascade's distribution
             plan = self._cascade_plan(slots)
             u, explore_scores = plan.head_user, plan.explore
         else:
             u, explore_scores = vectors, self.model.score(vectors)
-        log_p = self.head.serve(buffer, u, explore_scores, self.model.item_table())
+        log_p = self.head.serve(
+            buffer, u, explore_scores, self.model.item_table(), explore_is_normalised=per_category
+        )
         # copy candidates the rules leave out: all (explore only), the recently paid for,
         # the user's last `exclude_recent` items
         blocked = torch.full_like(buffer.valid, config.explore_only)
@@ -426,7 +429,7 @@ class RecommendationEngine:
         # explore: never an item of the buffer (its P(i) is on the copy side) nor a recent one
         known = buffer.item if recent is None else torch.cat([buffer.item, recent], 1)
         exclude = [sorted(set(row) - {0}) for row in known.tolist()]
-        if self.query == "per_category":  # each top category's top K (their union holds
+        if per_category:  # each top category's top K (their union holds
             # the top K by log P: within a category both orders are u^c . e_i's)
             categories, _, found_ids, _ = self._category_searches(plan, exclude)
             found_ids = found_ids.reshape(len(categories), -1)  # [U, C * K]

@@ -323,11 +323,15 @@ def test_the_sampled_within_category_estimate_is_exact_when_every_item_is_drawn_
     assert (exact < 0).all()
 
 
-def test_the_head_reads_in_training_what_it_reads_in_ranking():
+@pytest.mark.parametrize("top_categories", [None, 2])
+def test_the_head_reads_in_training_what_it_reads_in_ranking(top_categories):
     """The mixture's log P(target) at the last input position, from the training form (the
     head's loss), equals log P(target) of the ranking after the same events (no dropout,
-    full softmax): train/serve parity of ULIM + head."""
-    cfg = replace(HEAD_CFG, dropout=0.0, top_categories=None)
+    full softmax): train/serve parity of ULIM + head. Gated to the top K categories, the
+    ranking leaves the others' items out without renormalising the rest (training's gate
+    is learnt against the ungated explore side): equal for a target of the likeliest
+    category."""
+    cfg = replace(HEAD_CFG, dropout=0.0, top_categories=top_categories)
     model = model_of(cfg, seed=2)
     with torch.no_grad():
         model.repeat_head.gate[2].bias.fill_(0.4)
@@ -336,6 +340,13 @@ def test_the_head_reads_in_training_what_it_reads_in_ranking():
     # each event of an item in the item's category (ranking reads the table's)
     batch = replace(batch, category=model.item_category[batch.item] * batch.mask)
     B, T = batch.item.shape
+    if top_categories is not None:  # each target an item of the likeliest category
+        for row in range(B):
+            n = int(batch.lengths[row])
+            with torch.no_grad():
+                likeliest = model.category_scores(prefix(batch, row, n - 1))[0].argmax()
+            batch.item[row, n - 1] = (model.item_category == likeliest).nonzero()[-1, 0]
+            batch.category[row, n - 1] = likeliest
     real = torch.arange(T - 1)[None] < (batch.lengths - 1)[:, None]
     with torch.no_grad():
         out = model.forward_all(batch)
