@@ -398,6 +398,12 @@ def hit_rates(
     just before one may not have reached its recommendation yet), and so are the events
     whose item is new to the user (where the user's own items cannot hit). For reference,
     `recent_items_hit@K_all_events`: the user's recent items knowing every earlier event.
+    The `_no_lag` figures: every list again, on the events whose recommendation knew every
+    earlier event of the user (it answered the user's event just before): what a worker
+    that keeps up with each user's pace is scored on. A replay thousands of times faster
+    than real time puts a user's next events in the micro-batch still being answered, and
+    a recommendation several events old costs a model that reads the last events more
+    than a rule that counts them.
 
     Beside hit@K, NDCG@K (1 / log2(2 + rank) for a hit at 0-based rank) says how high the
     list put the item; `vs_best_heuristic` gives, for each metric, the model's difference to
@@ -420,8 +426,8 @@ def hit_rates(
         "recency_frequency",
         "item_transition",
     )
-    new_hits = Counter()
-    scored = new_scored = all_events_hits = 0
+    new_hits, no_lag_hits = Counter(), Counter()
+    scored = new_scored = all_events_hits = no_lag = 0
     per_user: dict[str, Counter] = {}  # user -> its events, hits and gains per list
     for i, p in enumerate(heldout):
         user, item, offset = p["user_id"], p["item_id"], int(sent.offset[i])
@@ -445,14 +451,19 @@ def hit_rates(
             scored += 1
             new = item not in past
             new_scored += new
+            current = len(known) == len(past)  # it answered the user's event just before
+            no_lag += current
             mine_scored = per_user.setdefault(user, Counter())
             mine_scored["events"] += 1
+            mine_scored["events_no_lag"] += current
             for name in names:
                 hit = item in lists[name]
                 gain = 1.0 / np.log2(2 + lists[name].index(item)) if hit else 0.0
                 new_hits[name] += hit and new
+                no_lag_hits[name] += hit and current
                 mine_scored[f"{name}_hit"] += hit
                 mine_scored[f"{name}_ndcg"] += gain
+                mine_scored[f"{name}_hit_no_lag"] += hit and current
             all_events_hits += item in list(dict.fromkeys(reversed(past)))[:top_k]
         past.append(item)
         offsets.append(offset)
@@ -472,20 +483,28 @@ def hit_rates(
             f"{metric}@{top_k}": against_best_heuristic(per_user, names[1:], metric)
             for metric in ("hit", "ndcg")
         },
+        "no_lag_events": no_lag,
+        **{f"{name}_hit@{top_k}_no_lag": rate(no_lag_hits[name], no_lag) for name in names},
+        "vs_best_heuristic_no_lag": {
+            f"hit@{top_k}": against_best_heuristic(per_user, names[1:], "hit", "_no_lag")
+        },
     }
 
 
-def against_best_heuristic(per_user: dict[str, Counter], heuristics, metric: str) -> dict:
+def against_best_heuristic(
+    per_user: dict[str, Counter], heuristics, metric: str, subset: str = ""
+) -> dict:
     """The model's difference in `metric` ("hit" or "ndcg") per scored event to the best of
     `heuristics` on it, with a 95 % interval: per-user means weighted by the user's events,
-    users resampled (their events stay together), the same users for both sides."""
-    if not per_user:
+    users resampled (their events stay together), the same users for both sides. subset:
+    the suffix of the counters of a subset of the events ("_no_lag"; "": all of them)."""
+    users = [u for u in per_user.values() if u[f"events{subset}"]]
+    if not users:
         return {"heuristic": None, "diff": float("nan"), "diff_ci95": [float("nan")] * 2}
-    users = list(per_user.values())
-    events = np.array([u["events"] for u in users], dtype=np.float64)
+    events = np.array([u[f"events{subset}"] for u in users], dtype=np.float64)
 
     def means(name: str) -> np.ndarray:
-        return np.array([u[f"{name}_{metric}"] for u in users]) / events
+        return np.array([u[f"{name}_{metric}{subset}"] for u in users]) / events
 
     best = max(heuristics, key=lambda name: float(np.average(means(name), weights=events)))
     out = paired_bootstrap(means("model"), means(best), weights=events)
@@ -735,9 +754,29 @@ def quality_lines(s: dict) -> list[str]:
         *ranking_lines(s),
         f"  knowing every earlier event (no micro-batch lag): user's recent items "
         f"{q[f'recent_items_hit@{k}_all_events']:.3f}",
+        *no_lag_lines(s),
         f"  items new to the user: {model} {q[f'model_hit@{k}_new_items']:.3f} | item "
         f"transition {q[f'item_transition_hit@{k}_new_items']:.3f} | popularity "
         f"{q[f'popularity_hit@{k}_new_items']:.3f} ({q['new_item_events']:,} events)",
+    ]
+
+
+def no_lag_lines(s: dict) -> list[str]:
+    """hit@K on the events whose recommendation knew every earlier event of the user
+    (summaries before these were measured have none)."""
+    k, q = s["top_k"], s["quality"]
+    if "no_lag_events" not in q:
+        return []
+    model = s["model"] + (" with the repeat head" if s.get("repeat_head") else "")
+    v = q["vs_best_heuristic_no_lag"][f"hit@{k}"]
+    low, high = v["diff_ci95"]
+    best = (v["heuristic"] or "none").replace("_", "-")
+    return [
+        f"  answers that knew every earlier event ({q['no_lag_events']:,} events): hit@{k} "
+        f"{model} {q[f'model_hit@{k}_no_lag']:.3f} | user's recent items "
+        f"{q[f'recent_items_hit@{k}_no_lag']:.3f} | recency-frequency "
+        f"{q[f'recency_frequency_hit@{k}_no_lag']:.3f}; minus the best heuristic "
+        f"{v['diff']:+.3f} [{low:+.3f}, {high:+.3f}] against {best}",
     ]
 
 
