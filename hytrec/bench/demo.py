@@ -741,10 +741,15 @@ def summary_lines(s: dict) -> list[str]:
     ]
 
 
+def served_name(s: dict) -> str:
+    """The served model as the summary lines name it."""
+    return s["model"] + (" with the repeat head" if s.get("repeat_head") else "")
+
+
 def quality_lines(s: dict) -> list[str]:
     """The hit rates of a summary: the served model beside every baseline."""
     k, q = s["top_k"], s["quality"]
-    model = s["model"] + (" with the repeat head" if s.get("repeat_head") else "")
+    model = served_name(s)
     return [
         f"next-event hit@{k}    {model} {q[f'model_hit@{k}']:.3f} | user's recent items "
         f"{q[f'recent_items_hit@{k}']:.3f} | user frequency {q[f'user_frequency_hit@{k}']:.3f} "
@@ -767,7 +772,7 @@ def no_lag_lines(s: dict) -> list[str]:
     k, q = s["top_k"], s["quality"]
     if "no_lag_events" not in q:
         return []
-    model = s["model"] + (" with the repeat head" if s.get("repeat_head") else "")
+    model = served_name(s)
     v = q["vs_best_heuristic_no_lag"][f"hit@{k}"]
     low, high = v["diff_ci95"]
     best = (v["heuristic"] or "none").replace("_", "-")
@@ -786,7 +791,7 @@ def ranking_lines(s: dict) -> list[str]:
     k, q = s["top_k"], s["quality"]
     if "vs_best_heuristic" not in q:
         return []
-    model = s["model"] + (" with the repeat head" if s.get("repeat_head") else "")
+    model = served_name(s)
 
     def versus(metric: str, label: str) -> str:
         v = q["vs_best_heuristic"][f"{metric}@{k}"]
