@@ -63,6 +63,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from hytrec.model.base import SequentialModel, full_softmax_log_prob
 from hytrec.model.batch import EventBatch, shift_window
@@ -188,6 +189,30 @@ class NewestQueryReadout(nn.Module):
         logits = logits.masked_fill(~valid & some, float("-inf"))
         weights = logits.softmax(-1) * valid
         return self.out(torch.einsum("nl,nld->nd", weights, v)) * some
+
+    def forward_every(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """`forward` after every position t of rows x [B, T, d] (real [B, T], padding on the
+        right) over its ring of the last L events t-L+1..t, at once: [B, T, d]. A key or
+        value is W (x_j + age[t - j]) + b, so the events and the L ages are mapped once
+        and the rings are a band of a [T, T] attention, never [B, T, L, d] copies."""
+        L, d, T = self.age.num_embeddings, x.shape[-1], x.shape[1]
+        q = self.query(x + self.age.weight[0])  # [B, T, d]: each ring's newest event
+        k, v = self.key_value(x).chunk(2, dim=-1)  # [B, T, d] each, with the bias
+        k_age, v_age = F.linear(self.age.weight, self.key_value.weight).chunk(2, dim=-1)  # [L, d]
+        pos = torch.arange(T, device=x.device)
+        age = pos[:, None] - pos[None, :]  # [T(t), T(j)]: t - j
+        ring = (age >= 0) & (age < L)
+        logits = q @ k.transpose(1, 2) + (q @ k_age.T).gather(
+            2, age.clamp(0, L - 1).expand(len(x), T, T)
+        )  # [B, T, T]
+        some = real[..., None]  # [B, T, 1]: a real newest event (itself in its ring)
+        logits = logits.masked_fill(~ring & some, float("-inf")) / math.sqrt(d)
+        weights = logits.softmax(-1) * (ring & some)
+        # the weight on each age a: that of event t - a (none before the row's start)
+        ages = torch.arange(L, device=x.device)
+        at = pos[:, None] - ages[None, :]  # [T, L]
+        by_age = weights.gather(2, at.clamp(min=0).expand(len(x), T, L)) * (at >= 0)
+        return self.out(weights @ v + by_age @ v_age) * some
 
 
 # (user, item) pairs per chunk of `ULIM.cascade_scores`: its [pairs, d] gathers then fit in
@@ -374,11 +399,7 @@ class ULIM(SequentialModel):
         u, long, short = self._fuse(long, short)
 
         # the user's short-term read-out after every event
-        K = cfg.window
-        offsets = pos[:, None] - torch.arange(K - 1, -1, -1, device=device)  # [T, K]
-        user_valid = (offsets >= 0)[None] & real[:, :, None]  # [B, T, K]
-        x_user = x[:, offsets.clamp(min=0)] * user_valid[..., None]  # [B, T, K, d]
-        user = self.user_short(x_user.view(B * T, K, -1), user_valid.view(B * T, K))  # [B*T, d]
+        user = self.user_short.forward_every(x, real).view(B * T, d)  # [B*T, d]
 
         # slots after event t: events j <= t with no later event of their category up to t
         next_same = torch.where(same & later, pos, T).amin(-1)  # [B, T]

@@ -163,6 +163,30 @@ def test_cascade_gates_by_the_top_categories_and_reduces_to_per_category_scoring
         ).all()
 
 
+@pytest.mark.parametrize("ring", [1, 4, 12])
+def test_the_read_out_after_every_position_is_the_read_out_of_each_ring(ring):
+    """`NewestQueryReadout.forward_every` (a band of one [T, T] attention) equals `forward`
+    over each position's ring of its last events, built as copies; padded positions read 0.
+    Rings shorter and longer than the rows."""
+    from hytrec.model.ulim import NewestQueryReadout
+
+    torch.manual_seed(0)
+    readout = NewestQueryReadout(8, ring)
+    with torch.no_grad():
+        readout.age.weight.normal_()
+    x = torch.randn(3, 9, 8)
+    lengths = torch.tensor([9, 5, 1])
+    real = torch.arange(9)[None] < lengths[:, None]
+    with torch.no_grad():
+        every = readout.forward_every(x, real)
+        offsets = torch.arange(9)[:, None] - torch.arange(ring - 1, -1, -1)  # [T, ring]
+        valid = (offsets >= 0)[None] & real[:, :, None]
+        rings = x[:, offsets.clamp(min=0)] * valid[..., None]  # [B, T, ring, d]
+        each = readout(rings.view(-1, ring, 8), valid.view(-1, ring)).view(3, 9, 8)
+    torch.testing.assert_close(every, each, rtol=0, atol=1e-5)
+    assert (every[~real] == 0).all()
+
+
 def test_cascade_scores_do_not_depend_on_the_chunking(monkeypatch):
     """The (user, item) pairs are scored in chunks; chunks of a few pairs (a slot's items
     split from its neighbours') give the same scores as one chunk, and the within-category
