@@ -194,3 +194,8 @@ def test_a_graceful_stop_checkpoints_at_once_and_the_successor_restores(tmp_path
     assert "restored 10 of 10 users" in log, log[-3000:]
     # the successor consumed only the 10 new events: the first 200 were committed
     assert events_in and int(events_in[-1]) == 10, events_in
+    # each worker's last word, once, where every message it consumed went
+    for name, consumed in (("first", 200), ("second", 10)):
+        log = (tmp_path / name / "worker.log").read_text()
+        stops = re.findall(r"stopping; accounting: consumed (\d+) = .*; unaccounted (\d+)", log)
+        assert stops == [(str(consumed), "0")], stops

@@ -295,6 +295,8 @@ def run_worker(
         faust.Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
     except SystemExit as exc:
         return int(exc.code or 0)
+    finally:
+        worker.log_stop()
     return 0
 
 

@@ -275,10 +275,17 @@ class BatchingWorker:
                 or (urgent and (len(self.batcher) or waiting))
             ):
                 await self.flush(checkpoint=urgent)
-            if urgent and not self.logged_stop and getattr(self.app, "should_stop", False):
-                self.logged_stop = True  # the last word on where every message went
-                log.info("stopping; %s", self.stats.accounting.line())
-                log_disk_tier(self.engine)
+            if urgent and getattr(self.app, "should_stop", False):
+                self.log_stop()
+
+    def log_stop(self) -> None:
+        """The last word on where every message went, once: from the timer's last turn, or
+        from `run_worker` when Faust stopped the timer before it came round again."""
+        if self.logged_stop:
+            return
+        self.logged_stop = True
+        log.info("stopping; %s", self.stats.accounting.line())
+        log_disk_tier(self.engine)
 
     def handing_over(self) -> bool:
         """A rebalance is under way, or the app is stopping without having crashed (after a
