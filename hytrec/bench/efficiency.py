@@ -183,11 +183,12 @@ def _build_state(model, state, slot, user: UserEvents, start: int, stop: int, ch
 def _interleaved_step_us(
     models: dict, user: UserEvents, lengths: list[int], cfg, compiled: CompiledStep | None = None
 ) -> tuple[dict, dict]:
-    """({(stepper, L): [us, ...]}, {L: HiSAC's map after L events}): one new event stepped
-    into a state holding L events, for every stepped model (and HyTRec's compiled step,
-    sharing HyTRec's states) and length, timed round-robin (one call per stepper and length
-    per round, after a warm-up round). Load that comes and goes on a shared machine then
-    lands on every length alike, so the flatness ratio compares like with like."""
+    """({(stepper, L): [us, ...]}, {(model, L): its state's parts after L events}): one new
+    event stepped into a state holding L events, for every stepped model (and HyTRec's
+    compiled step, sharing HyTRec's states) and length, timed round-robin (one call per
+    stepper and length per round, after a warm-up round). Load that comes and goes on a
+    shared machine then lands on every length alike, so the flatness ratio compares like
+    with like."""
     device = torch.device(cfg.device)
     slot = torch.tensor([0], device=device)
     saved, states, new_events = {}, {}, {}
@@ -215,14 +216,7 @@ def _interleaved_step_us(
             step(new_events[L])
             if round_:  # round 0 warms up
                 times[stepper, L].append((time.perf_counter() - t0) * 1e6)
-    held = {
-        L: {
-            "nodes": int((saved["hisac", L]["node_key"] > 0).sum()),
-            "evictions": int(saved["hisac", L]["evictions"].sum()),
-        }
-        for L in lengths
-    }
-    return times, held
+    return times, saved
 
 
 CACHED = {"hstu": (HSTU, EfficiencyConfig.hstu), "hpgr": (HPGR, EfficiencyConfig.hpgr)}
@@ -384,7 +378,7 @@ def run_efficiency(
         if not compiled.warm_up():
             notes.append({"measure": "hytrec_compiled_step_us", "reason": compiled.reason})
             compiled = None
-    step_times, nodes_held = _interleaved_step_us(models, user, lengths, cfg, compiled)
+    step_times, states_at = _interleaved_step_us(models, user, lengths, cfg, compiled)
     # dynamic=False: one graph per length, each compiled in its measurement's warm-up call
     compiled_forward = (
         torch.compile(trained["hytrec"].forward, dynamic=False) if cfg.compile_train else None
@@ -395,8 +389,9 @@ def run_efficiency(
         for name in STEPPED:
             key = f"{name}_step_us"
             row[key] = measure(L, key, step_times.__getitem__, (name, L))
-        row["hisac_nodes_held"] = nodes_held[L]["nodes"]  # of its node_cap
-        row["hisac_evictions"] = nodes_held[L]["evictions"]
+        hisac_map = states_at["hisac", L]
+        row["hisac_nodes_held"] = int((hisac_map["node_key"] > 0).sum())  # of its node_cap
+        row["hisac_evictions"] = int(hisac_map["evictions"].sum())
         row["hytrec_compiled_step_us"] = (
             measure(L, "hytrec_compiled_step_us", step_times.__getitem__, ("hytrec_compiled", L))
             if compiled is not None
