@@ -20,8 +20,11 @@ measures, side by side in one process:
 HiSAC serves from a bounded per-user map of codebook nodes (at most `node_cap`, then the
 least voted is evicted): `hisac_step_us` is one event routed into a map built from L events
 and the agents read back, timed in the same rounds; `hisac_nodes_held` how full that map
-is. Its codebook is built by `hytrec build-semantic-ids`'s builder over a clustered random
-item table (`hisac_parity.codebook_for`: 16 x 8 x 8 codes, 4 routes per item and level).
+is, `hisac_evictions` how many nodes it has evicted. Its codebook is built by `hytrec
+build-semantic-ids`'s builder over a clustered random item table (`hisac_parity.codebook_for`:
+16 x 8 x 8 codes, 4 routes per item and level, 495 nodes over the 999 items), and its cap is
+`hisac_node_cap`, below those 495: the short histories time the map under its cap, the long
+ones the eviction path (the model's default cap, 1,024, is never reached by this codebook).
 HiSAC has no recompute or training figure here: its training form reads rows of
 `train_len` events (quadratic in them), and its recompute is the stream's own replay.
 
@@ -117,6 +120,9 @@ class EfficiencyConfig:
     compile_step: bool = True  # also time HyTRec's compiled step (about a minute to compile)
     # also time HyTRec's training with its forward compiled (about a minute per length)
     compile_train: bool = True
+    # HiSAC's map cap: a long user of the benchmark's codebook reaches 495 nodes (about 400
+    # after 500 events), so from there on its steps evict
+    hisac_node_cap: int = 384
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -140,7 +146,9 @@ class EfficiencyConfig:
         return HPGRConfig(num_items=self.hytrec().num_items, d_model=self.d_model, max_len=cache)
 
     def hisac(self) -> HiSACConfig:
-        return HiSACConfig(num_items=self.hytrec().num_items, d_model=self.d_model)
+        return HiSACConfig(
+            num_items=self.hytrec().num_items, d_model=self.d_model, node_cap=self.hisac_node_cap
+        )
 
     def sasrec(self) -> SASRecConfig:
         # positions must cover the longest recompute (L + 1 events)
@@ -164,6 +172,7 @@ QUICK = EfficiencyConfig(
     budget_s=1.0,
     compile_step=False,
     compile_train=False,
+    hisac_node_cap=100,  # 71 nodes after 8 events: the 32-event map evicts
 )
 
 
