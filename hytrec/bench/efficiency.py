@@ -191,16 +191,16 @@ def _build_state(model, state, slot, user: UserEvents, start: int, stop: int, ch
 
 def _interleaved_step_us(
     models: dict, user: UserEvents, lengths: list[int], cfg, compiled: CompiledStep | None = None
-) -> tuple[dict, dict]:
-    """({(stepper, L): [us, ...]}, {(model, L): its state's parts after L events}): one new
-    event stepped into a state holding L events, for every stepped model (and HyTRec's
-    compiled step, sharing HyTRec's states) and length, timed round-robin (one call per
-    stepper and length per round, after a warm-up round). Load that comes and goes on a
-    shared machine then lands on every length alike, so the flatness ratio compares like
-    with like."""
+) -> tuple[dict, dict, dict]:
+    """({(stepper, L): [us, ...]}, {(model, L): its state's parts after L events}, the same
+    after the timed event): one new event stepped into a state holding L events, for every
+    stepped model (and HyTRec's compiled step, sharing HyTRec's states) and length, timed
+    round-robin (one call per stepper and length per round, after a warm-up round). Load
+    that comes and goes on a shared machine then lands on every length alike, so the
+    flatness ratio compares like with like."""
     device = torch.device(cfg.device)
     slot = torch.tensor([0], device=device)
-    saved, states, new_events = {}, {}, {}
+    saved, stepped, states, new_events = {}, {}, {}, {}
     steppers = {name: (name, models[name].step) for name in STEPPED}
     if compiled is not None:
         steppers["hytrec_compiled"] = ("hytrec", compiled)
@@ -225,7 +225,8 @@ def _interleaved_step_us(
             step(new_events[L])
             if round_:  # round 0 warms up
                 times[stepper, L].append((time.perf_counter() - t0) * 1e6)
-    return times, saved
+            stepped[name, L] = states[name].read(slot)  # untimed
+    return times, saved, stepped
 
 
 CACHED = {"hstu": (HSTU, EfficiencyConfig.hstu), "hpgr": (HPGR, EfficiencyConfig.hpgr)}
@@ -387,7 +388,7 @@ def run_efficiency(
         if not compiled.warm_up():
             notes.append({"measure": "hytrec_compiled_step_us", "reason": compiled.reason})
             compiled = None
-    step_times, states_at = _interleaved_step_us(models, user, lengths, cfg, compiled)
+    step_times, states_at, states_after = _interleaved_step_us(models, user, lengths, cfg, compiled)
     # dynamic=False: one graph per length, each compiled in its measurement's warm-up call
     compiled_forward = (
         torch.compile(trained["hytrec"].forward, dynamic=False) if cfg.compile_train else None
@@ -401,6 +402,10 @@ def run_efficiency(
         hisac_map = states_at["hisac", L]
         row["hisac_nodes_held"] = int((hisac_map["node_key"] > 0).sum())  # of its node_cap
         row["hisac_evictions"] = int(hisac_map["evictions"].sum())
+        # the timed event's own: a step that must make room costs more than one that need not
+        row["hisac_step_evictions"] = (
+            int(states_after["hisac", L]["evictions"].sum()) - row["hisac_evictions"]
+        )
         row["hytrec_compiled_step_us"] = (
             measure(L, "hytrec_compiled_step_us", step_times.__getitem__, ("hytrec_compiled", L))
             if compiled is not None
@@ -458,7 +463,8 @@ def run_efficiency(
             "hisac_step_us": "the same for HiSAC: the event's routes accumulated into the "
             "user's node map (built from L events; full at node_cap, then evicting the least "
             "voted), the agents activated and read back; hisac_nodes_held, "
-            "hisac_evictions: that map after the L events",
+            "hisac_evictions: that map after the L events; hisac_step_evictions: the nodes "
+            "the timed event itself evicted",
             "hytrec_compiled_step_us": "the same through CompiledStep (torch.compile, checked "
             "against the eager step when it warms up), its calls in the same rounds; null "
             "with compile_step off",
@@ -565,14 +571,15 @@ def format_table(rows: list[dict]) -> str:
     heads += ("HyTRec recompute us", "RecGRELA recompute us", "HyTRec train tok/s")
     heads += ("RecGRELA train tok/s", "SASRec train tok/s", "HyTRec train MFLOP/tok")
     heads += ("RecGRELA train MFLOP/tok", "SASRec train MFLOP/tok", "HyTRec compiled step us")
-    heads += ("HyTRec compiled train tok/s", "HiSAC nodes held")
+    heads += ("HyTRec compiled train tok/s", "HiSAC nodes held", "HiSAC step evictions")
 
     def cell(v):
         return "null" if v is None else f"{v:,.1f}"
 
     lines = [" | ".join(heads), " | ".join("---" for _ in heads)]
     for r in rows:
-        more = ("hytrec_compiled_step_us", "hytrec_compiled_train_tokens_per_s", "hisac_nodes_held")
+        more = ("hytrec_compiled_step_us", "hytrec_compiled_train_tokens_per_s")
+        more += ("hisac_nodes_held", "hisac_step_evictions")
         figures = (r[m] for m in (*MEASURES, *more))
         lines.append(" | ".join([str(r["length"]), *(cell(v) for v in figures)]))
     return "\n".join(lines)

@@ -74,6 +74,8 @@ def test_run_efficiency_writes_rows_json_and_png(tmp_path):
     short, long = written["rows"]
     assert 0 < short["hisac_nodes_held"] < 100 and short["hisac_evictions"] == 0
     assert long["hisac_nodes_held"] == 100 and long["hisac_evictions"] > 0
+    assert short["hisac_step_evictions"] == 0  # a map under its cap makes room without
+    assert 0 <= long["hisac_step_evictions"] <= 3 * 4  # at most one per route (3 levels x 4)
     for r, against in zip(written["rows"], written["hytrec_over_sasrec_train"], strict=True):
         assert against["length"] == r["length"]
         work = r["hytrec_train_mflop_per_token"] / r["sasrec_train_mflop_per_token"]
@@ -153,7 +155,7 @@ def test_each_timed_step_sees_a_state_of_exactly_L_events_round_robin():
         model.step = spy
     user = random_user(21, cfg.hytrec(), torch.Generator().manual_seed(0))
     lengths = [3, 8, 20]
-    times, _ = _interleaved_step_us(models, user, lengths, cfg)
+    times, saved, stepped = _interleaved_step_us(models, user, lengths, cfg)
 
     timed = seen[-(cfg.step_repeats + 1) * len(STEPPED) * len(lengths) :]  # after the builds
     pairs = [(name, L) for name in STEPPED for L in lengths]
@@ -162,6 +164,9 @@ def test_each_timed_step_sees_a_state_of_exactly_L_events_round_robin():
         assert item == int(user.item[count])
     assert sorted(times) == sorted(pairs)
     assert all(len(v) == cfg.step_repeats and min(v) > 0 for v in times.values())
+    # the states it returns: L events, and one more after the timed event
+    for name, L in pairs:
+        assert int(saved[name, L]["count"][0]) == L and int(stepped[name, L]["count"][0]) == L + 1
 
 
 def test_cpu_attention_is_counted_and_a_causal_call_at_half():
