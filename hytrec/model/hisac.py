@@ -32,7 +32,8 @@ Forms. `forward` (training) computes every position's votes, activation and rout
 once over the row (pairwise over the row's nodes); the serving form keeps per user a
 bounded map of nodes (`HiSACState`: key, votes, and log-sum-exp accumulators max logit m,
 Z = sum exp(x - m), N = sum exp(x - m) v) updated per event, exact while a user touches at
-most `node_cap` nodes; beyond, the least voted node is evicted (counted in `evictions`).
+most `node_cap` nodes; beyond, an event's routes to held nodes count first, then each new
+node evicts the least voted (counted in `evictions`).
 
 Without a codebook directory (`semantic_ids=None`) the model uses a hashed codebook (item
 i's codes: the digits of a seeded permutation of the items, no routes beyond the own node,
@@ -439,9 +440,9 @@ class HiSAC(SequentialModel):
     @torch.no_grad()
     def apply_events(self, state: HiSACState, slots: torch.Tensor, batch: EventBatch) -> None:
         """Apply each user's run of new events in place, one event at a time: each of the
-        event's routes finds its node in the user's map (or an empty entry, or evicts the
-        least voted), adds exp(logit - m) v to its log-sum-exp accumulators, and the own
-        nodes count a vote."""
+        event's routes finds its node in the user's map (or an empty entry, or, once the
+        routes to held nodes have counted, evicts the least voted), adds exp(logit - m) v to
+        its log-sum-exp accumulators, and the own nodes count a vote."""
         cfg = self.cfg
         one = torch.ones(1, dtype=torch.long, device=slots.device)
         for m in range(int(batch.lengths.max())):
@@ -492,17 +493,22 @@ class HiSAC(SequentialModel):
         return slot, room
 
     def _evicting(self, state, users, routes, logits, v, own) -> None:
-        """The routes one at a time: a new node takes an empty entry, else evicts the least
-        voted (then the first), counted in `evictions`."""
-        for k in range(routes.shape[1]):
-            node = routes[:, k : k + 1]
+        """A full map: the routes to nodes it holds accumulate at once, then the new nodes one
+        at a time, each taking an empty entry, else evicting the least voted (then the
+        first), counted in `evictions`. Only the new nodes need the loop: a full map's event
+        usually brings one to three of its L x R routes' nodes."""
+        keys = state.node_key[users]  # [n, C]
+        found = keys[:, None, :] == (routes + 1)[..., None]  # [n, K, C]
+        held = found.any(-1) & (routes >= 0)
+        self._accumulate(state, users, torch.where(held, routes, -1),
+                         found.int().argmax(-1), logits, v, own)  # fmt: skip
+        new = (routes >= 0) & ~held
+        for k in new.any(0).nonzero()[:, 0].tolist():
+            node = torch.where(new[:, k : k + 1], routes[:, k : k + 1], -1)
             keys = state.node_key[users]  # [n, C]
-            found = keys == node + 1
-            has = found.any(1, keepdim=True)
             fewest = torch.where(keys == 0, -1, state.node_votes[users])
-            slot = torch.where(has, found.int().argmax(1, keepdim=True),
-                               fewest.argmin(1, keepdim=True))  # fmt: skip
-            evicted = (node >= 0) & ~has & (keys.gather(1, slot) != 0)
+            slot = fewest.argmin(1, keepdim=True)
+            evicted = (node >= 0) & (keys.gather(1, slot) != 0)
             state.evictions[users] += evicted[:, 0].long()
             self._accumulate(state, users, node, slot, logits[:, k : k + 1], v,
                              own[:, k : k + 1])  # fmt: skip

@@ -147,6 +147,49 @@ def test_a_small_cap_evicts_and_counts_it(codebook):
     assert int(state.evictions[0]) > 0 and int((state.node_key[0] > 0).sum()) == 8
 
 
+def capped_map_by_hand(model: HiSAC, items: list[int], cap: int) -> tuple[list, int]:
+    """The map's rule in plain Python: ([(node, votes) per entry, None when empty],
+    evictions). Per event, the routes to nodes the map holds count first (an own route, the
+    first of its level, adds a vote); then each new node, in route order, takes the first
+    empty entry, else evicts the least voted (the first of them)."""
+    entries, evictions = [None] * cap, 0
+    for item in items:
+        routes = model.item_routes[item].tolist()  # [levels][R]
+        flat = [(node, r == 0) for level in routes for r, node in enumerate(level) if node >= 0]
+        held = {e[0]: at for at, e in enumerate(entries) if e is not None}
+        new = []
+        for node, own in flat:
+            if node in held:
+                entries[held[node]] = (node, entries[held[node]][1] + own)
+            else:
+                new.append((node, own))
+        for node, own in new:
+            empty = [at for at, e in enumerate(entries) if e is None]
+            at = empty[0] if empty else min(range(cap), key=lambda a: (entries[a][1], a))
+            evictions += not empty
+            entries[at] = (node, int(own))
+    return entries, evictions
+
+
+@pytest.mark.parametrize("cap", [8, 20, 64])
+def test_a_capped_map_keeps_and_evicts_the_nodes_the_rule_says(codebook, cap):
+    model = model_of(HiSAC, HiSACConfig, codebook, node_cap=cap)
+    users = users_for(model, (40, 25, 3), seed=cap)
+    state = model.new_state(3)
+    for m in range(0, 40, 7):  # runs of up to 7 events per call, as micro-batches bring them
+        run = pad_batch([u.run(m, m + 7) for u in users])
+        if int(run.lengths.max()) > 0:
+            model.apply_events(state, torch.arange(3), run)
+    for row, user in enumerate(users):
+        entries, evictions = capped_map_by_hand(model, user.item.tolist(), cap)
+        keys = [(-1 if e is None else e[0]) for e in entries]
+        votes = [(0 if e is None else e[1]) for e in entries]
+        assert (state.node_key[row] - 1).tolist() == keys
+        assert state.node_votes[row].tolist() == votes
+        assert int(state.evictions[row]) == evictions
+    assert int(state.evictions[0]) > 0 or cap == 64  # the long user overflows the small caps
+
+
 def test_multi_interest_scores_are_the_max_over_agents(codebook):
     model = model_of(HiSACMulti, HiSACMultiConfig, codebook)
     batch = pad_batch(users_for(model, (6, 25), seed=5))
