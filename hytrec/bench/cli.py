@@ -133,6 +133,27 @@ def register(commands, benchmarks) -> None:
     p.add_argument("--output", help="report stem (default: benchmarks/results/head-cost-cpu)")
     p.set_defaults(func=_head_cost)
 
+    p = benchmarks.add_parser(
+        "head-calibration",
+        help="a repeat-head checkpoint's top K on the demo's held-out days: own items against "
+        "the others, their probabilities against their hit rates, the gate shifted",
+        description="Ranks the demo's held-out events offline (each after every earlier event "
+        "of its user) and each user's last event before the cut with a checkpoint that has a "
+        "repeat head; reports hit@K beside recency-frequency, the list's own and other items "
+        "(mean probability against hit rate) and hit@K with the head's gate logit shifted. "
+        "Writes STEM.json and STEM.png.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint with a repeat head")
+    p.add_argument("--dataset", help="the demo's dataset (default taobao)")
+    p.add_argument("--heldout-fraction", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--held-out-events", type=int, help="a seeded sample of the held-out events")
+    p.add_argument("--gate-shifts", help="comma-separated shifts of the gate logit, 0 among them")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--output", help="report stem (default: runs/head-calibration)")
+    p.set_defaults(func=_head_calibration)
+
     # defaults live in EfficiencyConfig (imported lazily: torch is slow to import)
     eff = benchmarks.add_parser(
         "efficiency",
@@ -633,6 +654,47 @@ def _head_cost(args: argparse.Namespace) -> int:
     cfg = HeadCostConfig(**{k: v for k, v in given.items() if v is not None})
     output = (args.output or str(RESULTS / "head-cost-cpu")).removesuffix(".json")
     run_head_cost(cfg, load_named(cfg.dataset), output)
+    print(f"-> {output}.json and {output}.png")
+    return 0
+
+
+def _head_calibration(args: argparse.Namespace) -> int:
+    import torch
+
+    from hytrec.bench.head_calibration import HeadCalibrationConfig, run_head_calibration
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    shifts = args.gate_shifts and tuple(float(x) for x in args.gate_shifts.split(","))
+    given = {
+        "checkpoint": args.checkpoint,
+        "dataset": args.dataset,
+        "heldout_fraction": args.heldout_fraction,
+        "top_k": args.top_k,
+        "held_out_events": args.held_out_events,
+        "gate_shifts": shifts,
+        "batch": args.batch,
+        "seed": args.seed,
+    }
+    cfg = HeadCalibrationConfig(**{k: v for k, v in given.items() if v is not None})
+    output = (args.output or "runs/head-calibration").removesuffix(".json")
+    report = run_head_calibration(cfg, output)
+    K = cfg.top_k
+
+    def f(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    for name in ("in_period", "held_out"):
+        part = report[name]
+        print(
+            f"{name} ({part['events']:,} events): hit@{K} model {f(part[f'model_hit@{K}'])}, "
+            f"recency-frequency {f(part[f'recency_frequency_hit@{K}'])}, the model's own items "
+            f"only {f(part[f'model_own_items_only_hit@{K}'])}; own items "
+            f"{part['own_items_share_of_list']:.0%} of the list (mean P "
+            f"{f(part['own_items_mean_p'])}, hit rate {f(part['own_items_hit_rate'])}), other "
+            f"items mean P {f(part['other_items_mean_p'])}, hit rate "
+            f"{f(part['other_items_hit_rate'])}; hit@{K} by gate shift "
+            f"{part[f'hit@{K}_by_gate_shift']}"
+        )
     print(f"-> {output}.json and {output}.png")
     return 0
 

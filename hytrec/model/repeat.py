@@ -260,6 +260,9 @@ class RepeatHead(nn.Module):
         self.score_scale = nn.Parameter(torch.zeros(()))
         self.same_category_weight = nn.Parameter(torch.zeros(()))
         self.gate = nn.Sequential(nn.Linear(d_model + 2, R), nn.GELU(), nn.Linear(R, 1))
+        # added to the gate's logit: 0 in training and serving; `hytrec benchmark
+        # head-calibration` moves it to measure what a calibrated gate would change
+        self.gate_shift = 0.0
 
     def log_probs(
         self, buffer: RecentBuffer, u: torch.Tensor, score: torch.Tensor
@@ -296,6 +299,7 @@ class RepeatHead(nn.Module):
         share = buffer.repeats.float() / buffer.events.clamp(min=1).float()
         was_repeat = (buffer.count[:, 0] > 1).float()
         z = self.gate(torch.cat([u, share[:, None], was_repeat[:, None]], -1))[:, 0]
+        z = z + self.gate_shift
         return F.logsigmoid(z), F.logsigmoid(-z), log_copy
 
     def training_log_prob(
