@@ -75,11 +75,11 @@ def score_events(model, events: EventLog, rows: np.ndarray, cfg: HeadCalibration
     count = dict.fromkeys(("rf", "own_only", "own_slots", "own_hits", "other_hits"), 0)
     mass = {"own": 0.0, "other": 0.0}
     shifted = dict.fromkeys(cfg.gate_shifts, 0)
-    for start in tqdm(range(0, n, cfg.batch), desc="scoring", unit="batch", leave=False):
-        chunk = rows[start : start + cfg.batch]
-        whole = history_batch(events, first[chunk], chunk)  # recency-frequency's
-        start = first[chunk] if context is None else np.maximum(first[chunk], chunk - context)
-        batch = history_batch(events, start, chunk)
+    for at in tqdm(range(0, n, cfg.batch), desc="scoring", unit="batch", leave=False):
+        chunk = rows[at : at + cfg.batch]
+        whole = history_batch(events, first[chunk], chunk)  # every earlier event of the user
+        begin = first[chunk] if context is None else np.maximum(first[chunk], chunk - context)
+        batch = history_batch(events, begin, chunk)  # what the model reads
         target = torch.from_numpy(events.item[chunk])[:, None]  # [B, 1]
         with torch.no_grad():
             count["rf"] += int((ranking_scores(rf, whole).topk(K, -1).indices == target).sum())
@@ -90,7 +90,8 @@ def score_events(model, events: EventLog, rows: np.ndarray, cfg: HeadCalibration
                 shifted[shift] += int((top == target).sum())
                 if shift != 0.0:
                     continue
-                own = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, batch.item, True)
+                # the user's own items: any earlier event's, read by the model or not
+                own = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, whole.item, True)
                 own[:, 0] = False  # padding
                 own_top = own.gather(1, top)  # [B, K]
                 hit = top == target

@@ -16,11 +16,12 @@ from hytrec.bench.head_calibration import (
     event_sets,
     run_head_calibration,
 )
-from hytrec.model.registry import build_model
+from hytrec.model.evaluate import history_batch, ranking_scores
+from hytrec.model.registry import build_model, load_model
 from hytrec.model.repeat import RepeatConfig
 from hytrec.model.sasrec import SASRecConfig
 
-K = 5
+K = 30  # more than the 20 events the SASRec reads: own items beyond them enter the list
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,7 @@ def test_the_report_against_recomputation(setup, tmp_path):
     assert (tmp_path / "calib.png").stat().st_size > 0
     assert written["config"]["gate_shifts"] == [0.0, 50.0]
     first = np.searchsorted(events.user, events.user, side="left")
+    model = load_model(cfg.checkpoint).eval()
     for name, rows in event_sets(events, cfg).items():
         part = report[name]
         assert written[name] == part and part["events"] == len(rows)
@@ -73,12 +75,22 @@ def test_the_report_against_recomputation(setup, tmp_path):
             hits += int(events.item[row]) in recency_frequency(past, K)
         assert part[f"recency_frequency_hit@{K}"] == pytest.approx(hits / len(rows))
         assert part[f"hit@{K}_by_gate_shift"]["0.0"] == part[f"model_hit@{K}"]
+        # the model's list kept to the user's items: every earlier item of the user, also
+        # those before the 20 events this SASRec reads
+        own_hits = 0
+        for row in rows:
+            begin = max(first[row], row - 20)
+            with torch.no_grad():
+                one = history_batch(events, np.array([begin]), np.array([row]))
+                scores = ranking_scores(model, one)[0]
+            mine = set(events.item[first[row] : row].tolist())
+            ranked = [i for i in scores.argsort(descending=True).tolist() if i in mine][:K]
+            own_hits += int(events.item[row]) in ranked
+        assert part[f"model_own_items_only_hit@{K}"] == pytest.approx(own_hits / len(rows))
         share = part["own_items_share_of_list"]
         for key, none_at in (("own_items_mean_p", 0), ("other_items_mean_p", 1)):
             assert (part[key] is None) == (share == none_at)  # no such item in any list
             assert part[key] is None or 0 < part[key] < 1
-    from hytrec.model.registry import load_model
-
     assert load_model(cfg.checkpoint).repeat_head.gate_shift == 0.0
 
 
@@ -119,7 +131,7 @@ def test_the_command_line_runs_it_and_prints_both_sets(setup, tmp_path, capsys):
 
     _, cfg = setup
     argv = ["benchmark", "head-calibration", "--checkpoint", cfg.checkpoint, "--dataset",
-            "synthetic", "--top-k", "5", "--held-out-events", "20", "--gate-shifts", "0,2",
+            "synthetic", "--top-k", "30", "--held-out-events", "20", "--gate-shifts", "0,2",
             "--output", str(tmp_path / "c")]  # fmt: skip
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
