@@ -456,14 +456,14 @@ class HiSAC(SequentialModel):
             is_own = torch.zeros_like(routes, dtype=torch.bool).view(n, cfg.levels, -1)
             is_own[..., 0] = True
             is_own = is_own.view(n, -1)
-            slot, room = self._free_slots(state, users, routes)
+            slot, new, room = self._free_slots(state, users, routes)
             # users with room for their new nodes: all routes at once
             self._accumulate(state, users[room], routes[room], slot[room], logits[room],
                              v[room], is_own[room])  # fmt: skip
             full = ~room  # a full map: one route at a time, evicting the least voted
             if full.any():
-                self._evicting(state, users[full], routes[full], logits[full], v[full],
-                               is_own[full])  # fmt: skip
+                self._evicting(state, users[full], routes[full], slot[full], new[full],
+                               logits[full], v[full], is_own[full])  # fmt: skip
             for ring, value in ((state.window_item, item), (state.window_behavior, behavior)):
                 ring[users] = shift_window(ring[users], value[:, None], one.expand(n))
             state.count[users] += 1
@@ -474,10 +474,11 @@ class HiSAC(SequentialModel):
     @staticmethod
     def _free_slots(
         state: HiSACState, users: torch.Tensor, nodes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slot int64 [n, K], room bool [n]): the map entry of each node [n, K] (-1 nodes:
-        ignored), its own or, for a new node, the next empty entry; room: the user has an
-        empty entry for each of its new nodes (slot is meaningless where it has not).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slot int64 [n, K], new bool [n, K], room bool [n]): the map entry of each node
+        [n, K] (-1 nodes: ignored), its own or, for a new node (one the map does not hold),
+        the next empty entry; room: the user has an empty entry for each of its new nodes
+        (a new node's slot is meaningless where it has not).
         Entries fill from the left and are only ever replaced, so the occupied ones are a
         prefix of the map."""
         keys = state.node_key[users]  # [n, C]
@@ -490,19 +491,16 @@ class HiSAC(SequentialModel):
         room = occupied + new.sum(1) <= C
         nth = new.long().cumsum(1) - 1  # the j-th new node takes the entry occupied + j
         slot = torch.where(has, found.int().argmax(-1), (occupied[:, None] + nth).clamp(0, C - 1))
-        return slot, room
+        return slot, new, room
 
-    def _evicting(self, state, users, routes, logits, v, own) -> None:
+    def _evicting(self, state, users, routes, slot, new, logits, v, own) -> None:
         """A full map: the routes to nodes it holds accumulate at once, then the new nodes one
         at a time, each taking an empty entry, else evicting the least voted (then the
         first), counted in `evictions`. Only the new nodes need the loop: a full map's event
-        usually brings one to three of its L x R routes' nodes."""
-        keys = state.node_key[users]  # [n, C]
-        found = keys[:, None, :] == (routes + 1)[..., None]  # [n, K, C]
-        held = found.any(-1) & (routes >= 0)
-        self._accumulate(state, users, torch.where(held, routes, -1),
-                         found.int().argmax(-1), logits, v, own)  # fmt: skip
-        new = (routes >= 0) & ~held
+        usually brings one to three of its L x R routes' nodes. slot, new: `_free_slots`'s."""
+        held = (routes >= 0) & ~new
+        self._accumulate(state, users, torch.where(held, routes, -1), slot, logits, v,
+                         own)  # fmt: skip
         for k in new.any(0).nonzero()[:, 0].tolist():
             node = torch.where(new[:, k : k + 1], routes[:, k : k + 1], -1)
             keys = state.node_key[users]  # [n, C]

@@ -270,8 +270,8 @@ def test_the_one_route_at_a_time_path_gives_the_same_state(codebook, monkeypatch
     free_slots = HiSAC._free_slots
 
     def never_room(*args):
-        slot, room = free_slots(*args)
-        return slot, torch.zeros_like(room)
+        slot, new, room = free_slots(*args)
+        return slot, new, torch.zeros_like(room)
 
     monkeypatch.setattr(HiSAC, "_free_slots", staticmethod(never_room))
     slow = model.new_state(2)
