@@ -75,35 +75,37 @@ def score_events(model, events: EventLog, rows: np.ndarray, cfg: HeadCalibration
     count = dict.fromkeys(("rf", "own_only", "own_slots", "own_hits", "other_hits"), 0)
     mass = {"own": 0.0, "other": 0.0}
     shifted = dict.fromkeys(cfg.gate_shifts, 0)
-    for at in tqdm(range(0, n, cfg.batch), desc="scoring", unit="batch", leave=False):
-        chunk = rows[at : at + cfg.batch]
-        whole = history_batch(events, first[chunk], chunk)  # every earlier event of the user
-        begin = first[chunk] if context is None else np.maximum(first[chunk], chunk - context)
-        batch = history_batch(events, begin, chunk)  # what the model reads
-        target = torch.from_numpy(events.item[chunk])[:, None]  # [B, 1]
-        with torch.no_grad():
-            count["rf"] += int((ranking_scores(rf, whole).topk(K, -1).indices == target).sum())
-            for shift in cfg.gate_shifts:
-                head.gate_shift = shift
-                scores = ranking_scores(model, batch)  # [B, N] log P(i)
-                top = scores.topk(K, -1).indices
-                shifted[shift] += int((top == target).sum())
-                if shift != 0.0:
-                    continue
-                # the user's own items: any earlier event's, read by the model or not
-                own = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, whole.item, True)
-                own[:, 0] = False  # padding
-                own_top = own.gather(1, top)  # [B, K]
-                hit = top == target
-                p = scores.gather(1, top).exp()
-                count["own_slots"] += int(own_top.sum())
-                count["own_hits"] += int((hit & own_top).sum())
-                count["other_hits"] += int((hit & ~own_top).sum())
-                mass["own"] += float(p[own_top].sum())
-                mass["other"] += float(p[~own_top].sum())
-                own_scores = scores.masked_fill(~own, float("-inf"))
-                count["own_only"] += int((own_scores.topk(K, -1).indices == target).sum())
-        head.gate_shift = 0.0
+    try:
+        for at in tqdm(range(0, n, cfg.batch), desc="scoring", unit="batch", leave=False):
+            chunk = rows[at : at + cfg.batch]
+            whole = history_batch(events, first[chunk], chunk)  # every earlier event of the user
+            begin = first[chunk] if context is None else np.maximum(first[chunk], chunk - context)
+            batch = history_batch(events, begin, chunk)  # what the model reads
+            target = torch.from_numpy(events.item[chunk])[:, None]  # [B, 1]
+            with torch.no_grad():
+                count["rf"] += int((ranking_scores(rf, whole).topk(K, -1).indices == target).sum())
+                for shift in cfg.gate_shifts:
+                    head.gate_shift = shift
+                    scores = ranking_scores(model, batch)  # [B, N] log P(i)
+                    top = scores.topk(K, -1).indices
+                    shifted[shift] += int((top == target).sum())
+                    if shift != 0.0:
+                        continue
+                    # the user's own items: any earlier event's, read by the model or not
+                    own = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, whole.item, True)
+                    own[:, 0] = False  # padding
+                    own_top = own.gather(1, top)  # [B, K]
+                    hit = top == target
+                    p = scores.gather(1, top).exp()
+                    count["own_slots"] += int(own_top.sum())
+                    count["own_hits"] += int((hit & own_top).sum())
+                    count["other_hits"] += int((hit & ~own_top).sum())
+                    mass["own"] += float(p[own_top].sum())
+                    mass["other"] += float(p[~own_top].sum())
+                    own_scores = scores.masked_fill(~own, float("-inf"))
+                    count["own_only"] += int((own_scores.topk(K, -1).indices == target).sum())
+    finally:
+        head.gate_shift = 0.0  # as served
     own_slots, other_slots = count["own_slots"], K * n - count["own_slots"]
     rate = lambda a, b: a / b if b else None  # noqa: E731
     return {

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from hytrec.bench import head_calibration
 from hytrec.bench.demo import load_events, recency_frequency, time_cut
 from hytrec.bench.head_calibration import (
     HeadCalibrationConfig,
@@ -57,7 +58,7 @@ def test_the_event_sets_are_the_held_out_sample_and_each_users_last_event_before
     assert sorted(sets["in_period"].tolist()) == sorted(want)
 
 
-def test_the_report_against_recomputation(setup, tmp_path):
+def test_the_report_against_recomputation(setup, tmp_path, monkeypatch):
     events, cfg = setup
     report = run_head_calibration(cfg, str(tmp_path / "calib"))
     written = json.loads((tmp_path / "calib.json").read_text())
@@ -91,13 +92,24 @@ def test_the_report_against_recomputation(setup, tmp_path):
         for key, none_at in (("own_items_mean_p", 0), ("other_items_mean_p", 1)):
             assert (part[key] is None) == (share == none_at)  # no such item in any list
             assert part[key] is None or 0 < part[key] < 1
-    assert load_model(cfg.checkpoint).repeat_head.gate_shift == 0.0
+    # the gate is left as served, also when scoring stops half-way
+    calls = {"n": 0}
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # recency-frequency, the model at 0, then at 50: stop there
+            raise RuntimeError("stopped")
+        return ranking_scores(*args)
+
+    monkeypatch.setattr(head_calibration, "ranking_scores", failing)
+    with pytest.raises(RuntimeError, match="stopped"):
+        head_calibration.score_events(model, events, event_sets(events, cfg)["in_period"], cfg)
+    assert model.repeat_head.gate_shift == 0.0
 
 
 def test_the_gate_shift_moves_the_gate_logit_and_nothing_else(setup):
     from hytrec.bench.parity import pad_batch, random_user
     from hytrec.model.hytrec import HyTRecConfig
-    from hytrec.model.registry import load_model
     from hytrec.model.repeat import RecentBuffer
 
     events, cfg = setup
