@@ -346,6 +346,13 @@ def register(commands, benchmarks) -> None:
     )
     demo.add_argument("--heldout-fraction", type=float, default=0.2)
     demo.add_argument("--train-seconds", type=float, default=300.0)
+    demo.add_argument(
+        "--calibration-fraction",
+        type=float,
+        default=0.1,
+        help="with the head: the last part of the training history's time span left out of "
+        "training, on which the head's gate bias is fitted (0: the gate as trained)",
+    )
     demo.add_argument("--heldout-seconds", type=float, default=30.0)
     demo.add_argument("--top-k", type=int, default=20)
     demo.add_argument("--batch-size", type=int, default=256)
@@ -725,6 +732,7 @@ def _demo(args) -> int:
             model=model,
             heldout_fraction=args.heldout_fraction,
             train_seconds=args.train_seconds,
+            calibration_fraction=args.calibration_fraction,
             heldout_seconds=args.heldout_seconds,
             top_k=args.top_k,
             batch_size=args.batch_size,

@@ -5,7 +5,10 @@
 2. Train a small model (HyTRec with the repeat/explore head, or another registered one,
    with or without it) on the earlier part, or reuse
    the cached checkpoint of the same data and configuration; build and save the exact
-   FAISS index of its items.
+   FAISS index of its items. With the head, the last `calibration_fraction` of the earlier
+   part's time span is left out of training and the head's gate bias is fitted on it
+   (`calibration.fit_gate_bias`): later events than any training target, as the held-out
+   ones are; the stream still reads the whole earlier part.
 3. Start the embedded broker and a worker process, and wait until a probe event comes back
    as a recommendation (so start-up time is not counted as latency).
 4. Replay the earlier part at full speed (the users' long-term state builds up through the
@@ -45,7 +48,8 @@ from hytrec.bench.reports import machine_info, provenance
 from hytrec.index import IndexConfig, build_from_checkpoint
 from hytrec.index.semantic_ids import SemanticIdConfig
 from hytrec.index.semantic_ids import build_from_checkpoint as build_semantic_ids
-from hytrec.model.base import CheckpointError
+from hytrec.model.base import CheckpointError, read_checkpoint_meta
+from hytrec.model.calibration import GateCalibrationConfig, fit_gate_bias, user_starts
 from hytrec.model.codebook import SemanticIds, SemanticIdsError
 from hytrec.model.data import (
     TAOBAO_WINDOW,
@@ -88,6 +92,10 @@ class DemoConfig:
         epochs=40, patience=3, valid_users=None, negatives=1024, batch_size=32, max_len=200
     )
     train_seconds: float = 300.0  # training stops after this long (first run only: cached)
+    # with a repeat head: the last part of the training history's time span, not trained on,
+    # that fits the head's gate bias (0: the gate as trained)
+    calibration_fraction: float = 0.1
+    calibration: GateCalibrationConfig = GateCalibrationConfig()
     top_k: int = 20
     heldout_seconds: float = 30.0  # the held-out replay is paced to take about this long
     batch_size: int = 256  # worker micro-batch: B events ...
@@ -204,6 +212,14 @@ def trained_checkpoint(
         codes = semantic_ids_for(events, history, config, device)
         config = replace(config, model=replace(config.model, semantic_ids=str(codes)))
     model_config, name = config.model, spec_of(config.model).name  # train() sizes it
+    calibrating = getattr(model_config, "repeat_head", None) is not None
+    calibrating = calibrating and config.calibration_fraction > 0
+    calibration = replace(config.calibration, top_k=config.top_k)  # the demo's list
+    if calibrating:
+        calibration_start = time_cut(history, config.calibration_fraction)
+        training_log = select(history, history.ts < calibration_start)
+    else:
+        training_log = history
     train_config = replace(
         config.train,
         time_budget_s=config.train_seconds,
@@ -216,28 +232,52 @@ def trained_checkpoint(
             "items": len(events.items),
             "model": [name, asdict(model_config)],
             "train": asdict(replace(train_config, device="")),
+            "calibration": calibrating and [config.calibration_fraction, asdict(calibration)],
         },
         sort_keys=True,
     )
     directory = cache_dir() / "demo" / hashlib.sha256(identity.encode()).hexdigest()[:16]
     try:
-        load_model(directory)
-        return directory, True
+        model, reused = load_model(directory), True
     except CheckpointError:
-        pass
+        print(
+            f"training {name} on {len(training_log):,} events for up to "
+            f"{config.train_seconds:.0f} s on {device} (cached for the next run in {directory})",
+            flush=True,
+        )
+        # `select` keeps the whole log's vocabulary, so held-out events of new items apply
+        split = leave_one_out(training_log)
+        result = train(model_config, training_log, split, train_config, directory, "demo")
+        print(
+            f"trained {len(result.history)} epochs in {result.train_seconds:.0f} s; "
+            f"validation NDCG@10 {result.valid.get('NDCG@10', float('nan')):.4f}",
+            flush=True,
+        )
+        model, reused = load_model(directory), False  # with the training's report
+    # a checkpoint cached before its calibration finished is calibrated now
+    if calibrating and "gate_calibration" not in model.checkpoint_extra:
+        calibrate_gate(model.cpu(), history, calibration_start, calibration, directory)
+    return directory, reused
+
+
+def calibrate_gate(
+    model, history: EventLog, start: int, cfg: GateCalibrationConfig, directory: Path
+) -> dict:
+    """Fit the head's gate bias on the events of `history` from `start` on (each with an
+    earlier event of its user) and save the model with the fit's report."""
+    first = user_starts(history)
+    rows = np.nonzero((history.ts >= start) & (np.arange(len(history)) > first))[0]
+    report = fit_gate_bias(model.eval(), history, rows, cfg)
+    k = cfg.top_k
+    by_shift = report[f"hit@{k}_by_shift"]
     print(
-        f"training {name} on {len(history):,} events for up to {config.train_seconds:.0f} s "
-        f"on {device} (cached for the next run in {directory})",
+        f"gate bias fitted on {report['events']:,} events after the training period: "
+        f"shift {report['shift']:+.2f} (hit@{k} {by_shift[str(report['shift'])]:.4f} against "
+        f"{by_shift['0.0']:.4f} as trained)",
         flush=True,
     )
-    # `select` keeps the whole log's vocabulary, so held-out events of new items apply too
-    result = train(model_config, history, leave_one_out(history), train_config, directory, "demo")
-    print(
-        f"trained {len(result.history)} epochs in {result.train_seconds:.0f} s; "
-        f"validation NDCG@10 {result.valid.get('NDCG@10', float('nan')):.4f}",
-        flush=True,
-    )
-    return directory, False
+    model.save(directory, extra={**model.checkpoint_extra, "gate_calibration": report})
+    return report
 
 
 # ---------------------------------------------------------------------------- processes
@@ -697,6 +737,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict:
         "machine": machine_info(),
         "checkpoint": str(checkpoint),
         "checkpoint_reused": reused,
+        "gate_calibration": read_checkpoint_meta(checkpoint)["extra"].get("gate_calibration"),
         "top_k": config.top_k,
         "batch": {"max_events": config.batch_size, "max_wait_ms": config.batch_wait_ms},
         "events_in": len(history) + len(heldout),
@@ -737,7 +778,22 @@ def summary_lines(s: dict) -> list[str]:
         f"= {s['history_rate_eps']:,.0f} events/s end to end",
         f"paced replay         {s['heldout_events']:,} events at {s['heldout_rate_eps']:,.0f} "
         f"events/s: latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms",
+        *calibration_lines(s),
         *quality_lines(s),
+    ]
+
+
+def calibration_lines(s: dict) -> list[str]:
+    """The head's gate calibration (`calibrate_gate`), where the served model had one."""
+    fit = s.get("gate_calibration")
+    if not fit:
+        return []
+    k = fit["top_k"]
+    by_shift = fit[f"hit@{k}_by_shift"]
+    return [
+        f"gate calibration     bias {fit['gate_bias']:+.2f}: hit@{k} "
+        f"{by_shift[str(fit['shift'])]:.3f} against {by_shift['0.0']:.3f} as trained, on "
+        f"{fit['events']:,} events after the training period (not trained on)",
     ]
 
 

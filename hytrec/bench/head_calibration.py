@@ -15,8 +15,9 @@ trains on (never a training target, never used to pick the epoch). For both it r
   item. Where the mean probability of a part is far above its hit rate, that part is
   overconfident on these events;
 - hit@K with the list kept to the user's own items;
-- hit@K with the head's gate logit shifted by each of `gate_shifts` (`RepeatHead.gate_shift`,
-  0 in training and serving): how much a calibrated gate would change.
+- hit@K with the head's gate logit shifted by each of `gate_shifts` from the bias the
+  checkpoint serves with (`RepeatHead.gate_bias`: 0 as trained, else what the demo's
+  calibration fitted, `calibration.py`): how much a better calibrated gate would change.
 
 Writes STEM.json and STEM.png.
 """
@@ -27,12 +28,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hytrec.bench.demo import load_events, time_cut
 from hytrec.bench.reports import machine_info, write_report
 from hytrec.bench.timing import report_header
-from hytrec.model.evaluate import context_length, history_batch, ranking_scores
+from hytrec.model.calibration import scored_batches, user_starts
+from hytrec.model.evaluate import ranking_scores
 from hytrec.model.events import EventLog
 from hytrec.model.heuristics import RecencyFrequency
 from hytrec.model.registry import load_model
@@ -54,7 +55,7 @@ def event_sets(events: EventLog, cfg: HeadCalibrationConfig) -> dict[str, np.nda
     """Rows of the scored events, each with at least one earlier event of its user: the
     held-out ones (a sample) and each user's last event before the cut."""
     cut = time_cut(events, cfg.heldout_fraction)
-    first = np.searchsorted(events.user, events.user, side="left")  # the log is user-sorted
+    first = user_starts(events)
     has_past = np.arange(len(events)) > first
     held = np.nonzero((events.ts >= cut) & has_past)[0]
     if cfg.held_out_events is not None and cfg.held_out_events < len(held):
@@ -68,44 +69,34 @@ def event_sets(events: EventLog, cfg: HeadCalibrationConfig) -> dict[str, np.nda
 def score_events(model, events: EventLog, rows: np.ndarray, cfg: HeadCalibrationConfig) -> dict:
     """The figures of the module docstring over the events `rows`."""
     head = model.repeat_head
-    first = np.searchsorted(events.user, events.user, side="left")
-    context = context_length(model, None)  # the events the model reads (SASRec: its last)
     rf = RecencyFrequency(len(events.items))
     K, n = cfg.top_k, len(rows)
     count = dict.fromkeys(("rf", "own_only", "own_slots", "own_hits", "other_hits"), 0)
     mass = {"own": 0.0, "other": 0.0}
     shifted = dict.fromkeys(cfg.gate_shifts, 0)
-    try:
-        for at in tqdm(range(0, n, cfg.batch), desc="scoring", unit="batch", leave=False):
-            chunk = rows[at : at + cfg.batch]
-            whole = history_batch(events, first[chunk], chunk)  # every earlier event of the user
-            begin = first[chunk] if context is None else np.maximum(first[chunk], chunk - context)
-            batch = history_batch(events, begin, chunk)  # what the model reads
-            target = torch.from_numpy(events.item[chunk])[:, None]  # [B, 1]
-            with torch.no_grad():
-                count["rf"] += int((ranking_scores(rf, whole).topk(K, -1).indices == target).sum())
-                for shift in cfg.gate_shifts:
-                    head.gate_shift = shift
-                    scores = ranking_scores(model, batch)  # [B, N] log P(i)
-                    top = scores.topk(K, -1).indices
-                    shifted[shift] += int((top == target).sum())
-                    if shift != 0.0:
-                        continue
-                    # the user's own items: any earlier event's, read by the model or not
-                    own = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, whole.item, True)
-                    own[:, 0] = False  # padding
-                    own_top = own.gather(1, top)  # [B, K]
-                    hit = top == target
-                    p = scores.gather(1, top).exp()
-                    count["own_slots"] += int(own_top.sum())
-                    count["own_hits"] += int((hit & own_top).sum())
-                    count["other_hits"] += int((hit & ~own_top).sum())
-                    mass["own"] += float(p[own_top].sum())
-                    mass["other"] += float(p[~own_top].sum())
-                    own_scores = scores.masked_fill(~own, float("-inf"))
-                    count["own_only"] += int((own_scores.topk(K, -1).indices == target).sum())
-    finally:
-        head.gate_shift = 0.0  # as served
+    for chunk, read, whole in scored_batches(model, events, rows, cfg.batch, "scoring"):
+        target = torch.from_numpy(events.item[chunk])[:, None]  # [B, 1]
+        with torch.no_grad(), head.recording_mixtures() as mixtures:
+            count["rf"] += int((ranking_scores(rf, whole).topk(K, -1).indices == target).sum())
+            ranking_scores(model, read)
+        (mixture,) = mixtures
+        for shift in cfg.gate_shifts:
+            shifted[shift] += int((mixture.log_p(shift).topk(K, -1).indices == target).sum())
+        scores = mixture.log_p()  # [B, N] log P(i), as served
+        top = scores.topk(K, -1).indices
+        # the user's own items: any earlier event's, read by the model or not
+        own = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, whole.item, True)
+        own[:, 0] = False  # padding
+        own_top = own.gather(1, top)  # [B, K]
+        hit = top == target
+        p = scores.gather(1, top).exp()
+        count["own_slots"] += int(own_top.sum())
+        count["own_hits"] += int((hit & own_top).sum())
+        count["other_hits"] += int((hit & ~own_top).sum())
+        mass["own"] += float(p[own_top].sum())
+        mass["other"] += float(p[~own_top].sum())
+        own_scores = scores.masked_fill(~own, float("-inf"))
+        count["own_only"] += int((own_scores.topk(K, -1).indices == target).sum())
     own_slots, other_slots = count["own_slots"], K * n - count["own_slots"]
     rate = lambda a, b: a / b if b else None  # noqa: E731
     return {
@@ -135,6 +126,7 @@ def run_head_calibration(cfg: HeadCalibrationConfig, output: str | None = None) 
         "config": asdict(cfg),
         "dataset": dataset,
         "model": type(model).__name__,
+        "gate_bias": float(model.repeat_head.gate_bias),
     }
     for name, rows in event_sets(events, cfg).items():
         report[name] = score_events(model, events, rows, cfg)

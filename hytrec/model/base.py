@@ -135,11 +135,24 @@ class SequentialModel(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def optional_buffers(self) -> dict[str, float]:
+        """State-dict names of the buffers a submodule declares optional (`OPTIONAL_BUFFERS`:
+        added after checkpoints existed), with their defaults."""
+        return {
+            f"{prefix}.{name}" if prefix else name: default
+            for prefix, module in self.named_modules()
+            for name, default in getattr(module, "OPTIONAL_BUFFERS", {}).items()
+        }
+
     @property
     def version(self) -> str:
-        """Content hash of the weights: equal weights, equal version."""
+        """Content hash of the weights: equal weights, equal version. An optional buffer at
+        its default is left out, so a checkpoint saved before it existed keeps its version."""
         digest = hashlib.sha256()
+        optional = self.optional_buffers()
         for name, tensor in sorted(self.state_dict().items()):
+            if name in optional and bool((tensor == optional[name]).all()):
+                continue
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:12]
@@ -184,19 +197,20 @@ class SequentialModel(nn.Module):
             raise CheckpointError(f"{meta_path}: {err}") from err
         weights = load_file(weights_path, device=str(map_location))
         expected = model.state_dict()
-        missing, unexpected = expected.keys() - weights, weights.keys() - expected
+        missing = expected.keys() - weights - model.optional_buffers().keys()
+        unexpected = weights.keys() - expected
         if missing or unexpected:
             raise CheckpointError(
                 f"{weights_path}: weights do not fit the config: missing "
                 f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
             )
         for name, tensor in expected.items():
-            if weights[name].shape != tensor.shape:
+            if name in weights and weights[name].shape != tensor.shape:
                 raise CheckpointError(
                     f"{weights_path}: {name} has shape {tuple(weights[name].shape)}, config "
                     f"needs {tuple(tensor.shape)}"
                 )
-        model.load_state_dict(weights)
+        model.load_state_dict(weights, strict=False)  # absent optional buffers keep their default
         if meta.get("version") not in (None, model.version):
             raise CheckpointError(
                 f"{weights_path}: weights hash to {model.version}, checkpoint.json says "

@@ -27,14 +27,16 @@ The head, for a user after event t with user vector u and item scores s:
                  prior_k = -log(1 + k), w = 1, a = 0, c = 0 at init
     same_k     = 1[cat_k = cat_0 > 0]: the item is of the category the user is on now
     P_copy(i)  = softmax_k(c)_k  if i = item_k,   0 for items outside the buffer
-    p_repeat   = sigmoid(MLP([u ; repeats / events ; 1[count_0 > 1]]))
+    p_repeat   = sigmoid(MLP([u ; repeats / events ; 1[count_0 > 1]]) + g)
     P(i)       = p_repeat P_copy(i) + (1 - p_repeat) P_explore(i),   P_explore = softmax_i(s)
 
-with b(x) = floor(log2(1 + x)), capped (`log2_bucket`). Untrained, P_copy(item_k) is
-count_k / (1 + k) normalised: the recency-frequency heuristic (`heuristics.py`, the best of
-them on Taobao and Foursquare) within the buffer, so training starts from it, not from
-recent-items. Training maximises log P(i_{t+1}) at
-every position, jointly with the model (the head's parameters at a higher learning rate,
+with b(x) = floor(log2(1 + x)), capped (`log2_bucket`), and g the gate's bias (`gate_bias`): 0
+in training, then fitted on events later than the training targets (`calibration.py`: a gate
+learnt on the training days trusts the explore side more than the next days bear out).
+Untrained, P_copy(item_k) is count_k / (1 + k) normalised: the recency-frequency heuristic
+(`heuristics.py`, the best of them on Taobao and Foursquare) within the buffer, so training
+starts from it, not from recent-items. Training maximises log P(i_{t+1}) at every position,
+jointly with the model (the head's parameters at a higher learning rate,
 `TrainConfig.head_lr_scale`: its scalars start at the heuristic and must move by O(1) in
 the few hundred steps a small log gives). Full ranking scores every item by log P(i).
 same_k is a signal the user heuristics leave out: a shopper who returns to an item often
@@ -64,6 +66,8 @@ P(i) from either is the same.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -240,6 +244,10 @@ def _buffers_of_rows(item, ts, stage, category, lengths, query, size):
 
 
 class RepeatHead(nn.Module):
+    # weights added after checkpoints existed: an older checkpoint loads with their default,
+    # and the version hash leaves them out while at it (`SequentialModel.load`, `version`)
+    OPTIONAL_BUFFERS = {"gate_bias": 0.0}
+
     def __init__(self, cfg: RepeatConfig, d_model: int):
         super().__init__()
         R, N = cfg.hidden, cfg.buffer_size
@@ -260,9 +268,10 @@ class RepeatHead(nn.Module):
         self.score_scale = nn.Parameter(torch.zeros(()))
         self.same_category_weight = nn.Parameter(torch.zeros(()))
         self.gate = nn.Sequential(nn.Linear(d_model + 2, R), nn.GELU(), nn.Linear(R, 1))
-        # added to the gate's logit: 0 in training and serving; `hytrec benchmark
-        # head-calibration` moves it to measure what a calibrated gate would change
-        self.gate_shift = 0.0
+        # added to the gate's logit: 0 from training; `calibration.fit_gate_bias` fits it on
+        # events later than the training targets, and it is saved with the weights
+        self.register_buffer("gate_bias", torch.zeros(()))
+        self._recorded: list[Mixture] | None = None  # `recording_mixtures`
 
     def log_probs(
         self, buffer: RecentBuffer, u: torch.Tensor, score: torch.Tensor
@@ -270,6 +279,14 @@ class RepeatHead(nn.Module):
         """(log p_repeat [Q], log (1 - p_repeat) [Q], log P_copy per slot [Q, N], -inf in
         empty slots) from the buffers, the user vectors u [Q, d] and the model's scores of
         the slots' items [Q, N]. Every buffer must hold at least one item."""
+        z, log_copy = self.gate_and_copy(buffer, u, score)
+        return F.logsigmoid(z), F.logsigmoid(-z), log_copy
+
+    def gate_and_copy(
+        self, buffer: RecentBuffer, u: torch.Tensor, score: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the gate's logit z [Q], gate_bias included: p_repeat = sigmoid(z); log P_copy
+        per slot [Q, N]): `log_probs` before the sigmoids."""
         cfg = self.cfg
         # the filled slots only (a training window's early positions hold few items)
         qi, k = buffer.valid.nonzero(as_tuple=True)  # [M] each
@@ -299,8 +316,7 @@ class RepeatHead(nn.Module):
         share = buffer.repeats.float() / buffer.events.clamp(min=1).float()
         was_repeat = (buffer.count[:, 0] > 1).float()
         z = self.gate(torch.cat([u, share[:, None], was_repeat[:, None]], -1))[:, 0]
-        z = z + self.gate_shift
-        return F.logsigmoid(z), F.logsigmoid(-z), log_copy
+        return z + self.gate_bias, log_copy
 
     def training_log_prob(
         self, batch, u: torch.Tensor, real: torch.Tensor, log_explore: torch.Tensor, items
@@ -359,12 +375,46 @@ class RepeatHead(nn.Module):
         renormalising it would inflate every explore item by 1 / P(top K) against the
         buffer's."""
         slot_score = (u[:, None] * items[buffer.item]).sum(-1)  # [Q, N]
-        log_repeat, log_explore_gate, log_copy = self.log_probs(buffer, u, slot_score)
+        gate_logit, log_copy = self.gate_and_copy(buffer, u, slot_score)
         log_explore = scores if explore_is_normalised else scores.log_softmax(-1)
-        out = log_explore_gate[:, None] + log_explore
-        mixed = torch.logaddexp(out.gather(1, buffer.item), log_repeat[:, None] + log_copy)
+        mixture = Mixture(gate_logit, log_copy, buffer.item, buffer.valid, log_explore)
+        if self._recorded is not None:
+            self._recorded.append(mixture)
+        return mixture.log_p()
+
+    @contextmanager
+    def recording_mixtures(self) -> Iterator[list[Mixture]]:
+        """Within the block, every `serve` (whichever model path calls it) also appends its
+        `Mixture` to the yielded list: one model pass then ranks under any gate shift."""
+        self._recorded = []
+        try:
+            yield self._recorded
+        finally:
+            self._recorded = None
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """What `RepeatHead.serve` mixes, before the gate is applied: log P(i) under any shift
+    of the gate's logit without running the model again (`calibration.fit_gate_bias`)."""
+
+    gate_logit: torch.Tensor  # [Q], gate_bias included
+    log_copy: torch.Tensor  # [Q, N] log P_copy per slot, -inf in empty slots
+    slot_item: torch.Tensor  # [Q, N] the slots' items (0 in empty slots)
+    valid: torch.Tensor  # [Q, N] filled slots
+    log_explore: torch.Tensor  # [Q, N_items] log P_explore
+
+    def log_p(self, shift: float = 0.0) -> torch.Tensor:
+        """log P(i) [Q, N_items] with the gate's logit moved by `shift` (0: as served):
+        log(1 - p_repeat) + log P_explore everywhere, mixed with log p_repeat + log P_copy
+        at the buffer's items."""
+        z = self.gate_logit + shift
+        out = F.logsigmoid(-z)[:, None] + self.log_explore
+        mixed = torch.logaddexp(
+            out.gather(1, self.slot_item), F.logsigmoid(z)[:, None] + self.log_copy
+        )
         # empty slots point at item 0 (padding): they write -inf where -inf already is
-        return out.scatter(1, buffer.item, mixed.masked_fill(~buffer.valid, float("-inf")))
+        return out.scatter(1, self.slot_item, mixed.masked_fill(~self.valid, float("-inf")))
 
 
 # ---------------------------------------------------------------------------- serving form

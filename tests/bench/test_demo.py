@@ -18,6 +18,7 @@ from hytrec.bench import demo
 from hytrec.bench.demo import DemoConfig, run_demo, summary_lines
 from hytrec.bench.reports import git_commit
 from hytrec.model.hytrec import HyTRecConfig
+from hytrec.model.registry import load_model
 from hytrec.model.repeat import RepeatConfig
 from hytrec.model.train import TrainConfig
 from hytrec.stream.schemas import Recommendation
@@ -259,8 +260,16 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path, monkeypatch, capsys):
             collectors.append(self)
             super().__post_init__()
 
+    trained_on = []
+    real_train = demo.train
+
+    def recording_train(model_config, log, *args):
+        trained_on.append(log)
+        return real_train(model_config, log, *args)
+
     monkeypatch.setattr(demo, "replay", recording_replay)
     monkeypatch.setattr(demo, "Collector", RecordingCollector)
+    monkeypatch.setattr(demo, "train", recording_train)
     before = set(children(os.getpid()))
     summary = run_demo(config)
     assert set(children(os.getpid())) <= before, "the demo left a process running"
@@ -277,6 +286,18 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path, monkeypatch, capsys):
     assert summary["heldout_events"] == len(heldout) > 0
     assert summary["events_in"] == len(everything)
     assert summary["users"] == len({p["user_id"] for p in everything})
+
+    # training left out the last tenth of the history's span; the head's gate bias was
+    # fitted on it and is served from the checkpoint
+    (training_log,) = trained_on
+    span = [min(p["ts"] for p in history), max(p["ts"] for p in history)]
+    calibration_start = int(span[1] - 0.1 * (span[1] - span[0]))
+    assert training_log.ts.max() < calibration_start
+    fit = summary["gate_calibration"]
+    later = [p for p in history if p["ts"] >= calibration_start]
+    assert 0 < fit["events"] <= len(later) and fit["top_k"] == config.top_k
+    assert fit["shift"] in map(float, fit[f"hit@{config.top_k}_by_shift"])
+    assert float(load_model(summary["checkpoint"]).repeat_head.gate_bias) == fit["gate_bias"]
 
     # every recommendation answers a replayed event of its own user, and every user's
     # newest event was answered

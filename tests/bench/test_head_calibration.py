@@ -1,6 +1,6 @@
 """`hytrec benchmark head-calibration` on synthetic events with an untrained SASRec + head:
 the event sets against a brute force, recency-frequency against the demo's plain-Python
-rule, the gate shift as a shift of the gate's logit, and the report's own consistency."""
+rule, and the report's own consistency (the gate shifts: tests/model/test_calibration.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from hytrec.bench import head_calibration
 from hytrec.bench.demo import load_events, recency_frequency, time_cut
 from hytrec.bench.head_calibration import (
     HeadCalibrationConfig,
@@ -58,7 +57,7 @@ def test_the_event_sets_are_the_held_out_sample_and_each_users_last_event_before
     assert sorted(sets["in_period"].tolist()) == sorted(want)
 
 
-def test_the_report_against_recomputation(setup, tmp_path, monkeypatch):
+def test_the_report_against_recomputation(setup, tmp_path):
     events, cfg = setup
     report = run_head_calibration(cfg, str(tmp_path / "calib"))
     written = json.loads((tmp_path / "calib.json").read_text())
@@ -92,43 +91,6 @@ def test_the_report_against_recomputation(setup, tmp_path, monkeypatch):
         for key, none_at in (("own_items_mean_p", 0), ("other_items_mean_p", 1)):
             assert (part[key] is None) == (share == none_at)  # no such item in any list
             assert part[key] is None or 0 < part[key] < 1
-    # the gate is left as served, also when scoring stops half-way
-    calls = {"n": 0}
-
-    def failing(*args):
-        calls["n"] += 1
-        if calls["n"] == 3:  # recency-frequency, the model at 0, then at 50: stop there
-            raise RuntimeError("stopped")
-        return ranking_scores(*args)
-
-    monkeypatch.setattr(head_calibration, "ranking_scores", failing)
-    with pytest.raises(RuntimeError, match="stopped"):
-        head_calibration.score_events(model, events, event_sets(events, cfg)["in_period"], cfg)
-    assert model.repeat_head.gate_shift == 0.0
-
-
-def test_the_gate_shift_moves_the_gate_logit_and_nothing_else(setup):
-    from hytrec.bench.parity import pad_batch, random_user
-    from hytrec.model.hytrec import HyTRecConfig
-    from hytrec.model.repeat import RecentBuffer
-
-    events, cfg = setup
-    head = load_model(cfg.checkpoint).repeat_head
-    generator = torch.Generator().manual_seed(1)
-    shape = HyTRecConfig(num_items=len(events.items), num_categories=3)
-    batch = pad_batch([random_user(n, shape, generator) for n in (3, 9)])
-    last = torch.zeros_like(batch.item, dtype=torch.bool)
-    last[torch.arange(2), batch.lengths - 1] = True
-    buffer, _ = RecentBuffer.from_events(batch, last, head.cfg.buffer_size)
-    u = torch.randn(2, 16, generator=generator)
-    score = torch.randn(buffer.item.shape, generator=generator)
-    repeat, explore, copy = head.log_probs(buffer, u, score)
-    head.gate_shift = 1.5
-    shifted = head.log_probs(buffer, u, score)
-    logit = repeat - explore
-    assert torch.allclose(shifted[0], torch.nn.functional.logsigmoid(logit + 1.5), atol=1e-6)
-    assert torch.allclose(shifted[1], torch.nn.functional.logsigmoid(-(logit + 1.5)), atol=1e-6)
-    assert torch.equal(shifted[2], copy)
 
 
 def test_a_model_without_the_head_is_refused(tmp_path):
