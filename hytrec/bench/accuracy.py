@@ -111,6 +111,7 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
         "ULIM" + HEAD: replace(ulim, repeat_head=RepeatConfig()),
         "ULIM no pointer": replace(ulim, pointer=False),
         "ULIM all categories": replace(ulim, top_categories=None),
+        "ULIM + user term": replace(ulim, user_term=True),
         "HiSAC": HiSACConfig(d_model=d_model),
         "HiSAC" + HEAD: HiSACConfig(d_model=d_model, repeat_head=RepeatConfig()),
         "HiSAC-mi": HiSACMultiConfig(d_model=d_model),

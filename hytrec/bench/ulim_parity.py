@@ -22,8 +22,8 @@ CONFIG = ULIMConfig(num_items=NUM_ITEMS, num_categories=NUM_CATEGORIES, dropout=
 
 
 def randomised(cfg: ULIMConfig, seed: int = 0) -> ULIM:
-    """In eval mode, items spread over the categories at random, embeddings and the
-    category bias far from their near-zero initial values."""
+    """In eval mode, items spread over the categories at random, embeddings, the category
+    bias and W_u far from their near-zero initial values."""
     torch.manual_seed(seed)
     model = ULIM(cfg)
     with torch.no_grad():
@@ -31,6 +31,8 @@ def randomised(cfg: ULIMConfig, seed: int = 0) -> ULIM:
         for emb in (model.item_emb, model.category_emb, model.behavior_emb):
             emb.weight.normal_(std=0.5)
         model.category_bias.normal_(std=0.5)
+        if model.user_to_interest is not None:  # W_u starts at 0: test it non-zero
+            model.user_to_interest.weight.normal_(std=0.2)
     return model.eval()
 
 
@@ -46,9 +48,11 @@ def users_for(model: ULIM, lengths, seed: int = 0) -> list[UserEvents]:
 
 @torch.no_grad()
 def parallel_readouts(model: ULIM, users: list[UserEvents]) -> list[torch.Tensor]:
-    """The training form after every event of each user: [P(c) ; u^{c_t}], [T_u, C + d]."""
+    """The training form after every event of each user: [P(c) ; u^{c_t} + W_u s],
+    [T_u, C + d]."""
     out = model.forward_all(pad_batch(users))
-    both = torch.cat([out["log_p"].exp(), out["interest"]], -1)
+    interest = out["interest"] + model.user_term(out["user"])
+    both = torch.cat([out["log_p"].exp(), interest], -1)
     return [both[i, : len(user)] for i, user in enumerate(users)]
 
 

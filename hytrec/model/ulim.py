@@ -30,6 +30,15 @@ Loss at every position, for the next event (item i*, category c*):
 with beta = 0.25, lambda = 1; a sampled CE draws the shared uniform negatives of the
 harness plus up to 64 items of c* (in-category negatives: the cascade ranks inside c*).
 
+The user term (`user_term`, off by default; not in the reading): every category's interest,
+wherever it scores items, is v^c = u^c + W_u s, W_u from 0 (the reading's model at the
+start). Without it the items of a category the user never touched are ranked by the sink
+alone, the same for every user, and those of a touched one by that category's few events;
+where most next events change category (ML-100K's genre sets: the next event repeats the
+last one's 7.6 % of the time) the ranking inside the predicted categories then knows little
+of the user. Below, u^{c*} in the item losses and u^{cat(x)} in the cascade are v^c when it
+is on.
+
 Cascade (`cascade_scores`): score(x) = log P(cat(x)) + u^{cat(x)} . e_x for items whose
 category is among the top K of P, -inf elsewhere (K = None: every category).
 
@@ -94,6 +103,9 @@ class ULIMConfig:
     category_weight: float = 1.0  # lambda: the next-category loss
     category_negatives: int = 64  # in-category negatives per position (sampled softmax)
     top_categories: int | None = 10  # K of the cascade; None = every category
+    # u^c + W_u s: every category's interest also reads the user's last K events (not in
+    # the reading; module docstring; "ULIM + user term" in the accuracy files)
+    user_term: bool = False
     # the repeat/explore head over the user's recent distinct items (`repeat.py`; not in
     # the reading), mixed with the cascade as a distribution (module docstring)
     repeat_head: RepeatConfig | None = None
@@ -145,12 +157,14 @@ class ULIMState(SlotState):
 
 @dataclass
 class Readout:
-    """What the model reads after an event: log P(c) over every category [N, C], and the
-    interest of each of the user's slots [N, M, d] with its category [N, M] (-1 = none)."""
+    """What the model reads after an event: log P(c) over every category [N, C], the
+    interest of each of the user's slots [N, M, d] (without the user term) with its category
+    [N, M] (-1 = none), and the user term W_u s [N, d] every category's interest adds."""
 
     log_p: torch.Tensor
     slot_category: torch.Tensor
     slot_interest: torch.Tensor
+    user_term: torch.Tensor
 
 
 @dataclass
@@ -270,6 +284,10 @@ class ULIM(SequentialModel):
         self.category_bias = nn.Parameter(torch.zeros(cfg.num_categories))
         self.copy_switch = nn.Linear(3 * d, 1)
         self.apply(self._init_weights)
+        # W_u, from 0: training starts at the reading's u^c
+        self.user_to_interest = nn.Linear(d, d, bias=False) if cfg.user_term else None
+        if self.user_to_interest is not None:
+            nn.init.zeros_(self.user_to_interest.weight)
         # after `apply`: the head initialises its own priors (`repeat.py`)
         self.repeat_head = RepeatHead(cfg.repeat_head, d) if cfg.repeat_head else None
 
@@ -320,6 +338,12 @@ class ULIM(SequentialModel):
         g = torch.sigmoid(self.gate(torch.cat([long, short], -1)))
         return self.interest_norm(g * long + (1 - g) * short), long, short
 
+    def user_term(self, user: torch.Tensor) -> torch.Tensor:
+        """W_u s [..., d] from the user's read-outs s [..., d]; 0 with `user_term` off."""
+        if self.user_to_interest is None:
+            return torch.zeros_like(user)
+        return self.user_to_interest(user)
+
     def empty_interest(self, category: torch.Tensor) -> torch.Tensor:
         """u^c [N, d] of categories the user never touched."""
         return self.interest(category)[0]
@@ -361,7 +385,8 @@ class ULIM(SequentialModel):
         """Every event's slot interest and, after every event, log P(c).
 
         Returns "interest", "long", "short" [B, T, d] (of the event's own category, after
-        it), "log_p" [B, T, C] and "is_last" [B, T, T] (is_last[b, t, j]: event j is its
+        it, without the user term), "user" [B, T, d] (s after every event), "log_p" [B, T, C]
+        and "is_last" [B, T, T] (is_last[b, t, j]: event j is its
         category's newest at time t, i.e. a slot of the user after event t)."""
         cfg = self.cfg
         B, T = batch.item.shape
@@ -429,7 +454,14 @@ class ULIM(SequentialModel):
         C = cfg.num_categories
         copy = a.new_zeros(B * T * C).index_add(0, group * C + cat[b, j], a).view(B * T, C)
         log_p = self._log_p(user, context, cat.reshape(-1), copy).view(B, T, C)
-        return {"interest": u, "long": long, "short": short, "log_p": log_p, "is_last": is_last}
+        return {
+            "interest": u,
+            "long": long,
+            "short": short,
+            "user": user.view(B, T, d),
+            "log_p": log_p,
+            "is_last": is_last,
+        }
 
     def forward(self, batch: EventBatch) -> torch.Tensor:
         """u^{c_t} after every event: the interest of the category just touched [B, T, d]."""
@@ -493,9 +525,9 @@ class ULIM(SequentialModel):
     def _target_interests(
         self, batch: EventBatch, out: dict[str, torch.Tensor], real: torch.Tensor
     ) -> list[torch.Tensor]:
-        """u^{c*}, l^{c*}, s^{c*} [P, d] at the positions `real` [B, T-1] (row-major) of
-        `forward_all`'s output: the slot of the next event's category c* if the user has
-        one, else the empty interest."""
+        """u^{c*} + W_u s, l^{c*}, s^{c*} [P, d] at the positions `real` [B, T-1] (row-major)
+        of `forward_all`'s output: the slot of the next event's category c* if the user has
+        one, else the empty interest; s the user's read-out at the position."""
         target_cat = batch.category[:, 1:]
         match = out["is_last"][:, :-1] & (batch.category[:, None, :] == target_cat[..., None])
         has = match.any(-1)  # [B, T-1]
@@ -506,6 +538,7 @@ class ULIM(SequentialModel):
         for name, empty in (("interest", empty_u), ("long", empty_l), ("short", empty_s)):
             seen = out[name][rows, j][real]  # [P, d]
             vectors.append(torch.where(has[real][:, None], seen, empty))
+        vectors[0] = vectors[0] + self.user_term(out["user"][:, :-1][real])
         return vectors
 
     def _mixture_log_prob(
@@ -525,8 +558,9 @@ class ULIM(SequentialModel):
         log_c = out["log_p"][:, :-1][real].gather(1, category[:, None])[:, 0]
         log_explore = (log_c + within).clamp(min=LOG_FLOOR)
         # the head's user vector: the interest of the category just touched, as in ranking
+        touched = out["interest"][:, :-1] + self.user_term(out["user"][:, :-1])
         return self.repeat_head.training_log_prob(
-            batch, out["interest"][:, :-1], real, log_explore, self.item_table()
+            batch, touched, real, log_explore, self.item_table()
         )
 
     def _within_category_log_prob(
@@ -690,7 +724,8 @@ class ULIM(SequentialModel):
         log_p = self._log_p(user, context, state.last_category[slots], copy)
         slot_interest = h.new_zeros(U, M, h.shape[-1])
         slot_interest[u_idx, m_idx] = interest
-        return Readout(log_p, torch.where(occupied, keys - 1, -1), slot_interest)
+        slot_category = torch.where(occupied, keys - 1, -1)
+        return Readout(log_p, slot_category, slot_interest, self.user_term(user))
 
     @torch.no_grad()
     def step(self, state: ULIMState, slots: torch.Tensor, batch: EventBatch) -> torch.Tensor:
@@ -717,14 +752,15 @@ class ULIM(SequentialModel):
 
     @torch.no_grad()
     def category_interests(self, read: Readout, categories: torch.Tensor) -> torch.Tensor:
-        """u^c [U, K, d] of categories [U, K]: the user's slot, else the empty interest."""
+        """u^c + W_u s [U, K, d] of categories [U, K]: the user's slot, else the empty
+        interest."""
         match = read.slot_category[:, None, :] == categories[..., None]  # [U, K, M]
         has = match.any(-1)
         seen = read.slot_interest.gather(
             1, match.int().argmax(-1)[..., None].expand(-1, -1, read.slot_interest.shape[-1])
         )
         empty = self.empty_interest(categories.reshape(-1)).view(*categories.shape, -1)
-        return torch.where(has[..., None], seen, empty)
+        return torch.where(has[..., None], seen, empty) + read.user_term[:, None]
 
     # ------------------------------------------------------------------ ranking
 
@@ -756,9 +792,9 @@ class ULIM(SequentialModel):
         use_log_p: bool = True,
         within_category: bool = False,
     ) -> torch.Tensor:
-        """score(x) = log P(cat(x)) + u^{cat(x)} . e_x [U, num_items], -inf outside the top
-        K categories (top_k None: none gated; oracle [U]: only that category).
-        within_category: u^{cat(x)} . e_x log-softmaxed over the items of cat(x), so that
+        """score(x) = log P(cat(x)) + (u^{cat(x)} + W_u s) . e_x [U, num_items], -inf outside
+        the top K categories (top_k None: none gated; oracle [U]: only that category).
+        within_category: (u^{cat(x)} + W_u s) . e_x log-softmaxed over the items of cat(x), so that
         the scores are log P(cat(x)) P(x | cat(x)), a distribution over the items (the
         repeat head's explore side)."""
         table = self.item_table()
@@ -775,13 +811,20 @@ class ULIM(SequentialModel):
         chosen = None
         if ranked is not None:
             chosen = torch.zeros_like(read.log_p, dtype=torch.bool).scatter_(1, ranked, True)
-        # a category without a slot is read by its empty interest, the same for every user
+        # a category without a slot is read by its empty interest (plus the user term)
         empty = self.empty_interest(torch.arange(C, device=device))  # [C, d]
         base = (table * empty[item_cat]).sum(-1)  # [N]
         base[0] = float("-inf")  # padding
-        if within_category:
-            base = base - _segment_logsumexp(base, item_cat, C)[item_cat]
-        scores = base.expand(U, N).clone()
+        if self.user_to_interest is None:  # the same for every user: normalised once
+            if within_category:
+                base = base - _segment_logsumexp(base, item_cat, C)[item_cat]
+            scores = base.expand(U, N).clone()
+        else:  # each user's own: [U, N] (with the head 3x the cost of the above, measured)
+            scores = base + read.user_term @ table.T
+            if within_category:  # log-softmax over each (user, category)'s items
+                group = (torch.arange(U, device=device)[:, None] * C + item_cat).view(-1)
+                lse = _segment_logsumexp(scores.view(-1), group, U * C).view(U, C)
+                scores -= lse.gather(1, item_cat.expand(U, N))
         order, start, count = self._category_items()
         # the user's slots of ranked categories (the others' items are -inf in the end)
         live = read.slot_category >= 0
@@ -789,7 +832,7 @@ class ULIM(SequentialModel):
             live &= chosen.gather(1, read.slot_category.clamp(min=0))
         u_idx, m_idx = live.nonzero(as_tuple=True)
         cats = read.slot_category[u_idx, m_idx]
-        interests = read.slot_interest[u_idx, m_idx]  # [S, d]
+        interests = read.slot_interest[u_idx, m_idx] + read.user_term[u_idx]  # [S, d]
         sizes = count[cats]
         # their items, in chunks of about CASCADE_CHUNK (user, item) pairs
         ends = sizes.cumsum(0)

@@ -16,8 +16,16 @@ from hytrec.model.batch import EventBatch
 from hytrec.model.repeat import RepeatConfig
 from hytrec.model.ulim import ULIM, ULIMConfig
 
+# the user term on: the default (off) is its W_u = 0 case (and `ulim_parity`'s config)
 CFG = ULIMConfig(
-    num_items=80, num_categories=9, d_model=16, slots=8, slot_len=4, short_len=2, window=3
+    num_items=80,
+    num_categories=9,
+    d_model=16,
+    slots=8,
+    slot_len=4,
+    short_len=2,
+    window=3,
+    user_term=True,
 )
 
 
@@ -25,6 +33,9 @@ def model_of(cfg: ULIMConfig = CFG, seed: int = 0) -> ULIM:
     torch.manual_seed(seed)
     model = ULIM(cfg)
     model.item_category.copy_(torch.randint(1, cfg.num_categories, (cfg.num_items,)))
+    if model.user_to_interest is not None:
+        with torch.no_grad():  # W_u starts at 0: test it non-zero
+            model.user_to_interest.weight.normal_(std=0.2)
     return model.eval()
 
 
@@ -158,9 +169,9 @@ def test_cascade_gates_by_the_top_categories_and_reduces_to_per_category_scoring
             (with_p - plain)[:, 1:].numpy(), read.log_p[:, cats[0]][:, 1:].numpy(), atol=1e-5
         )
         oracle = model.cascade_scores(read, top_k=None, oracle=torch.tensor([1, 2, 3]))
-        assert (
-            torch.isfinite(oracle) == (model.item_category[None] == torch.tensor([[1], [2], [3]]))
-        ).all()
+        of_oracle = model.item_category[None] == torch.tensor([[1], [2], [3]])
+        assert (torch.isfinite(oracle)[:, 1:] == of_oracle[:, 1:]).all()  # 0: padding, -inf
+        assert torch.isneginf(oracle[:, 0]).all()
 
 
 @pytest.mark.parametrize("ring", [1, 4, 12])
