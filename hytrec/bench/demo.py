@@ -49,7 +49,7 @@ from hytrec.index import IndexConfig, build_from_checkpoint
 from hytrec.index.semantic_ids import SemanticIdConfig
 from hytrec.index.semantic_ids import build_from_checkpoint as build_semantic_ids
 from hytrec.model.base import CheckpointError, read_checkpoint_meta
-from hytrec.model.calibration import GateCalibrationConfig, fit_gate_bias, user_starts
+from hytrec.model.calibration import GateCalibrationConfig, calibrate_checkpoint
 from hytrec.model.codebook import SemanticIds, SemanticIdsError
 from hytrec.model.data import (
     TAOBAO_WINDOW,
@@ -238,7 +238,8 @@ def trained_checkpoint(
     )
     directory = cache_dir() / "demo" / hashlib.sha256(identity.encode()).hexdigest()[:16]
     try:
-        model, reused = load_model(directory), True
+        load_model(directory)
+        reused = True
     except CheckpointError:
         print(
             f"training {name} on {len(training_log):,} events for up to "
@@ -253,31 +254,18 @@ def trained_checkpoint(
             f"validation NDCG@10 {result.valid.get('NDCG@10', float('nan')):.4f}",
             flush=True,
         )
-        model, reused = load_model(directory), False  # with the training's report
+        reused = False
     # a checkpoint cached before its calibration finished is calibrated now
-    if calibrating and "gate_calibration" not in model.checkpoint_extra:
-        calibrate_gate(model.cpu(), history, calibration_start, calibration, directory)
+    if calibrating and "gate_calibration" not in read_checkpoint_meta(directory)["extra"]:
+        report = calibrate_checkpoint(directory, history, calibration_start, calibration)
+        k, by_shift = report["top_k"], report[f"hit@{report['top_k']}_by_shift"]
+        print(
+            f"gate bias fitted on {report['events']:,} events after the training period: "
+            f"shift {report['shift']:+.2f} (hit@{k} {by_shift[str(report['shift'])]:.4f} "
+            f"against {by_shift['0.0']:.4f} as trained)",
+            flush=True,
+        )
     return directory, reused
-
-
-def calibrate_gate(
-    model, history: EventLog, start: int, cfg: GateCalibrationConfig, directory: Path
-) -> dict:
-    """Fit the head's gate bias on the events of `history` from `start` on (each with an
-    earlier event of its user) and save the model with the fit's report."""
-    first = user_starts(history)
-    rows = np.nonzero((history.ts >= start) & (np.arange(len(history)) > first))[0]
-    report = fit_gate_bias(model.eval(), history, rows, cfg)
-    k = cfg.top_k
-    by_shift = report[f"hit@{k}_by_shift"]
-    print(
-        f"gate bias fitted on {report['events']:,} events after the training period: "
-        f"shift {report['shift']:+.2f} (hit@{k} {by_shift[str(report['shift'])]:.4f} against "
-        f"{by_shift['0.0']:.4f} as trained)",
-        flush=True,
-    )
-    model.save(directory, extra={**model.checkpoint_extra, "gate_calibration": report})
-    return report
 
 
 # ---------------------------------------------------------------------------- processes

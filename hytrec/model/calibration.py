@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from hytrec.model.evaluate import context_length, history_batch, ranking_scores
 from hytrec.model.events import EventLog
 from hytrec.model.hytrec import EventBatch
+from hytrec.model.registry import load_model
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,30 @@ class GateCalibrationConfig:
     def __post_init__(self) -> None:
         if 0.0 not in self.shifts:
             raise ValueError(f"GateCalibrationConfig.shifts must hold 0.0, got {self.shifts}")
+
+
+def events_since(events: EventLog, start: int) -> np.ndarray:
+    """Rows of the events at or after `start` (unix seconds) with an earlier event of their
+    user: what a gate is calibrated on."""
+    has_past = np.arange(len(events)) > user_starts(events)
+    return np.nonzero((events.ts >= start) & has_past)[0]
+
+
+def calibrate_checkpoint(
+    directory: str | Path, events: EventLog, start: int, cfg: GateCalibrationConfig
+) -> dict:
+    """Fit the gate bias of the checkpoint in `directory` on the events of `events` from
+    `start` on (`events_since`; they must be later than its training targets), and save it
+    there with the fit's report (`checkpoint.json`'s extra "gate_calibration")."""
+    model = load_model(directory)
+    if model.items is not None and model.items.to_json() != events.items.to_json():
+        raise ValueError(
+            f"{directory}: the checkpoint's item vocabulary ({len(model.items):,} ids) is not "
+            f"the events' ({len(events.items):,}): calibrate on the log it was trained from"
+        )
+    report = fit_gate_bias(model, events, events_since(events, start), cfg)
+    model.save(directory, extra={**model.checkpoint_extra, "gate_calibration": report})
+    return report
 
 
 def user_starts(events: EventLog) -> np.ndarray:

@@ -34,6 +34,28 @@ def register(commands, benchmarks) -> None:
     p.set_defaults(func=_train)
 
     p = commands.add_parser(
+        "calibrate-gate",
+        help="fit a checkpoint's repeat-head gate bias on events after its training period",
+        description="Rank each event from --since on (each after every earlier event of its "
+        "user) under shifts of the repeat head's gate logit; save the shift with the most "
+        "hits@K into the checkpoint (`hytrec demo` does this on the last tenth of its "
+        "training span). The events must come after every event the model trained on.",
+    )
+    dataset_argument(p)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint with a repeat head")
+    p.add_argument(
+        "--since",
+        required=True,
+        help="the first time calibrated on: unix seconds or an ISO date/time (UTC if no zone)",
+    )
+    p.add_argument("--top-k", type=int, default=20, help="hit@K, the criterion")
+    p.add_argument(
+        "--max-events", type=int, default=10_000, help="a seeded sample of them (0: all)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_calibrate_gate)
+
+    p = commands.add_parser(
         "models",
         help="the registered models: name, config, streaming, index query, fidelity",
     )
@@ -212,6 +234,41 @@ def _train(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def unix_seconds(text: str) -> int:
+    """Unix seconds from "1512345678" or an ISO date/time ("2017-12-02", "...T20:47"; UTC
+    when it has no zone)."""
+    from datetime import UTC, datetime
+
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise SystemExit(
+            f"hytrec: --since {text!r} is neither unix seconds nor an ISO date"
+        ) from None
+    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
+
+
+def _calibrate_gate(args: argparse.Namespace) -> int:
+    from hytrec.model.calibration import GateCalibrationConfig, calibrate_checkpoint
+    from hytrec.model.data import load_named
+
+    log = load_named(args.dataset, columns=column_map(args))
+    cfg = GateCalibrationConfig(
+        top_k=args.top_k, max_events=args.max_events or None, seed=args.seed
+    )
+    try:
+        report = calibrate_checkpoint(args.checkpoint, log, unix_seconds(args.since), cfg)
+    except ValueError as err:  # no head, no events, another vocabulary: the message says
+        print(f"hytrec calibrate-gate: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -149,3 +149,54 @@ def test_the_bias_is_saved_and_a_checkpoint_from_before_it_loads(events, tmp_pat
     save_file(weights, tmp_path / "zero" / "model.safetensors")
     with pytest.raises(CheckpointError, match="missing"):
         load_model(tmp_path / "zero")
+
+
+def test_calibrate_gate_fits_and_saves_a_checkpoint_from_the_command_line(events, tmp_path, capsys):
+    from hytrec import cli
+    from hytrec.model.calibration import events_since
+
+    untrained("sasrec", events).save(tmp_path / "ckpt")
+    events.save(tmp_path / "log")
+    since = int(np.quantile(events.ts, 0.9))
+    argv = ["calibrate-gate", "--dataset", str(tmp_path / "log"), "--checkpoint",
+            str(tmp_path / "ckpt"), "--since", str(since), "--max-events", "40"]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())
+    assert saved["extra"]["gate_calibration"] == printed
+    assert printed["events"] == 40 < len(events_since(events, since))
+    model = load_model(tmp_path / "ckpt")
+    assert float(model.repeat_head.gate_bias) == printed["gate_bias"] == printed["shift"]
+    # every calibrated event is from --since on and has an earlier event of its user
+    rows = events_since(events, since)
+    first = calibration.user_starts(events)
+    assert (events.ts[rows] >= since).all() and (rows > first[rows]).all()
+    assert len(rows) == int(((events.ts >= since) & (np.arange(len(events)) > first)).sum())
+
+
+def test_calibrate_gate_refuses_what_it_cannot_calibrate(events, tmp_path, capsys):
+    from hytrec import cli
+    from hytrec.model.cli import unix_seconds
+    from hytrec.model.events import Vocabulary
+
+    events.save(tmp_path / "log")
+    model = untrained("sasrec", events)
+    model.items = Vocabulary(model.items.to_json()[1:-1])  # another vocabulary
+    model.save(tmp_path / "other")
+    plain = build_model(SASRecConfig(d_model=16, layers=1, heads=1, max_len=20), events)
+    plain.save(tmp_path / "plain")
+    untrained("sasrec", events).save(tmp_path / "ckpt")
+    after_last = str(int(events.ts.max()) + 1)
+    for checkpoint, since, message in (
+        ("other", "0", "vocabulary"),
+        ("plain", "0", "no repeat head"),
+        ("ckpt", after_last, "no events"),
+    ):
+        argv = ["calibrate-gate", "--dataset", str(tmp_path / "log"), "--checkpoint",
+                str(tmp_path / checkpoint), "--since", since]  # fmt: skip
+        assert cli.main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert unix_seconds("1512345678") == 1512345678
+    assert unix_seconds("2017-12-03") == unix_seconds("2017-12-03T01:00+01:00") == 1512259200
+    with pytest.raises(SystemExit, match="neither unix seconds nor an ISO date"):
+        unix_seconds("yesterday")
