@@ -772,7 +772,8 @@ def summary_lines(s: dict) -> list[str]:
 
 
 def calibration_lines(s: dict) -> list[str]:
-    """The head's gate calibration (`calibrate_gate`), where the served model had one."""
+    """The head's gate calibration (`calibration.calibrate_checkpoint`), where the served
+    model had one."""
     fit = s.get("gate_calibration")
     if not fit:
         return []

@@ -2,10 +2,10 @@
 
 The head's gate (`repeat.py`) weighs copying one of the user's recent items against the
 model's explore side. Learnt on the training days, it trusts the explore side more than the
-next days bear out: on the demo's Taobao cut ULIM's cascade gives the items only it reaches
-a mean probability of 0.010 on the held-out days where they hit 0.0007 of the time
-(`benchmarks/results/head-calibration-ulim-cpu.json`), and a larger gate logit would have
-won there. The gate's logit has a bias, `RepeatHead.gate_bias` (0 from training); this
+next days bear out: on the demo's Taobao cut, uncalibrated, ULIM's cascade gave the items
+only it reaches a mean probability of 0.010 on the held-out days where they hit 0.0007 of
+the time (`hytrec benchmark head-calibration`, README's ULIM section), and a larger gate
+logit would have won there. The gate's logit has a bias, `RepeatHead.gate_bias` (0 from training); this
 module picks it from a grid by hit@K over events the model did not train on and that come
 after its training period (`fit_gate_bias`), each ranked after every earlier event of its
 user, as the stream ranks without lag.

@@ -385,9 +385,9 @@ class ULIM(SequentialModel):
         """Every event's slot interest and, after every event, log P(c).
 
         Returns "interest", "long", "short" [B, T, d] (of the event's own category, after
-        it, without the user term), "user" [B, T, d] (s after every event), "log_p" [B, T, C]
-        and "is_last" [B, T, T] (is_last[b, t, j]: event j is its
-        category's newest at time t, i.e. a slot of the user after event t)."""
+        it, without the user term), "user" [B, T, d] (s after every event), "log_p"
+        [B, T, C] and "is_last" [B, T, T] (is_last[b, t, j]: event j is its category's
+        newest at time t, i.e. a slot of the user after event t)."""
         cfg = self.cfg
         B, T = batch.item.shape
         device = batch.item.device
