@@ -5,10 +5,10 @@ model's explore side. Learnt on the training days, it trusts the explore side mo
 next days bear out: on the demo's Taobao cut, uncalibrated, ULIM's cascade gave the items
 only it reaches a mean probability of 0.010 on the held-out days where they hit 0.0007 of
 the time (`hytrec benchmark head-calibration`, README's ULIM section), and a larger gate
-logit would have won there. The gate's logit has a bias, `RepeatHead.gate_bias` (0 from training); this
-module picks it from a grid by hit@K over events the model did not train on and that come
-after its training period (`fit_gate_bias`), each ranked after every earlier event of its
-user, as the stream ranks without lag.
+logit would have won there. The gate's logit has a bias, `RepeatHead.gate_bias` (0 from
+training); this module picks it from a grid by hit@K over events the model did not train on
+and that come after its training period (`fit_gate_bias`), each ranked after every earlier
+event of its user, as the stream ranks without lag.
 
 One model pass per batch serves every candidate: `RepeatHead.recording_mixtures` keeps what
 the head mixed, and `Mixture.log_p(shift)` re-mixes it under each shift. Hit@K, not the
