@@ -257,14 +257,8 @@ def trained_checkpoint(
         reused = False
     # a checkpoint cached before its calibration finished is calibrated now
     if calibrating and "gate_calibration" not in read_checkpoint_meta(directory)["extra"]:
-        report = calibrate_checkpoint(directory, history, calibration_start, calibration)
-        k, by_shift = report["top_k"], report[f"hit@{report['top_k']}_by_shift"]
-        print(
-            f"gate bias fitted on {report['events']:,} events after the training period: "
-            f"shift {report['shift']:+.2f} (hit@{k} {by_shift[str(report['shift'])]:.4f} "
-            f"against {by_shift['0.0']:.4f} as trained)",
-            flush=True,
-        )
+        fit = calibrate_checkpoint(directory, history, calibration_start, calibration)
+        print(calibration_line(fit), flush=True)
     return directory, reused
 
 
@@ -772,18 +766,20 @@ def summary_lines(s: dict) -> list[str]:
 
 
 def calibration_lines(s: dict) -> list[str]:
-    """The head's gate calibration (`calibration.calibrate_checkpoint`), where the served
-    model had one."""
+    """The head's gate calibration, where the served model had one."""
     fit = s.get("gate_calibration")
-    if not fit:
-        return []
+    return [calibration_line(fit)] if fit else []
+
+
+def calibration_line(fit: dict) -> str:
+    """A gate calibration's report (`calibration.calibrate_checkpoint`) in one line."""
     k = fit["top_k"]
     by_shift = fit[f"hit@{k}_by_shift"]
-    return [
+    return (
         f"gate calibration     bias {fit['gate_bias']:+.2f}: hit@{k} "
         f"{by_shift[str(fit['shift'])]:.3f} against {by_shift['0.0']:.3f} as trained, on "
-        f"{fit['events']:,} events after the training period (not trained on)",
-    ]
+        f"{fit['events']:,} events after the training period (not trained on)"
+    )
 
 
 def served_name(s: dict) -> str:

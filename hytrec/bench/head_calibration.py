@@ -32,7 +32,7 @@ import torch
 from hytrec.bench.demo import load_events, time_cut
 from hytrec.bench.reports import machine_info, write_report
 from hytrec.bench.timing import report_header
-from hytrec.model.calibration import scored_batches, user_starts
+from hytrec.model.calibration import events_since, recorded_mixture, scored_batches, user_starts
 from hytrec.model.evaluate import ranking_scores
 from hytrec.model.events import EventLog
 from hytrec.model.heuristics import RecencyFrequency
@@ -55,20 +55,17 @@ def event_sets(events: EventLog, cfg: HeadCalibrationConfig) -> dict[str, np.nda
     """Rows of the scored events, each with at least one earlier event of its user: the
     held-out ones (a sample) and each user's last event before the cut."""
     cut = time_cut(events, cfg.heldout_fraction)
-    first = user_starts(events)
-    has_past = np.arange(len(events)) > first
-    held = np.nonzero((events.ts >= cut) & has_past)[0]
+    held = events_since(events, cut)
     if cfg.held_out_events is not None and cfg.held_out_events < len(held):
         rng = np.random.default_rng(cfg.seed)
         held = np.sort(rng.choice(held, cfg.held_out_events, replace=False))
     before = np.nonzero(events.ts < cut)[0]
     last = before[np.r_[events.user[before][1:] != events.user[before][:-1], True]]
-    return {"held_out": held, "in_period": last[has_past[last]]}
+    return {"held_out": held, "in_period": last[last > user_starts(events)[last]]}
 
 
 def score_events(model, events: EventLog, rows: np.ndarray, cfg: HeadCalibrationConfig) -> dict:
     """The figures of the module docstring over the events `rows`."""
-    head = model.repeat_head
     rf = RecencyFrequency(len(events.items))
     K, n = cfg.top_k, len(rows)
     count = dict.fromkeys(("rf", "own_only", "own_slots", "own_hits", "other_hits"), 0)
@@ -76,10 +73,9 @@ def score_events(model, events: EventLog, rows: np.ndarray, cfg: HeadCalibration
     shifted = dict.fromkeys(cfg.gate_shifts, 0)
     for chunk, read, whole in scored_batches(model, events, rows, cfg.batch, "scoring"):
         target = torch.from_numpy(events.item[chunk])[:, None]  # [B, 1]
-        with torch.no_grad(), head.recording_mixtures() as mixtures:
+        with torch.no_grad():
             count["rf"] += int((ranking_scores(rf, whole).topk(K, -1).indices == target).sum())
-            ranking_scores(model, read)
-        (mixture,) = mixtures
+        mixture = recorded_mixture(model, read)
         for shift in cfg.gate_shifts:
             shifted[shift] += int((mixture.log_p(shift).topk(K, -1).indices == target).sum())
         scores = mixture.log_p()  # [B, N] log P(i), as served

@@ -31,6 +31,7 @@ from hytrec.model.evaluate import context_length, history_batch, ranking_scores
 from hytrec.model.events import EventLog
 from hytrec.model.hytrec import EventBatch
 from hytrec.model.registry import load_model
+from hytrec.model.repeat import Mixture
 
 
 @dataclass(frozen=True)
@@ -94,18 +95,23 @@ def scored_batches(
         yield chunk, read, whole
 
 
+def recorded_mixture(model, batch: EventBatch) -> Mixture:
+    """What the model's repeat head mixes when it ranks `batch` (one serve per ranking)."""
+    with torch.no_grad(), model.repeat_head.recording_mixtures() as mixtures:
+        ranking_scores(model, batch)
+    (mixture,) = mixtures
+    return mixture
+
+
 def hits_by_shift(
     model, events: EventLog, rows: np.ndarray, shifts: tuple[float, ...], top_k: int, batch: int
 ) -> dict[float, int]:
     """How many of the events `rows` the model ranks in its top K, the gate's logit moved by
     each shift, from one model pass per batch."""
-    head = model.repeat_head
     hits = dict.fromkeys(shifts, 0)
     for chunk, read, _ in scored_batches(model, events, rows, batch, "gate shifts"):
         target = torch.from_numpy(events.item[chunk])[:, None]  # [B, 1]
-        with torch.no_grad(), head.recording_mixtures() as mixtures:
-            ranking_scores(model, read)
-        (mixture,) = mixtures  # one serve per ranking
+        mixture = recorded_mixture(model, read)
         for shift in shifts:
             top = mixture.log_p(shift).topk(top_k, -1).indices  # [B, K]
             hits[shift] += int((top == target).sum())

@@ -240,19 +240,14 @@ def _train(args: argparse.Namespace) -> int:
 def unix_seconds(text: str) -> int:
     """Unix seconds from "1512345678" or an ISO date/time ("2017-12-02", "...T20:47"; UTC
     when it has no zone)."""
-    from datetime import UTC, datetime
+    from hytrec.model.data import parse_time
 
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise SystemExit(
-            f"hytrec: --since {text!r} is neither unix seconds nor an ISO date"
-        ) from None
-    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
+    for time_format in ("unix", "iso"):
+        try:
+            return parse_time(text, time_format)
+        except ValueError:
+            pass
+    raise SystemExit(f"hytrec: --since {text!r} is neither unix seconds nor an ISO date")
 
 
 def _calibrate_gate(args: argparse.Namespace) -> int:
