@@ -625,33 +625,40 @@ def test_an_engine_with_the_compiled_step_serves_what_the_eager_one_does(checkpo
             np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
 
 
-def small_ulim(tmp_path, head=None):
+def small_ulim(tmp_path, head=None, merge="joint", user_term=False):
     """A ULIM over the engine tests' items, 8 categories (item n in category n % 8 + 1),
-    its cascade over the top 3; with the head's weights away from their initial zeros."""
+    its cascade over the top 3; with the head's weights and the user term's W_u away from
+    their initial zeros."""
     from hytrec.model.ulim import ULIM, ULIMConfig
 
     torch.manual_seed(0)
     cfg = ULIMConfig(
         num_items=NUM_ITEMS, num_categories=NUM_CATEGORIES, d_model=16, dropout=0.0,
-        top_categories=3, repeat_head=head,
+        top_categories=3, repeat_head=head, merge=merge, user_term=user_term,
     )  # fmt: skip
     items = Vocabulary(f"i{n}" for n in range(1, NUM_ITEMS))
     categories = Vocabulary(f"c{n}" for n in range(1, NUM_CATEGORIES))
     model = ULIM(cfg, items, categories).eval()
     model.item_category[1:] = torch.arange(1, NUM_ITEMS) % (NUM_CATEGORIES - 1) + 1
-    if head is not None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if head is not None:
             model.repeat_head.gate[2].bias.fill_(0.3)
             model.repeat_head.copy_out.weight.normal_()
+        if user_term:
+            model.user_to_interest.weight.normal_()
     return model, engine_of(model.save(tmp_path / "ulim"), top_k=10)
 
 
+@pytest.mark.parametrize("merge, user_term", [("joint", False), ("joint", True), ("dot", False)])
 @pytest.mark.parametrize("batch_size", [1, 13])
-def test_ulim_serves_its_category_cascade_as_offline_with_each_items_category(tmp_path, batch_size):
+def test_ulim_serves_its_category_cascade_as_offline_with_each_items_category(
+    tmp_path, batch_size, merge, user_term
+):
     """A per-category model (ULIM): the engine's top K, one filtered search per top category
-    merged by log P(c) + u^c . e_i, equals the offline cascade's (`rank_scores`: the top 3
+    merged by the search score plus the plan's per-category offset (log P(c) - log Z_c, or
+    log P(c) for the dot merge), equals the offline cascade's (`rank_scores`: the top 3
     categories, over the same events), items, scores and the category each came through."""
-    model, engine = small_ulim(tmp_path)
+    model, engine = small_ulim(tmp_path, merge=merge, user_term=user_term)
     events = random_events(num_users=5, per_user=20, seed=3)
     _, latest = serve(engine, events, batch_size)
     for user in {e.user_id for e in events}:

@@ -74,9 +74,10 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     N = the input length, and with the head. HPGR (the same size, k 32, w 8) fine-tuned
     from a session-based MIM pre-training the harness runs first (`hpgr_pretraining`),
     with the head, without it (PGSA ranks with the model's own table), and without sparse attention.
-    ULIM at the reading's defaults, ranked by its cascade (its top 10 categories), with the
-    head (mixed with the cascade's distribution P(c) P(x | c)), without the pointer, and
-    ranking every category (no gate: what the cascade's top 10 costs). HiSAC
+    ULIM at the reading's defaults, ranked by its cascade (its top 10 categories, merged as
+    the distribution P(c) P(x | c)), with the head (mixed with that distribution), without
+    the pointer, ranking every category (no gate: what the cascade's top 10 costs), and
+    merged by log P(c) + u^c . e_x (the first reading's merge). HiSAC
     (fused with its short branch; and with the head), HiSAC-mi (max over agents) and HiSAC with hard
     routing, over the semantic IDs given to `run_accuracy` (left out without them)."""
     hytrec = HyTRecConfig(d_model=d_model)
@@ -111,6 +112,7 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
         "ULIM" + HEAD: replace(ulim, repeat_head=RepeatConfig()),
         "ULIM no pointer": replace(ulim, pointer=False),
         "ULIM all categories": replace(ulim, top_categories=None),
+        "ULIM dot merge": replace(ulim, merge="dot"),
         "ULIM + user term": replace(ulim, user_term=True),
         "HiSAC": HiSACConfig(d_model=d_model),
         "HiSAC" + HEAD: HiSACConfig(d_model=d_model, repeat_head=RepeatConfig()),

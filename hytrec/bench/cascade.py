@@ -6,8 +6,8 @@ baselines (repeat the last category; the user's K most frequent categories).
 One ULIM trains on the dataset's leave-one-out split within a small budget (the figure is
 about the cascade's trade-off, not about ULIM's best accuracy); every test user is then
 read once (the serving slots, built by streaming the history) and ranked under every K:
-score(x) = log P(cat(x)) + u^{cat(x)} . e_x inside the top K categories of P, -inf
-elsewhere (`ULIM.cascade_scores`). Fidelity: "reading" (see `model/ulim.py`).
+score(x) = log P(cat(x)) P(x | cat(x)) inside the top K categories of P, -inf elsewhere
+(`ULIM.cascade_scores` under the model's merge). Fidelity: "reading" (see `model/ulim.py`).
 """
 
 from __future__ import annotations

@@ -39,8 +39,17 @@ last one's 7.6 % of the time) the ranking inside the predicted categories then k
 of the user. Below, u^{c*} in the item losses and u^{cat(x)} in the cascade are v^c when it
 is on.
 
-Cascade (`cascade_scores`): score(x) = log P(cat(x)) + u^{cat(x)} . e_x for items whose
-category is among the top K of P, -inf elsewhere (K = None: every category).
+Cascade (`cascade_scores`): for items whose category is among the top K of P (K = None:
+every category), -inf elsewhere,
+
+    score(x) = log P(cat(x)) + log P(x | cat(x)),   P(x | c) = softmax_{x' in c}(u^c . e_{x'})[x]
+
+the log of a distribution over the items, P(c) P(x | c) (`merge` "joint"). The abstract says
+only that items are retrieved inside the top categories; the merge by log P(c) + u^c . e_x
+(`merge` "dot", the first reading) adds logits that are not on one scale: each category's
+dot products carry their own normaliser, and on ML-100K the joint merge ranks better
+(README, ULIM). Within a category both order the items by u^c . e_x, so the engine still
+makes one search per category and adds a per-category offset (`CascadePlan`).
 
 With the repeat head (`repeat_head`; not in the reading, `repeat.py`): its explore side is
 the cascade as a distribution over items,
@@ -103,6 +112,9 @@ class ULIMConfig:
     category_weight: float = 1.0  # lambda: the next-category loss
     category_negatives: int = 64  # in-category negatives per position (sampled softmax)
     top_categories: int | None = 10  # K of the cascade; None = every category
+    # the cascade's merge: "joint" ranks by log P(c) P(x | c), P(x | c) the softmax of
+    # u^c . e over c's items; "dot" by log P(c) + u^c . e_x (module docstring)
+    merge: str = "joint"
     # u^c + W_u s: every category's interest also reads the user's last K events (not in
     # the reading; module docstring; "ULIM + user term" in the accuracy files)
     user_term: bool = False
@@ -118,6 +130,8 @@ class ULIMConfig:
             raise ValueError("ULIMConfig: 1 <= short_len <= slot_len, slots >= 1, window >= 1")
         if self.top_categories is not None and self.top_categories < 1:
             raise ValueError("ULIMConfig: top_categories >= 1 or None")
+        if self.merge not in ("joint", "dot"):
+            raise ValueError(f"ULIMConfig: merge is 'joint' or 'dot', not {self.merge!r}")
 
 
 @dataclass
@@ -170,12 +184,16 @@ class Readout:
 @dataclass
 class CascadePlan:
     """A serving read-out for the engine: each user's top K categories [U, K] by log P(c),
-    their log P(c) [U, K] and interests u^c [U, K, d]; with the repeat head, its user vector
-    [U, d] and the cascade's log P_explore [U, num_items] (`ULIM._head_inputs`)."""
+    their log P(c) [U, K], interests u^c [U, K, d] and the merge's offset [U, K] (what a
+    search score u^c . e_x adds to rank as `cascade_scores` does: log P(c) - log Z_c for
+    the joint merge, Z_c the sum of exp(u^c . e) over c's items; log P(c) for the dot
+    merge); with the repeat head, its user vector [U, d] and the cascade's log P_explore
+    [U, num_items] (`ULIM._head_inputs`)."""
 
     categories: torch.Tensor
     log_p: torch.Tensor
     interests: torch.Tensor
+    offset: torch.Tensor
     head_user: torch.Tensor | None = None
     explore: torch.Tensor | None = None
 
@@ -473,6 +491,28 @@ class ULIM(SequentialModel):
         counts = torch.bincount(self.item_category[1:], minlength=self.cfg.num_categories)
         return order, counts.cumsum(0) - counts, counts
 
+    def _category_dots(self, interests: torch.Tensor, categories: torch.Tensor):
+        """u . e_x of each query's category's items: interests [S, d] with categories [S].
+        Yields (lo, hi, slot [Q], items [Q], dots [Q]) for the queries lo..hi - 1, in chunks
+        of about CASCADE_CHUNK (query, item) pairs; slot indexes the chunk's queries, each
+        query's items a run in the order of `_category_items`."""
+        order, start, count = self._category_items()
+        table = self.item_table()
+        sizes = count[categories]
+        ends = sizes.cumsum(0)
+        lo = 0
+        while lo < len(categories):
+            hi = int(torch.searchsorted(ends, ends[lo] - sizes[lo] + CASCADE_CHUNK, right=True))
+            hi = max(hi, lo + 1)
+            n = sizes[lo:hi]
+            slot = torch.repeat_interleave(torch.arange(hi - lo, device=n.device), n)  # [Q]
+            within = torch.arange(len(slot), device=n.device) - (n.cumsum(0) - n)[slot]
+            items = order[start[categories[lo:hi]][slot] + within]  # [Q]
+            u = interests[lo:hi].index_select(0, slot)  # [Q, d]
+            dots = torch.bmm(u[:, None], table.index_select(0, items)[:, :, None]).view(-1)
+            yield lo, hi, slot, items, dots
+            lo = hi
+
     def training_loss(
         self, batch: EventBatch, negatives: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, int]:
@@ -741,11 +781,21 @@ class ULIM(SequentialModel):
     @torch.no_grad()
     def cascade_plan(self, state: ULIMState, slots: torch.Tensor, top_k: int) -> CascadePlan:
         """What the engine serves these users from (after `step`), from one read of their
-        slots. Searching each u^c among its category's items and ranking by log P(c) +
-        u^c . e_x is `cascade_scores` over the top K, one filtered search per category."""
+        slots. Searching each u^c among its category's items and ranking by u^c . e_x + the
+        plan's offset is `cascade_scores` over the top K, one filtered search per category
+        (within a category both orders are u^c . e_x's)."""
         read = self.read_state(state, slots)
         log_p, categories = read.log_p.topk(min(top_k, read.log_p.shape[-1]), -1)
-        plan = CascadePlan(categories, log_p, self.category_interests(read, categories))
+        interests = self.category_interests(read, categories)  # [U, K, d]
+        offset = log_p
+        if self.cfg.merge == "joint":  # log Z_c of each (user, category): all c's items
+            flat = categories.reshape(-1)
+            log_z = interests.new_full((len(flat),), float("-inf"))
+            for lo, hi, slot, _, dots in self._category_dots(interests.flatten(0, 1), flat):
+                log_z[lo:hi] = _segment_logsumexp(dots, slot, hi - lo)
+            # a category without items is searched to nothing: no offset needed
+            offset = log_p - torch.where(log_z > float("-inf"), log_z, 0.0).view_as(log_p)
+        plan = CascadePlan(categories, log_p, interests, offset)
         if self.repeat_head is not None:
             plan.head_user, plan.explore = self._head_inputs(read, state.last_category[slots])
         return plan
@@ -790,13 +840,16 @@ class ULIM(SequentialModel):
         top_k: int | None,
         oracle: torch.Tensor | None = None,
         use_log_p: bool = True,
-        within_category: bool = False,
+        within_category: bool | None = None,
     ) -> torch.Tensor:
-        """score(x) = log P(cat(x)) + (u^{cat(x)} + W_u s) . e_x [U, num_items], -inf outside
-        the top K categories (top_k None: none gated; oracle [U]: only that category).
-        within_category: (u^{cat(x)} + W_u s) . e_x log-softmaxed over the items of cat(x), so that
-        the scores are log P(cat(x)) P(x | cat(x)), a distribution over the items (the
-        repeat head's explore side)."""
+        """score(x) = log P(cat(x)) + log P(x | cat(x)) [U, num_items], -inf outside the top K
+        categories (top_k None: none gated; oracle [U]: only that category): P(x | c) the
+        softmax of (u^c + W_u s) . e over c's items, so the scores are a distribution over
+        the items (also the repeat head's explore side). within_category False: the raw
+        (u^c + W_u s) . e_x in place of log P(x | c) (the "dot" merge); None: the config's
+        merge."""
+        if within_category is None:
+            within_category = self.cfg.merge == "joint"
         table = self.item_table()
         item_cat = self.item_category  # [N]
         U, N = read.log_p.shape[0], table.shape[0]
@@ -825,7 +878,6 @@ class ULIM(SequentialModel):
                 group = (torch.arange(U, device=device)[:, None] * C + item_cat).view(-1)
                 lse = _segment_logsumexp(scores.view(-1), group, U * C).view(U, C)
                 scores -= lse.gather(1, item_cat.expand(U, N))
-        order, start, count = self._category_items()
         # the user's slots of ranked categories (the others' items are -inf in the end)
         live = read.slot_category >= 0
         if chosen is not None:
@@ -833,23 +885,10 @@ class ULIM(SequentialModel):
         u_idx, m_idx = live.nonzero(as_tuple=True)
         cats = read.slot_category[u_idx, m_idx]
         interests = read.slot_interest[u_idx, m_idx] + read.user_term[u_idx]  # [S, d]
-        sizes = count[cats]
-        # their items, in chunks of about CASCADE_CHUNK (user, item) pairs
-        ends = sizes.cumsum(0)
-        lo = 0
-        while lo < len(cats):
-            hi = int(torch.searchsorted(ends, ends[lo] - sizes[lo] + CASCADE_CHUNK, right=True))
-            hi = max(hi, lo + 1)
-            n = sizes[lo:hi]
-            slot = torch.repeat_interleave(torch.arange(hi - lo, device=device), n)  # [Q]
-            within = torch.arange(len(slot), device=device) - (n.cumsum(0) - n)[slot]
-            items = order[start[cats[lo:hi]][slot] + within]  # [Q], each slot's items in a run
-            u = interests[lo:hi].index_select(0, slot)  # [Q, d]
-            dots = torch.bmm(u[:, None], table.index_select(0, items)[:, :, None]).view(-1)
+        for lo, hi, slot, items, dots in self._category_dots(interests, cats):
             if within_category:  # log-softmax over each slot's run of items
                 dots = dots - _segment_logsumexp(dots, slot, hi - lo)[slot]
             scores.view(-1).index_copy_(0, u_idx[lo:hi][slot] * N + items, dots)
-            lo = hi
         each_item = item_cat.expand(U, N)  # gathered per row: cheaper than indexing columns
         if use_log_p:
             scores += read.log_p.gather(1, each_item)

@@ -158,13 +158,14 @@ def test_cascade_gates_by_the_top_categories_and_reduces_to_per_category_scoring
         inside = (model.item_category[None, :, None] == top[:, None, :]).any(-1)
         inside[:, 0] = False
         assert torch.isneginf(gated[~inside]).all() and torch.isfinite(gated[inside]).all()
-        # K = all and no log P: u^{cat(x)} . e_x, each item with its own category's interest
-        plain = model.cascade_scores(read, top_k=None, use_log_p=False)
+        # K = all, the dot merge, no log P: u^{cat(x)} . e_x, each item with its own
+        # category's interest
+        plain = model.cascade_scores(read, top_k=None, use_log_p=False, within_category=False)
         cats = model.item_category.expand(len(batch.lengths), -1)
         u = model.category_interests(read, cats)  # [B, N, d]
         expected = (u * model.item_table()[None]).sum(-1)
         np.testing.assert_allclose(plain[:, 1:].numpy(), expected[:, 1:].numpy(), atol=1e-5)
-        with_p = model.cascade_scores(read, top_k=None)
+        with_p = model.cascade_scores(read, top_k=None, within_category=False)
         np.testing.assert_allclose(
             (with_p - plain)[:, 1:].numpy(), read.log_p[:, cats[0]][:, 1:].numpy(), atol=1e-5
         )
@@ -220,7 +221,7 @@ def test_cascade_scores_do_not_depend_on_the_chunking(monkeypatch):
         monkeypatch.setattr(ulim, "CASCADE_CHUNK", 5)
         for a, b in zip(whole, variants(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-        plain = model.cascade_scores(read, top_k=None, use_log_p=False)
+        plain = model.cascade_scores(read, top_k=None, use_log_p=False, within_category=False)
         cats = model.item_category
         for c in cats[1:].unique().tolist():
             members = (cats == c).nonzero()[:, 0]
@@ -313,6 +314,27 @@ def test_parity_report_meets_the_issue_thresholds():
         assert report[name]["share_of_users_hitting_a_cap_of_8"] > 0.0
 
 
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_the_merge_decides_what_the_cascade_ranks_by(top_k):
+    """Without the head, ranking is the cascade under the config's merge: "joint" (the
+    default) log P(c) P(x | c), a distribution over the items (its mass over the top K
+    categories is P of them), "dot" log P(c) + u^c . e_x."""
+    batch = random_batch([10, 6, 3])
+    joint = model_of(replace(CFG, top_categories=top_k))
+    dot = model_of(replace(CFG, top_categories=top_k, merge="dot"))
+    with torch.no_grad():
+        read = joint.readout(batch)
+        mass = read.log_p.exp() if top_k is None else read.log_p.exp().topk(top_k, -1).values
+        ranked = joint.rank_scores(batch)
+        np.testing.assert_allclose(ranked.exp().sum(-1).numpy(), mass.sum(-1).numpy(), atol=1e-5)
+        torch.testing.assert_close(ranked, joint.cascade_scores(read, top_k, within_category=True))
+        by_dot = dot.rank_scores(batch)
+        torch.testing.assert_close(by_dot, dot.cascade_scores(read, top_k, within_category=False))
+        assert not torch.allclose(ranked[:, 1:], by_dot[:, 1:])
+    with pytest.raises(ValueError, match="merge"):
+        replace(CFG, merge="sum")
+
+
 HEAD_CFG = replace(CFG, repeat_head=RepeatConfig(buffer_size=6))
 
 
@@ -327,8 +349,8 @@ def test_the_heads_explore_side_is_the_cascades_distribution():
         gated = model.cascade_scores(read, 2, within_category=True).exp()
         top_mass = read.log_p.exp().topk(2, -1).values.sum(-1)
         np.testing.assert_allclose(gated.sum(-1).numpy(), top_mass.numpy(), atol=1e-5)
-        # within a category the order is the plain cascade's (the engine's searches rely on it)
-        plain = model.cascade_scores(read, None)
+        # within a category the order is the dot merge's (the engine's searches rely on it)
+        plain = model.cascade_scores(read, None, within_category=False)
         in_cat = model.item_category == 3
         assert torch.equal(
             full[:, in_cat].argsort(-1, descending=True),
