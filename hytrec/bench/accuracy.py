@@ -77,7 +77,7 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
     ULIM at the reading's defaults, ranked by its cascade (its top 10 categories, merged as
     the distribution P(c) P(x | c)), with the head (mixed with that distribution), without
     the pointer, ranking every category (no gate: what the cascade's top 10 costs), and
-    merged by log P(c) + u^c . e_x (the first reading's merge). HiSAC
+    merged by log P(c) + u^c . e_x (the design reading's merge). HiSAC
     (fused with its short branch; and with the head), HiSAC-mi (max over agents) and HiSAC with hard
     routing, over the semantic IDs given to `run_accuracy` (left out without them)."""
     hytrec = HyTRecConfig(d_model=d_model)

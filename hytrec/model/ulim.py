@@ -46,10 +46,12 @@ every category), -inf elsewhere,
 
 the log of a distribution over the items, P(c) P(x | c) (`merge` "joint"). The abstract says
 only that items are retrieved inside the top categories; the merge by log P(c) + u^c . e_x
-(`merge` "dot", the first reading) adds logits that are not on one scale: each category's
-dot products carry their own normaliser, and on ML-100K the joint merge ranks better
-(README, ULIM). Within a category both order the items by u^c . e_x, so the engine still
-makes one search per category and adds a per-category offset (`CascadePlan`).
+(`merge` "dot", the design's reading, WAVE2-MODELS.md 5.2) adds logits of different
+scales: each category's dot products carry their own normaliser, and the item losses'
+softmax over all items already prices the category in. The joint merge ranks better on
+ML-100K and Taobao (README, ULIM). Within a category both order the items by u^c . e_x, so
+the engine still makes one search per category and adds a per-category offset
+(`CascadePlan`).
 
 With the repeat head (`repeat_head`; not in the reading, `repeat.py`): its explore side is
 the cascade as a distribution over items,
