@@ -162,6 +162,14 @@ class Preset:
     filter_history: bool  # the primary protocol (the other one is reported beside it)
     note: str
 
+    def __post_init__(self) -> None:
+        # early stopping must pick the epoch by the protocol the test ranks by
+        if self.train.filter_history != self.filter_history:
+            raise ValueError(
+                f"Preset {self.path}: validation filter_history={self.train.filter_history} "
+                f"but the test's is {self.filter_history}"
+            )
+
 
 # Same budget for every model of a dataset and seed: at most `epochs` epochs (stopping after
 # `patience` without a better validation NDCG@10) and `time_budget_s` seconds of training,
@@ -233,7 +241,13 @@ PRESETS = {
     "ml100k": Preset(
         "movielens/u.data.gz",
         TrainConfig(
-            epochs=8, batch_size=64, max_len=200, negatives=0, valid_users=None, time_budget_s=60.0
+            epochs=8,
+            batch_size=64,
+            max_len=200,
+            negatives=0,
+            valid_users=None,
+            filter_history=True,
+            time_budget_s=60.0,
         ),
         filter_history=True,
         note="ratings as clicks, u.item genres as categories; "
@@ -248,6 +262,7 @@ PRESETS = {
             negatives=0,
             patience=3,
             valid_users=None,
+            filter_history=True,
             time_budget_s=300.0,
         ),
         filter_history=True,

@@ -177,3 +177,16 @@ def test_ulim_reads_level_one_codes_as_categories_where_the_data_has_none(tmp_pa
     assert baselines["repeat last category"]["HR@1"] == pytest.approx(expected)
     assert "category_metrics" in ulim
     assert "Next category" in (tmp_path / "acc.md").read_text()
+
+
+def test_every_preset_validates_by_the_protocol_it_tests_by():
+    """Early stopping picks the epoch by validation: a preset whose validation kept history
+    items as candidates while its test removed them (ml100k and ml-latest did) chose epochs
+    by another ranking than the one reported; such a preset is refused."""
+    from hytrec.bench.accuracy import Preset
+
+    for name, preset in PRESETS.items():
+        assert preset.train.filter_history == preset.filter_history, name
+    ml = PRESETS["ml100k"]
+    with pytest.raises(ValueError, match="validation filter_history=False"):
+        Preset(ml.path, replace(ml.train, filter_history=False), True, ml.note)
