@@ -655,7 +655,7 @@ def test_ulim_serves_its_category_cascade_as_offline_with_each_items_category(
     tmp_path, batch_size, merge, user_term
 ):
     """A per-category model (ULIM): the engine's top K, one filtered search per top category
-    merged by the search score plus the plan's per-category offset (log P(c) - log Z_c, or
+    merged by the search score plus `ULIM.merge_offset` (log P(c) - log Z_c, or
     log P(c) for the dot merge), equals the offline cascade's (`rank_scores`: the top 3
     categories, over the same events), items, scores and the category each came through."""
     model, engine = small_ulim(tmp_path, merge=merge, user_term=user_term)

@@ -51,7 +51,7 @@ scales: each category's dot products carry their own normaliser, and the item lo
 softmax over all items already prices the category in. The joint merge ranks better on
 ML-100K and Taobao (README, ULIM). Within a category both order the items by u^c . e_x, so
 the engine still makes one search per category and adds a per-category offset
-(`CascadePlan`).
+(`merge_offset`).
 
 With the repeat head (`repeat_head`; not in the reading, `repeat.py`): its explore side is
 the cascade as a distribution over items,
@@ -186,16 +186,12 @@ class Readout:
 @dataclass
 class CascadePlan:
     """A serving read-out for the engine: each user's top K categories [U, K] by log P(c),
-    their log P(c) [U, K], interests u^c [U, K, d] and the merge's offset [U, K] (what a
-    search score u^c . e_x adds to rank as `cascade_scores` does: log P(c) - log Z_c for
-    the joint merge, Z_c the sum of exp(u^c . e) over c's items; log P(c) for the dot
-    merge); with the repeat head, its user vector [U, d] and the cascade's log P_explore
-    [U, num_items] (`ULIM._head_inputs`)."""
+    their log P(c) [U, K] and interests u^c [U, K, d]; with the repeat head, its user vector
+    [U, d] and the cascade's log P_explore [U, num_items] (`ULIM._head_inputs`)."""
 
     categories: torch.Tensor
     log_p: torch.Tensor
     interests: torch.Tensor
-    offset: torch.Tensor
     head_user: torch.Tensor | None = None
     explore: torch.Tensor | None = None
 
@@ -783,24 +779,29 @@ class ULIM(SequentialModel):
     @torch.no_grad()
     def cascade_plan(self, state: ULIMState, slots: torch.Tensor, top_k: int) -> CascadePlan:
         """What the engine serves these users from (after `step`), from one read of their
-        slots. Searching each u^c among its category's items and ranking by u^c . e_x + the
-        plan's offset is `cascade_scores` over the top K, one filtered search per category
+        slots. Searching each u^c among its category's items and ranking by u^c . e_x +
+        `merge_offset` is `cascade_scores` over the top K, one filtered search per category
         (within a category both orders are u^c . e_x's)."""
         read = self.read_state(state, slots)
         log_p, categories = read.log_p.topk(min(top_k, read.log_p.shape[-1]), -1)
-        interests = self.category_interests(read, categories)  # [U, K, d]
-        offset = log_p
-        if self.cfg.merge == "joint":  # log Z_c of each (user, category): all c's items
-            flat = categories.reshape(-1)
-            log_z = interests.new_full((len(flat),), float("-inf"))
-            for lo, hi, slot, _, dots in self._category_dots(interests.flatten(0, 1), flat):
-                log_z[lo:hi] = _segment_logsumexp(dots, slot, hi - lo)
-            # a category without items is searched to nothing: no offset needed
-            offset = log_p - torch.where(log_z > float("-inf"), log_z, 0.0).view_as(log_p)
-        plan = CascadePlan(categories, log_p, interests, offset)
+        plan = CascadePlan(categories, log_p, self.category_interests(read, categories))
         if self.repeat_head is not None:
             plan.head_user, plan.explore = self._head_inputs(read, state.last_category[slots])
         return plan
+
+    @torch.no_grad()
+    def merge_offset(self, plan: CascadePlan) -> torch.Tensor:
+        """What a search score u^c . e_x adds [U, K] to rank as `cascade_scores` does: log P(c)
+        - log Z_c for the joint merge (Z_c the sum of exp(u^c . e) over c's items: one pass
+        over the plan's categories' items), log P(c) for the dot merge."""
+        if self.cfg.merge == "dot":
+            return plan.log_p
+        flat = plan.categories.reshape(-1)
+        log_z = plan.interests.new_full((len(flat),), float("-inf"))
+        for lo, hi, slot, _, dots in self._category_dots(plan.interests.flatten(0, 1), flat):
+            log_z[lo:hi] = _segment_logsumexp(dots, slot, hi - lo)
+        # a category without items is searched to nothing: no offset needed
+        return plan.log_p - torch.where(log_z > float("-inf"), log_z, 0.0).view_as(plan.log_p)
 
     @torch.no_grad()
     def category_interests(self, read: Readout, categories: torch.Tensor) -> torch.Tensor:

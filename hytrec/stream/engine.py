@@ -32,7 +32,7 @@ every one an "explore" item. The shop rules (`exclude_paid_hours`, `explore_only
 A model whose registry line says `per_category` (ULIM) ranks by its category cascade, as
 offline (`ULIM.cascade_scores`): its top K categories by log P(c), one search per category
 among that category's items with its interest u^c, merged by log P(c) P(i | c) (the
-search's u^c . e_i plus a per-category offset, `CascadePlan`); each item
+search's u^c . e_i plus a per-category offset, `ULIM.merge_offset`); each item
 published with the category it came through (source "category:<raw id>"). With a repeat
 head, the explore candidates are those searches' items, scored by the head's mixture with
 the cascade's distribution (`ULIM.cascade_plan`: one read of the slots for both).
@@ -361,10 +361,10 @@ class RecommendationEngine:
     def _category_searches(self, plan, exclude):
         """ULIM's searches: for each user, one per top category of `plan`, its interest
         among the category's items, each leaving out the user's `exclude` list (None:
-        nothing). Returns (categories [U, C], the merge's offsets [U, C], item ids [U, C, K],
-        scores u^c . e_i [U, C, K]) as numpy arrays."""
+        nothing). Returns (categories [U, C], item ids [U, C, K], scores u^c . e_i
+        [U, C, K]) as numpy arrays."""
         K = self.config.top_k
-        categories, offset, queries = plan.categories, plan.offset, plan.interests
+        categories, queries = plan.categories, plan.interests
         U, C = categories.shape
         found = self.index.search(
             queries.reshape(U * C, -1).float().cpu().numpy(),  # [U * C, d]
@@ -374,7 +374,6 @@ class RecommendationEngine:
         )
         return (
             categories.cpu().numpy(),
-            offset.cpu().numpy(),
             found.ids.reshape(U, C, K),
             found.scores.reshape(U, C, K),
         )
@@ -385,16 +384,16 @@ class RecommendationEngine:
         return [[f"category:{raw(int(c))}" for c in row] for row in categories]
 
     def _cascade(self, slots, recent):
-        """ULIM's cascade: the category searches merged by u^c . e_i + the plan's offset
+        """ULIM's cascade: the category searches merged by u^c . e_i + `ULIM.merge_offset`
         (log P(c) P(i | c) as `cascade_scores` ranks): (item ids, scores, sources), one list
         per user, best first."""
         K = self.config.top_k
         exclude = None
         if recent is not None:  # every search of a user leaves out the user's recent items
             exclude = [sorted(set(row) - {0}) for row in recent.tolist()]
-        categories, offset, found_ids, found_scores = self._category_searches(
-            self._cascade_plan(slots), exclude
-        )
+        plan = self._cascade_plan(slots)
+        offset = self.model.merge_offset(plan).cpu().numpy()  # [U, C]
+        categories, found_ids, found_scores = self._category_searches(plan, exclude)
         U = len(categories)
         via = np.repeat(categories, K, axis=1)  # [U, C * K]
         score = (found_scores + offset[:, :, None]).reshape(U, -1)
@@ -433,7 +432,7 @@ class RecommendationEngine:
         exclude = [sorted(set(row) - {0}) for row in known.tolist()]
         if per_category:  # each top category's top K (their union holds
             # the top K by log P: within a category both orders are u^c . e_i's)
-            categories, _, found_ids, _ = self._category_searches(plan, exclude)
+            categories, found_ids, _ = self._category_searches(plan, exclude)
             found_ids = found_ids.reshape(len(categories), -1)  # [U, C * K]
             explore_names = self._category_names(np.repeat(categories, K, axis=1))
         else:
