@@ -21,9 +21,10 @@ Substituting u, both are linear in S_0 with matrices known for every chunk in ad
 so the only sequential part is S_{n+1} = M_n S_n + R_n, one batched matrix product per
 chunk; everything else runs over all chunks at once. The read-outs are taken as
 o = gamma Q S_0 + (Q K^T * D)(U - W S_0): a [C, K] by [K, V] product per chunk instead of
-[C, C] by [C, K]. Everything is differentiable by
-autograd, and the loop reads its inputs through `unbind` (the gradient of a slice
-`x[:, :, n]` would be a zero tensor of x's full size per chunk: quadratic in the chunks).
+[C, C] by [C, K]. Everything but the triangular solve (`UnitLowerSolve`, its own
+backward) is differentiable by autograd, and the loop reads its inputs through `unbind` (the
+gradient of a slice `x[:, :, n]` would be a zero tensor of x's full size per chunk:
+quadratic in the chunks).
 Decay ratios are formed as exp(g_t - g_i) on the causal triangle only, so they never overflow.
 """
 
@@ -44,6 +45,33 @@ def no_tokens(
     dtype = compute_dtype(v.dtype)
     state = v.new_zeros(B, H, K, V, dtype=dtype) if initial_state is None else initial_state
     return v.new_zeros(B, 0, H, V), state.to(dtype)
+
+
+class UnitLowerSolve(torch.autograd.Function):
+    """X = (I + A)^-1 rhs for A's strictly lower triangle, every system of a batch at once.
+
+    autograd's `solve_triangular` solves again (with A^T) in the backward pass; on CPU each
+    solve is a LAPACK call and a copy per small system. When a gradient is needed this
+    forms the inverse once, so the forward is a product and the backward is two:
+    d rhs = T^T dX and dA = -strict_lower(d rhs X^T), T = (I + A)^-1.
+    """
+
+    @staticmethod
+    def forward(ctx, A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        if not any(ctx.needs_input_grad):
+            return torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+        inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
+        X = inverse @ rhs
+        ctx.save_for_backward(inverse, X)
+        return X
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inverse, X = ctx.saved_tensors
+        d_rhs = inverse.transpose(-1, -2) @ dX
+        return -(d_rhs @ X.transpose(-1, -2)).tril(-1), d_rhs
 
 
 def chunk_tadn(
@@ -92,7 +120,7 @@ def chunk_tadn(
     # zero above the diagonal, so neither a tril nor the identity is ever formed
     A = (erase_k @ k.transpose(-1, -2)) * decay_ratio  # [B, H, N, C, C]
     rhs = torch.cat([beta[..., None] * v, gamma[..., None] * erase_k], dim=-1)
-    UW = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    UW = UnitLowerSolve.apply(A, rhs)
     U, W = UW.split([V, K], dim=-1)  # [B, H, N, C, V], [B, H, N, C, K]; u = U - W S_0
     qk = (q @ k.transpose(-1, -2)) * decay_ratio  # [B, H, N, C, C]
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hytrec.kernels import Backend, chunk_tadn, naive_tadn, tadn_parallel, tadn_step
+from hytrec.kernels.chunked import UnitLowerSolve
 from hytrec.kernels.step import CHUNKED_FROM, MAX_CHUNK
 
 
@@ -77,6 +78,30 @@ def test_chunked_matches_reference_fp64_exactly(T):
     torch.testing.assert_close(s, ref_s, rtol=0, atol=1e-12)
     for name in ref_g:
         torch.testing.assert_close(grads[name], ref_g[name], rtol=0, atol=1e-11)
+
+
+def test_the_unit_lower_solve_and_its_backward_match_the_triangular_solve():
+    """The chunked form's solve (the inverse kept for two products in the backward) against
+    autograd through `solve_triangular`, float64: value, both gradients (A's only on its
+    strictly lower triangle, the part the solve reads), and the no-gradient path."""
+    g = torch.Generator().manual_seed(21)
+    A = torch.randn(3, 2, 16, 16, generator=g, dtype=torch.float64) * 0.3
+    rhs = torch.randn(3, 2, 16, 9, generator=g, dtype=torch.float64)
+    d_out = torch.randn(3, 2, 16, 9, generator=g, dtype=torch.float64)
+    grads = []
+    for solve in (
+        lambda a, r: torch.linalg.solve_triangular(a, r, upper=False, unitriangular=True),
+        UnitLowerSolve.apply,
+    ):
+        a, r = A.clone().requires_grad_(True), rhs.clone().requires_grad_(True)
+        out = solve(a, r)
+        grads.append((out.detach(), *torch.autograd.grad((out * d_out).sum(), (a, r))))
+    (expected, dA_expected, drhs_expected), (out, dA, drhs) = grads
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(drhs, drhs_expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(dA, dA_expected.tril(-1), rtol=0, atol=1e-12)
+    assert dA.triu().abs().max() == 0
+    torch.testing.assert_close(UnitLowerSolve.apply(A, rhs), expected, rtol=0, atol=1e-12)
 
 
 def test_bf16_inputs_stay_within_stated_tolerance():
