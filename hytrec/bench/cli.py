@@ -180,6 +180,7 @@ def register(commands, benchmarks) -> None:
         ("--train-dropout", float),
         ("--threads", int),
         ("--device", str),
+        ("--hisac-node-cap", int),
         ("--seed", int),
     ):
         eff.add_argument(name, type=kind)
@@ -230,6 +231,7 @@ def register(commands, benchmarks) -> None:
         ("--time-budget-s", float),
         ("--step-repeats", int),
         ("--threads", int),
+        ("--device", str),
         ("--seed", int),
     ):
         long_range.add_argument(name, type=kind)
@@ -315,6 +317,7 @@ def register(commands, benchmarks) -> None:
         ("--top-ops", int),
         ("--repeats", int),
         ("--threads", int),
+        ("--device", str),  # only "cpu": the profiler is set up for CPU activities
         ("--seed", int),
     ):
         prof.add_argument(name, type=kind)

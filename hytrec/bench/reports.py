@@ -4,6 +4,7 @@ reruns it, and its JSON with a PNG beside it. Light imports only."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import warnings
@@ -117,17 +118,28 @@ def quiet_broker_clients() -> None:
 
 def command_line(benchmark: str, config, output: str | Path | None = None) -> str:
     """`hytrec benchmark BENCHMARK --field value ...` for every set field of the config
-    dataclass (tuples comma-separated): the command that reruns exactly this config."""
+    dataclass, as the benchmark's options take them (a flag for a bool, numbers
+    comma-separated, names one word each, shell-quoted): the command that reruns exactly
+    this config (`tests/bench/test_reports.py` parses each benchmark's back)."""
     parts = [f"hytrec benchmark {benchmark}"]
     for field in fields(config):
-        value = getattr(config, field.name)
+        value, option = getattr(config, field.name), "--" + field.name.replace("_", "-")
         if value is None:
             continue
-        if isinstance(value, tuple):
-            value = ",".join(map(str, value))
-        parts.append(f"--{field.name.replace('_', '-')} {value}")
+        if isinstance(value, bool):
+            parts.append(option if value else "--no-" + option[2:])
+        elif isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+            parts.append(" ".join([option, *map(shlex.quote, value)]))
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            # "--gate-shifts -1.0,0.0" would read the value as an option
+            parts.append(
+                f"{option}={shlex.quote(text)}"
+                if text.startswith("-")
+                else f"{option} {shlex.quote(text)}"
+            )
     if output is not None:
-        parts.append(f"--output {output}")
+        parts.append(f"--output {shlex.quote(str(output))}")
     return " ".join(parts)
 
 

@@ -102,3 +102,52 @@ def test_the_accuracy_report_records_provenance_and_the_measured_machine(tmp_pat
     for key in ("platform", "python", "cpu", "cpus", "gpus"):
         assert machine[key] == measured[key], key
     assert machine["device"] == PRESETS["taobao"].train.device
+
+
+def _reporting_configs():
+    """Every benchmark whose report records `command_line`, with configs that exercise each
+    kind of option: defaults, flags off, quoted paths, negative numbers, names with spaces."""
+    from hytrec.bench.cascade import CascadeConfig
+    from hytrec.bench.efficiency import EfficiencyConfig
+    from hytrec.bench.head_benchmark import HeadCostConfig
+    from hytrec.bench.head_calibration import HeadCalibrationConfig
+    from hytrec.bench.kernel_benchmark import KernelBenchConfig
+    from hytrec.bench.long_range import LongRangeConfig
+    from hytrec.bench.profiling import ProfileConfig
+    from hytrec.bench.step_benchmark import StepBenchConfig
+
+    return [
+        ("cascade", CascadeConfig()),
+        ("efficiency", EfficiencyConfig()),
+        ("efficiency", EfficiencyConfig(compile_step=False, compile_train=False, threads=1)),
+        ("head-cost", HeadCostConfig()),
+        ("head-calibration", HeadCalibrationConfig(checkpoint="runs/a model dir")),
+        ("kernels", KernelBenchConfig()),
+        ("long-range", LongRangeConfig()),
+        ("long-range", LongRangeConfig(models_run=("HyTRec 3:1", "TADN-only"))),
+        ("profile", ProfileConfig()),
+        ("step", StepBenchConfig()),
+    ]
+
+
+@pytest.mark.parametrize(
+    "benchmark, config", _reporting_configs(), ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_a_reports_command_reruns_its_config(benchmark, config):
+    """The command a report records parses with `hytrec` and gives back every field (a
+    benchmark's committed command must be one a reader can paste)."""
+    import shlex
+    from dataclasses import fields
+
+    from hytrec.cli import build_parser
+
+    command = reports.command_line(benchmark, config, "out dir/stem")
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert args.output == "out dir/stem"
+    for field in fields(config):
+        expected, given = getattr(config, field.name), getattr(args, field.name)
+        if isinstance(given, list):
+            given = tuple(given)
+        if isinstance(given, str) and isinstance(expected, tuple):  # "-1.0,0.0,1.0"
+            given = tuple(type(expected[0])(x) for x in given.split(","))
+        assert given == expected, f"{benchmark} --{field.name}: {given!r} != {expected!r}"
