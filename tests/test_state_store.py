@@ -4,6 +4,7 @@ offsets."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -62,6 +63,36 @@ def test_eviction_to_host_and_back_keeps_every_user_state(model, num_slots, disk
         assert small.offset_of(name, 0) == roomy.offset_of(name, 0) == len(users[name])
         assert small.newest_ts(name) == int(users[name].ts[-1])
     assert len(small) == len(users)
+
+
+def test_ulims_state_with_its_kept_interests_goes_to_disk_and_back(tmp_path):
+    """ULIM's state holds floats and flags beside its integers (each slot's kept interest and
+    whether it is stale): evicted to disk and back, every user reads as in a roomy store, and
+    a snapshot of it encodes and decodes to the same tensors."""
+    from hytrec.bench.ulim_parity import CONFIG, randomised, users_for
+    from hytrec.stream.snapshots import UserSnapshot, decode_snapshot, encode_snapshot
+
+    ulim = randomised(replace(CONFIG, num_items=60, num_categories=7, d_model=8), seed=0)
+    users = dict(zip(["a", "b", "c"], users_for(ulim, [11, 7, 5]), strict=True))
+    arrivals = [name for name, user in users.items() for _ in range(len(user))]
+    random.Random(1).shuffle(arrivals)
+    small = UserStateStore(ulim, 1, host_budget_bytes=1, disk_dir=tmp_path / "disk")
+    roomy = UserStateStore(ulim, 4)
+    got = run_stream(ulim, small, users, arrivals, 1)
+    want = run_stream(ulim, roomy, users, arrivals, 1)
+    assert small.disk.writes > 0 and small.disk.reads > 0
+    for name in users:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+    parts = roomy.export_users(["a"])["a"].parts
+    assert {parts["slot_interest"].dtype, parts["slot_stale"].dtype} == {
+        torch.float32,
+        torch.bool,
+    }
+    snapshot = UserSnapshot("a", 0, {0: 10}, ulim.version, parts)
+    decoded = decode_snapshot(encode_snapshot(snapshot)).parts
+    assert decoded.keys() == parts.keys()
+    for name, tensor in parts.items():
+        assert decoded[name].dtype == tensor.dtype and torch.equal(decoded[name], tensor), name
 
 
 def test_new_users_start_empty_and_batches_must_fit(model):

@@ -71,7 +71,8 @@ events all share the category's query, so each event's logit is formed once and 
 a mask over the [T, T] events (same category, among its last L_c up to t); the pointer runs
 over (position, slot) pairs with the slots', ages' and users' maps formed once. The serving form
 (`new_state`, `step`, `read_state`) keeps the slots per user (a ring of the last L_c events
-of each, the key category + 1, 0 = empty) and updates one slot per event. Both give the same
+of each, the key category + 1, 0 = empty) and updates one slot per event; each slot's u^c
+is kept beside it and formed again only when the slot has taken events since. Both give the same
 u^c and P(c) while a user has at most `slots` categories (tested); beyond, the stream evicts
 the least frequent slot (ties: least recent) and counts it in `evictions`.
 """
@@ -145,6 +146,9 @@ class ULIMState(SlotState):
                 (item, stage, gap bucket), oldest first, newest at L - 1
     slot_count: [P, M]    int64  events of the category applied (also those no longer held)
     slot_last_ts: [P, M]  int64  time of the category's newest event
+    slot_interest: [P, M, d] fp32  u^c of each slot as of its last read (`read_state`): a
+                read computes it again only for the slots that took events since
+    slot_stale: [P, M]    bool   the slot took events since its interest was computed
     window_item, window_behavior, window_bucket: [P, K] int64  the user's last K events
     last_category: [P]    int64  category of the newest event
     evictions:  [P]       int64  slots this user lost to the cap
@@ -160,6 +164,8 @@ class ULIMState(SlotState):
     slot_bucket: torch.Tensor
     slot_count: torch.Tensor
     slot_last_ts: torch.Tensor
+    slot_interest: torch.Tensor
+    slot_stale: torch.Tensor
     window_item: torch.Tensor
     window_behavior: torch.Tensor
     window_bucket: torch.Tensor
@@ -650,6 +656,8 @@ class ULIM(SequentialModel):
             slot_bucket=zeros(M, L),
             slot_count=zeros(M),
             slot_last_ts=zeros(M),
+            slot_interest=torch.zeros(num_slots, M, cfg.d_model, device=device),
+            slot_stale=torch.zeros(num_slots, M, dtype=torch.bool, device=device),
             window_item=zeros(K),
             window_behavior=zeros(K),
             window_bucket=zeros(K),
@@ -701,6 +709,7 @@ class ULIM(SequentialModel):
             state.slot_count[users, slot] = torch.where(fresh, 0, counts[rows, slot]) + 1
             state.slot_key[users, slot] = cat + 1
             state.slot_last_ts[users, slot] = ts
+            state.slot_stale[users, slot] = True
             for ring, value in (
                 (state.window_item, item),
                 (state.window_behavior, behavior),
@@ -712,14 +721,14 @@ class ULIM(SequentialModel):
             state.last_ts[users] = ts
 
     @torch.no_grad()
-    def read_state(self, state: ULIMState, slots: torch.Tensor) -> Readout:
-        """log P(c) and every slot's interest of these users (each with an event)."""
-        cfg = self.cfg
-        M, L, K = cfg.slots, cfg.slot_len, cfg.window
-        keys = state.slot_key[slots]  # [U, M]
-        U = len(slots)
-        occupied = keys > 0
-        u_idx, m_idx = occupied.nonzero(as_tuple=True)
+    def _refresh_interests(self, state: ULIMState, slots: torch.Tensor) -> None:
+        """Compute u^c again for these users' slots that took events since it was last
+        computed (`slot_stale`): each read touches one slot per new event, not all M."""
+        L = self.cfg.slot_len
+        stale = state.slot_stale[slots] & (state.slot_key[slots] > 0)  # [U, M]
+        if not stale.any():
+            return
+        u_idx, m_idx = stale.nonzero(as_tuple=True)
         user_slot = slots[u_idx]
         held = state.slot_count[user_slot, m_idx].clamp(max=L)  # [S]
         valid = torch.arange(L, device=slots.device)[None] >= (L - held)[:, None]  # [S, L]
@@ -731,9 +740,26 @@ class ULIM(SequentialModel):
             )
             * valid[..., None]
         )
-        category = keys[u_idx, m_idx] - 1
-        recent = x[:, -cfg.short_len :]
+        category = state.slot_key[user_slot, m_idx] - 1
+        recent = x[:, -self.cfg.short_len :]
         interest = self.interest(category, self.long_key_value(x), recent, valid)[0]  # [S, d]
+        state.slot_interest[user_slot, m_idx] = interest
+        state.slot_stale[user_slot, m_idx] = False
+
+    @torch.no_grad()
+    def read_state(self, state: ULIMState, slots: torch.Tensor) -> Readout:
+        """log P(c) and every slot's interest of these users (each with an event); brings
+        the state's cached interests up to date first."""
+        cfg = self.cfg
+        M, K = cfg.slots, cfg.window
+        self._refresh_interests(state, slots)
+        keys = state.slot_key[slots]  # [U, M]
+        U = len(slots)
+        occupied = keys > 0
+        u_idx, m_idx = occupied.nonzero(as_tuple=True)
+        user_slot = slots[u_idx]
+        category = keys[u_idx, m_idx] - 1
+        interest = state.slot_interest[user_slot, m_idx]  # [S, d]
         newest_behavior = state.slot_behavior[user_slot, m_idx, -1]
         part = self._slot_part(
             category, interest, state.slot_count[user_slot, m_idx], newest_behavior

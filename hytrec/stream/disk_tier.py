@@ -33,6 +33,7 @@ _NUMPY = {
     torch.float64: np.dtype(np.float64),
     torch.int64: np.dtype(np.int64),
     torch.int32: np.dtype(np.int32),
+    torch.bool: np.dtype(np.bool_),
 }
 
 

@@ -103,7 +103,13 @@ def ahead_of(snapshot: UserSnapshot | SnapshotHeader, store) -> bool:
 
 
 MAGIC = b"HYS1"
-_DTYPES = {torch.float32: "f4", torch.float64: "f8", torch.int64: "i8", torch.int32: "i4"}
+_DTYPES = {
+    torch.float32: "f4",
+    torch.float64: "f8",
+    torch.int64: "i8",
+    torch.int32: "i4",
+    torch.bool: "b1",
+}
 _TORCH = {name: dtype for dtype, name in _DTYPES.items()}
 
 
