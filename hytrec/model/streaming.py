@@ -8,6 +8,11 @@ does not have, as `recent` without a repeat head): it is no part at all. Its par
 addressed by name
 (`"tadn.0"`, `"window"`, ...), never by position: snapshots, eviction to host memory and
 restores carry the names and refuse a state whose names differ.
+
+A model whose state keeps parts derived from its events, brought up to date lazily when it
+reads them (ULIM's slot interests), also has `refresh_state(state, slots)`, which brings
+them up to date without a read: the engine calls it on states built without reads before
+they leave it (`RecommendationEngine.settle`).
 """
 
 from __future__ import annotations

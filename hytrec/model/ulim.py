@@ -721,9 +721,10 @@ class ULIM(SequentialModel):
             state.last_ts[users] = ts
 
     @torch.no_grad()
-    def _refresh_interests(self, state: ULIMState, slots: torch.Tensor) -> None:
+    def refresh_state(self, state: ULIMState, slots: torch.Tensor) -> None:
         """Compute u^c again for these users' slots that took events since it was last
-        computed (`slot_stale`): each read touches one slot per new event, not all M."""
+        computed (`slot_stale`): each read touches one slot per new event, not all M. The
+        engine also calls it on states built without reads (`RecommendationEngine.settle`)."""
         L = self.cfg.slot_len
         stale = state.slot_stale[slots] & (state.slot_key[slots] > 0)  # [U, M]
         if not stale.any():
@@ -752,7 +753,7 @@ class ULIM(SequentialModel):
         the state's cached interests up to date first."""
         cfg = self.cfg
         M, K = cfg.slots, cfg.window
-        self._refresh_interests(state, slots)
+        self.refresh_state(state, slots)
         keys = state.slot_key[slots]  # [U, M]
         U = len(slots)
         occupied = keys > 0

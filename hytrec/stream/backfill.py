@@ -214,8 +214,9 @@ def build_states(
     """Apply `events` (log order) to the users' states in `engine`'s store, each user's
     history in runs of at most `max_run` events, longest histories first, as many users per
     step as `users_per_step` and `tokens_per_step` allow (similar lengths: little padding).
-    After each group of users, `done(users)` is called (the backfill writes and forgets them
-    there). The events the engine refused, with reason and detail."""
+    After each group of users, their states are settled (`RecommendationEngine.settle`) and
+    `done(users)` is called (the backfill writes and forgets them there). The events the
+    engine refused, with reason and detail."""
     by_user: dict[str, list[BehaviorEvent]] = defaultdict(list)
     for event in events:
         by_user[event.user_id].append(event)
@@ -233,6 +234,7 @@ def build_states(
                 segment = [e for u in group for e in by_user[u][begin : begin + config.max_run]]
                 rejected += engine.apply(segment).rejected
                 bar.update(len(segment))
+            engine.settle(group)
             if done is not None:
                 done(group)
     return rejected

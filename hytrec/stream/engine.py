@@ -503,6 +503,19 @@ class RecommendationEngine:
             )
         return restored
 
+    def settle(self, users: Sequence[str]) -> None:
+        """Bring the parts these users' states derive from their events up to date (ULIM's
+        slot interests, otherwise formed at the reads that `apply` skips), so states built
+        by `apply` equal those the stream leaves and cost no extra work at their first
+        read. Nothing to do for a model without such parts."""
+        refresh = getattr(self.model, "refresh_state", None)
+        if refresh is None:
+            return
+        with torch.inference_mode():
+            for start in range(0, len(users), self.store.num_slots):
+                slots = self.store.acquire(users[start : start + self.store.num_slots])
+                refresh(self.store.state, slots.to(self.device))
+
     def drop_users(self, users: Sequence[str]) -> int:
         """Forget these users' states (their partitions moved away); how many were known."""
         return self.store.forget(users)
