@@ -125,6 +125,17 @@ def test_backfilled_states_equal_the_streamed_ones(name, tmp_path):
     assert np.abs(vectors - reference).max() <= 1e-4
 
 
+def test_settling_forms_the_kept_interests_and_allocates_no_unknown_user(tmp_path):
+    engine = build_engine(small_model("ulim", tmp_path), config=EngineConfig(device="cpu"))
+    events = [e for e in uneven_events() if e.user_id == "u0"][:5]
+    engine.apply(events)
+    state = engine.store.state
+    assert bool(state.slot_stale.any())  # apply reads nothing
+    engine.settle(["u0", "nobody"])
+    assert not bool(state.slot_stale.any())
+    assert "nobody" not in engine.store and len(engine.store) == 1
+
+
 def test_the_config_refuses_empty_steps():
     with pytest.raises(ValueError, match="must be >= 1"):
         BackfillConfig(max_run=0)

@@ -507,10 +507,12 @@ class RecommendationEngine:
         """Bring the parts these users' states derive from their events up to date (ULIM's
         slot interests, otherwise formed at the reads that `apply` skips), so states built
         by `apply` equal those the stream leaves and cost no extra work at their first
-        read. Nothing to do for a model without such parts."""
+        read. Nothing to do for a model without such parts, or for a user the store does
+        not hold (no slot is allocated for one)."""
         refresh = getattr(self.model, "refresh_state", None)
         if refresh is None:
             return
+        users = [u for u in users if u in self.store]
         with torch.inference_mode():
             for start in range(0, len(users), self.store.num_slots):
                 slots = self.store.acquire(users[start : start + self.store.num_slots])
