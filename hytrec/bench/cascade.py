@@ -8,12 +8,17 @@ about the cascade's trade-off, not about ULIM's best accuracy); every test user 
 read once (the serving slots, built by streaming the history) and ranked under every K:
 score(x) = log P(cat(x)) P(x | cat(x)) inside the top K categories of P, -inf elsewhere
 (`ULIM.cascade_scores` under the model's merge). Fidelity: "reading" (see `model/ulim.py`).
+
+With `preset` the ULIM trains and ranks as `hytrec benchmark accuracy` does on the dataset
+(its preset's training and protocol, `bench/accuracy.py`), so the row of the model's own K
+(10) is the accuracy file's ULIM row at the same seed and epochs, and the other rows say
+what the gate, and the category stage, cost there.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,11 +26,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hytrec.bench.accuracy import PRESETS
 from hytrec.bench.reports import command_line, machine_info, provenance, write_report
 from hytrec.model.evaluate import (
     EvalConfig,
     category_metrics,
     history_batch,
+    history_items,
     leave_one_out,
     rank_categories,
     target_ranks,
@@ -50,6 +57,11 @@ class CascadeConfig:
     max_users: int | None = None  # test users (None = all)
     batch_size: int = 64
     seed: int = 0
+    user_term: bool = False  # train "ULIM + user term" (`ULIMConfig.user_term`)
+    # train and rank as the accuracy benchmark does on this dataset (module docstring): the
+    # preset's training config (its max_len, negatives and validation users) with epochs,
+    # budget and seed from here and no early stopping, and the preset's history filter
+    preset: bool = False
 
 
 QUICK = CascadeConfig(
@@ -64,16 +76,10 @@ QUICK = CascadeConfig(
 )
 
 
-def run_cascade(cfg: CascadeConfig, log: EventLog, output: str | Path | None) -> dict:
-    """Train ULIM, rank every test target under each K and the oracle; write the report."""
-    torch.manual_seed(cfg.seed)
-    split = leave_one_out(log)
-    began = time.perf_counter()
-    result = train(
-        ULIMConfig(d_model=cfg.d_model),
-        log,
-        split,
-        TrainConfig(
+def _protocol(cfg: CascadeConfig) -> tuple[TrainConfig, bool]:
+    """How the ULIM trains, and whether ranking removes the history's items."""
+    if not cfg.preset:
+        train_config = TrainConfig(
             epochs=cfg.epochs,
             batch_size=32,
             max_len=cfg.max_len,
@@ -81,7 +87,31 @@ def run_cascade(cfg: CascadeConfig, log: EventLog, output: str | Path | None) ->
             valid_users=cfg.valid_users,
             time_budget_s=cfg.train_seconds,
             seed=cfg.seed,
-        ),
+        )
+        return train_config, False
+    if cfg.dataset not in PRESETS:
+        raise ValueError(
+            f"cascade --preset: no accuracy preset for {cfg.dataset!r} (presets: {sorted(PRESETS)})"
+        )
+    preset = PRESETS[cfg.dataset]
+    train_config = replace(
+        preset.train,
+        epochs=cfg.epochs,
+        patience=cfg.epochs,
+        time_budget_s=cfg.train_seconds,
+        seed=cfg.seed,
+    )
+    return train_config, preset.filter_history
+
+
+def run_cascade(cfg: CascadeConfig, log: EventLog, output: str | Path | None) -> dict:
+    """Train ULIM, rank every test target under each K and the oracle; write the report."""
+    torch.manual_seed(cfg.seed)
+    split = leave_one_out(log)
+    train_config, filter_history = _protocol(cfg)
+    began = time.perf_counter()
+    result = train(
+        ULIMConfig(d_model=cfg.d_model, user_term=cfg.user_term), log, split, train_config
     )
     model = result.model.eval()
     train_seconds = time.perf_counter() - began
@@ -102,10 +132,11 @@ def run_cascade(cfg: CascadeConfig, log: EventLog, output: str | Path | None) ->
         target = torch.from_numpy(log.item[t])
         target_category = torch.from_numpy(log.category[t])
         category_rank.append(target_ranks(read.log_p, target_category)[0].numpy())
+        exclude = history_items(log, s, t, len(item_cat)) if filter_history else None
         for name, k in settings + [("oracle", None)]:
             oracle = target_category if name == "oracle" else None
             scores = model.cascade_scores(read, k, oracle=oracle)
-            ranks[name].append(target_ranks(scores, target)[0].numpy())
+            ranks[name].append(target_ranks(scores, target, exclude)[0].numpy())
             searched[name].append(
                 (torch.isfinite(scores).sum(1).double() / (len(item_cat) - 1)).numpy()
             )
@@ -134,6 +165,11 @@ def run_cascade(cfg: CascadeConfig, log: EventLog, output: str | Path | None) ->
         "dataset": cfg.dataset,
         "command": command_line("cascade", cfg, output),
         "config": asdict(cfg),
+        "protocol": {
+            "as_accuracy_benchmark": cfg.preset,
+            "history_items": "removed from candidates" if filter_history else "kept",
+            "train_config": asdict(train_config),
+        },
         "users": int(len(starts)),
         "items": int(len(item_cat) - 1),
         "categories": int(num_categories - 1),

@@ -282,6 +282,17 @@ def history_batch(
     )
 
 
+def history_items(
+    log: EventLog, start: np.ndarray, stop: np.ndarray, num_items: int
+) -> torch.Tensor:
+    """[B, num_items] bool: the items of each row's whole history log[start:stop], the
+    candidates `filter_history` removes (whatever part of it the model reads)."""
+    seen = torch.zeros(len(start), num_items, dtype=torch.bool)
+    for row, (a, z) in enumerate(zip(start, stop, strict=True)):
+        seen[row, torch.from_numpy(log.item[a:z])] = True
+    return seen
+
+
 def context_length(model: torch.nn.Module, max_len: int | None) -> int | None:
     """The input length a model reads: its own bound (SASRec's positions) capped by max_len."""
     own = getattr(model, "max_len", None)
@@ -402,9 +413,7 @@ def rank_targets(
             out["category_rank"][users] = rank.cpu().numpy()
         scores = ranking_scores(model, batch)  # [B, N]
         target = torch.from_numpy(log.item[t]).to(device)
-        seen = torch.zeros_like(scores, dtype=torch.bool)
-        for row, (a, z) in enumerate(zip(s, t, strict=True)):
-            seen[row, torch.from_numpy(log.item[a:z]).to(device)] = True  # whole history
+        seen = history_items(log, s, t, scores.shape[1]).to(device)
         for suffix, exclude in (("", None), ("_filtered", seen)):
             rank, n = target_ranks(scores, target, exclude)
             out["rank" + suffix][users] = rank.cpu().numpy()
