@@ -53,7 +53,7 @@ class CascadeConfig:
     max_len: int = 50  # training window
     negatives: int = 1024
     train_seconds: float = 300.0
-    valid_users: int = 300
+    valid_users: int | None = 300  # None = every user
     max_users: int | None = None  # test users (None = all)
     batch_size: int = 64
     seed: int = 0
@@ -76,8 +76,9 @@ QUICK = CascadeConfig(
 )
 
 
-def _protocol(cfg: CascadeConfig) -> tuple[TrainConfig, bool]:
-    """How the ULIM trains, and whether ranking removes the history's items."""
+def _protocol(cfg: CascadeConfig) -> tuple[CascadeConfig, TrainConfig, bool]:
+    """How the ULIM trains, and whether ranking removes the history's items; with `preset`
+    the config takes the preset's training fields, so the report records what trained."""
     if not cfg.preset:
         train_config = TrainConfig(
             epochs=cfg.epochs,
@@ -88,7 +89,7 @@ def _protocol(cfg: CascadeConfig) -> tuple[TrainConfig, bool]:
             time_budget_s=cfg.train_seconds,
             seed=cfg.seed,
         )
-        return train_config, False
+        return cfg, train_config, False
     if cfg.dataset not in PRESETS:
         raise ValueError(
             f"cascade --preset: no accuracy preset for {cfg.dataset!r} (presets: {sorted(PRESETS)})"
@@ -101,14 +102,20 @@ def _protocol(cfg: CascadeConfig) -> tuple[TrainConfig, bool]:
         time_budget_s=cfg.train_seconds,
         seed=cfg.seed,
     )
-    return train_config, preset.filter_history
+    cfg = replace(
+        cfg,
+        max_len=train_config.max_len,
+        negatives=train_config.negatives,
+        valid_users=train_config.valid_users,
+    )
+    return cfg, train_config, preset.filter_history
 
 
 def run_cascade(cfg: CascadeConfig, log: EventLog, output: str | Path | None) -> dict:
     """Train ULIM, rank every test target under each K and the oracle; write the report."""
     torch.manual_seed(cfg.seed)
     split = leave_one_out(log)
-    train_config, filter_history = _protocol(cfg)
+    cfg, train_config, filter_history = _protocol(cfg)
     began = time.perf_counter()
     result = train(
         ULIMConfig(d_model=cfg.d_model, user_term=cfg.user_term), log, split, train_config

@@ -426,14 +426,13 @@ def register(commands, benchmarks) -> None:
         cascade.add_argument(name, type=kind)
     cascade.add_argument(
         "--preset",
-        action="store_true",
-        default=None,
+        action=argparse.BooleanOptionalAction,
         help="train and rank as `hytrec benchmark accuracy` does on the dataset (its preset's "
         "training and history filter; --epochs, --train-seconds, --seed from here, no early "
         "stopping): the K = 10 row is that file's ULIM row",
     )
     cascade.add_argument(
-        "--user-term", action="store_true", default=None, help="train ULIM + user term"
+        "--user-term", action=argparse.BooleanOptionalAction, help="train ULIM + user term"
     )
     cascade.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     cascade.add_argument(

@@ -69,6 +69,9 @@ def test_the_preset_cascade_ranks_as_the_accuracy_benchmark_does(tmp_path):
     )
     report = run_cascade(config, log, None)
     assert report["protocol"]["history_items"] == "removed from candidates"
+    # the report records what trained: the preset's fields, not the benchmark's own defaults
+    for name in ("max_len", "negatives", "valid_users"):
+        assert report["config"][name] == getattr(preset.train, name), name
     rows = {r["K"]: r for r in report["rows"]}
     assert rows["10"]["NDCG@10"] == pytest.approx(filtered["NDCG@10"], abs=1e-12)
     assert rows["10"]["HR@50"] == pytest.approx(filtered["HR@50"], abs=1e-12)

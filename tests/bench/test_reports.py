@@ -118,6 +118,7 @@ def _reporting_configs():
 
     return [
         ("cascade", CascadeConfig()),
+        ("cascade", CascadeConfig(dataset="ml100k", preset=True, user_term=True, valid_users=None)),
         ("efficiency", EfficiencyConfig()),
         ("efficiency", EfficiencyConfig(compile_step=False, compile_train=False, threads=1)),
         ("head-cost", HeadCostConfig()),
