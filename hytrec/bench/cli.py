@@ -434,6 +434,11 @@ def register(commands, benchmarks) -> None:
     cascade.add_argument(
         "--user-term", action=argparse.BooleanOptionalAction, help="train ULIM + user term"
     )
+    cascade.add_argument(
+        "--versus",
+        help="a model of the accuracy zoo ranking every item by one score (e.g. SASRec), "
+        "trained alike; its stages are swapped with ULIM's (which stage loses to it)",
+    )
     cascade.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     cascade.add_argument(
         "--output", help="report stem (default: benchmarks/results/ulim-cascade-DATASET)"
@@ -558,6 +563,8 @@ def _benchmark_cascade(args: argparse.Namespace) -> int:
         print(row)
     for name, metrics in report["next_category"].items():
         print(f"next category, {name}: HR@10 {metrics['HR@10']:.4f} MRR {metrics['MRR']:.4f}")
+    for row in report.get("stage_swap", {}).get("rows", []):
+        print(row)
     print(f"-> {output}.json and {output}.png")
     return 0
 

@@ -118,7 +118,13 @@ def _reporting_configs():
 
     return [
         ("cascade", CascadeConfig()),
-        ("cascade", CascadeConfig(dataset="ml100k", preset=True, user_term=True, valid_users=None)),
+        (
+            "cascade",
+            CascadeConfig(
+                dataset="ml100k", preset=True, user_term=True, valid_users=None, versus="SASRec"
+            ),
+        ),
+        ("cascade", CascadeConfig(versus="ULIM + user term")),
         ("efficiency", EfficiencyConfig()),
         ("efficiency", EfficiencyConfig(compile_step=False, compile_train=False, threads=1)),
         ("head-cost", HeadCostConfig()),
