@@ -367,10 +367,14 @@ def plot_cascade(report: dict, path: Path) -> None:
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
     if swap:
+        # the oracle rows (an order of magnitude above) are in the left panel's line and
+        # the JSON; drawn here they would flatten the bars compared
         bars = [("ULIM (every category)", r["NDCG@10"]) for r in rows if r["K"] == "all"]
-        bars += [(r["ranking"], r["NDCG@10"]) for r in swap["rows"]]
+        bars += [(r["ranking"], r["NDCG@10"]) for r in swap["rows"] if "oracle" not in r["ranking"]]
         y = np.arange(len(bars))
         axes[2].barh(y, [v for _, v in bars], color="tab:blue")
+        for at, (_, value) in zip(y, bars, strict=True):
+            axes[2].text(value, at, f" {value:.4f}", va="center", fontsize=8)
         axes[2].set_yticks(y, [n for n, _ in bars], fontsize=8)
         axes[2].invert_yaxis()
         axes[2].set_xlabel("item NDCG@10 (no gate)")
