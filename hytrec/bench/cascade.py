@@ -381,7 +381,8 @@ def plot_cascade(report: dict, path: Path) -> None:
         axes[2].set_title(f"stages swapped with {swap['versus']}", fontsize=9)
         axes[2].grid(alpha=0.3, axis="x")
     fig.suptitle(
-        f"ULIM cascade on {report['dataset']} ({report['users']} test users, fidelity: reading)"
+        f"ULIM{' + user term' if report['config'].get('user_term') else ''} cascade on "
+        f"{report['dataset']} ({report['users']} test users, fidelity: reading)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
