@@ -46,7 +46,9 @@ from hytrec.model.evaluate import (
     context_length,
     history_batch,
     history_items,
+    hit_rate,
     leave_one_out,
+    ndcg,
     rank_categories,
     ranking_scores,
     target_ranks,
@@ -264,10 +266,7 @@ def run_cascade(cfg: CascadeConfig, log: EventLog, output: str | Path | None) ->
 
 def _item_metrics(ranks: np.ndarray, hr_k: int) -> dict[str, float]:
     """Item HR@hr_k and NDCG@10 of 0-based ranks."""
-    return {
-        f"HR@{hr_k}": float(np.mean(ranks < hr_k)),
-        "NDCG@10": float(np.mean(np.where(ranks < 10, 1 / np.log2(ranks + 2), 0))),
-    }
+    return {f"HR@{hr_k}": hit_rate(ranks, hr_k), "NDCG@10": ndcg(ranks, 10)}
 
 
 def _versus_config(cfg: CascadeConfig, train_config: TrainConfig, log: EventLog):
