@@ -58,7 +58,7 @@ from hytrec.model.heuristics import category_baselines
 from hytrec.model.hisac import HiSACConfig
 from hytrec.model.registry import require_inputs
 from hytrec.model.train import TrainConfig, train
-from hytrec.model.ulim import ULIMConfig
+from hytrec.model.ulim import ULIMConfig, category_logsumexp
 
 
 @dataclass(frozen=True)
@@ -288,18 +288,6 @@ def _versus_config(cfg: CascadeConfig, train_config: TrainConfig, log: EventLog)
     return config
 
 
-def category_log_marginal(
-    log_prob: torch.Tensor, item_category: torch.Tensor, categories: int
-) -> torch.Tensor:
-    """log P(c) [U, categories]: the log of the sum of P(x) over c's items, from log P(x)
-    [U, N] and item_category [N]; -inf for a category without mass. Summed in float64 from
-    each row's top, so a category far below it does not underflow."""
-    top = log_prob.amax(1, keepdim=True)  # [U, 1]
-    mass = torch.zeros(len(log_prob), categories, dtype=torch.float64, device=log_prob.device)
-    mass.index_add_(1, item_category, (log_prob - top).double().exp())
-    return (mass.log() + top.double()).to(log_prob.dtype)
-
-
 def stage_swap_scores(
     ulim_log_p: torch.Tensor,
     ulim_scores: torch.Tensor,
@@ -317,7 +305,7 @@ def stage_swap_scores(
     logits = versus_scores.clone()
     logits[:, 0] = minus_inf  # padding
     log_q = logits.log_softmax(-1)  # log P_V(x)
-    q_c = category_log_marginal(log_q, item_category, ulim_log_p.shape[1])  # [U, C]
+    q_c = category_logsumexp(log_q, item_category, ulim_log_p.shape[1])  # [U, C]
     each = item_category.expand_as(log_q)  # [U, N]: every item's category
     q_of = q_c.gather(1, each)
     p_of = ulim_log_p.gather(1, each)

@@ -266,6 +266,16 @@ def _segment_logsumexp(x: torch.Tensor, group: torch.Tensor, groups: int) -> tor
     return top + x.new_zeros(groups).index_add(0, group, (x - top[group]).exp()).log()
 
 
+def category_logsumexp(
+    x: torch.Tensor, item_category: torch.Tensor, categories: int
+) -> torch.Tensor:
+    """log sum exp of x [U, N] over each category's items (item_category [N]): [U, categories],
+    -inf for a category without a finite member (e.g. log P(c) from log P(x))."""
+    U = x.shape[0]
+    group = (torch.arange(U, device=x.device)[:, None] * categories + item_category).view(-1)
+    return _segment_logsumexp(x.reshape(-1), group, U * categories).view(U, categories)
+
+
 def _segment_softmax(logits: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
     """Softmax of logits [P] within each group (group [P] in 0..groups-1)."""
     return (logits - _segment_logsumexp(logits, group, groups)[group]).exp()
@@ -905,8 +915,7 @@ class ULIM(SequentialModel):
         else:  # each user's own: [U, N] (with the head 3x the cost of the above, measured)
             scores = base + read.user_term @ table.T
             if within_category:  # log-softmax over each (user, category)'s items
-                group = (torch.arange(U, device=device)[:, None] * C + item_cat).view(-1)
-                lse = _segment_logsumexp(scores.view(-1), group, U * C).view(U, C)
+                lse = category_logsumexp(scores, item_cat, C)
                 scores -= lse.gather(1, item_cat.expand(U, N))
         # the user's slots of ranked categories (the others' items are -inf in the end)
         live = read.slot_category >= 0

@@ -10,14 +10,9 @@ import pytest
 import torch
 
 from hytrec.bench.accuracy import PRESETS, run_accuracy
-from hytrec.bench.cascade import (
-    QUICK,
-    CascadeConfig,
-    category_log_marginal,
-    run_cascade,
-    stage_swap_scores,
-)
+from hytrec.bench.cascade import QUICK, CascadeConfig, run_cascade, stage_swap_scores
 from hytrec.model.synthetic import SyntheticConfig, generate
+from hytrec.model.ulim import category_logsumexp
 
 
 def test_quick_cascade_writes_rows_that_obey_the_cascade(tmp_path):
@@ -134,7 +129,7 @@ def test_the_stage_swap_factors_each_distribution_into_its_two_stages():
     ulim = 3 * torch.randn(U, N, generator=generator, dtype=torch.float64)
     ulim[:, 0] = float("-inf")
     ulim = ulim.log_softmax(-1)  # ULIM's ungated cascade: a distribution over the items
-    ulim_log_p = category_log_marginal(ulim, item_category, C)
+    ulim_log_p = category_logsumexp(ulim, item_category, C)
     target = torch.randint(1, C, (U,), generator=generator)
     swaps, versus_log_p = stage_swap_scores(ulim_log_p, ulim, versus, item_category, target, "V")
 
@@ -152,7 +147,7 @@ def test_the_stage_swap_factors_each_distribution_into_its_two_stages():
         ("V P(c) x ULIM P(x | c)", brute, ulim),
     ):
         swap = swaps[name]
-        torch.testing.assert_close(category_log_marginal(swap, item_category, C), marginal)
+        torch.testing.assert_close(category_logsumexp(swap, item_category, C), marginal)
         for c in range(1, C):  # the order inside c is the other model's
             inside = item_category == c
             torch.testing.assert_close(
@@ -168,9 +163,9 @@ def test_the_stage_swap_factors_each_distribution_into_its_two_stages():
 
 
 def test_the_category_marginal_does_not_underflow_far_below_the_top():
-    # float32 log-probabilities 500 nats below the top: exp underflows in float32, not here
+    # float32 log-probabilities 500 nats below the row's top: each category sums from its own
     log_prob = torch.tensor([[0.0, -500.0, -501.0]])
-    marginal = category_log_marginal(log_prob, torch.tensor([0, 1, 1]), 2)
+    marginal = category_logsumexp(log_prob, torch.tensor([0, 1, 1]), 2)
     assert marginal.dtype == torch.float32
     torch.testing.assert_close(
         marginal, torch.tensor([[0.0, -500.0 + torch.log1p(torch.exp(torch.tensor(-1.0)))]])
