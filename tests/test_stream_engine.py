@@ -625,16 +625,17 @@ def test_an_engine_with_the_compiled_step_serves_what_the_eager_one_does(checkpo
             np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
 
 
-def small_ulim(tmp_path, head=None, merge="joint", user_term=False):
+def small_ulim(tmp_path, head=None, merge="joint", user_term=False, cross_interest=False):
     """A ULIM over the engine tests' items, 8 categories (item n in category n % 8 + 1),
-    its cascade over the top 3; with the head's weights and the user term's W_u away from
-    their initial zeros."""
+    its cascade over the top 3; with the head's weights, the user term's W_u and the cross
+    interest's W_x away from their initial zeros."""
     from hytrec.model.ulim import ULIM, ULIMConfig
 
     torch.manual_seed(0)
     cfg = ULIMConfig(
         num_items=NUM_ITEMS, num_categories=NUM_CATEGORIES, d_model=16, dropout=0.0,
         top_categories=3, repeat_head=head, merge=merge, user_term=user_term,
+        cross_interest=cross_interest,
     )  # fmt: skip
     items = Vocabulary(f"i{n}" for n in range(1, NUM_ITEMS))
     categories = Vocabulary(f"c{n}" for n in range(1, NUM_CATEGORIES))
@@ -644,21 +645,27 @@ def small_ulim(tmp_path, head=None, merge="joint", user_term=False):
         if head is not None:
             model.repeat_head.gate[2].bias.fill_(0.3)
             model.repeat_head.copy_out.weight.normal_()
-        if user_term:
-            model.user_to_interest.weight.normal_()
+        for term in (model.user_to_interest, model.cross_to_interest):
+            if term is not None:
+                term.weight.normal_()
     return model, engine_of(model.save(tmp_path / "ulim"), top_k=10)
 
 
-@pytest.mark.parametrize("merge, user_term", [("joint", False), ("joint", True), ("dot", False)])
+@pytest.mark.parametrize(
+    "merge, user_term, cross_interest",
+    [("joint", False, False), ("joint", True, False), ("joint", True, True), ("dot", False, False)],
+)
 @pytest.mark.parametrize("batch_size", [1, 13])
 def test_ulim_serves_its_category_cascade_as_offline_with_each_items_category(
-    tmp_path, batch_size, merge, user_term
+    tmp_path, batch_size, merge, user_term, cross_interest
 ):
     """A per-category model (ULIM): the engine's top K, one filtered search per top category
     merged by the search score plus `ULIM.merge_offset` (log P(c) - log Z_c, or
     log P(c) for the dot merge), equals the offline cascade's (`rank_scores`: the top 3
     categories, over the same events), items, scores and the category each came through."""
-    model, engine = small_ulim(tmp_path, merge=merge, user_term=user_term)
+    model, engine = small_ulim(
+        tmp_path, merge=merge, user_term=user_term, cross_interest=cross_interest
+    )
     events = random_events(num_users=5, per_user=20, seed=3)
     _, latest = serve(engine, events, batch_size)
     for user in {e.user_id for e in events}:

@@ -114,6 +114,7 @@ def model_zoo(d_model: int = 64, max_len: int = 50) -> dict:
         "ULIM all categories": replace(ulim, top_categories=None),
         "ULIM dot merge": replace(ulim, merge="dot"),
         "ULIM + user term": replace(ulim, user_term=True),
+        "ULIM + user term + cross interest": replace(ulim, user_term=True, cross_interest=True),
         "HiSAC": HiSACConfig(d_model=d_model),
         "HiSAC" + HEAD: HiSACConfig(d_model=d_model, repeat_head=RepeatConfig()),
         "HiSAC-mi": HiSACMultiConfig(d_model=d_model),

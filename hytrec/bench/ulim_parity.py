@@ -23,7 +23,7 @@ CONFIG = ULIMConfig(num_items=NUM_ITEMS, num_categories=NUM_CATEGORIES, dropout=
 
 def randomised(cfg: ULIMConfig, seed: int = 0) -> ULIM:
     """In eval mode, items spread over the categories at random, embeddings, the category
-    bias and W_u far from their near-zero initial values."""
+    bias, W_u and W_x far from their near-zero initial values."""
     torch.manual_seed(seed)
     model = ULIM(cfg)
     with torch.no_grad():
@@ -31,8 +31,9 @@ def randomised(cfg: ULIMConfig, seed: int = 0) -> ULIM:
         for emb in (model.item_emb, model.category_emb, model.behavior_emb):
             emb.weight.normal_(std=0.5)
         model.category_bias.normal_(std=0.5)
-        if model.user_to_interest is not None:  # W_u starts at 0: test it non-zero
-            model.user_to_interest.weight.normal_(std=0.2)
+        for term in (model.user_to_interest, model.cross_to_interest):
+            if term is not None:  # W_u and W_x start at 0: test them non-zero
+                term.weight.normal_(std=0.2)
     return model.eval()
 
 
@@ -48,10 +49,11 @@ def users_for(model: ULIM, lengths, seed: int = 0) -> list[UserEvents]:
 
 @torch.no_grad()
 def parallel_readouts(model: ULIM, users: list[UserEvents]) -> list[torch.Tensor]:
-    """The training form after every event of each user: [P(c) ; u^{c_t} + W_u s],
-    [T_u, C + d]."""
-    out = model.forward_all(pad_batch(users))
-    interest = out["interest"] + model.user_term(out["user"])
+    """The training form after every event of each user: [P(c) ; v^{c_t}], v^c = u^c +
+    W_u s + W_x a^c, [T_u, C + d]."""
+    batch = pad_batch(users)
+    out = model.forward_all(batch)
+    interest = out["interest"] + model.interest_terms(batch, out, batch.category)
     both = torch.cat([out["log_p"].exp(), interest], -1)
     return [both[i, : len(user)] for i, user in enumerate(users)]
 
@@ -89,7 +91,12 @@ def p_of_c_sum_max_abs_error(model: ULIM, users: list[UserEvents]) -> float:
 def parity_report(seed: int = 0, cfg: ULIMConfig = CONFIG, lengths=HISTORY_LENGTHS) -> dict:
     out: dict = {"model": "ulim", "fidelity": "reading"}
     worst, sums = 0.0, 0.0
-    for name, variant in (("ulim", cfg), ("ulim_without_pointer", replace(cfg, pointer=False))):
+    variants = (
+        ("ulim", cfg),
+        ("ulim_without_pointer", replace(cfg, pointer=False)),
+        ("ulim_user_term_cross_interest", replace(cfg, user_term=True, cross_interest=True)),
+    )
+    for name, variant in variants:
         model = randomised(variant, seed)
         users = users_for(model, lengths, seed)
         one = stream_vs_parallel_max_abs(model, users, max_batch=1, seed=seed)
@@ -109,8 +116,8 @@ def parity_report(seed: int = 0, cfg: ULIMConfig = CONFIG, lengths=HISTORY_LENGT
     out |= {
         "stream_vs_parallel_max_abs": worst,
         "p_of_c_sum_max_abs_error": sums,
-        "compared": "P(c) over every category and u^c of the newest event's category, "
-        "after every run of events",
+        "compared": "P(c) over every category and the interest of the newest event's "
+        "category (with the variant's user and cross terms), after every run of events",
         "config": {
             "num_items": cfg.num_items,
             "num_categories": cfg.num_categories,

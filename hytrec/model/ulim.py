@@ -39,6 +39,17 @@ last one's 7.6 % of the time) the ranking inside the predicted categories then k
 of the user. Below, u^{c*} in the item losses and u^{cat(x)} in the cascade are v^c when it
 is on.
 
+The cross interest (`cross_interest`, off by default; not in the reading) adds to v^c what the
+user's last K events say about category c, whatever their own categories:
+
+    a^c = softmax-attention with query W_q C[c] over the user's last K events x (keys and
+          values one map W_kv x),        v^c = u^c + W_u s + W_x a^c,   W_x from 0
+
+W_u s is the same for every category; a^c reads the recent events that bear on c (a comedy
+watched after three thrillers), where u^c knows only c's own few events. In training a^{c*}
+is formed at every position over the band of its last K events with the next category's
+query; serving forms it from the user's window, one [C, K] attention per user.
+
 Cascade (`cascade_scores`): for items whose category is among the top K of P (K = None:
 every category), -inf elsewhere,
 
@@ -121,6 +132,9 @@ class ULIMConfig:
     # u^c + W_u s: every category's interest also reads the user's last K events (not in
     # the reading; module docstring; "ULIM + user term" in the accuracy files)
     user_term: bool = False
+    # + W_x a^c: attention over the user's last K events with c's query (not in the
+    # reading; module docstring; "ULIM + user term + cross interest" in the accuracy files)
+    cross_interest: bool = False
     # the repeat/explore head over the user's recent distinct items (`repeat.py`; not in
     # the reading), mixed with the cascade as a distribution (module docstring)
     repeat_head: RepeatConfig | None = None
@@ -181,12 +195,16 @@ class ULIMState(SlotState):
 class Readout:
     """What the model reads after an event: log P(c) over every category [N, C], the
     interest of each of the user's slots [N, M, d] (without the user term) with its category
-    [N, M] (-1 = none), and the user term W_u s [N, d] every category's interest adds."""
+    [N, M] (-1 = none), the user term W_u s [N, d] every category's interest adds and, with
+    the cross interest, the user's window as its keys and values [N, K, 2d] with the events
+    held [N, K]."""
 
     log_p: torch.Tensor
     slot_category: torch.Tensor
     slot_interest: torch.Tensor
     user_term: torch.Tensor
+    window_key_value: torch.Tensor | None = None
+    window_valid: torch.Tensor | None = None
 
 
 @dataclass
@@ -254,6 +272,8 @@ class NewestQueryReadout(nn.Module):
 # (user, item) pairs per chunk of `ULIM.cascade_scores`: its [pairs, d] gathers then fit in
 # the cache (one large gather costs more in fresh memory than in reads: 2^18 pairs 3x 2^14's)
 CASCADE_CHUNK = 1 << 14
+# (user, window event, item) triples per chunk of the cross interest's dots (`_cross_dots`)
+CROSS_CHUNK = 1 << 22
 
 
 def _segment_logsumexp(x: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
@@ -320,6 +340,15 @@ class ULIM(SequentialModel):
         self.user_to_interest = nn.Linear(d, d, bias=False) if cfg.user_term else None
         if self.user_to_interest is not None:
             nn.init.zeros_(self.user_to_interest.weight)
+        # W_q, W_kv and W_x, the last from 0 likewise
+        self.cross_query = self.cross_key_value = self.cross_to_interest = None
+        if cfg.cross_interest:
+            self.cross_query = nn.Linear(d, d)
+            self.cross_key_value = nn.Linear(d, 2 * d)
+            self.cross_to_interest = nn.Linear(d, d, bias=False)
+            for module in (self.cross_query, self.cross_key_value):
+                self._init_weights(module)
+            nn.init.zeros_(self.cross_to_interest.weight)
         # after `apply`: the head initialises its own priors (`repeat.py`)
         self.repeat_head = RepeatHead(cfg.repeat_head, d) if cfg.repeat_head else None
 
@@ -376,6 +405,38 @@ class ULIM(SequentialModel):
             return torch.zeros_like(user)
         return self.user_to_interest(user)
 
+    def _cross_weights(
+        self, category: torch.Tensor, key: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """The cross interest's attention weights [N, Q, J] of queries of categories [N, Q]
+        over keys [N, J, d] (`cross_key_value`'s first half), keep [N, Q or 1, J] the events
+        each query sees; a query that sees none weighs 0."""
+        query = self.cross_query(self.category_emb(category))  # [N, Q, d]
+        logits = query @ key.transpose(1, 2) / math.sqrt(key.shape[-1])  # [N, Q, J]
+        some = keep.any(-1, keepdim=True)
+        logits = logits.masked_fill(~keep & some, float("-inf"))
+        return logits.softmax(-1) * keep
+
+    def cross_every(self, x: torch.Tensor, real: torch.Tensor, category: torch.Tensor):
+        """W_x a^c [B, T, d] after every position t of rows x [B, T, d] (real [B, T]): a^c
+        over t's last K events with the query of category [B, T] (t's own entry); 0 with
+        `cross_interest` off. The training form of `cross_term`."""
+        if self.cross_to_interest is None:
+            return torch.zeros_like(x)
+        pos = torch.arange(x.shape[1], device=x.device)
+        age = pos[:, None] - pos[None, :]  # [T(t), T(j)]: t - j
+        band = (age >= 0) & (age < self.cfg.window)
+        keep = band & real[:, None, :] & real[:, :, None]  # [B, T, T]
+        key, value = self.cross_key_value(x).chunk(2, dim=-1)  # [B, T, d] each
+        return self.cross_to_interest(self._cross_weights(category, key, keep) @ value)
+
+    def interest_terms(
+        self, batch: EventBatch, out: dict[str, torch.Tensor], category: torch.Tensor
+    ) -> torch.Tensor:
+        """What every interest adds after each position t of `forward_all`'s output:
+        W_u s_t + W_x a^c_t [B, T, d], c = category [B, T] (t's own entry)."""
+        return self.user_term(out["user"]) + self.cross_every(out["events"], batch.mask, category)
+
     def empty_interest(self, category: torch.Tensor) -> torch.Tensor:
         """u^c [N, d] of categories the user never touched."""
         return self.interest(category)[0]
@@ -418,8 +479,9 @@ class ULIM(SequentialModel):
 
         Returns "interest", "long", "short" [B, T, d] (of the event's own category, after
         it, without the user term), "user" [B, T, d] (s after every event), "log_p"
-        [B, T, C] and "is_last" [B, T, T] (is_last[b, t, j]: event j is its category's
-        newest at time t, i.e. a slot of the user after event t)."""
+        [B, T, C], "is_last" [B, T, T] (is_last[b, t, j]: event j is its category's
+        newest at time t, i.e. a slot of the user after event t) and "events" [B, T, d]
+        (the embedded events, after dropout)."""
         cfg = self.cfg
         B, T = batch.item.shape
         device = batch.item.device
@@ -493,6 +555,7 @@ class ULIM(SequentialModel):
             "user": user.view(B, T, d),
             "log_p": log_p,
             "is_last": is_last,
+            "events": x,
         }
 
     def forward(self, batch: EventBatch) -> torch.Tensor:
@@ -579,9 +642,10 @@ class ULIM(SequentialModel):
     def _target_interests(
         self, batch: EventBatch, out: dict[str, torch.Tensor], real: torch.Tensor
     ) -> list[torch.Tensor]:
-        """u^{c*} + W_u s, l^{c*}, s^{c*} [P, d] at the positions `real` [B, T-1] (row-major)
-        of `forward_all`'s output: the slot of the next event's category c* if the user has
-        one, else the empty interest; s the user's read-out at the position."""
+        """u^{c*} + W_u s + W_x a^{c*}, l^{c*}, s^{c*} [P, d] at the positions `real`
+        [B, T-1] (row-major) of `forward_all`'s output: the slot of the next event's category
+        c* if the user has one, else the empty interest; s and a^{c*} the user's read-outs
+        at the position."""
         target_cat = batch.category[:, 1:]
         match = out["is_last"][:, :-1] & (batch.category[:, None, :] == target_cat[..., None])
         has = match.any(-1)  # [B, T-1]
@@ -592,7 +656,9 @@ class ULIM(SequentialModel):
         for name, empty in (("interest", empty_u), ("long", empty_l), ("short", empty_s)):
             seen = out[name][rows, j][real]  # [P, d]
             vectors.append(torch.where(has[real][:, None], seen, empty))
-        vectors[0] = vectors[0] + self.user_term(out["user"][:, :-1][real])
+        # t's terms with c*'s query (the last position's query is never read)
+        terms = self.interest_terms(batch, out, F.pad(target_cat, (0, 1)))
+        vectors[0] = vectors[0] + terms[:, :-1][real]
         return vectors
 
     def _mixture_log_prob(
@@ -612,7 +678,7 @@ class ULIM(SequentialModel):
         log_c = out["log_p"][:, :-1][real].gather(1, category[:, None])[:, 0]
         log_explore = (log_c + within).clamp(min=LOG_FLOOR)
         # the head's user vector: the interest of the category just touched, as in ranking
-        touched = out["interest"][:, :-1] + self.user_term(out["user"][:, :-1])
+        touched = (out["interest"] + self.interest_terms(batch, out, batch.category))[:, :-1]
         return self.repeat_head.training_log_prob(
             batch, touched, real, log_explore, self.item_table()
         )
@@ -800,7 +866,10 @@ class ULIM(SequentialModel):
         slot_interest = h.new_zeros(U, M, h.shape[-1])
         slot_interest[u_idx, m_idx] = interest
         slot_category = torch.where(occupied, keys - 1, -1)
-        return Readout(log_p, slot_category, slot_interest, self.user_term(user))
+        read = Readout(log_p, slot_category, slot_interest, self.user_term(user))
+        if self.cross_key_value is not None:
+            read.window_key_value, read.window_valid = self.cross_key_value(x_user), user_valid
+        return read
 
     @torch.no_grad()
     def step(self, state: ULIMState, slots: torch.Tensor, batch: EventBatch) -> torch.Tensor:
@@ -840,17 +909,32 @@ class ULIM(SequentialModel):
         # a category without items is searched to nothing: no offset needed
         return plan.log_p - torch.where(log_z > float("-inf"), log_z, 0.0).view_as(plan.log_p)
 
+    def _cross_weights_of(self, read: Readout, categories: torch.Tensor) -> torch.Tensor:
+        """a^c's weights [U, Q, K] on the user's window for categories [U, Q]."""
+        key = read.window_key_value.chunk(2, dim=-1)[0]
+        return self._cross_weights(categories, key, read.window_valid[:, None, :])
+
+    @torch.no_grad()
+    def cross_term(self, read: Readout, categories: torch.Tensor) -> torch.Tensor:
+        """W_x a^c [U, Q, d] of categories [U, Q] from the user's window; 0 with
+        `cross_interest` off. The serving form of `cross_every`."""
+        if self.cross_to_interest is None:
+            return read.user_term.new_zeros(*categories.shape, read.user_term.shape[-1])
+        value = read.window_key_value.chunk(2, dim=-1)[1]  # [U, K, d]
+        return self.cross_to_interest(self._cross_weights_of(read, categories) @ value)
+
     @torch.no_grad()
     def category_interests(self, read: Readout, categories: torch.Tensor) -> torch.Tensor:
-        """u^c + W_u s [U, K, d] of categories [U, K]: the user's slot, else the empty
-        interest."""
+        """u^c + W_u s + W_x a^c [U, K, d] of categories [U, K]: the user's slot, else the
+        empty interest."""
         match = read.slot_category[:, None, :] == categories[..., None]  # [U, K, M]
         has = match.any(-1)
         seen = read.slot_interest.gather(
             1, match.int().argmax(-1)[..., None].expand(-1, -1, read.slot_interest.shape[-1])
         )
         empty = self.empty_interest(categories.reshape(-1)).view(*categories.shape, -1)
-        return torch.where(has[..., None], seen, empty) + read.user_term[:, None]
+        interest = torch.where(has[..., None], seen, empty) + read.user_term[:, None]
+        return interest + self.cross_term(read, categories)
 
     # ------------------------------------------------------------------ ranking
 
@@ -884,10 +968,10 @@ class ULIM(SequentialModel):
     ) -> torch.Tensor:
         """score(x) = log P(cat(x)) + log P(x | cat(x)) [U, num_items], -inf outside the top K
         categories (top_k None: none gated; oracle [U]: only that category): P(x | c) the
-        softmax of (u^c + W_u s) . e over c's items, so the scores are a distribution over
-        the items (also the repeat head's explore side). within_category False: the raw
-        (u^c + W_u s) . e_x in place of log P(x | c) (the "dot" merge); None: the config's
-        merge."""
+        softmax of v^c . e over c's items (v^c = u^c + W_u s + W_x a^c: `category_interests`),
+        so the scores are a distribution over the items (also the repeat head's explore
+        side). within_category False: the raw v^c . e_x in place of log P(x | c) (the "dot"
+        merge); None: the config's merge."""
         if within_category is None:
             within_category = self.cfg.merge == "joint"
         table = self.item_table()
@@ -904,30 +988,38 @@ class ULIM(SequentialModel):
         chosen = None
         if ranked is not None:
             chosen = torch.zeros_like(read.log_p, dtype=torch.bool).scatter_(1, ranked, True)
-        # a category without a slot is read by its empty interest (plus the user term)
+        # a category without a slot is read by its empty interest (plus the user's terms)
         empty = self.empty_interest(torch.arange(C, device=device))  # [C, d]
         base = (table * empty[item_cat]).sum(-1)  # [N]
         base[0] = float("-inf")  # padding
-        if self.user_to_interest is None:  # the same for every user: normalised once
-            if within_category:
-                base = base - _segment_logsumexp(base, item_cat, C)[item_cat]
-            scores = base.expand(U, N).clone()
-        else:  # each user's own: [U, N] (with the head 3x the cost of the above, measured)
-            scores = base + read.user_term @ table.T
-            if within_category:  # log-softmax over each (user, category)'s items
-                lse = category_logsumexp(scores, item_cat, C)
-                scores -= lse.gather(1, item_cat.expand(U, N))
         # the user's slots of ranked categories (the others' items are -inf in the end)
         live = read.slot_category >= 0
         if chosen is not None:
             live &= chosen.gather(1, read.slot_category.clamp(min=0))
         u_idx, m_idx = live.nonzero(as_tuple=True)
         cats = read.slot_category[u_idx, m_idx]
-        interests = read.slot_interest[u_idx, m_idx] + read.user_term[u_idx]  # [S, d]
-        for lo, hi, slot, items, dots in self._category_dots(interests, cats):
-            if within_category:  # log-softmax over each slot's run of items
-                dots = dots - _segment_logsumexp(dots, slot, hi - lo)[slot]
-            scores.view(-1).index_copy_(0, u_idx[lo:hi][slot] * N + items, dots)
+        if self.user_to_interest is None and self.cross_to_interest is None:
+            # the same for every user off the slots: normalised once
+            if within_category:
+                base = base - _segment_logsumexp(base, item_cat, C)[item_cat]
+            scores = base.expand(U, N).clone()
+            interests = read.slot_interest[u_idx, m_idx]  # [S, d]
+            for lo, hi, slot, items, dots in self._category_dots(interests, cats):
+                if within_category:  # log-softmax over each slot's run of items
+                    dots = dots - _segment_logsumexp(dots, slot, hi - lo)[slot]
+                scores.view(-1).index_copy_(0, u_idx[lo:hi][slot] * N + items, dots)
+        else:  # each user's own: [U, N] (with the head 3x the cost of the above, measured)
+            scores = base + read.user_term @ table.T
+            if self.cross_to_interest is not None:
+                scores += self._cross_dots(read)
+            # a slot's items: its interest in place of the empty one
+            for lo, hi, slot, items, dots in self._category_dots(
+                read.slot_interest[u_idx, m_idx] - empty[cats], cats
+            ):
+                scores.view(-1).index_add_(0, u_idx[lo:hi][slot] * N + items, dots)
+            if within_category:  # log-softmax over each (user, category)'s items
+                lse = category_logsumexp(scores, item_cat, C)
+                scores -= lse.gather(1, item_cat.expand(U, N))
         each_item = item_cat.expand(U, N)  # gathered per row: cheaper than indexing columns
         if use_log_p:
             scores += read.log_p.gather(1, each_item)
@@ -935,6 +1027,22 @@ class ULIM(SequentialModel):
             scores.masked_fill_(~chosen.gather(1, each_item), float("-inf"))
         scores[:, 0] = float("-inf")
         return scores
+
+    def _cross_dots(self, read: Readout) -> torch.Tensor:
+        """W_x a^{cat(x)} . e_x [U, N] for every item x. a^c = sum_k w_ck v_k over the
+        user's K window events, so the dots are sum_k w_{cat(x) k} (W_x v_k . e_x): [K, N]
+        per user, never an [N, d] interest per item; users in chunks of CROSS_CHUNK."""
+        table, C = self.item_table(), self.cfg.num_categories
+        U, N = len(read.log_p), table.shape[0]
+        categories = torch.arange(C, device=table.device).expand(U, C)
+        weights = self._cross_weights_of(read, categories).transpose(1, 2)  # [U, K, C]
+        value = self.cross_to_interest(read.window_key_value.chunk(2, dim=-1)[1])  # [U, K, d]
+        dots = table.new_empty(U, N)
+        step = max(1, CROSS_CHUNK // (value.shape[1] * N))
+        for lo in range(0, U, step):
+            on_item = weights[lo : lo + step][:, :, self.item_category]  # [u, K, N]
+            dots[lo : lo + step] = (on_item * (value[lo : lo + step] @ table.T)).sum(1)
+        return dots
 
     @torch.no_grad()
     def rank_scores(self, batch: EventBatch) -> torch.Tensor:

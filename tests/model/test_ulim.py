@@ -16,7 +16,8 @@ from hytrec.model.batch import EventBatch
 from hytrec.model.repeat import RepeatConfig
 from hytrec.model.ulim import ULIM, ULIMConfig
 
-# the user term on: the default (off) is its W_u = 0 case (and `ulim_parity`'s config)
+# the user term and cross interest on: the default (off) is their W_u = W_x = 0 case (and
+# `ulim_parity`'s first config)
 CFG = ULIMConfig(
     num_items=80,
     num_categories=9,
@@ -26,6 +27,7 @@ CFG = ULIMConfig(
     short_len=2,
     window=3,
     user_term=True,
+    cross_interest=True,
 )
 
 
@@ -33,9 +35,13 @@ def model_of(cfg: ULIMConfig = CFG, seed: int = 0) -> ULIM:
     torch.manual_seed(seed)
     model = ULIM(cfg)
     model.item_category.copy_(torch.randint(1, cfg.num_categories, (cfg.num_items,)))
-    if model.user_to_interest is not None:
-        with torch.no_grad():  # W_u starts at 0: test it non-zero
-            model.user_to_interest.weight.normal_(std=0.2)
+    with torch.no_grad():
+        # far from the near-zero initial values, where every category's a^c is the same
+        for emb in (model.item_emb, model.category_emb, model.behavior_emb):
+            emb.weight.normal_(std=0.5)
+        for term in (model.user_to_interest, model.cross_to_interest):
+            if term is not None:  # W_u and W_x start at 0: test them non-zero
+                term.weight.normal_(std=0.2)
     return model.eval()
 
 
@@ -220,6 +226,21 @@ def test_cascade_gates_by_the_top_categories_and_reduces_to_per_category_scoring
         assert torch.isneginf(oracle[:, 0]).all()
 
 
+def test_the_item_loss_reads_the_interest_serving_forms_for_the_next_category():
+    """The item loss's vector at position t (`_target_interests`: u^{c*} + W_u s + W_x a^{c*},
+    c* the category of event t + 1) is what serving forms after event t for c*."""
+    model, batch = model_of(), random_batch([9, 6, 2])
+    real = torch.arange(8)[None] < (batch.lengths - 1)[:, None]  # [B, T-1]
+    with torch.no_grad():
+        trained = model._target_interests(batch, model.forward_all(batch), real)[0]
+        served = []
+        for row, stop in real.nonzero().tolist():
+            read = model.readout(prefix(batch, row, stop + 1))
+            target = batch.category[row, stop + 1].view(1, 1)
+            served.append(model.category_interests(read, target)[0, 0])
+    torch.testing.assert_close(trained, torch.stack(served), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("ring", [1, 4, 12])
 def test_the_read_out_after_every_position_is_the_read_out_of_each_ring(ring):
     """`NewestQueryReadout.forward_every` (a band of one [T, T] attention) equals `forward`
@@ -246,7 +267,8 @@ def test_the_read_out_after_every_position_is_the_read_out_of_each_ring(ring):
 
 def test_cascade_scores_do_not_depend_on_the_chunking(monkeypatch):
     """The (user, item) pairs are scored in chunks; chunks of a few pairs (a slot's items
-    split from its neighbours') give the same scores as one chunk, and the within-category
+    split from its neighbours', the cross interest's dots user by user) give the same
+    scores as one chunk, and the within-category
     form is the per-category log-softmax of the plain one."""
     from hytrec.model import ulim
 
@@ -264,6 +286,7 @@ def test_cascade_scores_do_not_depend_on_the_chunking(monkeypatch):
 
         whole = variants()
         monkeypatch.setattr(ulim, "CASCADE_CHUNK", 5)
+        monkeypatch.setattr(ulim, "CROSS_CHUNK", 1)  # one user at a time
         for a, b in zip(whole, variants(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
         plain = model.cascade_scores(read, top_k=None, use_log_p=False, within_category=False)
@@ -354,7 +377,7 @@ def test_parity_report_meets_the_issue_thresholds():
     assert report["fidelity"] == "reading"
     assert report["stream_vs_parallel_max_abs"] <= 1e-5
     assert report["p_of_c_sum_max_abs_error"] <= 1e-6
-    for name in ("ulim", "ulim_without_pointer"):
+    for name in ("ulim", "ulim_without_pointer", "ulim_user_term_cross_interest"):
         assert report[name]["share_of_users_hitting_the_cap"] == 0.0
         assert report[name]["share_of_users_hitting_a_cap_of_8"] > 0.0
 
