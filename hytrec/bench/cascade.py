@@ -76,6 +76,7 @@ class CascadeConfig:
     batch_size: int = 64
     seed: int = 0
     user_term: bool = False  # train "ULIM + user term" (`ULIMConfig.user_term`)
+    cross_interest: bool = False  # and the cross interest (`ULIMConfig.cross_interest`)
     # train and rank as the accuracy benchmark does on this dataset (module docstring): the
     # preset's training config (its max_len, negatives and validation users) with epochs,
     # budget and seed from here and no early stopping, and the preset's history filter
@@ -140,7 +141,10 @@ def run_cascade(cfg: CascadeConfig, log: EventLog, output: str | Path | None) ->
     began = time.perf_counter()
     versus_config = _versus_config(cfg, train_config, log)  # refused before ULIM trains
     result = train(
-        ULIMConfig(d_model=cfg.d_model, user_term=cfg.user_term), log, split, train_config
+        ULIMConfig(d_model=cfg.d_model, user_term=cfg.user_term, cross_interest=cfg.cross_interest),
+        log,
+        split,
+        train_config,
     )
     model = result.model.eval()
     train_seconds = time.perf_counter() - began
@@ -367,8 +371,10 @@ def plot_cascade(report: dict, path: Path) -> None:
         axes[2].set_xlabel("item NDCG@10 (no gate)")
         axes[2].set_title(f"stages swapped with {swap['versus']}", fontsize=9)
         axes[2].grid(alpha=0.3, axis="x")
+    terms = {"user_term": " + user term", "cross_interest": " + cross interest"}
+    named = "".join(name for key, name in terms.items() if report["config"].get(key))
     fig.suptitle(
-        f"ULIM{' + user term' if report['config'].get('user_term') else ''} cascade on "
+        f"ULIM{named} cascade on "
         f"{report['dataset']} ({report['users']} test users, fidelity: reading)"
     )
     fig.tight_layout()

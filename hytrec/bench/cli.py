@@ -435,6 +435,12 @@ def register(commands, benchmarks) -> None:
         "--user-term", action=argparse.BooleanOptionalAction, help="train ULIM + user term"
     )
     cascade.add_argument(
+        "--cross-interest",
+        action=argparse.BooleanOptionalAction,
+        help="train ULIM with the cross interest (with --user-term: the accuracy zoo's "
+        "'ULIM + user term + cross interest')",
+    )
+    cascade.add_argument(
         "--versus",
         help="a model of the accuracy zoo ranking every item by one score (e.g. SASRec), "
         "trained alike; its stages are swapped with ULIM's (which stage loses to it)",

@@ -125,6 +125,7 @@ def _reporting_configs():
             ),
         ),
         ("cascade", CascadeConfig(versus="ULIM + user term")),
+        ("cascade", CascadeConfig(user_term=True, cross_interest=True)),
         ("efficiency", EfficiencyConfig()),
         ("efficiency", EfficiencyConfig(compile_step=False, compile_train=False, threads=1)),
         ("head-cost", HeadCostConfig()),
