@@ -220,6 +220,21 @@ class CascadePlan:
     explore: torch.Tensor | None = None
 
 
+def _masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Softmax of logits [..., J] over the entries keep [..., J] allows; a row that allows
+    none reads 0 (not nan)."""
+    some = keep.any(-1, keepdim=True)
+    return logits.masked_fill(~keep & some, float("-inf")).softmax(-1) * keep
+
+
+def _band(T: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(age, band) [T(t), T(j)]: t - j, and whether j is among t's last `length` positions
+    (t itself included)."""
+    pos = torch.arange(T, device=device)
+    age = pos[:, None] - pos[None, :]
+    return age, (age >= 0) & (age < length)
+
+
 class NewestQueryReadout(nn.Module):
     """One attention read-out over a ring of events (oldest first, newest last): the newest
     event is the query, every valid event a key, each tagged with its age (0 = newest). An
@@ -238,10 +253,8 @@ class NewestQueryReadout(nn.Module):
         x = x + self.age(torch.arange(L - 1, -1, -1, device=x.device))
         q = self.query(x[:, -1])  # [N, d]
         k, v = self.key_value(x).chunk(2, dim=-1)  # [N, L, d] each
-        logits = torch.einsum("nld,nd->nl", k, q) / math.sqrt(d)
+        weights = _masked_softmax(torch.einsum("nld,nd->nl", k, q) / math.sqrt(d), valid)
         some = valid.any(1, keepdim=True)  # [N, 1]
-        logits = logits.masked_fill(~valid & some, float("-inf"))
-        weights = logits.softmax(-1) * valid
         return self.out(torch.einsum("nl,nld->nd", weights, v)) * some
 
     def forward_every(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -253,17 +266,14 @@ class NewestQueryReadout(nn.Module):
         q = self.query(x + self.age.weight[0])  # [B, T, d]: each ring's newest event
         k, v = self.key_value(x).chunk(2, dim=-1)  # [B, T, d] each, with the bias
         k_age, v_age = F.linear(self.age.weight, self.key_value.weight).chunk(2, dim=-1)  # [L, d]
-        pos = torch.arange(T, device=x.device)
-        age = pos[:, None] - pos[None, :]  # [T(t), T(j)]: t - j
-        ring = (age >= 0) & (age < L)
+        age, ring = _band(T, L, x.device)  # [T, T] each
         logits = q @ k.transpose(1, 2) + (q @ k_age.T).gather(
             2, age.clamp(0, L - 1).expand(len(x), T, T)
         )  # [B, T, T]
         some = real[..., None]  # [B, T, 1]: a real newest event (itself in its ring)
-        logits = logits.masked_fill(~ring & some, float("-inf")) / math.sqrt(d)
-        weights = logits.softmax(-1) * (ring & some)
+        weights = _masked_softmax(logits / math.sqrt(d), ring & some)
         # the weight on each age a: that of event t - a (none before the row's start)
-        ages = torch.arange(L, device=x.device)
+        pos, ages = torch.arange(T, device=x.device), torch.arange(L, device=x.device)
         at = pos[:, None] - ages[None, :]  # [T, L]
         by_age = weights.gather(2, at.clamp(min=0).expand(len(x), T, L)) * (at >= 0)
         return self.out(weights @ v + by_age @ v_age) * some
@@ -412,10 +422,7 @@ class ULIM(SequentialModel):
         over keys [N, J, d] (`cross_key_value`'s first half), keep [N, Q or 1, J] the events
         each query sees; a query that sees none weighs 0."""
         query = self.cross_query(self.category_emb(category))  # [N, Q, d]
-        logits = query @ key.transpose(1, 2) / math.sqrt(key.shape[-1])  # [N, Q, J]
-        some = keep.any(-1, keepdim=True)
-        logits = logits.masked_fill(~keep & some, float("-inf"))
-        return logits.softmax(-1) * keep
+        return _masked_softmax(query @ key.transpose(1, 2) / math.sqrt(key.shape[-1]), keep)
 
     def cross_every(self, x: torch.Tensor, real: torch.Tensor, category: torch.Tensor):
         """W_x a^c [B, T, d] after every position t of rows x [B, T, d] (real [B, T]): a^c
@@ -423,9 +430,7 @@ class ULIM(SequentialModel):
         `cross_interest` off. The training form of `cross_term`."""
         if self.cross_to_interest is None:
             return torch.zeros_like(x)
-        pos = torch.arange(x.shape[1], device=x.device)
-        age = pos[:, None] - pos[None, :]  # [T(t), T(j)]: t - j
-        band = (age >= 0) & (age < self.cfg.window)
+        band = _band(x.shape[1], self.cfg.window, x.device)[1]  # [T(t), T(j)]
         keep = band & real[:, None, :] & real[:, :, None]  # [B, T, T]
         key, value = self.cross_key_value(x).chunk(2, dim=-1)  # [B, T, d] each
         return self.cross_to_interest(self._cross_weights(category, key, keep) @ value)
